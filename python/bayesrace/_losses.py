@@ -1,0 +1,74 @@
+"""Training losses on a batch: MSE, the conventional NLL, and NLL_JEF.
+
+NLL_JEF (DESIGN.md), with per-structure energy variance σ_E² and per-atom force
+covariance Σ_i from the model's heads:
+
+    λ_E·mean_b[(E−Ê)²/σ_E²] + mean_b[log σ_E²] + λ_F·mean_i[ΔF_iᵀ Σ_i⁻¹ ΔF_i] + mean_i[log det Σ_i]
+
+With λ_E = λ_F = 1 this is twice the mean Gaussian negative log-likelihood of energies
+plus twice that of the force vectors, less the constants log 2π (energies) and
+3·log 2π (forces). Whether Σ_i is the invariant Cholesky form or the equivariant one is
+the model's choice (``model.covariance``); ``nll_jef_equivariant`` requires the latter.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict
+
+import torch
+
+from . import keys
+
+Batch = Dict[str, torch.Tensor]
+
+
+def _energy_error(pred: Batch, batch: Batch) -> torch.Tensor:
+    return pred[keys.ENERGY] - batch[keys.ENERGY]
+
+
+def _force_error(pred: Batch, batch: Batch) -> torch.Tensor:
+    return pred[keys.FORCES] - batch[keys.FORCES]
+
+
+def mse_loss(pred: Batch, batch: Batch, energy_weight: float, force_weight: float) -> torch.Tensor:
+    """λ_E·mean_b[((E−Ê)/N_b)²] + λ_F·mean_i[|ΔF_i|²/3] (energy per atom, so sizes mix)."""
+    per_atom = _energy_error(pred, batch) / batch[keys.NUM_ATOMS].to(pred[keys.ENERGY].dtype)
+    force_term = _force_error(pred, batch).pow(2).mean()
+    return energy_weight * per_atom.pow(2).mean() + force_weight * force_term
+
+
+def heteroscedastic_nll_loss(pred: Batch, batch: Batch, energy_weight: float, force_weight: float) -> torch.Tensor:
+    """The conventional NLL: Gaussian energies with the predicted σ_E², forces by MSE."""
+    variance = pred[keys.ENERGY_VARIANCE]
+    energy_term = energy_weight * (_energy_error(pred, batch).pow(2) / variance).mean() + torch.log(variance).mean()
+    return energy_term + force_weight * _force_error(pred, batch).pow(2).mean()
+
+
+def force_mahalanobis_and_logdet(error: torch.Tensor, covariance: torch.Tensor):
+    """ΔᵀΣ⁻¹Δ and log det Σ per atom, through the Cholesky factor of Σ."""
+    factor = torch.linalg.cholesky(covariance)
+    whitened = torch.linalg.solve_triangular(factor, error.unsqueeze(-1), upper=False).squeeze(-1)
+    mahalanobis = whitened.pow(2).sum(dim=-1)
+    logdet = 2.0 * torch.log(torch.diagonal(factor, dim1=-2, dim2=-1)).sum(dim=-1)
+    return mahalanobis, logdet
+
+
+def nll_jef_loss(pred: Batch, batch: Batch, energy_weight: float, force_weight: float) -> torch.Tensor:
+    variance = pred[keys.ENERGY_VARIANCE]
+    energy_term = energy_weight * (_energy_error(pred, batch).pow(2) / variance).mean() + torch.log(variance).mean()
+    mahalanobis, logdet = force_mahalanobis_and_logdet(_force_error(pred, batch), pred[keys.FORCE_COVARIANCE])
+    return energy_term + force_weight * mahalanobis.mean() + logdet.mean()
+
+
+LOSSES: Dict[str, Callable[[Batch, Batch, float, float], torch.Tensor]] = {
+    "mse": mse_loss,
+    "nll": heteroscedastic_nll_loss,
+    "nll_jef": nll_jef_loss,
+    "nll_jef_equivariant": nll_jef_loss,
+}
+
+
+def loss_function(name: str) -> Callable[[Batch, Batch, float, float], torch.Tensor]:
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; expected one of {sorted(LOSSES)}")
+    return LOSSES[name]

@@ -1,0 +1,377 @@
+"""The RACE model: an E(3)-equivariant message-passing potential with restratification.
+
+Per layer (see DESIGN.md): a species-dependent self-interaction of h as the skip; h is
+lifted by a linear map; each edge carries the message TP(h_j, Y(r̂_ij)) weighted by a
+bias-free radial MLP of the Bessel basis (the l=0 spherical harmonic makes h_j itself one
+of the paths, i.e. the concatenation [h_j, TP(h_j, Y)] of the paper); messages are summed
+over neighbours and divided by √N_avg; a linear map brings them back to the hidden
+irreps; the channel-wise tensor product with the fixed initial feature a⁽¹⁾ (the
+"restratification") and a linear map give the new h, to which the skip is added. Every
+layer reads out per-atom energy and aleatoric heads; energies are summed over layers,
+heads averaged. Forces and virial come from autograd with respect to the edge vectors,
+which serves periodic cells and LAMMPS ghost atoms alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Dict, List, Optional
+
+import torch
+from e3nn import nn as e3nn_nn
+from e3nn import o3
+
+from . import keys
+
+COVARIANCE_KINDS = ("cholesky", "equivariant")
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """Hyperparameters of one RACE network (a named preset fills them in)."""
+
+    cutoff: float = 5.0  # Å, radius of one message-passing layer
+    n_layers: int = 3  # interaction range is n_layers * cutoff
+    channels: int = 32  # multiplicity of every irrep in the hidden features
+    l_max: int = 2  # highest rotation order of spherical harmonics and features
+    n_radial: int = 8  # Bessel functions
+    envelope_p: int = 2  # exponent of the polynomial cutoff envelope
+    radial_hidden: int = 64  # width of the bias-free radial MLP
+    radial_layers: int = 2
+    readout_hidden: int = 16  # scalars (and gated vectors) inside each readout
+    avg_num_neighbors: float = 0.0  # 0: measured on the training data
+    covariance: str = "cholesky"  # "cholesky" (invariant, as in the paper) | "equivariant"
+    covariance_floor: float = 1e-3  # (eV/Å)^2 added to every force covariance
+
+    def validate(self) -> None:
+        if self.covariance not in COVARIANCE_KINDS:
+            raise ValueError(
+                f"model.covariance is {self.covariance!r}; expected one of {list(COVARIANCE_KINDS)}"
+            )
+        for name in ("n_layers", "channels", "n_radial", "radial_hidden", "radial_layers", "readout_hidden"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name} must be a positive integer, got {getattr(self, name)}")
+        if self.cutoff <= 0:
+            raise ValueError(f"model.cutoff must be positive (Å), got {self.cutoff}")
+        if not 0 <= self.l_max <= 3:
+            raise ValueError(f"model.l_max must be 0..3, got {self.l_max}")
+        if self.envelope_p < 2:
+            raise ValueError(f"model.envelope_p must be >= 2 for smooth forces, got {self.envelope_p}")
+
+
+PRESETS: Dict[str, Dict[str, object]] = {
+    # fast enough for tests and the two-minute demo
+    "tiny": dict(n_layers=2, channels=8, l_max=1, radial_hidden=16, readout_hidden=8),
+    # the default: a few minutes of CPU training on PSB3 (l_max=2 costs ~4x on CPU)
+    "small": dict(n_layers=3, channels=16, l_max=1, radial_hidden=32, readout_hidden=16),
+    "medium": dict(n_layers=4, channels=32, l_max=2, radial_hidden=64, readout_hidden=16),
+    # the seed paper's size
+    "paper": dict(n_layers=5, channels=64, l_max=3, cutoff=5.5, radial_hidden=64, readout_hidden=32),
+}
+
+
+def model_config_from(preset: str = "small", **overrides) -> ModelConfig:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown model preset {preset!r}; expected one of {sorted(PRESETS)}")
+    config = ModelConfig(**{**PRESETS[preset], **overrides})
+    config.validate()
+    return config
+
+
+class BesselBasis(torch.nn.Module):
+    """sqrt(2/rc) sin(nπr/rc)/r times the polynomial envelope: zero with its first p
+    derivatives at the cutoff, so energies and forces are smooth as atoms cross it."""
+
+    def __init__(self, cutoff: float, n_radial: int, p: int):
+        super().__init__()
+        self.cutoff = float(cutoff)
+        self.p = float(p)
+        self.register_buffer("frequencies", math.pi * torch.arange(1, n_radial + 1) / cutoff)
+        self.prefactor = math.sqrt(2.0 / cutoff)
+
+    def forward(self, r: torch.Tensor) -> torch.Tensor:
+        p = self.p
+        d = r / self.cutoff
+        envelope = (
+            1.0
+            - (p + 1.0) * (p + 2.0) / 2.0 * torch.pow(d, p)
+            + p * (p + 2.0) * torch.pow(d, p + 1.0)
+            - p * (p + 1.0) / 2.0 * torch.pow(d, p + 2.0)
+        )
+        envelope = envelope * (d < 1.0).to(r.dtype)
+        bessel = self.prefactor * torch.sin(self.frequencies * r.unsqueeze(-1)) / r.unsqueeze(-1)
+        return bessel * envelope.unsqueeze(-1)
+
+
+def _message_tensor_product(irreps_node: o3.Irreps, irreps_sh: o3.Irreps, l_max: int):
+    """Channel-wise ("uvu") products of node features with spherical harmonics, kept to
+    the irreps that appear in the hidden features."""
+    allowed = {(l, (-1) ** l) for l in range(l_max + 1)}
+    irreps_out: List = []
+    instructions = []
+    for i1, (mul, ir1) in enumerate(irreps_node):
+        for i2, (_, ir2) in enumerate(irreps_sh):
+            for ir_out in ir1 * ir2:
+                if (ir_out.l, ir_out.p) in allowed:
+                    instructions.append((i1, i2, len(irreps_out), "uvu", True))
+                    irreps_out.append((mul, ir_out))
+    irreps_out = o3.Irreps(irreps_out)
+    irreps_sorted, permutation, _ = irreps_out.sort()
+    instructions = [(i1, i2, permutation[i_out], mode, w) for i1, i2, i_out, mode, w in instructions]
+    product = o3.TensorProduct(
+        irreps_node, irreps_sh, irreps_sorted, instructions, shared_weights=False, internal_weights=False
+    )
+    return product, irreps_sorted
+
+
+class RaceLayer(torch.nn.Module):
+    def __init__(
+        self,
+        irreps_in: o3.Irreps,
+        irreps_hidden: o3.Irreps,
+        irreps_sh: o3.Irreps,
+        irreps_initial: o3.Irreps,
+        n_species: int,
+        config: ModelConfig,
+    ):
+        super().__init__()
+        self.skip = o3.FullyConnectedTensorProduct(irreps_in, o3.Irreps(f"{n_species}x0e"), irreps_hidden)
+        self.linear_up = o3.Linear(irreps_in, irreps_in)
+        self.message_product, irreps_messages = _message_tensor_product(irreps_in, irreps_sh, config.l_max)
+        # no biases and SiLU(0) = 0: a zero basis (at the cutoff) gives a zero message
+        self.radial_mlp = e3nn_nn.FullyConnectedNet(
+            [config.n_radial] + [config.radial_hidden] * config.radial_layers + [self.message_product.weight_numel],
+            torch.nn.functional.silu,
+        )
+        self.linear_down = o3.Linear(irreps_messages, irreps_hidden)
+        n_channels = irreps_initial.num_irreps
+        self.restratify = o3.TensorProduct(
+            irreps_initial,
+            irreps_hidden,
+            irreps_hidden,
+            [(0, i, i, "uuu", False) for i, (mul, _) in enumerate(irreps_hidden) if mul == n_channels],
+        )
+        self.linear_out = o3.Linear(irreps_hidden, irreps_hidden)
+        self.inv_sqrt_neighbors = 1.0 / math.sqrt(config.avg_num_neighbors)
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        species_one_hot: torch.Tensor,
+        initial: torch.Tensor,
+        radial: torch.Tensor,
+        sh: torch.Tensor,
+        centre: torch.Tensor,
+        neighbour: torch.Tensor,
+    ) -> torch.Tensor:
+        skip = self.skip(h, species_one_hot)
+        h_up = self.linear_up(h)
+        messages = self.message_product(h_up[neighbour], sh, self.radial_mlp(radial))
+        summed = torch.zeros(h.shape[0], messages.shape[1], dtype=messages.dtype, device=messages.device)
+        summed = summed.index_add(0, centre, messages) * self.inv_sqrt_neighbors
+        h_new = self.linear_down(summed)
+        return self.linear_out(self.restratify(initial, h_new)) + skip
+
+
+class _ScalarActivation(torch.nn.Module):
+    """SiLU on scalar-only features (e3nn's Activation does not script)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.silu(x)
+
+
+class Readout(torch.nn.Module):
+    """Linear → Gate → Linear from the hidden features to the per-atom outputs."""
+
+    def __init__(self, irreps_hidden: o3.Irreps, n_scalars_out: int, n_vectors_out: int, width: int):
+        super().__init__()
+        silu = torch.nn.functional.silu
+        if n_vectors_out > 0:
+            mid = o3.Irreps(f"{width}x0e + {width}x0e + {width}x1o")
+            self.gate = e3nn_nn.Gate(f"{width}x0e", [silu], f"{width}x0e", [torch.sigmoid], f"{width}x1o")
+            irreps_out = o3.Irreps(f"{n_scalars_out}x0e + {n_vectors_out}x1o")
+        else:
+            mid = o3.Irreps(f"{width}x0e")
+            self.gate = _ScalarActivation()
+            irreps_out = o3.Irreps(f"{n_scalars_out}x0e")
+        self.linear_in = o3.Linear(irreps_hidden, mid)
+        self.linear_out = o3.Linear(mid if n_vectors_out == 0 else self.gate.irreps_out, irreps_out)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.linear_out(self.gate(self.linear_in(h)))
+
+
+class RACE(torch.nn.Module):
+    """One RACE network with NLL_JEF heads.
+
+    ``forward(data)`` takes a collated batch (``bayesrace.keys``) and returns the atomic
+    and total energies, forces, virial and stress (autograd with respect to the edge
+    vectors), and the aleatoric energy variance and force covariance of every atom.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        type_names: List[str],
+        reference_energies: Optional[List[float]] = None,
+        energy_shift: float = 0.0,
+        energy_scale: float = 1.0,
+    ):
+        super().__init__()
+        config.validate()
+        if config.avg_num_neighbors <= 0:
+            raise ValueError("model.avg_num_neighbors must be set (measured on training data) before building")
+        self.config = config
+        self.type_names: List[str] = list(type_names)
+        self.cutoff = float(config.cutoff)
+        self.n_layers = int(config.n_layers)
+        self.equivariant_covariance = config.covariance == "equivariant"
+        self.covariance_floor = float(config.covariance_floor)
+        n_species = len(type_names)
+        channels = config.channels
+
+        irreps_sh = o3.Irreps.spherical_harmonics(config.l_max)
+        irreps_scalar = o3.Irreps(f"{channels}x0e")
+        irreps_hidden = o3.Irreps([(channels, (l, (-1) ** l)) for l in range(config.l_max + 1)])
+
+        self.spherical_harmonics = o3.SphericalHarmonics(irreps_sh, normalize=True, normalization="component")
+        self.radial_basis = BesselBasis(config.cutoff, config.n_radial, config.envelope_p)
+        self.embedding = o3.Linear(o3.Irreps(f"{n_species}x0e"), irreps_scalar)
+        self.initial_feature = o3.Linear(irreps_scalar, irreps_scalar)
+        layers = []
+        readouts = []
+        irreps_in = irreps_scalar
+        # outputs per atom and layer: energy, log-variance s, and either l1..l6 of the
+        # Cholesky factor (invariant) or a log-isotropic part plus three vectors
+        n_scalars = 2 + (1 if self.equivariant_covariance else 6)
+        n_vectors = 3 if self.equivariant_covariance else 0
+        for _ in range(config.n_layers):
+            layers.append(RaceLayer(irreps_in, irreps_hidden, irreps_sh, irreps_scalar, n_species, config))
+            readouts.append(Readout(irreps_hidden, n_scalars, n_vectors, config.readout_hidden))
+            irreps_in = irreps_hidden
+        self.layers = torch.nn.ModuleList(layers)
+        self.readouts = torch.nn.ModuleList(readouts)
+
+        if reference_energies is None:
+            reference_energies = [0.0] * n_species
+        if len(reference_energies) != n_species:
+            raise ValueError(f"{len(reference_energies)} reference energies for {n_species} types")
+        self.register_buffer("reference_energies", torch.tensor(reference_energies, dtype=torch.float64))
+        self.register_buffer("energy_shift", torch.tensor(float(energy_shift), dtype=torch.float64))
+        self.register_buffer("energy_scale", torch.tensor(float(energy_scale), dtype=torch.float64))
+
+    # -- the atom-wise network -------------------------------------------------------
+    def atomic_outputs(
+        self, species: torch.Tensor, edge_index: torch.Tensor, edge_vectors: torch.Tensor
+    ) -> Dict[str, torch.Tensor]:
+        """Per-atom energy, log-variance and force covariance from species and edge vectors."""
+        centre = edge_index[0]
+        neighbour = edge_index[1]
+        n_atoms = species.shape[0]
+        lengths = torch.sqrt(torch.sum(edge_vectors * edge_vectors, dim=1))
+        sh = self.spherical_harmonics(edge_vectors)
+        radial = self.radial_basis(lengths)
+        dtype = edge_vectors.dtype
+        one_hot = torch.nn.functional.one_hot(species, len(self.type_names)).to(dtype)
+        h = self.embedding(one_hot)
+        initial = self.initial_feature(h)
+        per_layer: List[torch.Tensor] = []
+        for layer, readout in zip(self.layers, self.readouts):
+            h = layer(h, one_hot, initial, radial, sh, centre, neighbour)
+            per_layer.append(readout(h))
+        outputs = torch.stack(per_layer, dim=0)  # [layers, N, n_out]
+        scale = self.energy_scale.to(dtype)
+        atomic_energy = (
+            scale * outputs[:, :, 0].sum(dim=0)
+            + self.energy_shift.to(dtype)
+            + self.reference_energies.to(dtype)[species]
+        )
+        heads = outputs[:, :, 1:].mean(dim=0)  # uncertainty heads are averaged over layers
+        log_var = heads[:, 0] + 2.0 * torch.log(scale)
+        eye = torch.eye(3, dtype=dtype, device=edge_vectors.device)
+        if self.equivariant_covariance:
+            # exp(a) I + sum_k v_k v_k^T: positive definite, and R Σ R^T under any rotation
+            # or reflection because each v_k is a polar vector (1o)
+            iso = torch.exp(heads[:, 1])
+            vectors = heads[:, 2:].reshape(n_atoms, 3, 3)
+            covariance = iso[:, None, None] * eye + torch.einsum("nki,nkj->nij", vectors, vectors)
+            covariance = covariance * scale * scale
+        else:
+            l = heads[:, 1:7]
+            zero = torch.zeros_like(l[:, 0])
+            factor = torch.stack(
+                [
+                    torch.stack([torch.exp(l[:, 0]), zero, zero], dim=-1),
+                    torch.stack([l[:, 5], torch.exp(l[:, 1]), zero], dim=-1),
+                    torch.stack([l[:, 4], l[:, 3], torch.exp(l[:, 2])], dim=-1),
+                ],
+                dim=1,
+            ) * scale
+            covariance = factor @ factor.transpose(1, 2)
+        covariance = covariance + self.covariance_floor * eye
+        return {
+            keys.ATOMIC_ENERGY: atomic_energy,
+            keys.ATOMIC_ENERGY_LOG_VAR: log_var,
+            keys.FORCE_COVARIANCE: covariance,
+        }
+
+    # -- a batch of structures ---------------------------------------------------------
+    def forward(
+        self, data: Dict[str, torch.Tensor], compute_forces: bool = True, compute_virial: bool = False
+    ) -> Dict[str, torch.Tensor]:
+        positions = data[keys.POSITIONS]
+        edge_index = data[keys.EDGE_INDEX]
+        batch = data[keys.BATCH]
+        num_atoms = data[keys.NUM_ATOMS]
+        n_structures = num_atoms.shape[0]
+        centre = edge_index[0]
+        neighbour = edge_index[1]
+        shifts = torch.einsum("ek,ekl->el", data[keys.EDGE_CELL_SHIFT], data[keys.CELL][batch[centre]])
+        edge_vectors = (positions[neighbour] - positions[centre] + shifts).detach()
+        if compute_forces or compute_virial:
+            edge_vectors.requires_grad_(True)
+        out = self.atomic_outputs(data[keys.SPECIES], edge_index, edge_vectors)
+        atomic_energy = out[keys.ATOMIC_ENERGY]
+        dtype = atomic_energy.dtype
+        energy = torch.zeros(n_structures, dtype=dtype, device=positions.device).index_add(0, batch, atomic_energy)
+        out[keys.ENERGY] = energy
+        mean_log_var = torch.zeros(n_structures, dtype=dtype, device=positions.device).index_add(
+            0, batch, out[keys.ATOMIC_ENERGY_LOG_VAR]
+        ) / num_atoms.to(dtype)
+        out[keys.ENERGY_VARIANCE] = torch.exp(mean_log_var)
+        if compute_forces or compute_virial:
+            # create_graph keeps the force loss differentiable with respect to the weights
+            grads = torch.autograd.grad(
+                [energy.sum()], [edge_vectors], create_graph=self.training, allow_unused=True
+            )
+            dE_dr = grads[0]
+            if dE_dr is None:
+                dE_dr = torch.zeros_like(edge_vectors)
+            if compute_forces:
+                forces = torch.zeros_like(positions).index_add(0, centre, dE_dr).index_add(0, neighbour, -dE_dr)
+                out[keys.FORCES] = forces
+            if compute_virial:
+                edge_virial = -edge_vectors.unsqueeze(2) * dE_dr.unsqueeze(1)
+                virial = torch.zeros(n_structures, 3, 3, dtype=dtype, device=positions.device).index_add(
+                    0, batch[centre], edge_virial
+                )
+                out[keys.VIRIAL] = virial
+                volume = torch.abs(torch.linalg.det(data[keys.CELL]))
+                out[keys.STRESS] = -virial / volume.clamp(min=1e-12)[:, None, None]
+        return out
+
+
+def build_model(
+    config: ModelConfig,
+    type_names: List[str],
+    reference_energies: Optional[List[float]] = None,
+    energy_shift: float = 0.0,
+    energy_scale: float = 1.0,
+    dtype: torch.dtype = torch.float64,
+    seed: Optional[int] = None,
+) -> RACE:
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = RACE(config, type_names, reference_energies, energy_shift, energy_scale)
+    return model.to(dtype)

@@ -1,0 +1,165 @@
+"""The predictive distribution of a posterior given as M weight sets.
+
+Any posterior (deep ensemble, SWAG, IVON, Laplace) is turned into M members that are
+evaluated together; the aggregation below is the one predictive API used by evaluation,
+the ASE calculator, active learning and the exported deployable. With member energies
+E_m, forces F_m and aleatoric heads σ²_E,m, Σ_i,m:
+
+- energy mean Ē = mean_m E_m; epistemic variance mean_m (E_m − Ē)²; aleatoric mean_m σ²_E,m
+- forces F̄ = mean_m F_m; per atom, epistemic covariance mean_m (F_m − F̄)(F_m − F̄)ᵀ and
+  aleatoric covariance mean_m Σ_i,m
+- per-atom force σ = sqrt(tr Σ / 3): the standard deviation of one Cartesian component,
+  on the scale of a per-component force RMSE (total, epistemic and aleatoric)
+- per-atom energy σ: standard deviation of member atomic energies (epistemic only)
+
+Variances use 1/M (the mixture's own moments), not 1/(M−1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+
+from . import keys
+from ._model import RACE, ModelConfig
+
+
+def aggregate_members(
+    member_energy: torch.Tensor,
+    member_energy_variance: torch.Tensor,
+    member_forces: torch.Tensor,
+    member_force_covariance: torch.Tensor,
+    member_atomic_energy: torch.Tensor,
+) -> Dict[str, torch.Tensor]:
+    """Moments of the mixture of M members; shapes [M, B], [M, B], [M, N, 3], [M, N, 3, 3], [M, N]."""
+    energy = member_energy.mean(dim=0)
+    forces = member_forces.mean(dim=0)
+    deviation = member_forces - forces.unsqueeze(0)
+    cov_epistemic = torch.einsum("mni,mnj->nij", deviation, deviation) / member_forces.shape[0]
+    cov_aleatoric = member_force_covariance.mean(dim=0)
+    trace_epistemic = torch.diagonal(cov_epistemic, dim1=-2, dim2=-1).sum(dim=-1)
+    trace_aleatoric = torch.diagonal(cov_aleatoric, dim1=-2, dim2=-1).sum(dim=-1)
+    atomic_energy = member_atomic_energy.mean(dim=0)
+    return {
+        keys.ENERGY: energy,
+        keys.ENERGY_VAR_EPISTEMIC: (member_energy - energy.unsqueeze(0)).pow(2).mean(dim=0),
+        keys.ENERGY_VAR_ALEATORIC: member_energy_variance.mean(dim=0),
+        keys.FORCES: forces,
+        keys.FORCE_COV_EPISTEMIC: cov_epistemic,
+        keys.FORCE_COV_ALEATORIC: cov_aleatoric,
+        keys.ATOMIC_FORCE_STD: torch.sqrt((trace_epistemic + trace_aleatoric) / 3.0),
+        keys.ATOMIC_FORCE_STD_EPISTEMIC: torch.sqrt(trace_epistemic / 3.0),
+        keys.ATOMIC_FORCE_STD_ALEATORIC: torch.sqrt(trace_aleatoric / 3.0),
+        keys.ATOMIC_ENERGY: atomic_energy,
+        keys.ATOMIC_ENERGY_STD: torch.sqrt((member_atomic_energy - atomic_energy.unsqueeze(0)).pow(2).mean(dim=0)),
+        keys.MEMBER_ENERGY: member_energy,
+        keys.MEMBER_FORCES: member_forces,
+    }
+
+
+class Posterior(torch.nn.Module):
+    """M RACE members with identical architecture, evaluated together."""
+
+    def __init__(self, members: List[RACE], kind: str = "ensemble"):
+        super().__init__()
+        if not members:
+            raise ValueError("a posterior needs at least one member")
+        self.members = torch.nn.ModuleList(members)
+        self.kind = kind
+        self.type_names: List[str] = list(members[0].type_names)
+        self.cutoff = float(members[0].cutoff)
+        self.n_layers = int(members[0].n_layers)
+
+    def forward(self, data: Dict[str, torch.Tensor], compute_virial: bool = False) -> Dict[str, torch.Tensor]:
+        energies: List[torch.Tensor] = []
+        energy_variances: List[torch.Tensor] = []
+        forces: List[torch.Tensor] = []
+        covariances: List[torch.Tensor] = []
+        atomic_energies: List[torch.Tensor] = []
+        virials: List[torch.Tensor] = []
+        for member in self.members:
+            out = member(data, True, compute_virial)
+            energies.append(out[keys.ENERGY])
+            energy_variances.append(out[keys.ENERGY_VARIANCE])
+            forces.append(out[keys.FORCES])
+            covariances.append(out[keys.FORCE_COVARIANCE])
+            atomic_energies.append(out[keys.ATOMIC_ENERGY])
+            if compute_virial:
+                virials.append(out[keys.VIRIAL])
+        result = aggregate_members(
+            torch.stack(energies),
+            torch.stack(energy_variances),
+            torch.stack(forces),
+            torch.stack(covariances),
+            torch.stack(atomic_energies),
+        )
+        if compute_virial:
+            virial = torch.stack(virials).mean(dim=0)
+            result[keys.VIRIAL] = virial
+            volume = torch.abs(torch.linalg.det(data[keys.CELL]))
+            result[keys.STRESS] = -virial / volume.clamp(min=1e-12)[:, None, None]
+        return result
+
+
+
+
+POSTERIOR_FORMAT = "bayesrace-posterior"
+POSTERIOR_FORMAT_VERSION = 1
+
+
+def posterior_record(members: List[RACE], kind: str, extra: Dict[str, object]) -> Dict[str, object]:
+    """Everything needed to rebuild a posterior, as plain Python data and tensors."""
+    first = members[0]
+    return {
+        "format": POSTERIOR_FORMAT,
+        "format_version": POSTERIOR_FORMAT_VERSION,
+        "kind": kind,
+        "model_config": dataclasses.asdict(first.config),
+        "type_names": list(first.type_names),
+        "reference_energies": first.reference_energies.tolist(),
+        "energy_shift": float(first.energy_shift),
+        "energy_scale": float(first.energy_scale),
+        "members": [{k: v.detach().cpu() for k, v in m.state_dict().items()} for m in members],
+        **extra,
+    }
+
+
+def save_posterior(path, members: List[RACE], kind: str = "ensemble", **extra) -> None:
+    """Write atomically (temporary file, then rename) so a kill never leaves half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(posterior_record(members, kind, extra), tmp)
+    os.replace(tmp, path)
+
+
+def load_posterior(path, dtype: torch.dtype = torch.float64) -> Posterior:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such posterior file")
+    try:
+        record = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # torch raises many kinds for a corrupt file
+        raise ValueError(f"{path}: not a readable bayesrace posterior ({error})") from error
+    if not isinstance(record, dict) or record.get("format") != POSTERIOR_FORMAT:
+        raise ValueError(f"{path}: not a bayesrace posterior (field 'format' should be {POSTERIOR_FORMAT!r})")
+    if record.get("format_version") != POSTERIOR_FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: posterior format_version {record.get('format_version')!r}, "
+            f"this bayesrace reads {POSTERIOR_FORMAT_VERSION}"
+        )
+    config = ModelConfig(**record["model_config"])
+    members = []
+    for state in record["members"]:
+        member = RACE(
+            config, record["type_names"], record["reference_energies"], record["energy_shift"], record["energy_scale"]
+        ).to(dtype)
+        member.load_state_dict(state)
+        member.eval()
+        members.append(member)
+    posterior = Posterior(members, record["kind"])
+    posterior.record_info = {k: v for k, v in record.items() if k != "members"}
+    return posterior.eval()

@@ -1,0 +1,47 @@
+"""Field names shared by the data pipeline, the model, the exporter and the C++ core.
+
+Every tensor that crosses a module boundary is named here and nowhere else; the C++
+side reads the same names from the generated header ``pair_bayesrace/keys.h`` (a test
+checks that the two agree). Shapes use N atoms, E directed edges, B structures,
+M posterior members. Units: eV, Å.
+"""
+
+# --- structure -----------------------------------------------------------------
+POSITIONS = "positions"  # [N, 3] float, Å
+ATOMIC_NUMBERS = "atomic_numbers"  # [N] int64
+SPECIES = "species"  # [N] int64, index into the model's type_names
+CELL = "cell"  # [B, 3, 3] float, Å, rows are lattice vectors (zeros if non-periodic)
+PBC = "pbc"  # [B, 3] bool
+BATCH = "batch"  # [N] int64, structure index of each atom
+NUM_ATOMS = "num_atoms"  # [B] int64
+EDGE_INDEX = "edge_index"  # [2, E] int64, row 0 = centre i, row 1 = neighbour j
+EDGE_CELL_SHIFT = "edge_cell_shift"  # [E, 3] float, integer cell multiples S: r_ij = x_j - x_i + S @ cell
+EDGE_VECTORS = "edge_vectors"  # [E, 3] float, Å, r_ij
+
+# --- labels and predictions ------------------------------------------------------
+ENERGY = "energy"  # [B] eV, total energy
+ATOMIC_ENERGY = "atomic_energy"  # [N] eV
+FORCES = "forces"  # [N, 3] eV/Å
+VIRIAL = "virial"  # [B, 3, 3] eV, W = -sum_edges r_ij (x) dE/dr_ij (LAMMPS sign)
+STRESS = "stress"  # [B, 3, 3] eV/Å^3, ASE sign: -W / volume
+
+# --- aleatoric heads of one model (NLL_JEF) ---------------------------------------
+ATOMIC_ENERGY_LOG_VAR = "atomic_energy_log_var"  # [N] s_i, log eV^2, averaged over layers
+ENERGY_VARIANCE = "energy_variance"  # [B] eV^2, sigma_E^2 = exp(mean_i s_i)
+FORCE_COVARIANCE = "force_covariance"  # [N, 3, 3] eV^2/Å^2, Sigma_i (positive definite)
+
+# --- predictive distribution of a posterior (M members) ---------------------------
+ENERGY_VAR_EPISTEMIC = "energy_var_epistemic"  # [B] eV^2, variance of member energies
+ENERGY_VAR_ALEATORIC = "energy_var_aleatoric"  # [B] eV^2, mean of member sigma_E^2
+FORCE_COV_EPISTEMIC = "force_cov_epistemic"  # [N, 3, 3] eV^2/Å^2, covariance of member forces
+FORCE_COV_ALEATORIC = "force_cov_aleatoric"  # [N, 3, 3] eV^2/Å^2, mean of member Sigma_i
+ATOMIC_FORCE_STD = "atomic_force_std"  # [N] eV/Å, sqrt(tr(total cov) / 3)
+ATOMIC_FORCE_STD_EPISTEMIC = "atomic_force_std_epistemic"  # [N] eV/Å, sqrt(tr(epistemic cov) / 3)
+ATOMIC_FORCE_STD_ALEATORIC = "atomic_force_std_aleatoric"  # [N] eV/Å, sqrt(tr(aleatoric cov) / 3)
+ATOMIC_ENERGY_STD = "atomic_energy_std"  # [N] eV, std of member atomic energies
+MEMBER_ENERGY = "member_energy"  # [M, B] eV
+MEMBER_FORCES = "member_forces"  # [M, N, 3] eV/Å
+
+ALL_KEYS = tuple(
+    value for name, value in sorted(globals().items()) if name.isupper() and isinstance(value, str)
+)

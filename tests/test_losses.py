@@ -1,0 +1,68 @@
+"""Losses against independent log-densities from torch.distributions."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from bayesrace import keys
+from bayesrace._losses import loss_function
+
+
+def random_prediction(n_structures=5, n_atoms=17, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(n_atoms, 3, 3, generator=g, dtype=torch.float64)
+    covariance = a @ a.transpose(1, 2) + 0.1 * torch.eye(3, dtype=torch.float64)
+    pred = {
+        keys.ENERGY: torch.randn(n_structures, generator=g, dtype=torch.float64),
+        keys.ENERGY_VARIANCE: torch.rand(n_structures, generator=g, dtype=torch.float64) + 0.1,
+        keys.FORCES: torch.randn(n_atoms, 3, generator=g, dtype=torch.float64),
+        keys.FORCE_COVARIANCE: covariance,
+    }
+    batch = {
+        keys.ENERGY: torch.randn(n_structures, generator=g, dtype=torch.float64),
+        keys.FORCES: torch.randn(n_atoms, 3, generator=g, dtype=torch.float64),
+        keys.NUM_ATOMS: torch.tensor([3, 4, 2, 5, 3]),
+    }
+    return pred, batch
+
+
+def test_nll_jef_equals_gaussian_log_densities():
+    pred, batch = random_prediction()
+    energy_nll = -torch.distributions.Normal(pred[keys.ENERGY], pred[keys.ENERGY_VARIANCE].sqrt()).log_prob(
+        batch[keys.ENERGY]
+    )
+    force_nll = -torch.distributions.MultivariateNormal(pred[keys.FORCES], pred[keys.FORCE_COVARIANCE]).log_prob(
+        batch[keys.FORCES]
+    )
+    # NLL_JEF (λ=1) = 2·mean NLL_E − log 2π + 2·mean NLL_F − 3·log 2π (documented constants)
+    expected = 2 * energy_nll.mean() - math.log(2 * math.pi) + 2 * force_nll.mean() - 3 * math.log(2 * math.pi)
+    assert torch.allclose(loss_function("nll_jef")(pred, batch, 1.0, 1.0), expected, rtol=1e-12)
+
+
+def test_loss_weights_act_on_the_quadratic_terms():
+    pred, batch = random_prediction(seed=1)
+    nll = loss_function("nll_jef")
+    base = nll(pred, batch, 1.0, 1.0)
+    energy_quadratic = ((pred[keys.ENERGY] - batch[keys.ENERGY]) ** 2 / pred[keys.ENERGY_VARIANCE]).mean()
+    assert torch.allclose(nll(pred, batch, 3.0, 1.0) - base, 2 * energy_quadratic, rtol=1e-12)
+
+
+def test_conventional_nll_and_mse():
+    pred, batch = random_prediction(seed=2)
+    energy_nll = -torch.distributions.Normal(pred[keys.ENERGY], pred[keys.ENERGY_VARIANCE].sqrt()).log_prob(
+        batch[keys.ENERGY]
+    )
+    force_mse = ((pred[keys.FORCES] - batch[keys.FORCES]) ** 2).mean()
+    expected = 2 * energy_nll.mean() - math.log(2 * math.pi) + 0.5 * force_mse
+    assert torch.allclose(loss_function("nll")(pred, batch, 1.0, 0.5), expected, rtol=1e-12)
+    per_atom = (pred[keys.ENERGY] - batch[keys.ENERGY]) / batch[keys.NUM_ATOMS]
+    assert torch.allclose(loss_function("mse")(pred, batch, 2.0, 1.0), 2 * (per_atom**2).mean() + force_mse)
+
+
+def test_unknown_loss_lists_choices():
+    import pytest
+
+    with pytest.raises(ValueError, match="nll_jef"):
+        loss_function("nll-jef")
