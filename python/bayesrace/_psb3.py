@@ -1,0 +1,379 @@
+"""The default data set: PSB3 (C5H8N+) labelled with GFN2-xTB, generated on demand.
+
+PSB3 is penta-2,4-dieniminium, H2C=CH-CH=CH-CH=NH2+ (charge +1, closed shell). Atom
+order of the built molecule: C1..C5 (0-4), N (5), then H on C1 (6, 7), H on N (8, 9)
+and one H each on C2, C3, C4, C5 (10-13). The central C3=C4 bond is atoms 2-3, so the
+torsion scanned for the out-of-distribution set is the dihedral C2-C3=C4-C5 (1, 2, 3, 4):
+180 deg is the all-trans minimum, 0 deg the cis isomer, 90 deg the twisted cation.
+
+Everything is a deterministic function of ``seed`` and ``scale`` on a given machine:
+velocities and Langevin noise come from seeded numpy generators, and xTB runs with one
+OpenMP thread (fastest for 14 atoms, and thread count no longer changes the bits).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["generate_psb3", "build_psb3", "PSB3_FILES", "TORSION_DIHEDRAL"]
+
+METHOD = "GFN2-xTB"
+CHARGE = 1.0
+TIMESTEP_FS = 0.5
+FRICTION_PER_FS = 0.01
+EQUILIBRATION_STEPS = 300  # 150 fs = 1.5 / friction, after a start at twice the temperature (below)
+SAMPLE_EVERY = 15  # 7.5 fs between samples: fits the one-minute budget
+ID_TEMPERATURES_K = (300.0, 450.0, 600.0)
+HOT_TEMPERATURES_K = (1000.0, 1500.0)
+FRAMES_PER_ID_TEMPERATURE = 200  # 600 in distribution: train 400, valid 100, test 100
+FRAMES_PER_HOT_TEMPERATURE = 100
+TORSION_POINTS = 19  # 0, 10, ..., 180 deg
+TORSION_RELAX_STEPS = 40
+TORSION_FMAX = 0.05  # eV/Å, partial relaxation of the other coordinates
+RELAX_FMAX = 0.01
+TORSION_DIHEDRAL = (1, 2, 3, 4)  # C2-C3=C4-C5
+_TORSION_ROTATING_ATOMS = (3, 4, 5, 8, 9, 12, 13)  # C4 and everything beyond it
+
+PSB3_FILES = (
+    "train.xyz",
+    "valid.xyz",
+    "test_id.xyz",
+    "test_ood_hot.xyz",
+    "test_ood_torsion.xyz",
+    "isolated_atoms.xyz",
+)
+
+
+def _import_tblite():
+    try:
+        from tblite.interface import Calculator
+    except ImportError as error:
+        raise ImportError(
+            "generating the PSB3 data set needs GFN2-xTB from the 'tblite' package "
+            f"(pip install tblite); importing tblite.interface failed: {error}"
+        ) from error
+    return Calculator
+
+
+def _xtb_calculator_class():
+    """An ASE calculator that asks tblite for the energy and gradient only.
+
+    tblite's own ``tblite.ase.TBLite`` gives the same numbers but also fetches charges,
+    bond orders and the dipole at every call, which makes MD about 1.6x slower here.
+    Like TBLite, it restarts each SCF from the previous wavefunction.
+    """
+    from ase.calculators.calculator import CalculationFailed, Calculator, all_changes
+    from ase.units import Bohr, Hartree
+
+    TBLiteInterface = _import_tblite()
+
+    class GFN2xTB(Calculator):
+        implemented_properties = ["energy", "free_energy", "forces"]
+
+        def __init__(self, charge: float):
+            super().__init__()
+            self.charge = float(charge)
+            self._xtb = None
+            self._result = None
+
+        def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+            super().calculate(atoms, properties, system_changes)
+            positions = self.atoms.positions / Bohr
+            if self._xtb is None or set(system_changes) - {"positions"}:
+                self._xtb = TBLiteInterface(METHOD, self.atoms.numbers, positions, charge=self.charge)
+                self._xtb.set("verbosity", 0)
+                self._result = None
+            else:
+                self._xtb.update(positions)
+            try:
+                self._result = self._xtb.singlepoint(self._result)
+            except RuntimeError as error:
+                raise CalculationFailed(f"tblite {METHOD}: {error}") from error
+            energy = float(self._result.get("energy")) * Hartree
+            self.results = {
+                "energy": energy,
+                "free_energy": energy,
+                "forces": -np.asarray(self._result.get("gradient")) * (Hartree / Bohr),
+            }
+
+    return GFN2xTB
+
+
+def _one_openmp_thread():
+    """Context that runs xTB on one OpenMP thread when threadpoolctl is available."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="openmp")
+
+
+def _rotate_in_plane(vector: np.ndarray, degrees: float) -> np.ndarray:
+    angle = np.deg2rad(degrees)
+    c, s = np.cos(angle), np.sin(angle)
+    return np.array([c * vector[0] - s * vector[1], s * vector[0] + c * vector[1], 0.0])
+
+
+def build_psb3():
+    """Planar all-trans PSB3 with textbook bond lengths and 120 deg angles (not relaxed)."""
+    from ase import Atoms
+
+    # C1=C2, C2-C3, C3=C4, C4-C5, C5=N (Å): the alternation of a conjugated iminium
+    heavy_bonds = (1.35, 1.43, 1.37, 1.41, 1.31)
+    heavy = [np.zeros(3)]
+    for k, length in enumerate(heavy_bonds):
+        direction = np.deg2rad(30.0 if k % 2 == 0 else -30.0)  # zig-zag: 120 deg angles
+        heavy.append(heavy[-1] + length * np.array([np.cos(direction), np.sin(direction), 0.0]))
+    heavy = np.array(heavy)
+
+    hydrogens = []
+    for atom, neighbour, length in ((0, 1, 1.08), (5, 4, 1.01)):  # terminal CH2 and NH2
+        outward = (heavy[atom] - heavy[neighbour]) / np.linalg.norm(heavy[atom] - heavy[neighbour])
+        hydrogens += [heavy[atom] + length * _rotate_in_plane(outward, d) for d in (60.0, -60.0)]
+    for atom in range(1, 5):  # one H on C2..C5, along the outer bisector
+        bisector = sum(
+            (heavy[atom] - heavy[n]) / np.linalg.norm(heavy[atom] - heavy[n]) for n in (atom - 1, atom + 1)
+        )
+        hydrogens.append(heavy[atom] + 1.08 * bisector / np.linalg.norm(bisector))
+    return Atoms("C5N" + "H8", positions=np.vstack([heavy, hydrogens]))
+
+
+def _xtb(calculator_class, charge=CHARGE):
+    return calculator_class(charge=charge)
+
+
+def _labelled_copy(atoms, info: dict):
+    """Positions, energy and raw (unconstrained) xTB forces, with nothing else attached."""
+    from ase import Atoms
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    energy = float(atoms.get_potential_energy())
+    forces = np.array(atoms.get_forces(apply_constraint=False), dtype=np.float64)
+    frame = Atoms(numbers=atoms.numbers, positions=atoms.positions, pbc=False)
+    frame.info.update(info)
+    frame.calc = SinglePointCalculator(frame, energy=energy, forces=forces)
+    return frame
+
+
+def _relax(atoms, fmax: float, steps: int) -> bool:
+    from ase.optimize import BFGS
+
+    return bool(BFGS(atoms, logfile=None).run(fmax=fmax, steps=steps))
+
+
+def _md_samples(minimum, calculator_class, temperature_K, n_samples, rng, config_type, bar):
+    """Langevin MD from the minimum: equilibrate, then one sample every SAMPLE_EVERY steps."""
+    from ase import units
+    from ase.constraints import FixCom
+    from ase.md import velocitydistribution
+    from ase.md.langevin import Langevin
+
+    atoms = minimum.copy()
+    atoms.calc = _xtb(calculator_class)
+    atoms.set_constraint(FixCom())  # fixcm=True in Langevin is deprecated and biased for small systems
+    thermalize = getattr(velocitydistribution, "thermalize_momenta", None)
+    # Starting at the minimum, about half the kinetic energy flows into potential energy
+    # within a few vibrations: drawing velocities at 2T lands near T at once.
+    if thermalize is not None:
+        thermalize(atoms, 2.0 * temperature_K, rng=rng)
+    else:  # ASE < 3.29
+        velocitydistribution.MaxwellBoltzmannDistribution(atoms, temperature_K=2.0 * temperature_K, rng=rng)
+    velocitydistribution.Stationary(atoms)
+    dynamics = Langevin(
+        atoms,
+        timestep=TIMESTEP_FS * units.fs,
+        temperature_K=temperature_K,
+        friction=FRICTION_PER_FS / units.fs,
+        fixcm=False,
+        rng=rng,
+    )
+    samples = []
+    step = 0
+    try:
+        dynamics.run(EQUILIBRATION_STEPS)
+        step += EQUILIBRATION_STEPS
+        bar.update(EQUILIBRATION_STEPS)
+        for _ in range(n_samples):
+            dynamics.run(SAMPLE_EVERY)
+            step += SAMPLE_EVERY
+            bar.update(SAMPLE_EVERY)
+            samples.append(
+                _labelled_copy(
+                    atoms, {"config_type": config_type, "temperature_K": float(temperature_K), "md_step": step}
+                )
+            )
+    except Exception as error:
+        raise RuntimeError(f"PSB3 MD at {temperature_K:g} K failed at step {step}: {error}") from error
+    return samples
+
+
+def _torsion_scan(minimum, calculator_class, n_points: int):
+    """Dihedral C2-C3=C4-C5 from 0 to 180 deg: rigid rotation of the C4 side from the
+    minimum, then a partial relaxation (BFGS, at most TORSION_RELAX_STEPS steps) of every
+    other coordinate with the dihedral held by FixInternals."""
+    from ase.constraints import FixInternals
+
+    mask = np.zeros(len(minimum), dtype=bool)
+    mask[list(_TORSION_ROTATING_ATOMS)] = True
+    frames = []
+    for angle in np.linspace(0.0, 180.0, n_points):
+        atoms = minimum.copy()
+        atoms.set_dihedral(*TORSION_DIHEDRAL, float(angle), mask=mask)
+        atoms.set_constraint(FixInternals(dihedrals_deg=[[float(angle), list(TORSION_DIHEDRAL)]]))
+        atoms.calc = _xtb(calculator_class)
+        try:
+            converged = _relax(atoms, TORSION_FMAX, TORSION_RELAX_STEPS)
+        except Exception as error:
+            raise RuntimeError(f"PSB3 torsion scan failed at {angle:g} deg: {error}") from error
+        frames.append(
+            _labelled_copy(
+                atoms,
+                {
+                    "config_type": "torsion_scan",
+                    "temperature_K": 0.0,
+                    "dihedral_deg": float(angle),
+                    "relaxed": converged,
+                },
+            )
+        )
+    return frames
+
+
+def _isolated_atoms(calculator_class):
+    """Neutral H, C, N with the molecule's Hamiltonian (spin-restricted GFN2-xTB, Fermi
+    smearing at tblite's default 300 K, lowest multiplicity): the lowest energy of the
+    atom under the same Hamiltonian that labels the molecule. Spin-polarised atoms
+    (high-spin ground states) would be 1-3 eV lower but are not what the molecule's
+    energies are consistent with."""
+    from ase import Atoms
+
+    frames = []
+    for symbol in ("H", "C", "N"):
+        atoms = Atoms(symbol, positions=[[0.0, 0.0, 0.0]], pbc=False)
+        atoms.calc = _xtb(calculator_class, charge=0.0)
+        frames.append(
+            _labelled_copy(atoms, {"config_type": "isolated_atom", "temperature_K": 0.0, "spin_polarization": False})
+        )
+    return frames
+
+
+def _scaled(count: int, scale: float, minimum: int) -> int:
+    return max(minimum, int(round(count * scale)))
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def generate_psb3(out_dir, seed: int = 0, scale: float = 1.0, progress: bool = True) -> dict:
+    """Writes the PSB3 data set (extxyz, eV and eV/Å) and its manifest into ``out_dir``.
+
+    Files: ``train.xyz``, ``valid.xyz``, ``test_id.xyz`` (Langevin MD at 300, 450 and
+    600 K, one trajectory each, pooled and split 4:1:1 at random), ``test_ood_hot.xyz``
+    (MD at 1000 and 1500 K), ``test_ood_torsion.xyz`` (C3=C4 torsion scan, 0-180 deg),
+    ``isolated_atoms.xyz`` (H, C, N) and ``manifest.json``. ``scale`` multiplies the
+    number of sampled frames (the equilibration and the scan's end points stay). Returns
+    the manifest.
+    """
+    import ase
+    import ase.io
+    from tqdm.auto import tqdm
+
+    calculator_class = _xtb_calculator_class()
+    if scale <= 0:
+        raise ValueError(f"generate_psb3: scale must be positive, got {scale}")
+    started = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    n_id = _scaled(FRAMES_PER_ID_TEMPERATURE, scale, minimum=2)
+    n_hot = _scaled(FRAMES_PER_HOT_TEMPERATURE, scale, minimum=1)
+    n_torsion = _scaled(TORSION_POINTS, scale, minimum=3)
+    temperatures = ID_TEMPERATURES_K + HOT_TEMPERATURES_K
+    counts = [n_id] * len(ID_TEMPERATURES_K) + [n_hot] * len(HOT_TEMPERATURES_K)
+    # one independent stream per trajectory and one for the split
+    streams = np.random.SeedSequence(int(seed)).spawn(len(temperatures) + 1)
+
+    with _one_openmp_thread():
+        minimum = build_psb3()
+        minimum.calc = _xtb(calculator_class)
+        if not _relax(minimum, RELAX_FMAX, 1000):
+            raise RuntimeError("PSB3: the xTB relaxation of the starting geometry did not converge")
+        minimum.calc = None
+
+        total_steps = sum(EQUILIBRATION_STEPS + n * SAMPLE_EVERY for n in counts)
+        trajectories = []
+        with tqdm(total=total_steps, desc="PSB3 xTB MD", unit="step", disable=not progress) as bar:
+            for temperature, count, stream in zip(temperatures, counts, streams):
+                config_type = ("md_" if temperature in ID_TEMPERATURES_K else "md_hot_") + f"{temperature:g}K"
+                rng = np.random.default_rng(stream)
+                trajectories.append(_md_samples(minimum, calculator_class, temperature, count, rng, config_type, bar))
+        torsion = _torsion_scan(minimum, calculator_class, n_torsion)
+        isolated = _isolated_atoms(calculator_class)
+
+    in_distribution = [frame for trajectory in trajectories[: len(ID_TEMPERATURES_K)] for frame in trajectory]
+    hot = [frame for trajectory in trajectories[len(ID_TEMPERATURES_K) :] for frame in trajectory]
+    n_test = max(1, int(round(len(in_distribution) / 6)))
+    part = np.zeros(len(in_distribution), dtype=np.int64)  # 0 train, 1 valid, 2 test
+    order = np.random.default_rng(streams[-1]).permutation(len(in_distribution))
+    part[order[:n_test]] = 1
+    part[order[n_test : 2 * n_test]] = 2
+    contents = {
+        "train.xyz": [f for f, p in zip(in_distribution, part) if p == 0],
+        "valid.xyz": [f for f, p in zip(in_distribution, part) if p == 1],
+        "test_id.xyz": [f for f, p in zip(in_distribution, part) if p == 2],
+        "test_ood_hot.xyz": hot,
+        "test_ood_torsion.xyz": torsion,
+        "isolated_atoms.xyz": isolated,
+    }
+    files = {}
+    for name, frames in contents.items():
+        path = out / name
+        ase.io.write(path, frames, format="extxyz")
+        files[name] = {"frames": len(frames), "sha256": _sha256(path)}
+
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        tblite_version = version("tblite")
+    except PackageNotFoundError:
+        tblite_version = "unknown"
+    manifest = {
+        "data_set": "PSB3 (penta-2,4-dieniminium, C5H8N+, charge +1)",
+        "seed": int(seed),
+        "scale": float(scale),
+        "method": METHOD,
+        "charge": CHARGE,
+        "calculator": f"tblite {tblite_version} (energy and gradient through tblite.interface), one OpenMP thread",
+        "ase_version": ase.__version__,
+        "units": {"energy": "eV", "forces": "eV/Å", "positions": "Å"},
+        "md": {
+            "integrator": "ase.md.langevin.Langevin",
+            "timestep_fs": TIMESTEP_FS,
+            "friction_per_fs": FRICTION_PER_FS,
+            "initial_velocities": "Maxwell-Boltzmann at twice the temperature, from the xTB minimum",
+            "equilibration_steps": EQUILIBRATION_STEPS,
+            "sample_every_steps": SAMPLE_EVERY,
+        },
+        "temperatures_K": {"in_distribution": list(ID_TEMPERATURES_K), "ood_hot": list(HOT_TEMPERATURES_K)},
+        "split": "in-distribution frames of all temperatures pooled, random 4:1:1 train/valid/test",
+        "torsion": {
+            "dihedral_atoms": list(TORSION_DIHEDRAL),
+            "angles_deg": [float(a) for a in np.linspace(0.0, 180.0, n_torsion)],
+            "procedure": f"rigid rotation from the minimum, then at most {TORSION_RELAX_STEPS} BFGS steps "
+            f"(fmax {TORSION_FMAX} eV/Å) with the dihedral fixed by FixInternals",
+        },
+        "isolated_atoms": "neutral atoms, spin-restricted GFN2-xTB (same Hamiltonian as the molecule)",
+        "files": files,
+        "wall_time_s": round(time.perf_counter() - started, 3),
+    }
+    with open(out / "manifest.json", "w") as handle:
+        json.dump(manifest, handle, indent=2, ensure_ascii=False)
+        handle.write("\n")
+    return manifest
