@@ -1,0 +1,254 @@
+"""The YAML configuration of a training run, validated strictly.
+
+Each section is a dataclass; an unknown or misspelt key is an error that names the
+section and lists the valid keys, a value of the wrong type names the key and the type
+expected. Paths are resolved relative to the config file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+import yaml
+
+from ._losses import LOSSES
+from ._model import PRESETS, ModelConfig
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclasses.dataclass
+class DataSection:
+    train: str = ""  # extxyz (or any ASE format) with energies and forces
+    valid: Optional[str] = None  # if absent, n_valid frames are split off train
+    n_valid: int = 50
+    test: Dict[str, str] = dataclasses.field(default_factory=dict)  # name -> file, for evaluate
+    energy_key: str = "energy"
+    forces_key: str = "forces"
+    stress_key: Optional[str] = None
+    # "fit": least squares on the training set; "isolated": single-atom frames in
+    # isolated_atoms; or a mapping element -> eV
+    reference_energies: Union[str, Dict[str, float]] = "fit"
+    isolated_atoms: Optional[str] = None
+    max_train: Optional[int] = None  # use only the first max_train frames of train
+
+
+@dataclasses.dataclass
+class ModelSection:
+    preset: str = "small"
+    cutoff: Optional[float] = None
+    n_layers: Optional[int] = None
+    channels: Optional[int] = None
+    l_max: Optional[int] = None
+    n_radial: Optional[int] = None
+    envelope_p: Optional[int] = None
+    radial_hidden: Optional[int] = None
+    radial_layers: Optional[int] = None
+    readout_hidden: Optional[int] = None
+    avg_num_neighbors: Optional[float] = None
+    covariance: Optional[str] = None
+    covariance_floor: Optional[float] = None
+
+    def model_config(self) -> ModelConfig:
+        if self.preset not in PRESETS:
+            raise ConfigError(f"model.preset is {self.preset!r}; expected one of {sorted(PRESETS)}")
+        overrides = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name != "preset" and getattr(self, f.name) is not None
+        }
+        config = ModelConfig(**{**PRESETS[self.preset], **overrides})
+        try:
+            config.validate()
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
+        return config
+
+
+@dataclasses.dataclass
+class LossSection:
+    kind: str = "nll_jef"  # mse | nll | nll_jef | nll_jef_equivariant
+    energy_weight: float = 1.0  # λ_E
+    force_weight: float = 1.0  # λ_F
+    mse_warmup_epochs: int = 0  # train with MSE first: the variance heads start from sane means
+
+
+@dataclasses.dataclass
+class TrainingSection:
+    optimizer: str = "adamw"  # adam | adamw
+    lr: float = 5e-3
+    weight_decay: float = 0.0
+    batch_size: int = 8
+    max_epochs: int = 200
+    max_minutes: Optional[float] = None  # wall-clock budget per member
+    early_stopping_patience: int = 30  # epochs without validation improvement
+    lr_factor: float = 0.5  # ReduceLROnPlateau on the validation loss
+    lr_patience: int = 8
+    min_lr: float = 1e-5
+    ema_decay: float = 0.99  # 0 turns the exponential moving average off
+    grad_clip: float = 10.0  # max gradient norm; 0 turns clipping off
+    threads: int = 1  # torch threads per process (one per MPI rank is fastest)
+
+
+@dataclasses.dataclass
+class EnsembleSection:
+    members: int = 4
+
+
+@dataclasses.dataclass
+class Config:
+    out: str = "runs/default"  # run directory: checkpoints, logs, posterior.pt
+    seed: int = 0
+    dtype: str = "float64"  # float64 | float32
+    data: DataSection = dataclasses.field(default_factory=DataSection)
+    model: ModelSection = dataclasses.field(default_factory=ModelSection)
+    loss: LossSection = dataclasses.field(default_factory=LossSection)
+    training: TrainingSection = dataclasses.field(default_factory=TrainingSection)
+    ensemble: EnsembleSection = dataclasses.field(default_factory=EnsembleSection)
+
+    def validate(self) -> None:
+        if self.dtype not in ("float64", "float32"):
+            raise ConfigError(f"dtype is {self.dtype!r}; expected 'float64' or 'float32'")
+        if self.loss.kind not in LOSSES:
+            raise ConfigError(f"loss.kind is {self.loss.kind!r}; expected one of {sorted(LOSSES)}")
+        if self.training.optimizer not in ("adam", "adamw"):
+            raise ConfigError(f"training.optimizer is {self.training.optimizer!r}; expected 'adam' or 'adamw'")
+        if self.ensemble.members < 1:
+            raise ConfigError(f"ensemble.members must be >= 1, got {self.ensemble.members}")
+        if self.training.batch_size < 1:
+            raise ConfigError(f"training.batch_size must be >= 1, got {self.training.batch_size}")
+        if not self.data.train:
+            raise ConfigError("data.train is required: the training file (extxyz or any ASE format)")
+        reference = self.data.reference_energies
+        if isinstance(reference, str) and reference not in ("fit", "isolated"):
+            raise ConfigError(
+                f"data.reference_energies is {reference!r}; expected 'fit', 'isolated' or a mapping element -> eV"
+            )
+        if reference == "isolated" and not self.data.isolated_atoms:
+            raise ConfigError("data.reference_energies is 'isolated' but data.isolated_atoms names no file")
+        model = self.model.model_config()
+        if self.loss.kind == "nll_jef_equivariant" and model.covariance != "equivariant":
+            raise ConfigError(
+                "loss.kind 'nll_jef_equivariant' needs model.covariance: equivariant "
+                f"(it is {model.covariance!r})"
+            )
+
+    @property
+    def torch_dtype(self):
+        import torch
+
+        return torch.float64 if self.dtype == "float64" else torch.float32
+
+
+def _type_name(annotation: Any) -> str:
+    return getattr(annotation, "__name__", str(annotation).replace("typing.", ""))
+
+
+def _check_value(where: str, value: Any, annotation: Any) -> Any:
+    origin = typing.get_origin(annotation)
+    if origin is Union:
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _check_value(where, value, option)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(f"{where}: {value!r} is not any of {[_type_name(o) for o in options]}")
+    if origin is dict:
+        key_type, value_type = typing.get_args(annotation)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
+        return {
+            _check_value(f"{where}.{k}", k, key_type): _check_value(f"{where}.{k}", v, value_type)
+            for k, v in value.items()
+        }
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(annotation):
+        return _build(annotation, value, where)
+    return value
+
+
+def _build(cls, values: Any, where: str):
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping of keys, got {type(values).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            section = f"section '{where}'" if where else "the top level"
+            raise ConfigError(f"unknown key {key!r} in {section}{hint}; valid keys: {', '.join(fields)}")
+        kwargs[key] = _check_value(f"{where}.{key}" if where else key, value, hints[key])
+    return cls(**kwargs)
+
+
+def config_from_dict(values: Dict[str, Any], base_dir: Optional[Path] = None) -> Config:
+    config = _build(Config, values, "")
+    if base_dir is not None:
+        _resolve_paths(config, Path(base_dir))
+    config.validate()
+    return config
+
+
+def _resolve(base: Path, path: Optional[str]) -> Optional[str]:
+    if path is None:
+        return None
+    p = Path(path).expanduser()
+    return str(p if p.is_absolute() else (base / p))
+
+
+def _resolve_paths(config: Config, base: Path) -> None:
+    data = config.data
+    data.train = _resolve(base, data.train) if data.train else data.train
+    data.valid = _resolve(base, data.valid)
+    data.isolated_atoms = _resolve(base, data.isolated_atoms)
+    data.test = {name: _resolve(base, path) for name, path in data.test.items()}
+    config.out = _resolve(base, config.out)
+
+
+def load_config(path) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML ({error})") from error
+    try:
+        return config_from_dict(values or {}, base_dir=path.parent)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from error
+
+
+def config_to_dict(config: Config) -> Dict[str, Any]:
+    return dataclasses.asdict(config)

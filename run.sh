@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The two commands of the README:
+#   ./run.sh main   the main job on the embedded PSB3 data (data, ensemble, evaluation, report)
+#   ./run.sh test   the whole test suite
+# Each sets up .venv in the repository first (once; again when the sources change).
+set -euo pipefail
+cd "$(dirname "$0")"
+ROOT=$(pwd)
+VENV="$ROOT/.venv"
+
+setup() {
+    if [ ! -x "$VENV/bin/python" ]; then
+        python3 -m venv "$VENV"
+    fi
+    # shellcheck disable=SC1091
+    . "$VENV/bin/activate"
+    local stamp="$VENV/.bayesrace-installed"
+    local digest
+    digest=$(git ls-files -s 2>/dev/null | sha256sum | cut -c1-16 || true)
+    if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$digest" ] && [ -n "$digest" ]; then
+        return
+    fi
+    echo "setting up $VENV (first run: a few minutes)" >&2
+    python -m pip install -q --upgrade pip
+    # torch first and pinned: a looser request would pull several GB of CUDA packages
+    python -m pip install -q torch==2.13.0
+    # build tools in the venv, so the C++ plugin builds against this very torch
+    python -m pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" cmake ninja
+    python -m pip install -q --no-build-isolation ".[test]"
+    echo "$digest" > "$stamp"
+}
+
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+export PYTHONUNBUFFERED=1
+
+case "${1:-}" in
+    main)
+        setup
+        shift
+        bayesrace demo --out "${BAYESRACE_OUT:-out/demo}" --np 2 "$@"
+        ;;
+    test)
+        setup
+        shift
+        python -m pytest -q "$@"
+        ;;
+    *)
+        echo "usage: ./run.sh main | ./run.sh test [pytest args]" >&2
+        exit 2
+        ;;
+esac

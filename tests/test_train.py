@@ -1,0 +1,120 @@
+"""Training: it learns, it resumes exactly, it survives kill -9, MPI members equal serial ones."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from bayesrace import load_config, load_posterior
+from bayesrace._train import CHECKPOINT, train
+from conftest import write_training_config
+
+BIN = Path(sys.executable).parent
+
+
+def history(run_dir, member=0):
+    lines = (Path(run_dir) / f"member_{member}" / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def member_weights(run_dir, member=0):
+    checkpoint = torch.load(Path(run_dir) / f"member_{member}" / CHECKPOINT, weights_only=False)
+    return checkpoint["model"]
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_short_training_lowers_validation_loss(psb3_small, tmp_path):
+    config = write_training_config(
+        tmp_path / "c.yaml", psb3_small, tmp_path / "run",
+        loss={"kind": "mse", "mse_warmup_epochs": 0}, training={"max_epochs": 6, "batch_size": 2, "lr": 0.01},
+    )
+    train(load_config(config), progress=False)
+    losses = [entry["valid_loss"] for entry in history(tmp_path / "run")]
+    assert len(losses) == 6
+    assert min(losses[-2:]) < 0.6 * losses[0], losses
+    posterior = load_posterior(tmp_path / "run" / "posterior.pt")
+    assert len(posterior.members) == 1
+
+
+def test_resume_continues_exactly(psb3_small, tmp_path):
+    straight = write_training_config(tmp_path / "a.yaml", psb3_small, tmp_path / "straight", training={"max_epochs": 4})
+    train(load_config(straight), progress=False)
+    split = write_training_config(tmp_path / "b.yaml", psb3_small, tmp_path / "split", training={"max_epochs": 2})
+    train(load_config(split), progress=False)
+    assert len(history(tmp_path / "split")) == 2
+    # the same run asked for more epochs: resumes from the checkpoint
+    split = write_training_config(tmp_path / "b.yaml", psb3_small, tmp_path / "split", training={"max_epochs": 4})
+    train(load_config(split), progress=False)
+    assert len(history(tmp_path / "split")) == 4
+    assert history(tmp_path / "split") == [
+        {**entry, "elapsed_s": b["elapsed_s"]} for entry, b in zip(history(tmp_path / "straight"), history(tmp_path / "split"))
+    ]
+    assert_same_weights(member_weights(tmp_path / "split"), member_weights(tmp_path / "straight"))
+
+
+def test_checkpoint_refuses_a_changed_config(psb3_small, tmp_path):
+    config = write_training_config(tmp_path / "a.yaml", psb3_small, tmp_path / "run", training={"max_epochs": 1})
+    train(load_config(config), progress=False)
+    changed = write_training_config(
+        tmp_path / "a.yaml", psb3_small, tmp_path / "run", training={"max_epochs": 2, "lr": 0.1}
+    )
+    with pytest.raises(RuntimeError, match="different config"):
+        train(load_config(changed), progress=False)
+
+
+def test_kill_9_mid_epoch_loses_at_most_that_epoch(psb3_small, tmp_path):
+    epochs = 8
+    reference = write_training_config(tmp_path / "r.yaml", psb3_small, tmp_path / "reference", training={"max_epochs": epochs})
+    train(load_config(reference), progress=False)
+
+    killed = write_training_config(tmp_path / "k.yaml", psb3_small, tmp_path / "killed", training={"max_epochs": epochs})
+    command = [str(BIN / "bayesrace"), "train", str(killed), "--quiet"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = tmp_path / "killed" / "member_0" / CHECKPOINT
+    deadline = time.time() + 120
+    while time.time() < deadline and not (checkpoint.exists() and len(history(tmp_path / "killed")) >= 2):
+        time.sleep(0.05)
+    time.sleep(0.3)  # into the next epoch
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done = len(history(tmp_path / "killed"))
+    assert 2 <= done < epochs, "the kill should land mid-run"
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert len(history(tmp_path / "killed")) == epochs
+    assert_same_weights(member_weights(tmp_path / "killed"), member_weights(tmp_path / "reference"))
+
+
+def test_mpi_ensemble_equals_serial_ensemble(psb3_small, tmp_path):
+    serial = write_training_config(
+        tmp_path / "s.yaml", psb3_small, tmp_path / "serial", training={"max_epochs": 2}, ensemble={"members": 3}
+    )
+    train(load_config(serial), progress=False)
+    parallel = write_training_config(
+        tmp_path / "p.yaml", psb3_small, tmp_path / "parallel", training={"max_epochs": 2}, ensemble={"members": 3}
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(
+        [str(BIN / "mpirun"), "-np", "2", str(BIN / "bayesrace"), "train", str(parallel), "--quiet"],
+        check=True, env=env, timeout=600,
+    )
+    a = load_posterior(tmp_path / "serial" / "posterior.pt")
+    b = load_posterior(tmp_path / "parallel" / "posterior.pt")
+    assert len(b.members) == 3
+    for member_a, member_b in zip(a.members, b.members):
+        assert_same_weights(member_a.state_dict(), member_b.state_dict())
+    # members differ from one another (different seeds)
+    first, second = a.members[0].state_dict(), a.members[1].state_dict()
+    assert any(not torch.equal(first[k], second[k]) for k in first)
