@@ -16,7 +16,7 @@ setup() {
     . "$VENV/bin/activate"
     local stamp="$VENV/.bayesrace-installed"
     local digest
-    digest=$(git ls-files -s 2>/dev/null | sha256sum | cut -c1-16 || true)
+    digest=$(git ls-files -co --exclude-standard -z 2>/dev/null | xargs -0 sha256sum 2>/dev/null | sha256sum | cut -c1-16 || true)
     if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$digest" ] && [ -n "$digest" ]; then
         return
     fi

@@ -17,6 +17,7 @@ NUM_ATOMS = "num_atoms"  # [B] int64
 EDGE_INDEX = "edge_index"  # [2, E] int64, row 0 = centre i, row 1 = neighbour j
 EDGE_CELL_SHIFT = "edge_cell_shift"  # [E, 3] float, integer cell multiples S: r_ij = x_j - x_i + S @ cell
 EDGE_VECTORS = "edge_vectors"  # [E, 3] float, Å, r_ij
+EDGE_SHIFTS = "edge_shifts"  # [E, 3] float, Å, Cartesian image shift: r_ij = x_j - x_i + shift (deployable input)
 
 # --- labels and predictions ------------------------------------------------------
 ENERGY = "energy"  # [B] eV, total energy
@@ -39,8 +40,31 @@ ATOMIC_FORCE_STD = "atomic_force_std"  # [N] eV/Å, sqrt(tr(total cov) / 3)
 ATOMIC_FORCE_STD_EPISTEMIC = "atomic_force_std_epistemic"  # [N] eV/Å, sqrt(tr(epistemic cov) / 3)
 ATOMIC_FORCE_STD_ALEATORIC = "atomic_force_std_aleatoric"  # [N] eV/Å, sqrt(tr(aleatoric cov) / 3)
 ATOMIC_ENERGY_STD = "atomic_energy_std"  # [N] eV, std of member atomic energies
-MEMBER_ENERGY = "member_energy"  # [M, B] eV
+MEMBER_ENERGY = "member_energy"  # [M, B] eV ([M] from the deployable: one structure, local atoms)
 MEMBER_FORCES = "member_forces"  # [M, N, 3] eV/Å
+MEMBER_ATOMIC_ENERGY = "member_atomic_energy"  # [M, N] eV, atomic energies of each member
+MEMBER_VIRIAL = "member_virial"  # [M, 3, 3] eV, W = -sum_edges r_ij (x) dE/dr_ij per member
+MEMBER_ATOMIC_VIRIAL = "member_atomic_virial"  # [M, N, 3, 3] eV, edge term split half/half; empty unless requested
+ATOMIC_VIRIAL = "atomic_virial"  # [N, 3, 3] eV, per-atom virial of the driving model
+ENERGY_STD = "energy_std"  # [B] eV, calibrated sqrt(energy_var_epistemic + energy_var_aleatoric)
+
+# --- metadata.json inside the deployable (checked by the C++ loader) --------------------
+METADATA_FILE = "metadata.json"  # name of the extra file that holds the metadata
+META_FORMAT_VERSION = "format_version"  # int, = 1
+META_TYPE_NAMES = "type_names"  # list of element symbols, species index = position
+META_CUTOFF = "cutoff"  # float, Å, neighbour cutoff of one layer
+META_N_LAYERS = "n_layers"  # int, interaction range = n_layers * cutoff
+META_UNITS = "units"  # str, "metal" (eV, Å)
+META_DTYPE = "dtype"  # str, "float64" or "float32"
+META_N_MEMBERS = "n_members"  # int, M
+META_CALIBRATION = "calibration"  # object: force_std_scale, energy_std_scale
+META_FORCE_STD_SCALE = "force_std_scale"  # float, multiplies every force sigma
+META_ENERGY_STD_SCALE = "energy_std_scale"  # float, multiplies every energy sigma
+META_THRESHOLDS = "thresholds"  # object: atomic_force_std
+META_BAYESRACE_VERSION = "bayesrace_version"  # str
+META_TORCH_VERSION = "torch_version"  # str
+META_TRAINING_DATA_SHA256 = "training_data_sha256"  # str
+META_POSTERIOR = "posterior"  # str, kind of posterior (ensemble, swag, ivon, laplace...)
 
 ALL_KEYS = tuple(
     value for name, value in sorted(globals().items()) if name.isupper() and isinstance(value, str)

@@ -1,0 +1,103 @@
+#include "aggregate.h"
+
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+#include <string>
+
+namespace bayesrace {
+
+void aggregate(const AggregateInput &in, AggregateOutput &out) {
+  const int64_t M = in.n_members, n = in.n_atoms, S = in.stride;
+  if (M < 1) throw std::invalid_argument("aggregate: n_members must be >= 1");
+  if (S < n) throw std::invalid_argument("aggregate: stride < n_atoms");
+  const double fs = in.force_std_scale, es = in.energy_std_scale;
+  const double fs2 = fs * fs, es2 = es * es;
+  const double invM = 1.0 / static_cast<double>(M);
+
+  out.force_std.assign(n, 0.0);
+  out.force_std_epistemic.assign(n, 0.0);
+  out.force_std_aleatoric.assign(n, 0.0);
+  out.atomic_energy_std.assign(n, 0.0);
+  out.force_cov_epistemic.assign(9 * n, 0.0);
+  out.force_cov_aleatoric.assign(9 * n, 0.0);
+
+  for (int64_t i = 0; i < n; ++i) {
+    double mean[3] = {0, 0, 0};
+    for (int64_t m = 0; m < M; ++m)
+      for (int a = 0; a < 3; ++a) mean[a] += in.member_forces[(m * S + i) * 3 + a];
+    for (int a = 0; a < 3; ++a) mean[a] *= invM;
+    double epi[9] = {0}, ale[9] = {0};
+    for (int64_t m = 0; m < M; ++m) {
+      const double *f = in.member_forces + (m * S + i) * 3;
+      const double d[3] = {f[0] - mean[0], f[1] - mean[1], f[2] - mean[2]};
+      const double *c = in.force_covariance + (m * S + i) * 9;
+      for (int a = 0; a < 3; ++a)
+        for (int b = 0; b < 3; ++b) {
+          epi[3 * a + b] += d[a] * d[b];
+          ale[3 * a + b] += c[3 * a + b];
+        }
+    }
+    for (int k = 0; k < 9; ++k) {
+      epi[k] *= invM;
+      ale[k] *= invM;
+      out.force_cov_epistemic[9 * i + k] = fs2 * epi[k];
+      out.force_cov_aleatoric[9 * i + k] = fs2 * ale[k];
+    }
+    const double tr_e = (epi[0] + epi[4] + epi[8]) / 3.0;
+    const double tr_a = (ale[0] + ale[4] + ale[8]) / 3.0;
+    out.force_std[i] = fs * std::sqrt(std::max(0.0, tr_e + tr_a));
+    out.force_std_epistemic[i] = fs * std::sqrt(std::max(0.0, tr_e));
+    out.force_std_aleatoric[i] = fs * std::sqrt(std::max(0.0, tr_a));
+
+    double emean = 0.0;
+    for (int64_t m = 0; m < M; ++m) emean += in.member_atomic_energy[m * S + i];
+    emean *= invM;
+    double evar = 0.0;
+    for (int64_t m = 0; m < M; ++m) {
+      const double d = in.member_atomic_energy[m * S + i] - emean;
+      evar += d * d;
+    }
+    out.atomic_energy_std[i] = es * std::sqrt(evar * invM);
+  }
+
+  double emean = 0.0;
+  for (int64_t m = 0; m < M; ++m) emean += in.member_total_energy[m];
+  emean *= invM;
+  double var_e = 0.0, var_a = 0.0;
+  for (int64_t m = 0; m < M; ++m) {
+    const double d = in.member_total_energy[m] - emean;
+    var_e += d * d;
+    if (in.n_atoms_total > 0) var_a += std::exp(in.log_var_sum[m] / in.n_atoms_total);
+  }
+  var_e *= invM;
+  var_a *= invM;
+  out.energy_var_epistemic = es2 * var_e;
+  out.energy_var_aleatoric = es2 * var_a;
+  out.energy_std = es * std::sqrt(var_e + var_a);
+}
+
+void select_driving(const MemberOutputs &mo, int member, DrivingOutputs &out) {
+  const int64_t M = mo.n_members, N = mo.n_atoms;
+  if (member >= M)
+    throw std::invalid_argument("driving member " + std::to_string(member) + " out of range: the model has " +
+                                std::to_string(M) + " members (0.." + std::to_string(M - 1) + ")");
+  const bool av = !mo.atomic_virial.empty();
+  out.atomic_energy.assign(N, 0.0);
+  out.forces.assign(3 * N, 0.0);
+  out.atomic_virial.assign(av ? 9 * N : 0, 0.0);
+  for (int k = 0; k < 9; ++k) out.virial[k] = 0.0;
+  out.energy = 0.0;
+  const int64_t m0 = member < 0 ? 0 : member, m1 = member < 0 ? M : member + 1;
+  const double w = 1.0 / static_cast<double>(m1 - m0);
+  for (int64_t m = m0; m < m1; ++m) {
+    out.energy += w * mo.energy[m];
+    for (int64_t i = 0; i < N; ++i) out.atomic_energy[i] += w * mo.atomic_energy[m * N + i];
+    for (int64_t k = 0; k < 3 * N; ++k) out.forces[k] += w * mo.forces[m * 3 * N + k];
+    for (int k = 0; k < 9; ++k) out.virial[k] += w * mo.virial[m * 9 + k];
+    if (av)
+      for (int64_t k = 0; k < 9 * N; ++k) out.atomic_virial[k] += w * mo.atomic_virial[m * 9 * N + k];
+  }
+}
+
+}  // namespace bayesrace

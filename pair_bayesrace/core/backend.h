@@ -1,0 +1,56 @@
+// The one small interface between the engine and the code that runs a deployable.
+// Today: TorchScript (torch::jit). A .pt2 (AOTInductor) backend can sit beside it by
+// implementing Backend and being chosen in make_backend().
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace bayesrace {
+
+// Plain-array inputs of the deployable's forward() (all host memory, float64 / int64).
+struct ModelInputs {
+  int64_t n_atoms = 0;  // N = local + ghost/image atoms
+  int64_t n_local = 0;  // atoms 0..n_local-1 are summed into the member energies
+  int64_t n_edges = 0;  // E directed edges
+  const double *positions = nullptr;    // [N, 3] Å
+  const int64_t *species = nullptr;     // [N] model species index
+  const int64_t *edge_index = nullptr;  // [2, E]: E centres i, then E neighbours j
+  const double *edge_shifts = nullptr;  // [E, 3] Cartesian Å, or nullptr for zeros
+  bool compute_atomic_virial = false;
+};
+
+// Raw per-member outputs, float64, member-major (C order).
+struct MemberOutputs {
+  int64_t n_members = 0;
+  int64_t n_atoms = 0;
+  std::vector<double> energy;         // [M]
+  std::vector<double> atomic_energy;  // [M, N]
+  std::vector<double> forces;         // [M, N, 3]
+  std::vector<double> virial;         // [M, 3, 3]
+  std::vector<double> atomic_virial;  // [M, N, 3, 3] or empty
+  std::vector<double> log_var;        // [M, N]
+  std::vector<double> force_cov;      // [M, N, 3, 3]
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  // Fills `out` (resizing its vectors); throws std::runtime_error on failure.
+  virtual void evaluate(const ModelInputs &in, MemberOutputs &out) = 0;
+  virtual std::string describe() const = 0;
+};
+
+// Load a deployable: returns the backend and the text of its metadata.json.
+// Throws std::runtime_error (missing file, not a TorchScript archive, no metadata.json).
+std::unique_ptr<Backend> load_torchscript(const std::string &path, std::string &metadata_json);
+
+// Called once the metadata has been validated: device ("cpu", "cuda", "cuda:K"; plain
+// "cuda" picks GPU local_rank % device_count), dtype ("float64"|"float32"), number of
+// members expected in the outputs.
+void configure_torchscript(Backend &backend, const std::string &device, const std::string &dtype,
+                           int64_t n_members, int local_rank);
+
+}  // namespace bayesrace

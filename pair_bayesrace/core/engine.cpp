@@ -1,0 +1,74 @@
+#include "engine.h"
+
+#include <ATen/Parallel.h>
+#include <torch/version.h>
+
+#include <mutex>
+#include <sstream>
+#include <stdexcept>
+
+namespace bayesrace {
+
+std::string torch_build_version() { return TORCH_VERSION; }
+
+void set_torch_threads(int num_threads) {
+  if (num_threads <= 0) return;
+  at::set_num_threads(num_threads);
+  static std::once_flag once;
+  std::call_once(once, [num_threads] {
+    try {
+      at::set_num_interop_threads(num_threads);
+    } catch (const std::exception &) {
+      // the inter-op pool was already started (e.g. by Python torch): keep it
+    }
+  });
+}
+
+namespace {
+std::string major_minor(const std::string &v) {
+  auto p = v.find('.');
+  if (p == std::string::npos) return v;
+  auto q = v.find_first_not_of("0123456789", p + 1);
+  return v.substr(0, q);
+}
+}  // namespace
+
+Engine::Engine(const std::string &path, const EngineOptions &opts) : path_(path), opts_(opts) {
+  set_torch_threads(opts.num_threads);
+  std::string text;
+  backend_ = load_torchscript(path, text);
+  meta_ = parse_metadata(text, path);
+  configure_torchscript(*backend_, opts.device, meta_.dtype, meta_.n_members, opts.local_rank);
+  if (major_minor(meta_.torch_version) != major_minor(torch_build_version()))
+    warnings_.push_back(path + " was exported with torch " + meta_.torch_version + ", this build uses torch " +
+                        torch_build_version());
+}
+
+Engine::~Engine() = default;
+
+std::string Engine::describe() const {
+  std::ostringstream os;
+  os << backend_->describe() << ": " << meta_.n_members << " members (" << meta_.posterior << "), elements";
+  for (const auto &t : meta_.type_names) os << ' ' << t;
+  os << ", cutoff " << meta_.cutoff << " A x " << meta_.n_layers << " layers";
+  return os.str();
+}
+
+void Engine::evaluate(const ModelInputs &in, MemberOutputs &out) const {
+  const int64_t nt = static_cast<int64_t>(meta_.type_names.size());
+  if (in.n_atoms < 0 || in.n_edges < 0) throw std::invalid_argument("negative atom or edge count");
+  if (in.n_local < 0 || in.n_local > in.n_atoms)
+    throw std::invalid_argument("n_local = " + std::to_string(in.n_local) + " must lie in [0, " +
+                                std::to_string(in.n_atoms) + "]");
+  for (int64_t i = 0; i < in.n_atoms; ++i)
+    if (in.species[i] < 0 || in.species[i] >= nt)
+      throw std::invalid_argument("species[" + std::to_string(i) + "] = " + std::to_string(in.species[i]) +
+                                  " is not a species index of the model (0.." + std::to_string(nt - 1) + ")");
+  for (int64_t e = 0; e < 2 * in.n_edges; ++e)
+    if (in.edge_index[e] < 0 || in.edge_index[e] >= in.n_atoms)
+      throw std::invalid_argument("edge_index holds atom " + std::to_string(in.edge_index[e]) +
+                                  ", outside [0, " + std::to_string(in.n_atoms) + ")");
+  backend_->evaluate(in, out);
+}
+
+}  // namespace bayesrace

@@ -1,0 +1,41 @@
+// Metadata of a bayesrace deployable (metadata.json inside the TorchScript archive).
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "json_lite.h"
+
+namespace bayesrace {
+
+inline constexpr int kFormatVersion = 1;
+
+struct Metadata {
+  int format_version = 0;
+  std::vector<std::string> type_names;
+  double cutoff = 0.0;  // Å, one layer
+  int n_layers = 0;     // interaction range = n_layers * cutoff
+  std::string units;    // "metal"
+  std::string dtype;    // "float64" | "float32"
+  int n_members = 0;
+  double force_std_scale = 1.0;
+  double energy_std_scale = 1.0;
+  double threshold_atomic_force_std = 0.0;  // eV/Å
+  std::string bayesrace_version;
+  std::string torch_version;
+  std::string training_data_sha256;
+  std::string posterior;
+
+  std::string raw_json;  // the text as stored in the archive
+  json::Value tree;      // parsed document (for the binding's .metadata dict)
+
+  double interaction_range() const { return cutoff * n_layers; }
+  // index of an element in type_names, or -1
+  int species_index(const std::string &element) const;
+};
+
+// Parse and validate; throws std::runtime_error whose message names the field and what
+// was expected. `source` (the file name) prefixes every message.
+Metadata parse_metadata(const std::string &json_text, const std::string &source);
+
+}  // namespace bayesrace

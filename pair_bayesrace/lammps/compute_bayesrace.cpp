@@ -1,0 +1,151 @@
+/* ----------------------------------------------------------------------
+   bayesrace LAMMPS plugin: uncertainty computes (GPL-2.0, as LAMMPS)
+------------------------------------------------------------------------- */
+
+#include "compute_bayesrace.h"
+
+#include "atom.h"
+#include "error.h"
+#include "force.h"
+#include "memory.h"
+#include "update.h"
+
+#include "pair_bayesrace.h"
+
+#include <cstring>
+
+using namespace LAMMPS_NS;
+
+namespace {
+
+PairBayesRace *find_pair(LAMMPS *lmp, const char *who)
+{
+  Pair *p = lmp->force->pair_match("bayesrace", 1);
+  if (!p) p = lmp->force->pair_match("bayesrace", 0);
+  auto *bp = dynamic_cast<PairBayesRace *>(p);
+  if (!bp) lmp->error->all(FLERR, std::string("compute ") + who + " requires pair_style bayesrace");
+  return bp;
+}
+
+void check_step(LAMMPS *lmp, PairBayesRace *pair, const char *who)
+{
+  const bigint now = lmp->update->ntimestep;
+  if (pair->uncertainty_step() != now)
+    lmp->error->all(FLERR,
+                    "compute {}: pair_style bayesrace has no uncertainty for step {} (last computed on step {}); "
+                    "invoke the compute only on steps where forces were computed with it requested "
+                    "(thermo, dump, fix halt, variables do this), or use 'uncertainty every N' with a "
+                    "matching N",
+                    who, now, pair->uncertainty_step());
+}
+
+}    // namespace
+
+/* ---------------------------------------------------------------------- */
+
+ComputeBayesRaceAtom::ComputeBayesRaceAtom(LAMMPS *lmp, int narg, char **arg) :
+    Compute(lmp, narg, arg), pair(nullptr), nmax(0), values(nullptr)
+{
+  if (narg != 3)
+    error->all(FLERR, "compute bayesrace/atom takes no arguments: compute ID group bayesrace/atom");
+  peratom_flag = 1;
+  size_peratom_cols = PairBayesRace::NCOLS;
+  // ask LAMMPS to raise eflag_atom on the steps this compute is invoked on, which makes
+  // pair_style bayesrace compute the uncertainty there
+  peatomflag = 1;
+  timeflag = 1;
+}
+
+ComputeBayesRaceAtom::~ComputeBayesRaceAtom()
+{
+  memory->destroy(values);
+}
+
+void ComputeBayesRaceAtom::init()
+{
+  pair = find_pair(lmp, "bayesrace/atom");
+}
+
+void ComputeBayesRaceAtom::compute_peratom()
+{
+  invoked_peratom = update->ntimestep;
+  check_step(lmp, pair, "bayesrace/atom");
+  if (atom->nmax > nmax) {
+    memory->destroy(values);
+    nmax = atom->nmax;
+    memory->create(values, nmax, PairBayesRace::NCOLS, "bayesrace/atom:values");
+    array_atom = values;
+  }
+  const int nlocal = atom->nlocal;
+  const int *mask = atom->mask;
+  double **uq = pair->atom_uncertainty();
+  const auto &mapped = pair->atom_mapped();
+  for (int i = 0; i < nlocal; i++)
+    for (int c = 0; c < PairBayesRace::NCOLS; c++)
+      values[i][c] = ((mask[i] & groupbit) && mapped[i]) ? uq[i][c] : 0.0;
+}
+
+double ComputeBayesRaceAtom::memory_usage()
+{
+  return static_cast<double>(nmax) * PairBayesRace::NCOLS * sizeof(double);
+}
+
+/* ---------------------------------------------------------------------- */
+
+ComputeBayesRace::ComputeBayesRace(LAMMPS *lmp, int narg, char **arg) :
+    Compute(lmp, narg, arg), pair(nullptr), threshold(-1.0)
+{
+  int iarg = 3;
+  while (iarg < narg) {
+    if (std::strcmp(arg[iarg], "threshold") == 0) {
+      if (iarg + 2 > narg) error->all(FLERR, "compute bayesrace: 'threshold' needs a value");
+      threshold = utils::numeric(FLERR, arg[iarg + 1], false, lmp);
+      if (threshold < 0.0) error->all(FLERR, "compute bayesrace: threshold must be >= 0");
+      iarg += 2;
+    } else {
+      error->all(FLERR, "compute bayesrace: unknown keyword '{}' (expected: threshold X)", arg[iarg]);
+    }
+  }
+  vector_flag = 1;
+  size_vector = 4;
+  extvector = 0;
+  vector = values;
+  peatomflag = 1;
+  timeflag = 1;
+  for (double &v : values) v = 0.0;
+}
+
+ComputeBayesRace::~ComputeBayesRace() = default;
+
+void ComputeBayesRace::init()
+{
+  pair = find_pair(lmp, "bayesrace");
+}
+
+void ComputeBayesRace::compute_vector()
+{
+  invoked_vector = update->ntimestep;
+  check_step(lmp, pair, "bayesrace");
+  const double thr = threshold >= 0.0 ? threshold : pair->force_threshold();
+  const int nlocal = atom->nlocal;
+  const int *mask = atom->mask;
+  double **uq = pair->atom_uncertainty();
+  const auto &mapped = pair->atom_mapped();
+  double mx = 0.0, sums[2] = {0.0, 0.0}, over = 0.0;    // sum σ, count
+  for (int i = 0; i < nlocal; i++) {
+    if (!(mask[i] & groupbit) || !mapped[i]) continue;
+    const double s = uq[i][0];
+    if (s > mx) mx = s;
+    sums[0] += s;
+    sums[1] += 1.0;
+    if (s > thr) over += 1.0;
+  }
+  double gmx = 0.0, gsums[2] = {0.0, 0.0}, gover = 0.0;
+  MPI_Allreduce(&mx, &gmx, 1, MPI_DOUBLE, MPI_MAX, world);
+  MPI_Allreduce(sums, gsums, 2, MPI_DOUBLE, MPI_SUM, world);
+  MPI_Allreduce(&over, &gover, 1, MPI_DOUBLE, MPI_SUM, world);
+  values[0] = gmx;
+  values[1] = gsums[1] > 0.0 ? gsums[0] / gsums[1] : 0.0;
+  values[2] = pair->energy_std();
+  values[3] = gover;
+}

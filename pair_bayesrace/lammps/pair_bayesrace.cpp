@@ -1,0 +1,472 @@
+/* ----------------------------------------------------------------------
+   bayesrace LAMMPS plugin: pair_style bayesrace (GPL-2.0, as LAMMPS)
+------------------------------------------------------------------------- */
+
+#include "pair_bayesrace.h"
+
+#include "atom.h"
+#include "comm.h"
+#include "error.h"
+#include "force.h"
+#include "memory.h"
+#include "neigh_list.h"
+#include "neighbor.h"
+#include "update.h"
+
+#include "core/aggregate.h"
+#include "core/engine.h"
+
+#include <cmath>
+#include <cstring>
+#include <exception>
+
+using namespace LAMMPS_NS;
+
+namespace {
+
+// rank of this process among the ranks of its node (for cuda device selection)
+int node_local_rank(MPI_Comm world) {
+  MPI_Comm node;
+  int me = 0, lr = 0;
+  MPI_Comm_rank(world, &me);
+  MPI_Comm_split_type(world, MPI_COMM_TYPE_SHARED, me, MPI_INFO_NULL, &node);
+  MPI_Comm_rank(node, &lr);
+  MPI_Comm_free(&node);
+  return lr;
+}
+
+}    // namespace
+
+/* ---------------------------------------------------------------------- */
+
+PairBayesRace::PairBayesRace(LAMMPS *lmp) :
+    Pair(lmp), device("cpu"), driving_member(-1), uq_every(0), n_members(0), econv(1.0), cut_model(0.0),
+    cutsq_model(0.0), uq(nullptr), uq_nmax(0), uq_step(-1), energy_sigma(0.0), energy_var_epi(0.0),
+    energy_var_ale(0.0)
+{
+  single_enable = 0;
+  restartinfo = 0;
+  one_coeff = 1;
+  manybody_flag = 1;
+  ghostneigh = 1;
+  no_virial_fdotr_compute = 1;
+  centroidstressflag = CENTROID_NOTAVAIL;
+  comm_reverse = 0;
+}
+
+PairBayesRace::~PairBayesRace()
+{
+  if (copymode) return;
+  memory->destroy(uq);
+  if (allocated) {
+    memory->destroy(setflag);
+    memory->destroy(cutsq);
+    memory->destroy(cutghost);
+  }
+}
+
+void PairBayesRace::allocate()
+{
+  allocated = 1;
+  const int n = atom->ntypes + 1;
+  memory->create(setflag, n, n, "pair:setflag");
+  memory->create(cutsq, n, n, "pair:cutsq");
+  memory->create(cutghost, n, n, "pair:cutghost");
+  for (int i = 0; i < n; i++)
+    for (int j = 0; j < n; j++) {
+      setflag[i][j] = 0;
+      cutsq[i][j] = cutghost[i][j] = 0.0;
+    }
+}
+
+/* ----------------------------------------------------------------------
+   pair_style bayesrace [device cpu|cuda|cuda:K] [dynamics mean|member K] [uncertainty every N]
+------------------------------------------------------------------------- */
+
+void PairBayesRace::settings(int narg, char **arg)
+{
+  device = "cpu";
+  driving_member = -1;
+  uq_every = 0;
+  int iarg = 0;
+  while (iarg < narg) {
+    const std::string key = arg[iarg];
+    if (key == "device") {
+      if (iarg + 2 > narg) error->all(FLERR, "pair_style bayesrace: 'device' needs a value: cpu, cuda or cuda:K");
+      device = arg[iarg + 1];
+      if (device != "cpu" && device != "cuda" && device.rfind("cuda:", 0) != 0)
+        error->all(FLERR, "pair_style bayesrace: unknown device '" + device + "' (expected cpu, cuda or cuda:K)");
+      iarg += 2;
+    } else if (key == "dynamics") {
+      if (iarg + 2 > narg)
+        error->all(FLERR, "pair_style bayesrace: 'dynamics' needs 'mean' or 'member K'");
+      const std::string mode = arg[iarg + 1];
+      if (mode == "mean") {
+        driving_member = -1;
+        iarg += 2;
+      } else if (mode == "member") {
+        if (iarg + 3 > narg) error->all(FLERR, "pair_style bayesrace: 'dynamics member' needs a member index K");
+        driving_member = utils::inumeric(FLERR, arg[iarg + 2], false, lmp);
+        if (driving_member < 0) error->all(FLERR, "pair_style bayesrace: 'dynamics member K' needs K >= 0");
+        iarg += 3;
+      } else {
+        error->all(FLERR, "pair_style bayesrace: unknown dynamics '" + mode + "' (expected 'mean' or 'member K')");
+      }
+    } else if (key == "uncertainty") {
+      if (iarg + 3 > narg || std::strcmp(arg[iarg + 1], "every") != 0)
+        error->all(FLERR, "pair_style bayesrace: expected 'uncertainty every N'");
+      uq_every = utils::inumeric(FLERR, arg[iarg + 2], false, lmp);
+      if (uq_every < 1) error->all(FLERR, "pair_style bayesrace: 'uncertainty every N' needs N >= 1");
+      iarg += 3;
+    } else {
+      error->all(FLERR,
+                 "pair_style bayesrace: unknown keyword '" + key + "' (expected device, dynamics or uncertainty)");
+    }
+  }
+}
+
+/* ----------------------------------------------------------------------
+   pair_coeff * * model.pt E1 ... En
+------------------------------------------------------------------------- */
+
+void PairBayesRace::coeff(int narg, char **arg)
+{
+  if (!allocated) allocate();
+  const int ntypes = atom->ntypes;
+  if (narg < 3 || std::strcmp(arg[0], "*") != 0 || std::strcmp(arg[1], "*") != 0)
+    error->all(FLERR, "pair_coeff for bayesrace must be 'pair_coeff * * model.pt E1 ... En'");
+  if (narg != 3 + ntypes)
+    error->all(FLERR, "pair_coeff * * model.pt: expected {} element names (one per atom type, NULL to skip a type), got {}",
+               ntypes, narg - 3);
+
+  // load on every rank; agree on success so that the error is collective
+  std::string msg;
+  std::unique_ptr<bayesrace::Engine> loaded;
+  try {
+    bayesrace::EngineOptions opts;
+    opts.device = device;
+    opts.num_threads = 1;
+    opts.local_rank = node_local_rank(world);
+    loaded = std::make_unique<bayesrace::Engine>(arg[2], opts);
+  } catch (std::exception &e) {
+    msg = e.what();
+  }
+  int ok = msg.empty() ? 1 : 0, all_ok = 0;
+  MPI_Allreduce(&ok, &all_ok, 1, MPI_INT, MPI_MIN, world);
+  if (!all_ok) {
+    if (msg.empty()) msg = std::string("loading '") + arg[2] + "' failed on another MPI rank";
+    error->all(FLERR, "pair_style bayesrace: " + msg);
+  }
+  engine = std::move(loaded);
+  const auto &meta = engine->metadata();
+
+  type_map.assign(ntypes + 1, -1);
+  int nmapped = 0;
+  std::string elements;
+  for (const auto &t : meta.type_names) elements += " " + t;
+  for (int i = 1; i <= ntypes; i++) {
+    const std::string el = arg[2 + i];
+    if (el == "NULL") continue;
+    const int s = meta.species_index(el);
+    if (s < 0)
+      error->all(FLERR, "pair_coeff: element '{}' given for atom type {} is not in {} (model elements:{})", el, i,
+                 arg[2], elements);
+    type_map[i] = s;
+    nmapped++;
+  }
+  if (nmapped == 0) error->all(FLERR, "pair_coeff: every atom type is NULL; map at least one type to an element");
+  for (int i = 1; i <= ntypes; i++)
+    for (int j = 1; j <= ntypes; j++) setflag[i][j] = (type_map[i] >= 0 && type_map[j] >= 0) ? 1 : 0;
+
+  n_members = meta.n_members;
+  if (driving_member >= n_members)
+    error->all(FLERR, "pair_style bayesrace: dynamics member {} out of range, the model has {} members (0..{})",
+               driving_member, n_members, n_members - 1);
+  cut_model = meta.cutoff;
+  cutsq_model = cut_model * cut_model;
+  comm_reverse = 3 * n_members;
+
+  if (comm->me == 0) {
+    utils::logmesg(lmp, "pair bayesrace: " + engine->describe() + "\n");
+    for (const auto &w : engine->warnings()) error->warning(FLERR, "pair bayesrace: " + w);
+  }
+}
+
+/* ---------------------------------------------------------------------- */
+
+void PairBayesRace::init_style()
+{
+  if (!engine) error->all(FLERR, "pair_style bayesrace: no model loaded (missing pair_coeff * * model.pt ...)");
+  if (force->newton_pair == 0)
+    error->all(FLERR, "pair_style bayesrace requires newton pair on (ghost forces and member forces are "
+                      "reverse-communicated); remove 'newton off' / use 'newton on'");
+  const std::string units = update->unit_style;
+  if (units == "metal") {
+    econv = 1.0;
+  } else if (units == "real") {
+    econv = utils::get_conversion_factor(utils::ENERGY, utils::METAL2REAL);
+  } else {
+    error->all(FLERR, "pair_style bayesrace supports units metal (native: eV, Å) and real (kcal/mol), not '{}'",
+               units);
+  }
+
+  neighbor->add_request(this, NeighConst::REQ_FULL | NeighConst::REQ_GHOST);
+
+  // exact ghost shell: an atom's energy depends on atoms up to n_layers * cutoff away
+  const double range = engine->metadata().interaction_range() + neighbor->skin;
+  if (comm->cutghostuser < range) {
+    comm->cutghostuser = range;
+    if (comm->me == 0)
+      utils::logmesg(lmp, "pair bayesrace: communication cutoff set to {:.6g} (n_layers {} x cutoff {:.6g} + skin)\n",
+                     range, engine->metadata().n_layers, cut_model);
+  }
+}
+
+double PairBayesRace::init_one(int i, int j)
+{
+  if (setflag[i][j] == 0)
+    error->all(FLERR,
+               "pair_style bayesrace: atom types {} and {} are not both mapped to model elements; NULL types "
+               "need pair_style hybrid/overlay",
+               i, j);
+  cutghost[i][j] = cutghost[j][i] = cut_model;
+  return cut_model;
+}
+
+double PairBayesRace::force_threshold() const
+{
+  if (!engine) return 0.0;
+  return engine->metadata().threshold_atomic_force_std * econv;
+}
+
+bool PairBayesRace::uncertainty_wanted(int eflag_atom_now) const
+{
+  // bayesrace computes set peatomflag + timeflag, so LAMMPS raises eflag_atom on the steps
+  // where one of them (or compute pe/atom) will be invoked
+  if (eflag_atom_now) return true;
+  return uq_every > 0 && (update->ntimestep % uq_every) == 0;
+}
+
+/* ---------------------------------------------------------------------- */
+
+void PairBayesRace::compute(int eflag, int vflag)
+{
+  ev_init(eflag, vflag);
+  if (!engine) error->all(FLERR, "pair_style bayesrace: no model loaded");
+
+  double **x = atom->x;
+  double **f = atom->f;
+  const int *type = atom->type;
+  const int nlocal = atom->nlocal;
+  const int nall = nlocal + atom->nghost;
+  const int M = n_members;
+
+  // model atoms: mapped local atoms first, then mapped ghosts
+  lmp2model.assign(nall, -1);
+  model2lmp.clear();
+  int nl = 0;
+  for (int i = 0; i < nall; i++) {
+    if (type_map[type[i]] < 0) continue;
+    lmp2model[i] = static_cast<int>(model2lmp.size());
+    model2lmp.push_back(i);
+    if (i < nlocal) nl++;
+  }
+  const int N = static_cast<int>(model2lmp.size());
+  pos.resize(3 * static_cast<size_t>(N));
+  spec.resize(N);
+  for (int k = 0; k < N; k++) {
+    const int i = model2lmp[k];
+    pos[3 * k] = x[i][0];
+    pos[3 * k + 1] = x[i][1];
+    pos[3 * k + 2] = x[i][2];
+    spec[k] = type_map[type[i]];
+  }
+
+  // directed edges among local and ghost atoms (explicit images: zero shifts)
+  edges.clear();
+  edges_j.clear();
+  const int ntot = list->inum + list->gnum;
+  for (int ii = 0; ii < ntot; ii++) {
+    const int i = list->ilist[ii];
+    const int mi = lmp2model[i];
+    if (mi < 0) continue;
+    const int *jlist = list->firstneigh[i];
+    const int jnum = list->numneigh[i];
+    for (int jj = 0; jj < jnum; jj++) {
+      const int j = jlist[jj] & NEIGHMASK;
+      const int mj = lmp2model[j];
+      if (mj < 0) continue;
+      const double dx = x[j][0] - x[i][0], dy = x[j][1] - x[i][1], dz = x[j][2] - x[i][2];
+      if (dx * dx + dy * dy + dz * dz < cutsq_model) {
+        edges.push_back(mi);
+        edges_j.push_back(mj);
+      }
+    }
+  }
+  const int64_t E = static_cast<int64_t>(edges.size());
+  edges.insert(edges.end(), edges_j.begin(), edges_j.end());
+
+  bayesrace::MemberOutputs mo;
+  const bool evaluated = nl > 0;    // no local atoms: no local energy, nothing to add
+  if (evaluated) {
+    bayesrace::ModelInputs in;
+    in.n_atoms = N;
+    in.n_local = nl;
+    in.n_edges = E;
+    in.positions = pos.data();
+    in.species = spec.data();
+    in.edge_index = edges.data();
+    in.edge_shifts = nullptr;
+    in.compute_atomic_virial = vflag_atom != 0;
+    bayesrace::DrivingOutputs drive;
+    try {
+      engine->evaluate(in, mo);
+      bayesrace::select_driving(mo, driving_member, drive);
+    } catch (std::exception &e) {
+      error->one(FLERR, std::string("pair_style bayesrace: model evaluation failed: ") + e.what());
+    }
+
+    for (int k = 0; k < N; k++) {
+      const int i = model2lmp[k];
+      f[i][0] += econv * drive.forces[3 * k];
+      f[i][1] += econv * drive.forces[3 * k + 1];
+      f[i][2] += econv * drive.forces[3 * k + 2];
+    }
+    if (eflag_global) eng_vdwl += econv * drive.energy;
+    if (eflag_atom)
+      for (int k = 0; k < nl; k++) eatom[model2lmp[k]] += econv * drive.atomic_energy[k];
+    if (vflag_global) {
+      const double *W = drive.virial;
+      virial[0] += econv * W[0];
+      virial[1] += econv * W[4];
+      virial[2] += econv * W[8];
+      virial[3] += econv * W[1];
+      virial[4] += econv * W[2];
+      virial[5] += econv * W[5];
+    }
+    if (vflag_atom) {
+      for (int k = 0; k < N; k++) {
+        const double *W = &drive.atomic_virial[9 * static_cast<size_t>(k)];
+        double *v = vatom[model2lmp[k]];
+        v[0] += econv * W[0];
+        v[1] += econv * W[4];
+        v[2] += econv * W[8];
+        v[3] += econv * W[1];
+        v[4] += econv * W[2];
+        v[5] += econv * W[5];
+      }
+    }
+  }
+
+  if (!uncertainty_wanted(eflag_atom)) return;
+
+  // ---- uncertainty: fold ghost member forces onto their owners, reduce global sums
+  const size_t stride = 3 * static_cast<size_t>(M);
+  member_f.assign(static_cast<size_t>(nall) * stride, 0.0);
+  if (evaluated)
+    for (int k = 0; k < N; k++) {
+      double *dst = &member_f[model2lmp[k] * stride];
+      for (int m = 0; m < M; m++)
+        for (int a = 0; a < 3; a++) dst[3 * m + a] = mo.forces[(static_cast<size_t>(m) * N + k) * 3 + a];
+    }
+  comm->reverse_comm(this);
+
+  std::vector<double> red(2 * M + 1, 0.0);
+  if (evaluated) {
+    for (int m = 0; m < M; m++) {
+      red[m] = mo.energy[m];
+      double s = 0.0;
+      for (int k = 0; k < nl; k++) s += mo.log_var[static_cast<size_t>(m) * N + k];
+      red[M + m] = s;
+    }
+  }
+  red[2 * M] = nl;
+  MPI_Allreduce(MPI_IN_PLACE, red.data(), 2 * M + 1, MPI_DOUBLE, MPI_SUM, world);
+
+  agg_forces.assign(static_cast<size_t>(M) * N * 3, 0.0);
+  for (int k = 0; k < nl; k++) {
+    const double *src = &member_f[model2lmp[k] * stride];
+    for (int m = 0; m < M; m++)
+      for (int a = 0; a < 3; a++) agg_forces[(static_cast<size_t>(m) * N + k) * 3 + a] = src[3 * m + a];
+  }
+  bayesrace::AggregateInput ai;
+  ai.n_members = M;
+  ai.n_atoms = nl;
+  ai.stride = N;
+  ai.member_forces = agg_forces.data();
+  ai.force_covariance = mo.force_cov.data();
+  ai.member_atomic_energy = mo.atomic_energy.data();
+  ai.member_total_energy = red.data();
+  ai.log_var_sum = red.data() + M;
+  ai.n_atoms_total = red[2 * M];
+  ai.force_std_scale = engine->metadata().force_std_scale;
+  ai.energy_std_scale = engine->metadata().energy_std_scale;
+  bayesrace::AggregateOutput out;
+  try {
+    bayesrace::aggregate(ai, out);
+  } catch (std::exception &e) {
+    error->one(FLERR, std::string("pair_style bayesrace: aggregation failed: ") + e.what());
+  }
+
+  if (atom->nmax > uq_nmax) {
+    uq_nmax = atom->nmax;
+    memory->destroy(uq);
+    memory->create(uq, uq_nmax, NCOLS, "pair:bayesrace:uq");
+  }
+  mapped_local.assign(nlocal, 0);
+  for (int i = 0; i < nlocal; i++)
+    for (int c = 0; c < NCOLS; c++) uq[i][c] = 0.0;
+  for (int k = 0; k < nl; k++) {
+    const int i = model2lmp[k];
+    mapped_local[i] = 1;
+    uq[i][0] = econv * out.force_std[k];
+    uq[i][1] = econv * out.force_std_epistemic[k];
+    uq[i][2] = econv * out.force_std_aleatoric[k];
+    uq[i][3] = econv * out.atomic_energy_std[k];
+  }
+  energy_sigma = econv * out.energy_std;
+  energy_var_epi = econv * econv * out.energy_var_epistemic;
+  energy_var_ale = econv * econv * out.energy_var_aleatoric;
+  uq_step = update->ntimestep;
+}
+
+/* ---------------------------------------------------------------------- */
+
+int PairBayesRace::pack_reverse_comm(int n, int first, double *buf)
+{
+  const size_t stride = 3 * static_cast<size_t>(n_members);
+  int m = 0;
+  for (int i = first; i < first + n; i++) {
+    const double *src = &member_f[i * stride];
+    for (size_t k = 0; k < stride; k++) buf[m++] = src[k];
+  }
+  return m;
+}
+
+void PairBayesRace::unpack_reverse_comm(int n, int *list, double *buf)
+{
+  const size_t stride = 3 * static_cast<size_t>(n_members);
+  int m = 0;
+  for (int i = 0; i < n; i++) {
+    double *dst = &member_f[list[i] * stride];
+    for (size_t k = 0; k < stride; k++) dst[k] += buf[m++];
+  }
+}
+
+void *PairBayesRace::extract_peratom(const char *str, int &ncol)
+{
+  if (std::strcmp(str, "uncertainty") == 0) {
+    ncol = NCOLS;
+    return (void *) uq;
+  }
+  return nullptr;
+}
+
+double PairBayesRace::memory_usage()
+{
+  double bytes = Pair::memory_usage();
+  bytes += sizeof(double) * (member_f.capacity() + agg_forces.capacity() + pos.capacity());
+  bytes += sizeof(int64_t) * (edges.capacity() + edges_j.capacity() + spec.capacity());
+  bytes += sizeof(double) * NCOLS * static_cast<double>(uq_nmax);
+  return bytes;
+}

@@ -1,0 +1,229 @@
+// pybind11 module _bayesrace_core: the C++ engine (same code as the LAMMPS plugin) seen
+// from Python, for tests and for Python-side inference with the exact C++ aggregation.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstring>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "core/aggregate.h"
+#include "core/engine.h"
+#include "keys.h"
+
+namespace py = pybind11;
+using namespace bayesrace;
+
+namespace {
+
+py::object to_python(const json::Value &v) {
+  using K = json::Value::Kind;
+  switch (v.kind()) {
+    case K::Null: return py::none();
+    case K::Bool: return py::bool_(v.as_bool());
+    case K::Integer: return py::int_(v.as_integer());
+    case K::Real: return py::float_(v.as_number());
+    case K::String: return py::str(v.as_string());
+    case K::Array: {
+      py::list l;
+      for (const auto &e : v.as_array()) l.append(to_python(e));
+      return std::move(l);
+    }
+    case K::Object: {
+      py::dict d;
+      for (const auto &kv : v.as_object()) d[py::str(kv.first)] = to_python(kv.second);
+      return std::move(d);
+    }
+  }
+  return py::none();
+}
+
+py::array_t<double> array(const double *data, std::vector<py::ssize_t> shape) {
+  py::array_t<double> a(shape);
+  if (a.size()) std::memcpy(a.mutable_data(), data, sizeof(double) * static_cast<size_t>(a.size()));
+  return a;
+}
+py::array_t<double> array(const std::vector<double> &v, std::vector<py::ssize_t> shape) {
+  return array(v.data(), std::move(shape));
+}
+py::array_t<double> scalar(double x) { return array(&x, {}); }
+
+using DArr = py::array_t<double, py::array::c_style | py::array::forcecast>;
+using IArr = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
+
+void require_shape(const py::array &a, const char *name, std::vector<py::ssize_t> shape) {
+  bool ok = a.ndim() == static_cast<py::ssize_t>(shape.size());
+  for (size_t k = 0; ok && k < shape.size(); ++k) ok = shape[k] < 0 || a.shape(k) == shape[k];
+  if (!ok) {
+    std::string s = "(";
+    for (size_t k = 0; k < shape.size(); ++k) s += (k ? ", " : "") + (shape[k] < 0 ? std::string("*") : std::to_string(shape[k]));
+    throw py::value_error(std::string(name) + " must have shape " + s + ")");
+  }
+}
+
+int parse_driving(const py::object &driving, int64_t M) {
+  if (py::isinstance<py::str>(driving)) {
+    std::string s = driving.cast<std::string>();
+    if (s == "mean") return -1;
+    throw py::value_error("driving must be \"mean\" or a member index, got \"" + s + "\"");
+  }
+  if (py::isinstance<py::bool_>(driving) || !py::isinstance<py::int_>(driving))
+    throw py::value_error("driving must be \"mean\" or a member index");
+  int64_t k = driving.cast<int64_t>();
+  if (k < 0 || k >= M)
+    throw py::value_error("driving member " + std::to_string(k) + " out of range 0.." + std::to_string(M - 1));
+  return static_cast<int>(k);
+}
+
+py::dict evaluate(const Engine &engine, DArr positions, IArr species, IArr edge_index, py::object edge_shifts_obj,
+                  py::object n_local_obj, py::object driving, bool compute_atomic_virial) {
+  namespace K = keys;
+  require_shape(positions, K::POSITIONS, {-1, 3});
+  const int64_t N = positions.shape(0);
+  require_shape(species, K::SPECIES, {N});
+  require_shape(edge_index, K::EDGE_INDEX, {2, -1});
+  const int64_t E = edge_index.shape(1);
+  DArr shifts;
+  if (!edge_shifts_obj.is_none()) {
+    shifts = edge_shifts_obj.cast<DArr>();
+    require_shape(shifts, K::EDGE_SHIFTS, {E, 3});
+  }
+  const int64_t n_local = n_local_obj.is_none() ? N : n_local_obj.cast<int64_t>();
+  const int64_t M = engine.metadata().n_members;
+  const int member = parse_driving(driving, M);
+
+  ModelInputs in;
+  in.n_atoms = N;
+  in.n_local = n_local;
+  in.n_edges = E;
+  in.positions = positions.data();
+  in.species = species.data();
+  in.edge_index = edge_index.data();
+  in.edge_shifts = edge_shifts_obj.is_none() ? nullptr : shifts.data();
+  in.compute_atomic_virial = compute_atomic_virial;
+
+  MemberOutputs mo;
+  DrivingOutputs drive;
+  AggregateOutput agg;
+  std::vector<double> log_var_sum(M, 0.0);
+  {
+    py::gil_scoped_release nogil;
+    engine.evaluate(in, mo);
+    select_driving(mo, member, drive);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t i = 0; i < n_local; ++i) log_var_sum[m] += mo.log_var[m * N + i];
+    AggregateInput ai;
+    ai.n_members = M;
+    ai.n_atoms = n_local;
+    ai.stride = N;
+    ai.member_forces = mo.forces.data();
+    ai.force_covariance = mo.force_cov.data();
+    ai.member_atomic_energy = mo.atomic_energy.data();
+    ai.member_total_energy = mo.energy.data();
+    ai.log_var_sum = log_var_sum.data();
+    ai.n_atoms_total = static_cast<double>(n_local);
+    ai.force_std_scale = engine.metadata().force_std_scale;
+    ai.energy_std_scale = engine.metadata().energy_std_scale;
+    aggregate(ai, agg);
+  }
+
+  py::dict d;
+  d[K::MEMBER_ENERGY] = array(mo.energy, {M});
+  d[K::MEMBER_ATOMIC_ENERGY] = array(mo.atomic_energy, {M, N});
+  d[K::MEMBER_FORCES] = array(mo.forces, {M, N, 3});
+  d[K::MEMBER_VIRIAL] = array(mo.virial, {M, 3, 3});
+  d[K::ATOMIC_ENERGY_LOG_VAR] = array(mo.log_var, {M, N});
+  d[K::FORCE_COVARIANCE] = array(mo.force_cov, {M, N, 3, 3});
+  d[K::ENERGY] = scalar(drive.energy);
+  d[K::ATOMIC_ENERGY] = array(drive.atomic_energy, {N});
+  d[K::FORCES] = array(drive.forces, {N, 3});
+  d[K::VIRIAL] = array(drive.virial, {3, 3});
+  if (compute_atomic_virial) {
+    d[K::MEMBER_ATOMIC_VIRIAL] = array(mo.atomic_virial, {M, N, 3, 3});
+    d[K::ATOMIC_VIRIAL] = array(drive.atomic_virial, {N, 3, 3});
+  }
+  d[K::ATOMIC_FORCE_STD] = array(agg.force_std, {n_local});
+  d[K::ATOMIC_FORCE_STD_EPISTEMIC] = array(agg.force_std_epistemic, {n_local});
+  d[K::ATOMIC_FORCE_STD_ALEATORIC] = array(agg.force_std_aleatoric, {n_local});
+  d[K::ATOMIC_ENERGY_STD] = array(agg.atomic_energy_std, {n_local});
+  d[K::FORCE_COV_EPISTEMIC] = array(agg.force_cov_epistemic, {n_local, 3, 3});
+  d[K::FORCE_COV_ALEATORIC] = array(agg.force_cov_aleatoric, {n_local, 3, 3});
+  d[K::ENERGY_VAR_EPISTEMIC] = scalar(agg.energy_var_epistemic);
+  d[K::ENERGY_VAR_ALEATORIC] = scalar(agg.energy_var_aleatoric);
+  d[K::ENERGY_STD] = scalar(agg.energy_std);
+  return d;
+}
+
+py::dict aggregate_py(DArr member_forces, DArr force_covariance, DArr member_atomic_energy, DArr member_total_energy,
+                      DArr log_var_sum, double n_atoms_total, double force_std_scale, double energy_std_scale) {
+  require_shape(member_forces, keys::MEMBER_FORCES, {-1, -1, 3});
+  const int64_t M = member_forces.shape(0), n = member_forces.shape(1);
+  require_shape(force_covariance, keys::FORCE_COVARIANCE, {M, n, 3, 3});
+  require_shape(member_atomic_energy, keys::MEMBER_ATOMIC_ENERGY, {M, n});
+  require_shape(member_total_energy, "member_total_energy", {M});
+  require_shape(log_var_sum, "log_var_sum", {M});
+  AggregateInput ai;
+  ai.n_members = M;
+  ai.n_atoms = n;
+  ai.stride = n;
+  ai.member_forces = member_forces.data();
+  ai.force_covariance = force_covariance.data();
+  ai.member_atomic_energy = member_atomic_energy.data();
+  ai.member_total_energy = member_total_energy.data();
+  ai.log_var_sum = log_var_sum.data();
+  ai.n_atoms_total = n_atoms_total;
+  ai.force_std_scale = force_std_scale;
+  ai.energy_std_scale = energy_std_scale;
+  AggregateOutput agg;
+  aggregate(ai, agg);
+  namespace K = keys;
+  py::dict d;
+  d[K::ATOMIC_FORCE_STD] = array(agg.force_std, {n});
+  d[K::ATOMIC_FORCE_STD_EPISTEMIC] = array(agg.force_std_epistemic, {n});
+  d[K::ATOMIC_FORCE_STD_ALEATORIC] = array(agg.force_std_aleatoric, {n});
+  d[K::ATOMIC_ENERGY_STD] = array(agg.atomic_energy_std, {n});
+  d[K::FORCE_COV_EPISTEMIC] = array(agg.force_cov_epistemic, {n, 3, 3});
+  d[K::FORCE_COV_ALEATORIC] = array(agg.force_cov_aleatoric, {n, 3, 3});
+  d[K::ENERGY_VAR_EPISTEMIC] = scalar(agg.energy_var_epistemic);
+  d[K::ENERGY_VAR_ALEATORIC] = scalar(agg.energy_var_aleatoric);
+  d[K::ENERGY_STD] = scalar(agg.energy_std);
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_bayesrace_core, m) {
+  m.doc() = "bayesrace C++ engine (the code the LAMMPS plugin runs)";
+  m.attr("FORMAT_VERSION") = kFormatVersion;
+  m.attr("TORCH_VERSION") = torch_build_version();
+
+  py::class_<Engine>(m, "Engine")
+      .def(py::init([](const std::string &path, const std::string &device, int num_threads) {
+             EngineOptions o;
+             o.device = device;
+             o.num_threads = num_threads;
+             return std::make_unique<Engine>(path, o);
+           }),
+           py::arg("path"), py::arg("device") = "cpu", py::arg("num_threads") = 1,
+           "Load a deployable. num_threads sets torch's intra-op threads for the whole process "
+           "(1 by default, as in LAMMPS; 0 leaves it unchanged).")
+      .def_property_readonly("metadata", [](const Engine &e) { return to_python(e.metadata().tree); })
+      .def_property_readonly("warnings", &Engine::warnings)
+      .def_property_readonly("path", &Engine::path)
+      .def_property_readonly("device", &Engine::device)
+      .def("__repr__", [](const Engine &e) { return "<bayesrace Engine: " + e.describe() + ">"; })
+      .def("evaluate", &evaluate, py::arg(keys::POSITIONS), py::arg(keys::SPECIES), py::arg(keys::EDGE_INDEX),
+           py::arg(keys::EDGE_SHIFTS) = py::none(), py::arg("n_local") = py::none(), py::arg("driving") = "mean",
+           py::arg("compute_atomic_virial") = false,
+           "Run all members and aggregate. Returns a dict of float64 numpy arrays: raw member outputs, "
+           "driving energy/forces/virial (driving='mean' or a member index), and calibrated uncertainties "
+           "over atoms 0..n_local-1 (rows beyond n_local are not folded back onto their owners).");
+
+  m.def("aggregate", &aggregate_py, py::arg(keys::MEMBER_FORCES), py::arg(keys::FORCE_COVARIANCE),
+        py::arg(keys::MEMBER_ATOMIC_ENERGY), py::arg("member_total_energy"), py::arg("log_var_sum"),
+        py::arg("n_atoms_total"), py::arg(keys::META_FORCE_STD_SCALE) = 1.0, py::arg(keys::META_ENERGY_STD_SCALE) = 1.0,
+        "The C++ aggregation formulas on given member arrays (same function as the LAMMPS plugin).");
+}

@@ -1,0 +1,287 @@
+"""The C++ engine through the pybind11 binding: metadata checks, and agreement with the
+TorchScript module run from Python plus the aggregation formulas written in numpy."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from cpp_fixtures import FILTERS
+
+pytestmark = FILTERS
+
+from cpp_fixtures import core, plugin_path, toy_dir, toy_model, toy_model_3layers  # noqa: E402,F401
+import torch
+
+from lmp_tools import molecule, periodic, reference_edges
+from toy_deployable import ToyEnsemble, default_metadata, write_toy
+
+REQUIRED = [
+    "format_version", "type_names", "cutoff", "n_layers", "units", "dtype", "n_members",
+    "calibration", "thresholds", "bayesrace_version", "torch_version", "training_data_sha256", "posterior",
+]
+
+
+def numpy_aggregate(raw, n_local, meta):
+    """The contract's aggregation, independently in numpy."""
+    fs = meta["calibration"]["force_std_scale"]
+    es = meta["calibration"]["energy_std_scale"]
+    forces = raw["member_forces"][:, :n_local]
+    dev = forces - forces.mean(0)
+    epi = np.einsum("mia,mib->iab", dev, dev) / forces.shape[0]
+    ale = raw["force_covariance"][:, :n_local].mean(0)
+    tr = lambda c: np.trace(c, axis1=-2, axis2=-1) / 3.0  # noqa: E731
+    ea = raw["member_atomic_energy"][:, :n_local]
+    var_e = np.var(raw["member_energy"])
+    var_a = np.mean(np.exp(raw["atomic_energy_log_var"][:, :n_local].mean(1)))
+    return {
+        "atomic_force_std": fs * np.sqrt(tr(epi + ale)),
+        "atomic_force_std_epistemic": fs * np.sqrt(tr(epi)),
+        "atomic_force_std_aleatoric": fs * np.sqrt(tr(ale)),
+        "atomic_energy_std": es * ea.std(0),
+        "force_cov_epistemic": fs**2 * epi,
+        "force_cov_aleatoric": fs**2 * ale,
+        "energy_var_epistemic": es**2 * var_e,
+        "energy_var_aleatoric": es**2 * var_a,
+        "energy_std": es * np.sqrt(var_e + var_a),
+    }
+
+
+def torchscript(path, x, species, ei, shifts, n_local, atomic_virial, dtype=torch.float64):
+    module = torch.jit.load(path)
+    out = module(
+        torch.tensor(x, dtype=dtype), torch.tensor(species), torch.tensor(ei),
+        torch.tensor(shifts, dtype=dtype), int(n_local), atomic_virial,
+    )
+    return {k: v.detach().to(torch.float64).numpy() for k, v in out.items()}
+
+
+def close(a, b, rtol):
+    a, b = np.asarray(a), np.asarray(b)
+    assert a.shape == b.shape
+    scale = max(np.abs(b).max(initial=0.0), 1e-300)
+    np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * scale)
+
+
+def structure_inputs(kind):
+    s = molecule() if kind == "molecule" else periodic(triclinic=(kind == "triclinic"))
+    ei, shifts = reference_edges(s, 3.0)
+    species = np.array([["H", "C", "N"].index(e) for e in s.elements], dtype=np.int64)
+    return s.positions, species, ei, shifts
+
+
+# --------------------------------------------------------------------------- metadata
+
+
+def test_metadata_roundtrip(core, toy_dir):
+    path = toy_dir / "meta.pt"
+    meta = write_toy(str(path))
+    engine = core.Engine(str(path))
+    assert engine.metadata == meta
+    assert engine.warnings == []
+    assert core.FORMAT_VERSION == 1
+    assert "3 members" in repr(engine)
+
+
+def _expect_error(core, path, *fragments):
+    with pytest.raises(RuntimeError) as err:
+        core.Engine(str(path))
+    for frag in fragments:
+        assert frag in str(err.value), str(err.value)
+
+
+def test_missing_file(core, tmp_path):
+    _expect_error(core, tmp_path / "nope.pt", "cannot open model file", "nope.pt")
+
+
+def test_not_torchscript(core, tmp_path):
+    path = tmp_path / "junk.pt"
+    path.write_text("not a model\n")
+    _expect_error(core, path, "is not a TorchScript archive")
+
+
+def test_missing_metadata_file(core, tmp_path):
+    path = tmp_path / "nometa.pt"
+    torch.jit.save(torch.jit.script(ToyEnsemble(["H"], 3.0, 1, 2)), str(path))
+    _expect_error(core, path, "has no metadata.json")
+
+
+def test_invalid_json(core, tmp_path):
+    path = tmp_path / "badjson.pt"
+    write_toy(str(path), raw_metadata='{"format_version": 1,,}')
+    _expect_error(core, path, "not valid JSON", "line 1")
+
+
+def test_wrong_format_version(core, tmp_path):
+    path = tmp_path / "v2.pt"
+    write_toy(str(path), metadata_override={"format_version": 2})
+    _expect_error(core, path, "'format_version'", "is 2", "reads format_version 1")
+
+
+@pytest.mark.parametrize("key", REQUIRED)
+def test_missing_key(core, tmp_path, key):
+    path = tmp_path / f"no_{key}.pt"
+    write_toy(str(path), drop_keys=[key])
+    _expect_error(core, path, f"metadata field '{key}' is missing")
+
+
+@pytest.mark.parametrize(
+    "override, fragments",
+    [
+        ({"dtype": "float16"}, ["'dtype'", "float64", "float16"]),
+        ({"units": "real"}, ["'units'", "metal"]),
+        ({"n_members": 0}, ["'n_members'", ">= 1"]),
+        ({"n_layers": 1.5}, ["'n_layers'", "integer"]),
+        ({"cutoff": -1.0}, ["'cutoff'", "> 0"]),
+        ({"type_names": ["H", "H"]}, ["'type_names'", "twice"]),
+        ({"type_names": []}, ["'type_names'", "non-empty"]),
+        ({"calibration": {"force_std_scale": 1.0}}, ["'calibration.energy_std_scale' is missing"]),
+        ({"calibration": {"force_std_scale": 0.0, "energy_std_scale": 1.0}}, ["'calibration.force_std_scale'"]),
+        ({"thresholds": {}}, ["'thresholds.atomic_force_std' is missing"]),
+        ({"thresholds": 0.3}, ["'thresholds' must be an object"]),
+        ({"posterior": 3}, ["'posterior' must be a string"]),
+        ({"format_version": "1"}, ["'format_version' must be an integer"]),
+    ],
+)
+def test_bad_field(core, tmp_path, override, fragments):
+    path = tmp_path / "bad.pt"
+    write_toy(str(path), metadata_override=override)
+    _expect_error(core, path, *fragments)
+
+
+def test_torch_version_warning(core, tmp_path):
+    path = tmp_path / "oldtorch.pt"
+    write_toy(str(path), metadata_override={"torch_version": "1.13.1"})
+    engine = core.Engine(str(path))
+    assert any("1.13.1" in w for w in engine.warnings)
+
+
+def test_unknown_device(core, toy_model):
+    with pytest.raises(RuntimeError, match="unknown device 'tpu'"):
+        core.Engine(toy_model, device="tpu")
+
+
+def test_cuda_refused_without_gpu(core, toy_model):
+    if torch.cuda.is_available():
+        pytest.fail("this test documents the CPU-only behaviour; run the CUDA checks instead on a GPU machine")
+    with pytest.raises(RuntimeError, match="no CUDA support or no GPU"):
+        core.Engine(toy_model, device="cuda")
+
+
+def test_member_count_mismatch(core, tmp_path):
+    path = tmp_path / "m4.pt"
+    write_toy(str(path), n_members=3, metadata_override={"n_members": 4})
+    engine = core.Engine(str(path))
+    x, species, ei, shifts = structure_inputs("molecule")
+    with pytest.raises(RuntimeError, match="member_energy' of shape"):
+        engine.evaluate(x, species, ei, shifts)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@pytest.mark.parametrize("kind", ["molecule", "periodic", "triclinic"])
+@pytest.mark.parametrize("driving", ["mean", 1])
+@pytest.mark.parametrize("atomic_virial", [True, False])
+def test_binding_matches_torchscript(core, toy_model, kind, driving, atomic_virial):
+    x, species, ei, shifts = structure_inputs(kind)
+    n = len(x)
+    engine = core.Engine(toy_model)
+    got = engine.evaluate(x, species, ei, shifts, n, driving, atomic_virial)
+    raw = torchscript(toy_model, x, species, ei, shifts, n, atomic_virial)
+    for key in ["member_energy", "member_atomic_energy", "member_forces", "member_virial",
+                "atomic_energy_log_var", "force_covariance"]:
+        close(got[key], raw[key], 1e-12)
+    if atomic_virial:
+        close(got["member_atomic_virial"], raw["member_atomic_virial"], 1e-12)
+        assert got["atomic_virial"].shape == (n, 3, 3)
+    else:
+        assert "member_atomic_virial" not in got and "atomic_virial" not in got
+    pick = (lambda a: a.mean(0)) if driving == "mean" else (lambda a: a[driving])
+    close(got["energy"], pick(raw["member_energy"]), 1e-12)
+    close(got["forces"], pick(raw["member_forces"]), 1e-12)
+    close(got["virial"], pick(raw["member_virial"]), 1e-12)
+    close(got["atomic_energy"], pick(raw["member_atomic_energy"]), 1e-12)
+    if atomic_virial:
+        close(got["atomic_virial"], pick(raw["member_atomic_virial"]), 1e-12)
+    ref = numpy_aggregate(raw, n, engine.metadata)
+    for key, value in ref.items():
+        close(got[key], value, 1e-12)
+    # physics sanity of the toy: forces sum to zero, virial = sum x f for a molecule
+    np.testing.assert_allclose(got["forces"].sum(0), 0.0, atol=1e-12)
+    if kind == "molecule":
+        close(got["virial"], np.einsum("na,nb->ab", x, got["forces"]), 1e-10)
+
+
+def test_n_local_subset(core, toy_model):
+    """Rows beyond n_local are ghosts: not summed, not aggregated."""
+    x, species, ei, shifts = structure_inputs("molecule")
+    n_local = 6
+    engine = core.Engine(toy_model)
+    got = engine.evaluate(x, species, ei, shifts, n_local, "mean", True)
+    raw = torchscript(toy_model, x, species, ei, shifts, n_local, True)
+    close(got["member_energy"], raw["member_atomic_energy"][:, :n_local].sum(1), 1e-12)
+    ref = numpy_aggregate(raw, n_local, engine.metadata)
+    for key, value in ref.items():
+        close(got[key], value, 1e-12)
+    assert got["atomic_force_std"].shape == (n_local,)
+
+
+def test_float32_model(core, tmp_path):
+    path = tmp_path / "f32.pt"
+    write_toy(str(path), dtype="float32")
+    x, species, ei, shifts = structure_inputs("periodic")
+    engine = core.Engine(str(path))
+    got = engine.evaluate(x, species, ei, shifts)
+    raw = torchscript(str(path), x, species, ei, shifts, len(x), False, dtype=torch.float32)
+    close(got["member_forces"], raw["member_forces"], 1e-6)
+    assert got["forces"].dtype == np.float64
+
+
+def test_aggregate_function(core):
+    rng = np.random.default_rng(5)
+    m, n = 4, 7
+    raw = {
+        "member_forces": rng.normal(size=(m, n, 3)),
+        "member_atomic_energy": rng.normal(size=(m, n)),
+        "atomic_energy_log_var": rng.normal(size=(m, n)),
+    }
+    a = rng.normal(size=(m, n, 3, 3))
+    raw["force_covariance"] = a @ np.swapaxes(a, -1, -2) + 1e-3 * np.eye(3)
+    raw["member_energy"] = raw["member_atomic_energy"].sum(1)
+    meta = {"calibration": {"force_std_scale": 1.7, "energy_std_scale": 0.6}}
+    got = core.aggregate(
+        raw["member_forces"], raw["force_covariance"], raw["member_atomic_energy"], raw["member_energy"],
+        raw["atomic_energy_log_var"].sum(1), float(n), 1.7, 0.6,
+    )
+    for key, value in numpy_aggregate(raw, n, meta).items():
+        close(got[key], value, 1e-12)
+
+
+def test_bad_inputs(core, toy_model):
+    engine = core.Engine(toy_model)
+    x, species, ei, shifts = structure_inputs("molecule")
+    bad = species.copy()
+    bad[2] = 3
+    with pytest.raises(ValueError, match=r"species\[2\] = 3"):
+        engine.evaluate(x, bad, ei, shifts)
+    bad_ei = ei.copy()
+    bad_ei[1, 0] = len(x)
+    with pytest.raises(ValueError, match="edge_index holds atom"):
+        engine.evaluate(x, species, bad_ei, shifts)
+    with pytest.raises(ValueError, match="out of range"):
+        engine.evaluate(x, species, ei, shifts, driving=3)
+    with pytest.raises(ValueError, match="driving"):
+        engine.evaluate(x, species, ei, shifts, driving="median")
+    with pytest.raises(ValueError, match="positions must have shape"):
+        engine.evaluate(x[:, :2], species, ei, shifts)
+
+
+def test_metadata_json_written_by_python_json(core, tmp_path):
+    """Unicode and escapes in strings survive the hand-written JSON reader."""
+    path = tmp_path / "uni.pt"
+    write_toy(str(path), metadata_override={"posterior": "ensemble \u00e5 \"q\" \\ \U0001F600"})
+    assert core.Engine(str(path)).metadata["posterior"] == "ensemble \u00e5 \"q\" \\ \U0001F600"
+    assert json.loads(json.dumps(default_metadata(["H"], 3.0, 2, 3, "float64")))
