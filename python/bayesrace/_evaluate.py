@@ -181,9 +181,7 @@ def set_metrics(prediction: Mapping[str, np.ndarray]) -> Dict[str, float]:
         metrics["energy_mae_meV_per_atom"] = 1000.0 * mae(error / num_atoms)
         metrics["energy_rmse_meV_per_atom"] = 1000.0 * rmse(error / num_atoms)
         metrics["spearman_energy"] = spearman(np.abs(error), sigma_energy["total"])
-        metrics["energy_nll"] = gaussian_nll(error, sigma_energy["total"])
-        for level, fraction in coverage(error, sigma_energy["total"]).items():
-            metrics[f"energy_coverage_{round(100 * level)}"] = fraction
+        _add_likelihood_metrics(metrics, "energy", error, sigma_energy["total"])
 
     reference_forces = prediction.get(reference_key(keys.FORCES))
     if reference_forces is not None:
@@ -192,10 +190,18 @@ def set_metrics(prediction: Mapping[str, np.ndarray]) -> Dict[str, float]:
         metrics["forces_mae_eV_per_A"] = mae(error)
         metrics["forces_rmse_eV_per_A"] = rmse(error)
         metrics["spearman_forces"] = spearman(np.linalg.norm(error, axis=1), sigma)
-        metrics["forces_nll"] = gaussian_nll(error, sigma[:, None])
-        for level, fraction in coverage(error, sigma[:, None]).items():
-            metrics[f"forces_coverage_{round(100 * level)}"] = fraction
+        _add_likelihood_metrics(metrics, "forces", error, sigma[:, None])
     return {name: metrics[name] for name in METRIC_UNITS if name in metrics}
+
+
+def _add_likelihood_metrics(metrics: dict, name: str, error: np.ndarray, sigma: np.ndarray) -> None:
+    """NLL and interval coverage; left out where a σ is zero (one member trained without
+    variance heads predicts no uncertainty at all, so there is no likelihood to report)."""
+    if np.any(np.asarray(sigma) <= 0):
+        return
+    metrics[f"{name}_nll"] = gaussian_nll(error, sigma)
+    for level, fraction in coverage(error, sigma).items():
+        metrics[f"{name}_coverage_{round(100 * level)}"] = fraction
 
 
 # --------------------------------------------------------------------------------------

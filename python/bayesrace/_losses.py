@@ -13,7 +13,7 @@ the model's choice (``model.covariance``); ``nll_jef_equivariant`` requires the 
 
 from __future__ import annotations
 
-from typing import Callable, Dict
+from typing import Callable, Dict, List
 
 import torch
 
@@ -65,6 +65,15 @@ LOSSES: Dict[str, Callable[[Batch, Batch, float, float], torch.Tensor]] = {
     "nll": heteroscedastic_nll_loss,
     "nll_jef": nll_jef_loss,
     "nll_jef_equivariant": nll_jef_loss,
+}
+
+
+# the aleatoric heads each loss trains (the others are meaningless after training)
+TRAINED_HEADS: Dict[str, List[str]] = {
+    "mse": [],
+    "nll": ["energy"],
+    "nll_jef": ["energy", "forces"],
+    "nll_jef_equivariant": ["energy", "forces"],
 }
 
 

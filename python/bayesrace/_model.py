@@ -217,6 +217,7 @@ class RACE(torch.nn.Module):
         reference_energies: Optional[List[float]] = None,
         energy_shift: float = 0.0,
         energy_scale: float = 1.0,
+        trained_heads: Optional[List[str]] = None,
     ):
         super().__init__()
         config.validate()
@@ -228,6 +229,11 @@ class RACE(torch.nn.Module):
         self.n_layers = int(config.n_layers)
         self.equivariant_covariance = config.covariance == "equivariant"
         self.covariance_floor = float(config.covariance_floor)
+        # Which aleatoric heads the loss trained (an MSE-trained member has none): an
+        # untrained head reports zero variance instead of noise from its random weights.
+        self.energy_head_trained = True
+        self.force_head_trained = True
+        self.set_trained_heads(["energy", "forces"] if trained_heads is None else trained_heads)
         n_species = len(type_names)
         channels = config.channels
 
@@ -261,6 +267,19 @@ class RACE(torch.nn.Module):
         self.register_buffer("energy_shift", torch.tensor(float(energy_shift), dtype=torch.float64))
         self.register_buffer("energy_scale", torch.tensor(float(energy_scale), dtype=torch.float64))
 
+    @torch.jit.unused
+    def set_trained_heads(self, heads: List[str]) -> None:
+        unknown = set(heads) - {"energy", "forces"}
+        if unknown:
+            raise ValueError(f"unknown aleatoric heads {sorted(unknown)}; expected 'energy' and/or 'forces'")
+        self.energy_head_trained = "energy" in heads
+        self.force_head_trained = "forces" in heads
+
+    @property
+    @torch.jit.unused
+    def trained_heads(self) -> List[str]:
+        return [name for name, on in (("energy", self.energy_head_trained), ("forces", self.force_head_trained)) if on]
+
     # -- the atom-wise network -------------------------------------------------------
     def atomic_outputs(
         self, species: torch.Tensor, edge_index: torch.Tensor, edge_vectors: torch.Tensor
@@ -289,6 +308,8 @@ class RACE(torch.nn.Module):
         )
         heads = outputs[:, :, 1:].mean(dim=0)  # uncertainty heads are averaged over layers
         log_var = heads[:, 0] + 2.0 * torch.log(scale)
+        if not self.energy_head_trained:
+            log_var = torch.full_like(log_var, -math.inf)
         eye = torch.eye(3, dtype=dtype, device=edge_vectors.device)
         if self.equivariant_covariance:
             # exp(a) I + sum_k v_k v_k^T: positive definite, and R Σ R^T under any rotation
@@ -310,6 +331,8 @@ class RACE(torch.nn.Module):
             ) * scale
             covariance = factor @ factor.transpose(1, 2)
         covariance = covariance + self.covariance_floor * eye
+        if not self.force_head_trained:
+            covariance = torch.zeros_like(covariance)
         return {
             keys.ATOMIC_ENERGY: atomic_energy,
             keys.ATOMIC_ENERGY_LOG_VAR: log_var,

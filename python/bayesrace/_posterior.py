@@ -123,6 +123,7 @@ def posterior_record(members: List[RACE], kind: str, extra: Dict[str, object]) -
         "reference_energies": first.reference_energies.tolist(),
         "energy_shift": float(first.energy_shift),
         "energy_scale": float(first.energy_scale),
+        "trained_heads": list(first.trained_heads),
         "members": [{k: v.detach().cpu() for k, v in m.state_dict().items()} for m in members],
         **extra,
     }
@@ -155,7 +156,12 @@ def load_posterior(path, dtype: torch.dtype = torch.float64) -> Posterior:
     members = []
     for state in record["members"]:
         member = RACE(
-            config, record["type_names"], record["reference_energies"], record["energy_shift"], record["energy_scale"]
+            config,
+            record["type_names"],
+            record["reference_energies"],
+            record["energy_shift"],
+            record["energy_scale"],
+            record["trained_heads"],
         ).to(dtype)
         member.load_state_dict(state)
         member.eval()

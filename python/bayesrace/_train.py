@@ -40,7 +40,7 @@ from ._data import (
     read_frames,
     split,
 )
-from ._losses import loss_function
+from ._losses import TRAINED_HEADS, loss_function
 from ._model import RACE, build_model
 from ._posterior import load_posterior, save_posterior
 
@@ -360,6 +360,7 @@ def best_member_model(config: Config, data: TrainingData, member: int) -> RACE:
     if best is None:
         raise RuntimeError(f"member {member} has no validated weights yet (no epoch finished)")
     model.load_state_dict(best)
+    model.set_trained_heads(TRAINED_HEADS[config.loss.kind])
     return model.eval()
 
 
