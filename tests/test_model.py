@@ -70,7 +70,7 @@ def test_translation_and_permutation():
 
 
 def energy_of(model, atoms) -> float:
-    return float(model(batch_of([atoms], TYPES, model.cutoff), compute_forces=False)[keys.ENERGY][0])
+    return float(model(batch_of([atoms], TYPES, model.cutoff), compute_forces=False)[keys.ENERGY][0].detach())
 
 
 @pytest.mark.parametrize("covariance", ["cholesky", "equivariant"])
