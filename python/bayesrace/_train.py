@@ -40,8 +40,9 @@ from ._data import (
     read_frames,
     split,
 )
-from ._losses import TRAINED_HEADS, loss_function
+from ._losses import TRAINED_HEADS, loss_function, warmup_loss
 from ._model import RACE, build_model
+from ._mpi import mpi_world
 from ._posterior import load_posterior, save_posterior
 
 CHECKPOINT = "checkpoint.pt"
@@ -284,8 +285,10 @@ def train_member(
     try:
         while state["epoch"] < training.max_epochs:
             epoch = state["epoch"]
-            loss_kind = "mse" if epoch < loss_warmup else config.loss.kind
-            loss_fn = loss_function(loss_kind)
+            warming_up = epoch < loss_warmup
+            # validation during warm-up judges the means only (MSE)
+            loss_kind = "mse" if warming_up else config.loss.kind
+            loss_fn = warmup_loss(config.loss.kind) if warming_up else loss_function(loss_kind)
             if epoch == loss_warmup and loss_warmup > 0:
                 # the loss changes meaning: restart the plateau and early-stopping clocks
                 state["best_loss"], state["stale_epochs"] = math.inf, 0
@@ -364,20 +367,9 @@ def best_member_model(config: Config, data: TrainingData, member: int) -> RACE:
     return model.eval()
 
 
-def _mpi_world():
-    """(comm, rank, size) when launched by mpirun with more than one rank, else (None, 0, 1)."""
-    size = int(os.environ.get("PMI_SIZE", os.environ.get("OMPI_COMM_WORLD_SIZE", "1")))
-    if size <= 1:
-        return None, 0, 1
-    from mpi4py import MPI
-
-    comm = MPI.COMM_WORLD
-    return comm, comm.Get_rank(), comm.Get_size()
-
-
 def train(config: Config, progress: bool = True) -> Path:
     """Train every member of the ensemble (resuming where checkpoints exist); write posterior.pt."""
-    comm, rank, size = _mpi_world()
+    comm, rank, size = mpi_world()
     torch.set_num_threads(config.training.threads)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -47,10 +47,10 @@ def cmd_train(args) -> None:
     config = load_config(args.config)
     if args.out:
         config.out = args.out
-    path = train(config, progress=not args.quiet)
-    from ._train import _mpi_world
+    from ._mpi import mpi_world
 
-    if _mpi_world()[1] == 0:
+    path = train(config, progress=not args.quiet)
+    if mpi_world()[1] == 0:
         print(f"posterior written to {path}")
 
 
