@@ -77,25 +77,6 @@ TRAINED_HEADS: Dict[str, List[str]] = {
 }
 
 
-def warmup_loss(name: str) -> Callable[[Batch, Batch, float, float], torch.Tensor]:
-    """The loss of the MSE warm-up before ``name``: MSE drives the means, and the variance
-    heads meanwhile learn by ``name``'s NLL on detached means. Switching to the full NLL
-    then starts from σ's that match the errors; switching from untrained heads scrambled
-    the means for many epochs (the NLL gradients on them change scale by 1/σ²)."""
-    nll = loss_function(name)
-
-    def loss(pred: Batch, batch: Batch, energy_weight: float, force_weight: float) -> torch.Tensor:
-        value = mse_loss(pred, batch, energy_weight, force_weight)
-        if name == "mse":
-            return value
-        detached = dict(pred)
-        detached[keys.ENERGY] = pred[keys.ENERGY].detach()
-        detached[keys.FORCES] = pred[keys.FORCES].detach()
-        return value + nll(detached, batch, energy_weight, force_weight)
-
-    return loss
-
-
 def loss_function(name: str) -> Callable[[Batch, Batch, float, float], torch.Tensor]:
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; expected one of {sorted(LOSSES)}")

@@ -40,7 +40,7 @@ from ._data import (
     read_frames,
     split,
 )
-from ._losses import TRAINED_HEADS, loss_function, warmup_loss
+from ._losses import TRAINED_HEADS, loss_function
 from ._model import RACE, build_model
 from ._mpi import mpi_world
 from ._posterior import load_posterior, save_posterior
@@ -285,10 +285,8 @@ def train_member(
     try:
         while state["epoch"] < training.max_epochs:
             epoch = state["epoch"]
-            warming_up = epoch < loss_warmup
-            # validation during warm-up judges the means only (MSE)
-            loss_kind = "mse" if warming_up else config.loss.kind
-            loss_fn = warmup_loss(config.loss.kind) if warming_up else loss_function(loss_kind)
+            loss_kind = "mse" if epoch < loss_warmup else config.loss.kind
+            loss_fn = loss_function(loss_kind)
             if epoch == loss_warmup and loss_warmup > 0:
                 # the loss changes meaning: restart the plateau and early-stopping clocks
                 state["best_loss"], state["stale_epochs"] = math.inf, 0
