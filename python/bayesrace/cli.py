@@ -1,4 +1,4 @@
-"""The ``bayesrace`` command: data, train, evaluate, predict, demo.
+"""The ``bayesrace`` command: data, train, evaluate, predict, export, demo.
 
 Errors a user can fix (bad data, bad config, missing files) are printed as one line
 naming what is wrong, with exit status 2; nothing prints a Python traceback for them.
@@ -140,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="extxyz output")
     p.set_defaults(run=cmd_predict)
 
+    # listed for --help; main() hands its arguments to the exporter's own parser
+    sub.add_parser("export", help="freeze a posterior into one TorchScript deployable for LAMMPS (bayesrace-export)")
+
     p = sub.add_parser("demo", help="the main job: PSB3 data, ensemble training, evaluation, report")
     p.add_argument("--out", default="out/demo")
     p.add_argument("--members", type=int, default=4)
@@ -160,6 +163,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     from ._config import ConfigError
     from ._data import DataError
 
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["export"]:
+        from ._export import main as export_main
+
+        return export_main(argv[1:], prog="bayesrace export")
     args = build_parser().parse_args(argv)
     try:
         args.run(args)

@@ -1,0 +1,394 @@
+"""Freeze a posterior into the deployable: one TorchScript file plus its metadata.
+
+The deployable follows the contract of ``pair_bayesrace/README.md`` (format_version 1):
+``forward(positions, species, edge_index, edge_shifts, n_local, compute_atomic_virial)``
+returns the raw outputs of every member (energies, forces, virials, aleatoric heads);
+the C++ core aggregates them. The network code is the model's own
+(``RACE.atomic_outputs``); this module only adds the autograd for forces and virials
+over the M members and the metadata.
+
+Usage::
+
+    bayesrace-export posterior.pt model.pt [--dtype float64] [--force-threshold 0.3]
+
+Default extrapolation threshold (``thresholds.atomic_force_std``, eV/Å, calibrated σ):
+``--force-threshold X`` if given; else, with ``--threshold-from FILE``, 1.5
+(``--threshold-factor``) × the 0.99 quantile (``--threshold-quantile``) over FILE's
+structures of each structure's largest calibrated atomic force σ (pass in-distribution
+structures, e.g. the validation set); else the posterior record's own value when it
+carries one; else a heuristic of
+``DEFAULT_THRESHOLD_FLOOR_MULTIPLE`` × the smallest force σ the heads can report
+(sqrt(covariance_floor) × force_std_scale). That last heuristic knows nothing of the
+data and is usually too low for a briefly trained model: prefer ``--threshold-from``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+from . import keys
+from ._posterior import Posterior
+
+FORMAT_VERSION = 1
+UNITS = "metal"  # eV, Å: the units the model is trained in
+DTYPES = {"float64": torch.float64, "float32": torch.float32}
+DEFAULT_THRESHOLD_FLOOR_MULTIPLE = 3.0
+DEFAULT_THRESHOLD_FACTOR = 1.5  # margin over in-distribution σ for --threshold-from
+RECORD_DATA_HASH = "data_sha256"  # where _train.train stores the hash in the posterior record
+RECORD_THRESHOLDS = "thresholds"  # optional {atomic_force_std: X} in the posterior record
+RECORD_CALIBRATION = "calibration"  # optional {force_std_scale, energy_std_scale} in the record
+
+
+class ExportError(ValueError):
+    """A posterior that cannot (or must not) be exported; the message names the field."""
+
+
+class DeployedPosterior(torch.nn.Module):
+    """M RACE members behind the deployable's forward(); see the module docstring."""
+
+    def __init__(self, members: List[torch.nn.Module]):
+        super().__init__()
+        self.members = torch.nn.ModuleList(members)
+        self.n_members = len(members)
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        species: torch.Tensor,
+        edge_index: torch.Tensor,
+        edge_shifts: torch.Tensor,
+        n_local: int,
+        compute_atomic_virial: bool,
+    ) -> Dict[str, torch.Tensor]:
+        n_atoms = positions.shape[0]
+        centre = edge_index[0]
+        neighbour = edge_index[1]
+        # gradients are taken with respect to the edge vectors, not positions: the same
+        # code then serves isolated molecules, periodic images and LAMMPS ghost atoms
+        base = (positions[neighbour] - positions[centre] + edge_shifts).detach()
+        leaves: List[torch.Tensor] = []
+        atomic_energies: List[torch.Tensor] = []
+        log_vars: List[torch.Tensor] = []
+        covariances: List[torch.Tensor] = []
+        if not torch.is_grad_enabled():
+            # forces come from autograd: under no_grad they would silently be zero
+            raise RuntimeError("the bayesrace deployable needs autograd enabled (do not call it under torch.no_grad)")
+        for member in self.members:
+            # one leaf per member: a single backward of sum_m E_m then yields every
+            # member's own dE_m/dr (members share no parameters or inputs)
+            vectors = base.clone().requires_grad_(True)
+            out = member.atomic_outputs(species, edge_index, vectors)
+            leaves.append(vectors)
+            atomic_energies.append(out[keys.ATOMIC_ENERGY])
+            log_vars.append(out[keys.ATOMIC_ENERGY_LOG_VAR].detach())
+            covariances.append(out[keys.FORCE_COVARIANCE].detach())
+        member_atomic_energy = torch.stack(atomic_energies)  # [M, N]
+        # only local atoms count: ghosts are copies owned by another domain
+        member_energy = member_atomic_energy[:, :n_local].sum(dim=1)  # [M]
+        total = member_energy.sum()
+        grads: List[Optional[torch.Tensor]] = [None for _ in leaves]
+        if total.requires_grad:
+            grads = torch.autograd.grad([total], leaves, allow_unused=True)
+        forces: List[torch.Tensor] = []
+        virials: List[torch.Tensor] = []
+        atomic_virials: List[torch.Tensor] = []
+        for m in range(len(leaves)):
+            vectors = leaves[m].detach()
+            g = grads[m]
+            if g is None:
+                g = torch.zeros_like(vectors)
+            # r_ij = x_j - x_i + shift: dE/dx_i = -g and dE/dx_j = +g, F = -dE/dx
+            f = torch.zeros_like(positions).index_add(0, centre, g).index_add(0, neighbour, -g)
+            forces.append(f)
+            edge_virial = -vectors.unsqueeze(2) * g.unsqueeze(1)  # [E, 3, 3], LAMMPS sign
+            virials.append(edge_virial.sum(dim=0))
+            if compute_atomic_virial:
+                half = 0.5 * edge_virial
+                w = torch.zeros(n_atoms, 3, 3, dtype=vectors.dtype, device=vectors.device)
+                atomic_virials.append(w.index_add(0, centre, half).index_add(0, neighbour, half))
+        if compute_atomic_virial:
+            member_atomic_virial = torch.stack(atomic_virials)
+        else:
+            member_atomic_virial = torch.empty(0, dtype=positions.dtype, device=positions.device)
+        return {
+            keys.MEMBER_ENERGY: member_energy.detach(),
+            keys.MEMBER_ATOMIC_ENERGY: member_atomic_energy.detach(),
+            keys.MEMBER_FORCES: torch.stack(forces),
+            keys.MEMBER_VIRIAL: torch.stack(virials),
+            keys.MEMBER_ATOMIC_VIRIAL: member_atomic_virial,
+            keys.ATOMIC_ENERGY_LOG_VAR: torch.stack(log_vars),
+            keys.FORCE_COVARIANCE: torch.stack(covariances),
+        }
+
+
+def _posterior_dtype(posterior: Posterior) -> torch.dtype:
+    for tensor in posterior.parameters():
+        return tensor.dtype
+    return torch.float64
+
+
+def _dtype_name(dtype) -> str:
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ExportError(f"dtype {dtype!r} is not supported; expected one of {sorted(DTYPES)}")
+        return dtype
+    for name, value in DTYPES.items():
+        if value == dtype:
+            return name
+    raise ExportError(f"dtype {dtype} is not supported; expected one of {sorted(DTYPES)}")
+
+
+def _positive(value, field: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ExportError(f"metadata field '{field}' must be a number, got {value!r}") from None
+    if not (math.isfinite(number) and number > 0.0):
+        raise ExportError(f"metadata field '{field}' must be a finite number > 0, got {value!r}")
+    return number
+
+
+def resolve_calibration(posterior: Posterior, calibration: Optional[Dict[str, float]] = None):
+    """(force_std_scale, energy_std_scale): the arguments', else the record's, else 1."""
+    record = dict(getattr(posterior, "record_info", None) or {})
+    cal = dict(record.get(RECORD_CALIBRATION) or {})
+    cal.update(calibration or {})
+    unknown = set(cal) - {keys.META_FORCE_STD_SCALE, keys.META_ENERGY_STD_SCALE}
+    if unknown:
+        raise ExportError(f"unknown calibration field(s) {sorted(unknown)}; expected "
+                          f"{[keys.META_FORCE_STD_SCALE, keys.META_ENERGY_STD_SCALE]}")
+    force_scale = _positive(cal.get(keys.META_FORCE_STD_SCALE, 1.0),
+                            f"{keys.META_CALIBRATION}.{keys.META_FORCE_STD_SCALE}")
+    energy_scale = _positive(cal.get(keys.META_ENERGY_STD_SCALE, 1.0),
+                             f"{keys.META_CALIBRATION}.{keys.META_ENERGY_STD_SCALE}")
+    return force_scale, energy_scale
+
+
+def build_metadata(
+    posterior: Posterior,
+    dtype_name: str,
+    calibration: Optional[Dict[str, float]] = None,
+    thresholds: Optional[Dict[str, float]] = None,
+    training_data_sha256: Optional[str] = None,
+) -> Dict[str, object]:
+    """The metadata.json of the deployable (every field the C++ loader checks)."""
+    from . import __version__
+
+    record = dict(getattr(posterior, "record_info", None) or {})
+    force_scale, energy_scale = resolve_calibration(posterior, calibration)
+
+    thr = dict(record.get(RECORD_THRESHOLDS) or {})
+    thr.update(thresholds or {})
+    unknown = set(thr) - {keys.ATOMIC_FORCE_STD}
+    if unknown:
+        raise ExportError(f"unknown threshold field(s) {sorted(unknown)}; expected {[keys.ATOMIC_FORCE_STD]}")
+    if keys.ATOMIC_FORCE_STD not in thr:
+        floor = min(float(m.covariance_floor) for m in posterior.members)
+        thr[keys.ATOMIC_FORCE_STD] = DEFAULT_THRESHOLD_FLOOR_MULTIPLE * math.sqrt(floor) * force_scale
+    force_threshold = _positive(thr[keys.ATOMIC_FORCE_STD], f"{keys.META_THRESHOLDS}.{keys.ATOMIC_FORCE_STD}")
+
+    data_hash = training_data_sha256 if training_data_sha256 is not None else record.get(RECORD_DATA_HASH)
+    if not data_hash or not isinstance(data_hash, str):
+        raise ExportError(
+            f"metadata field '{keys.META_TRAINING_DATA_SHA256}' is missing: the posterior record has no "
+            f"'{RECORD_DATA_HASH}' (posteriors written by 'bayesrace train' carry it; pass "
+            f"training_data_sha256=... for a posterior built another way)"
+        )
+    kind = getattr(posterior, "kind", None)
+    if not kind:
+        raise ExportError(f"metadata field '{keys.META_POSTERIOR}' is missing: the posterior has no kind")
+    return {
+        keys.META_FORMAT_VERSION: FORMAT_VERSION,
+        keys.META_TYPE_NAMES: list(posterior.type_names),
+        keys.META_CUTOFF: float(posterior.cutoff),
+        keys.META_N_LAYERS: int(posterior.n_layers),
+        keys.META_UNITS: UNITS,
+        keys.META_DTYPE: dtype_name,
+        keys.META_N_MEMBERS: len(posterior.members),
+        keys.META_CALIBRATION: {keys.META_FORCE_STD_SCALE: force_scale, keys.META_ENERGY_STD_SCALE: energy_scale},
+        keys.META_THRESHOLDS: {keys.ATOMIC_FORCE_STD: force_threshold},
+        keys.META_BAYESRACE_VERSION: __version__,
+        keys.META_TORCH_VERSION: torch.__version__,
+        keys.META_TRAINING_DATA_SHA256: data_hash,
+        keys.META_POSTERIOR: str(kind),
+    }
+
+
+def threshold_from_structures(posterior: Posterior, structures, quantile: float = 0.99,
+                              factor: float = DEFAULT_THRESHOLD_FACTOR, force_std_scale: float = 1.0) -> float:
+    """``factor`` × the ``quantile`` over ``structures`` (ASE Atoms, in-distribution) of each
+    one's largest atomic force σ, calibrated by ``force_std_scale`` (eV/Å). The margin
+    ``factor`` is there because MD visits far more configurations than a validation set
+    holds, so a threshold at the set's own maximum trips on ordinary fluctuations."""
+    import numpy as np
+
+    from ._calculator import BayesRaceCalculator
+
+    if not 0.0 < quantile <= 1.0:
+        raise ExportError(f"threshold quantile must lie in (0, 1], got {quantile}")
+    if not factor > 0.0:
+        raise ExportError(f"threshold factor must be positive, got {factor}")
+    structures = list(structures)
+    if not structures:
+        raise ExportError("no structures to measure the force σ threshold on")
+    # a calculator over a copy: BayesRaceCalculator moves the posterior it is given
+    calc = BayesRaceCalculator(copy.deepcopy(posterior))
+    largest = []
+    for atoms in structures:
+        atoms = atoms.copy()
+        atoms.calc = calc
+        atoms.get_potential_energy()
+        largest.append(float(np.max(calc.results["forces_std"])))
+    return factor * force_std_scale * float(np.quantile(largest, quantile))
+
+
+def _check_posterior(posterior) -> None:
+    if not isinstance(posterior, Posterior):
+        raise ExportError(f"export needs a bayesrace Posterior, got {type(posterior).__name__}")
+    if posterior.training or any(m.training for m in posterior.modules()):
+        raise ExportError("the posterior is in training mode; call posterior.eval() before exporting "
+                          "(a deployable must not carry training-time behaviour)")
+    first = posterior.members[0]
+    for k, member in enumerate(posterior.members):
+        for name in ("type_names", "cutoff", "n_layers"):
+            if getattr(member, name) != getattr(first, name):
+                raise ExportError(f"member {k} has {name} {getattr(member, name)!r}, member 0 has "
+                                  f"{getattr(first, name)!r}: members must share one architecture")
+
+
+def script_posterior(posterior: Posterior, dtype: torch.dtype) -> torch.jit.ScriptModule:
+    """A scripted DeployedPosterior over copies of the members (the posterior is not touched)."""
+    from e3nn.util import jit as e3nn_jit
+
+    members = []
+    for member in posterior.members:
+        copied = copy.deepcopy(member).to(dtype).eval()
+        # the deployable differentiates with respect to inputs only
+        for parameter in copied.parameters():
+            parameter.requires_grad_(False)
+        members.append(copied)
+    # e3nn's script compiles its code-generated modules first (plain torch.jit.script
+    # fails on e.g. Gate)
+    return e3nn_jit.script(DeployedPosterior(members))
+
+
+def export_posterior(
+    posterior: Posterior,
+    path,
+    *,
+    calibration: Optional[Dict[str, float]] = None,
+    thresholds: Optional[Dict[str, float]] = None,
+    dtype=None,
+    training_data_sha256: Optional[str] = None,
+) -> Dict[str, object]:
+    """Write the deployable for ``posterior`` to ``path``; returns its metadata.
+
+    ``calibration``: {force_std_scale, energy_std_scale} (default: the record's, else 1.0);
+    ``thresholds``: {atomic_force_std: eV/Å} (default: see the module docstring);
+    ``dtype``: torch dtype or "float64"/"float32" (default: the posterior's);
+    ``training_data_sha256``: overrides the hash of the posterior record;
+    """
+    _check_posterior(posterior)
+    dtype_name = _dtype_name(_posterior_dtype(posterior) if dtype is None else dtype)
+    metadata = build_metadata(posterior, dtype_name, calibration, thresholds, training_data_sha256)
+    module = script_posterior(posterior, DTYPES[dtype_name])
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    # atomic write: LAMMPS jobs may be reading the previous model
+    torch.jit.save(module, str(tmp), _extra_files={keys.METADATA_FILE: json.dumps(metadata, indent=1)})
+    tmp.replace(path)
+    return metadata
+
+
+def read_metadata(path) -> Dict[str, object]:
+    """The metadata of a deployable, without running it."""
+    extra = {keys.METADATA_FILE: ""}
+    torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    if not extra[keys.METADATA_FILE]:
+        raise ExportError(f"{path}: no {keys.METADATA_FILE} inside")
+    return json.loads(extra[keys.METADATA_FILE])
+
+
+# -- command line -----------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The export options (shared by ``bayesrace-export`` and ``bayesrace export``)."""
+    parser.add_argument("posterior", help="posterior.pt written by 'bayesrace train'")
+    parser.add_argument("out", help="deployable to write (TorchScript .pt for pair_style bayesrace)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float64",
+                        help="precision of the deployable (default float64)")
+    parser.add_argument("--force-std-scale", type=float, default=None,
+                        help="calibration: multiplies every force σ (default: the record's, else 1)")
+    parser.add_argument("--energy-std-scale", type=float, default=None,
+                        help="calibration: multiplies every energy σ (default: the record's, else 1)")
+    parser.add_argument("--force-threshold", type=float, default=None, metavar="EV_PER_A",
+                        help="default extrapolation threshold on the calibrated per-atom force σ "
+                        "(compute bayesrace counts atoms over it)")
+    parser.add_argument("--threshold-from", default=None, metavar="FILE",
+                        help="set the threshold from in-distribution structures (extxyz or any ASE "
+                        "format): a quantile of their largest atomic force σ")
+    parser.add_argument("--threshold-quantile", type=float, default=0.99,
+                        help="quantile used with --threshold-from (default 0.99)")
+    parser.add_argument("--threshold-factor", type=float, default=DEFAULT_THRESHOLD_FACTOR,
+                        help=f"margin multiplying that quantile (default {DEFAULT_THRESHOLD_FACTOR})")
+
+
+def run(args: argparse.Namespace) -> Dict[str, object]:
+    """Export as ``args`` says and print a one-line summary (errors raise ExportError etc.)."""
+    from ._posterior import load_posterior
+
+    calibration = {}
+    if args.force_std_scale is not None:
+        calibration[keys.META_FORCE_STD_SCALE] = args.force_std_scale
+    if args.energy_std_scale is not None:
+        calibration[keys.META_ENERGY_STD_SCALE] = args.energy_std_scale
+    thresholds = {}
+    if args.force_threshold is not None:
+        thresholds[keys.ATOMIC_FORCE_STD] = args.force_threshold
+    posterior = load_posterior(args.posterior, dtype=torch.float64)
+    if args.force_threshold is None and args.threshold_from:
+        import ase.io
+
+        path = Path(args.threshold_from)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such structure file (--threshold-from)")
+        # the threshold applies to calibrated σ: use the scale this export will write
+        force_scale, _ = resolve_calibration(posterior, calibration)
+        thresholds[keys.ATOMIC_FORCE_STD] = threshold_from_structures(
+            posterior, ase.io.read(path, ":"), args.threshold_quantile, args.threshold_factor, force_scale
+        )
+    meta = export_posterior(posterior, args.out, calibration=calibration, thresholds=thresholds, dtype=args.dtype)
+    print(
+        f"{args.out}: {meta[keys.META_N_MEMBERS]} members ({meta[keys.META_POSTERIOR]}), "
+        f"elements {' '.join(meta[keys.META_TYPE_NAMES])}, cutoff {meta[keys.META_CUTOFF]} Å x "
+        f"{meta[keys.META_N_LAYERS]} layers, {meta[keys.META_DTYPE]}, force σ threshold "
+        f"{meta[keys.META_THRESHOLDS][keys.ATOMIC_FORCE_STD]:.4g} eV/Å"
+    )
+    return meta
+
+
+def main(argv: Optional[List[str]] = None, prog: str = "bayesrace-export") -> int:
+    """Command-line entry point; returns the exit status (2 for errors a user can fix)."""
+    parser = argparse.ArgumentParser(prog=prog, description="Freeze a bayesrace posterior into a LAMMPS deployable.")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        run(args)
+    except (ExportError, ValueError, FileNotFoundError) as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
