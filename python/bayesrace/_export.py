@@ -74,53 +74,48 @@ class DeployedPosterior(torch.nn.Module):
         # gradients are taken with respect to the edge vectors, not positions: the same
         # code then serves isolated molecules, periodic images and LAMMPS ghost atoms
         base = (positions[neighbour] - positions[centre] + edge_shifts).detach()
-        leaves: List[torch.Tensor] = []
-        atomic_energies: List[torch.Tensor] = []
-        log_vars: List[torch.Tensor] = []
-        covariances: List[torch.Tensor] = []
         if not torch.is_grad_enabled():
             # forces come from autograd: under no_grad they would silently be zero
             raise RuntimeError("the bayesrace deployable needs autograd enabled (do not call it under torch.no_grad)")
-        for member in self.members:
-            # one leaf per member: a single backward of sum_m E_m then yields every
-            # member's own dE_m/dr (members share no parameters or inputs)
-            vectors = base.clone().requires_grad_(True)
-            out = member.atomic_outputs(species, edge_index, vectors)
-            leaves.append(vectors)
-            atomic_energies.append(out[keys.ATOMIC_ENERGY])
-            log_vars.append(out[keys.ATOMIC_ENERGY_LOG_VAR].detach())
-            covariances.append(out[keys.FORCE_COVARIANCE].detach())
-        member_atomic_energy = torch.stack(atomic_energies)  # [M, N]
-        # only local atoms count: ghosts are copies owned by another domain
-        member_energy = member_atomic_energy[:, :n_local].sum(dim=1)  # [M]
-        total = member_energy.sum()
-        grads: List[Optional[torch.Tensor]] = [None for _ in leaves]
-        if total.requires_grad:
-            grads = torch.autograd.grad([total], leaves, allow_unused=True)
+        member_energies: List[torch.Tensor] = []
+        atomic_energies: List[torch.Tensor] = []
+        log_vars: List[torch.Tensor] = []
+        covariances: List[torch.Tensor] = []
         forces: List[torch.Tensor] = []
         virials: List[torch.Tensor] = []
         atomic_virials: List[torch.Tensor] = []
-        for m in range(len(leaves)):
-            vectors = leaves[m].detach()
-            g = grads[m]
+        for member in self.members:
+            # one member at a time, its graph freed before the next: peak memory is that
+            # of one member, not M (a 10 000-atom cell with its ghost shell needs GBs each)
+            vectors = base.clone().requires_grad_(True)
+            out = member.atomic_outputs(species, edge_index, vectors)
+            atomic_energy = out[keys.ATOMIC_ENERGY]
+            # only local atoms count: ghosts are copies owned by another domain
+            energy = atomic_energy[:n_local].sum()
+            g: Optional[torch.Tensor] = None
+            if energy.requires_grad:
+                g = torch.autograd.grad([energy], [vectors], allow_unused=True)[0]
             if g is None:
-                g = torch.zeros_like(vectors)
+                g = torch.zeros_like(base)
+            member_energies.append(energy.detach())
+            atomic_energies.append(atomic_energy.detach())
+            log_vars.append(out[keys.ATOMIC_ENERGY_LOG_VAR].detach())
+            covariances.append(out[keys.FORCE_COVARIANCE].detach())
             # r_ij = x_j - x_i + shift: dE/dx_i = -g and dE/dx_j = +g, F = -dE/dx
-            f = torch.zeros_like(positions).index_add(0, centre, g).index_add(0, neighbour, -g)
-            forces.append(f)
-            edge_virial = -vectors.unsqueeze(2) * g.unsqueeze(1)  # [E, 3, 3], LAMMPS sign
+            forces.append(torch.zeros_like(positions).index_add(0, centre, g).index_add(0, neighbour, -g))
+            edge_virial = -base.unsqueeze(2) * g.unsqueeze(1)  # [E, 3, 3], LAMMPS sign
             virials.append(edge_virial.sum(dim=0))
             if compute_atomic_virial:
                 half = 0.5 * edge_virial
-                w = torch.zeros(n_atoms, 3, 3, dtype=vectors.dtype, device=vectors.device)
+                w = torch.zeros(n_atoms, 3, 3, dtype=base.dtype, device=base.device)
                 atomic_virials.append(w.index_add(0, centre, half).index_add(0, neighbour, half))
         if compute_atomic_virial:
             member_atomic_virial = torch.stack(atomic_virials)
         else:
             member_atomic_virial = torch.empty(0, dtype=positions.dtype, device=positions.device)
         return {
-            keys.MEMBER_ENERGY: member_energy.detach(),
-            keys.MEMBER_ATOMIC_ENERGY: member_atomic_energy.detach(),
+            keys.MEMBER_ENERGY: torch.stack(member_energies),
+            keys.MEMBER_ATOMIC_ENERGY: torch.stack(atomic_energies),
             keys.MEMBER_FORCES: torch.stack(forces),
             keys.MEMBER_VIRIAL: torch.stack(virials),
             keys.MEMBER_ATOMIC_VIRIAL: member_atomic_virial,
