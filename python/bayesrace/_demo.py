@@ -53,6 +53,8 @@ def run_demo(out: Path, members: int = 4, minutes: float = 2.0, ranks: int = 1, 
     from ._psb3 import generate_psb3
 
     started = time.time()
+    # absolute: the training config written below resolves paths against its own folder
+    out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     data_dir = out / "data"
     run_dir = out / "run"
@@ -73,7 +75,8 @@ def run_demo(out: Path, members: int = 4, minutes: float = 2.0, ranks: int = 1, 
     command = [sys.executable, "-m", "bayesrace.cli", "train", str(config_path)] + (["--quiet"] if quiet else [])
     if ranks > 1:
         command = [mpirun_executable(), "-np", str(ranks)] + command
-    subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode != 0:
+        raise RuntimeError(f"training failed (see its message above); command: {' '.join(command)}")
 
     _step("3/4 evaluation: in-distribution vs out-of-distribution")
     posterior = load_posterior(run_dir / "posterior.pt")

@@ -171,7 +171,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (UsageError, ConfigError, DataError, FileNotFoundError) as error:
+    except (UsageError, ConfigError, DataError, FileNotFoundError, RuntimeError) as error:
         print(f"bayesrace {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0
