@@ -268,8 +268,8 @@ def write_report(
     (report_dir / "metrics.json").write_text(json.dumps(serialisable, indent=2) + "\n")
     for name, prediction in predictions.items():
         np.savez_compressed(report_dir / f"predictions_{_file_stem(name)}.npz", **prediction)
-    _plot_parity_energy(results, predictions, report_dir / "parity_energy.png")
-    _plot_parity_forces(results, predictions, report_dir / "parity_forces.png")
+    _plot_parity(results, predictions, report_dir / "parity_energy.png", _energy_parity, "energies")
+    _plot_parity(results, predictions, report_dir / "parity_forces.png", _force_parity, "forces")
     _plot_error_vs_sigma(predictions, report_dir / "error_vs_sigma.png")
     (report_dir / "report.md").write_text(format_markdown(results))
 
@@ -319,39 +319,36 @@ def _no_data_note(axis, text: str) -> None:
     axis.set_axis_off()
 
 
-def _plot_parity_energy(results, predictions, path: Path) -> None:
+def _energy_parity(prediction, metrics):
+    reference = prediction.get(reference_key(keys.ENERGY))
+    if reference is None:
+        return None
+    num_atoms = prediction[keys.NUM_ATOMS]
+    label = f"RMSE {metrics['energy_rmse_meV_per_atom']:.4g} meV/atom"
+    return reference / num_atoms, prediction[keys.ENERGY] / num_atoms, label, "energy per atom", "eV/atom"
+
+
+def _force_parity(prediction, metrics):
+    reference = prediction.get(reference_key(keys.FORCES))
+    if reference is None:
+        return None
+    chosen = _subsample(reference.size)
+    label = f"RMSE {metrics['forces_rmse_eV_per_A']:.4g} eV/Å"
+    return (reference.ravel()[chosen], prediction[keys.FORCES].ravel()[chosen], label,
+            "force components", "eV/Å")
+
+
+def _plot_parity(results, predictions, path: Path, panel_data, missing: str) -> None:
+    """One parity panel per set; ``panel_data`` picks (reference, predicted, label, title, unit)."""
     names = list(predictions)
     figure, axes = _new_figure(len(names))
     for index, (axis, name) in enumerate(zip(axes, names)):
-        prediction = predictions[name]
-        reference = prediction.get(reference_key(keys.ENERGY))
-        if reference is None:
-            _no_data_note(axis, f"{name}: no reference energies")
+        data = panel_data(predictions[name], results[name])
+        if data is None:
+            _no_data_note(axis, f"{name}: no reference {missing}")
             continue
-        num_atoms = prediction[keys.NUM_ATOMS]
-        label = f"RMSE {results[name]['energy_rmse_meV_per_atom']:.4g} meV/atom"
-        _parity_panel(
-            axis, reference / num_atoms, prediction[keys.ENERGY] / num_atoms, _colour(index), label,
-            f"{name}: energy per atom", "eV/atom",
-        )
-    figure.savefig(path, dpi=120)
-
-
-def _plot_parity_forces(results, predictions, path: Path) -> None:
-    names = list(predictions)
-    figure, axes = _new_figure(len(names))
-    for index, (axis, name) in enumerate(zip(axes, names)):
-        prediction = predictions[name]
-        reference = prediction.get(reference_key(keys.FORCES))
-        if reference is None:
-            _no_data_note(axis, f"{name}: no reference forces")
-            continue
-        chosen = _subsample(reference.size)
-        label = f"RMSE {results[name]['forces_rmse_eV_per_A']:.4g} eV/Å"
-        _parity_panel(
-            axis, reference.ravel()[chosen], prediction[keys.FORCES].ravel()[chosen], _colour(index), label,
-            f"{name}: force components", "eV/Å",
-        )
+        reference, predicted, label, title, unit = data
+        _parity_panel(axis, reference, predicted, _colour(index), label, f"{name}: {title}", unit)
     figure.savefig(path, dpi=120)
 
 
