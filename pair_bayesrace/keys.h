@@ -48,9 +48,13 @@ inline constexpr const char *META_N_LAYERS = "n_layers";  // int, interaction ra
 inline constexpr const char *META_UNITS = "units";  // str, "metal" (eV, Å)
 inline constexpr const char *META_DTYPE = "dtype";  // str, "float64" or "float32"
 inline constexpr const char *META_N_MEMBERS = "n_members";  // int, M
-inline constexpr const char *META_CALIBRATION = "calibration";  // object: force_std_scale, energy_std_scale
-inline constexpr const char *META_FORCE_STD_SCALE = "force_std_scale";  // float, multiplies every force sigma
-inline constexpr const char *META_ENERGY_STD_SCALE = "energy_std_scale";  // float, multiplies every energy sigma
+inline constexpr const char *META_CALIBRATION = "calibration";  // object: force_std_scale, energy_std_scale, optional maps
+inline constexpr const char *META_FORCE_STD_SCALE = "force_std_scale";  // float s_F: calibrated force sigma = s_F * g_F(sigma)
+inline constexpr const char *META_ENERGY_STD_SCALE = "energy_std_scale";  // float s_E: calibrated energy sigma per atom = s_E * g_E(sigma/N)
+inline constexpr const char *META_FORCE_STD_MAP = "force_std_map";  // optional object {sigma: [...], calibrated: [...]}: g_F, monotone knots
+inline constexpr const char *META_ENERGY_STD_MAP = "energy_std_map";  // optional, g_E on the per-atom energy sigma (sigma_E / N)
+inline constexpr const char *META_MAP_SIGMA = "sigma";  // knots x_k of a map: strictly increasing, > 0
+inline constexpr const char *META_MAP_CALIBRATED = "calibrated";  // values y_k: non-decreasing, > 0; outside [x_1, x_K] g is proportional
 inline constexpr const char *META_THRESHOLDS = "thresholds";  // object: atomic_force_std
 inline constexpr const char *META_BAYESRACE_VERSION = "bayesrace_version";  // str
 inline constexpr const char *META_TORCH_VERSION = "torch_version";  // str

@@ -57,9 +57,13 @@ META_N_LAYERS = "n_layers"  # int, interaction range = n_layers * cutoff
 META_UNITS = "units"  # str, "metal" (eV, Å)
 META_DTYPE = "dtype"  # str, "float64" or "float32"
 META_N_MEMBERS = "n_members"  # int, M
-META_CALIBRATION = "calibration"  # object: force_std_scale, energy_std_scale
-META_FORCE_STD_SCALE = "force_std_scale"  # float, multiplies every force sigma
-META_ENERGY_STD_SCALE = "energy_std_scale"  # float, multiplies every energy sigma
+META_CALIBRATION = "calibration"  # object: force_std_scale, energy_std_scale, optional maps
+META_FORCE_STD_SCALE = "force_std_scale"  # float s_F: calibrated force sigma = s_F * g_F(sigma)
+META_ENERGY_STD_SCALE = "energy_std_scale"  # float s_E: calibrated energy sigma per atom = s_E * g_E(sigma/N)
+META_FORCE_STD_MAP = "force_std_map"  # optional object {sigma: [...], calibrated: [...]}: g_F, monotone knots
+META_ENERGY_STD_MAP = "energy_std_map"  # optional, g_E on the per-atom energy sigma (sigma_E / N)
+META_MAP_SIGMA = "sigma"  # knots x_k of a map: strictly increasing, > 0
+META_MAP_CALIBRATED = "calibrated"  # values y_k: non-decreasing, > 0; outside [x_1, x_K] g is proportional
 META_THRESHOLDS = "thresholds"  # object: atomic_force_std
 META_BAYESRACE_VERSION = "bayesrace_version"  # str
 META_TORCH_VERSION = "torch_version"  # str
