@@ -13,6 +13,10 @@ E_m, forces F_m and aleatoric heads σ²_E,m, Σ_i,m:
 - per-atom energy σ: standard deviation of member atomic energies (epistemic only)
 
 Variances use 1/M (the mixture's own moments), not 1/(M−1).
+
+A posterior carries a ``calibration`` (``_calibration``; ``{}`` = uncalibrated) that
+``forward`` applies to these σ's, variances and covariances, and default extrapolation
+``thresholds`` ({atomic_force_std: X}, calibrated eV/Å); both travel in the saved record.
 """
 
 from __future__ import annotations
@@ -20,11 +24,12 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Mapping, Optional
 
 import torch
 
 from . import keys
+from ._calibration import calibrate_prediction, validate_calibration, validate_thresholds
 from ._model import RACE, ModelConfig
 
 
@@ -73,6 +78,26 @@ class Posterior(torch.nn.Module):
         self.type_names: List[str] = list(members[0].type_names)
         self.cutoff = float(members[0].cutoff)
         self.n_layers = int(members[0].n_layers)
+        self.calibration = {}
+        self.thresholds = {}
+
+    @property
+    def calibration(self) -> Dict[str, object]:
+        """The calibration ``forward`` applies ({} = identity); assigning validates it."""
+        return self._calibration
+
+    @calibration.setter
+    def calibration(self, value: Optional[Mapping]) -> None:
+        self._calibration = validate_calibration(value)
+
+    @property
+    def thresholds(self) -> Dict[str, float]:
+        """Default extrapolation thresholds, {atomic_force_std: X} (calibrated σ, eV/Å)."""
+        return self._thresholds
+
+    @thresholds.setter
+    def thresholds(self, value: Optional[Mapping]) -> None:
+        self._thresholds = validate_thresholds(value)
 
     def forward(self, data: Dict[str, torch.Tensor], compute_virial: bool = False) -> Dict[str, torch.Tensor]:
         energies: List[torch.Tensor] = []
@@ -102,6 +127,8 @@ class Posterior(torch.nn.Module):
             result[keys.VIRIAL] = virial
             volume = torch.abs(torch.linalg.det(data[keys.CELL]))
             result[keys.STRESS] = -virial / volume.clamp(min=1e-12)[:, None, None]
+        if self._calibration:
+            result = calibrate_prediction(result, self._calibration, data[keys.NUM_ATOMS], data[keys.BATCH])
         return result
 
 
@@ -109,6 +136,8 @@ class Posterior(torch.nn.Module):
 
 POSTERIOR_FORMAT = "bayesrace-posterior"
 POSTERIOR_FORMAT_VERSION = 1
+RECORD_CALIBRATION = "calibration"  # optional: the calibration dict (_calibration)
+RECORD_THRESHOLDS = "thresholds"  # optional: {atomic_force_std: X}
 
 
 def posterior_record(members: List[RACE], kind: str, extra: Dict[str, object]) -> Dict[str, object]:
@@ -129,15 +158,23 @@ def posterior_record(members: List[RACE], kind: str, extra: Dict[str, object]) -
     }
 
 
-def save_posterior(path, members: List[RACE], kind: str = "ensemble", **extra) -> None:
+def _write_record(record: Dict[str, object], path) -> None:
     """Write atomically (temporary file, then rename) so a kill never leaves half a file."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(posterior_record(members, kind, extra), tmp)
+    torch.save(record, tmp)
     os.replace(tmp, path)
 
 
-def load_posterior(path, dtype: torch.dtype = torch.float64) -> Posterior:
+def save_posterior(path, members: List[RACE], kind: str = "ensemble", **extra) -> None:
+    """Write the record of ``members`` (plus ``extra`` fields, e.g. calibration=...) atomically."""
+    for field, check in ((RECORD_CALIBRATION, validate_calibration), (RECORD_THRESHOLDS, validate_thresholds)):
+        if field in extra:
+            extra[field] = check(extra[field])
+    _write_record(posterior_record(members, kind, extra), path)
+
+
+def _read_record(path) -> Dict[str, object]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such posterior file")
@@ -152,6 +189,31 @@ def load_posterior(path, dtype: torch.dtype = torch.float64) -> Posterior:
             f"{path}: posterior format_version {record.get('format_version')!r}, "
             f"this bayesrace reads {POSTERIOR_FORMAT_VERSION}"
         )
+    return record
+
+
+def update_posterior_file(path, out_path=None, calibration: Optional[Mapping] = None,
+                          thresholds: Optional[Mapping] = None) -> None:
+    """Copy the record at ``path`` to ``out_path`` (default: ``path`` itself, rewritten
+    atomically) with a new calibration and/or thresholds; ``None`` keeps the field as it
+    is, ``{}`` removes it. The members' weights are copied unchanged."""
+    record = _read_record(path)
+    for field, value, check in (
+        (RECORD_CALIBRATION, calibration, validate_calibration),
+        (RECORD_THRESHOLDS, thresholds, validate_thresholds),
+    ):
+        if value is None:
+            continue
+        checked = check(value, field)
+        if checked:
+            record[field] = checked
+        else:
+            record.pop(field, None)
+    _write_record(record, path if out_path is None else out_path)
+
+
+def load_posterior(path, dtype: torch.dtype = torch.float64) -> Posterior:
+    record = _read_record(path)
     config = ModelConfig(**record["model_config"])
     members = []
     for state in record["members"]:
@@ -167,5 +229,10 @@ def load_posterior(path, dtype: torch.dtype = torch.float64) -> Posterior:
         member.eval()
         members.append(member)
     posterior = Posterior(members, record["kind"])
+    try:
+        posterior.calibration = record.get(RECORD_CALIBRATION)
+        posterior.thresholds = record.get(RECORD_THRESHOLDS)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from error
     posterior.record_info = {k: v for k, v in record.items() if k != "members"}
     return posterior.eval()
