@@ -125,8 +125,7 @@ py::dict evaluate(const Engine &engine, DArr positions, IArr species, IArr edge_
     ai.member_total_energy = mo.energy.data();
     ai.log_var_sum = log_var_sum.data();
     ai.n_atoms_total = static_cast<double>(n_local);
-    ai.force_std_scale = engine.metadata().force_std_scale;
-    ai.energy_std_scale = engine.metadata().energy_std_scale;
+    ai.calibration = &engine.metadata().calibration;
     aggregate(ai, agg);
   }
 
@@ -157,8 +156,34 @@ py::dict evaluate(const Engine &engine, DArr positions, IArr species, IArr edge_
   return d;
 }
 
+// A map {sigma: [...], calibrated: [...]} (or None) into `into`, checked as the metadata loader does.
+void set_std_map(const py::object &std_map, const std::string &field, StdCalibration &into) {
+  if (std_map.is_none()) return;
+  if (!py::isinstance<py::dict>(std_map))
+    throw py::value_error(field + " must be None or a dict {'" + keys::META_MAP_SIGMA + "': [...], '" +
+                          keys::META_MAP_CALIBRATED + "': [...]}");
+  py::dict d = std_map.cast<py::dict>();
+  for (const char *key : {keys::META_MAP_SIGMA, keys::META_MAP_CALIBRATED})
+    if (!d.contains(key)) throw py::value_error(field + " has no '" + key + "'");
+  into.map_sigma = d[keys::META_MAP_SIGMA].cast<std::vector<double>>();
+  into.map_calibrated = d[keys::META_MAP_CALIBRATED].cast<std::vector<double>>();
+  check_std_map(into.map_sigma, into.map_calibrated, field);  // std::invalid_argument -> ValueError
+}
+
+py::array_t<double> calibration_ratio_py(DArr sigma, double scale, py::object std_map) {
+  StdCalibration cal;
+  cal.scale = scale;
+  set_std_map(std_map, "std_map", cal);
+  py::array_t<double> out(std::vector<py::ssize_t>(sigma.shape(), sigma.shape() + sigma.ndim()));
+  const double *x = sigma.data();
+  double *r = out.mutable_data();
+  for (py::ssize_t k = 0; k < sigma.size(); ++k) r[k] = cal.ratio(x[k]);
+  return out;
+}
+
 py::dict aggregate_py(DArr member_forces, DArr force_covariance, DArr member_atomic_energy, DArr member_total_energy,
-                      DArr log_var_sum, double n_atoms_total, double force_std_scale, double energy_std_scale) {
+                      DArr log_var_sum, double n_atoms_total, double force_std_scale, double energy_std_scale,
+                      py::object force_std_map, py::object energy_std_map) {
   require_shape(member_forces, keys::MEMBER_FORCES, {-1, -1, 3});
   const int64_t M = member_forces.shape(0), n = member_forces.shape(1);
   require_shape(force_covariance, keys::FORCE_COVARIANCE, {M, n, 3, 3});
@@ -175,8 +200,12 @@ py::dict aggregate_py(DArr member_forces, DArr force_covariance, DArr member_ato
   ai.member_total_energy = member_total_energy.data();
   ai.log_var_sum = log_var_sum.data();
   ai.n_atoms_total = n_atoms_total;
-  ai.force_std_scale = force_std_scale;
-  ai.energy_std_scale = energy_std_scale;
+  Calibration cal;
+  cal.force.scale = force_std_scale;
+  cal.energy.scale = energy_std_scale;
+  set_std_map(force_std_map, keys::META_FORCE_STD_MAP, cal.force);
+  set_std_map(energy_std_map, keys::META_ENERGY_STD_MAP, cal.energy);
+  ai.calibration = &cal;
   AggregateOutput agg;
   aggregate(ai, agg);
   namespace K = keys;
@@ -225,5 +254,10 @@ PYBIND11_MODULE(_bayesrace_core, m) {
   m.def("aggregate", &aggregate_py, py::arg(keys::MEMBER_FORCES), py::arg(keys::FORCE_COVARIANCE),
         py::arg(keys::MEMBER_ATOMIC_ENERGY), py::arg("member_total_energy"), py::arg("log_var_sum"),
         py::arg("n_atoms_total"), py::arg(keys::META_FORCE_STD_SCALE) = 1.0, py::arg(keys::META_ENERGY_STD_SCALE) = 1.0,
-        "The C++ aggregation formulas on given member arrays (same function as the LAMMPS plugin).");
+        py::arg(keys::META_FORCE_STD_MAP) = py::none(), py::arg(keys::META_ENERGY_STD_MAP) = py::none(),
+        "The C++ aggregation formulas on given member arrays (same function as the LAMMPS plugin), calibrated "
+        "by the scales and optional maps {'sigma': [...], 'calibrated': [...]} of the metadata's calibration.");
+  m.def("calibration_ratio", &calibration_ratio_py, py::arg(keys::META_MAP_SIGMA), py::arg("scale") = 1.0,
+        py::arg("std_map") = py::none(),
+        "r(σ) = scale·g(σ)/σ elementwise: the factor the C++ calibration applies to a σ (r(0) = scale·y_1/x_1).");
 }

@@ -4,6 +4,7 @@ calculator, the contract's n_local semantics, and the exporter's refusals."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -309,6 +310,46 @@ def test_calibration_scales_engine_sigmas(exported, tmp_path):
         assert relative(cal[name], 0.6 * base[name]) < 1e-12, name
 
 
+@pytest.mark.parametrize("kind", ["psb3", "periodic"])
+def test_map_calibration_engine_matches_calibrated_posterior(exported, tmp_path, kind):
+    """Isotonic-style maps: the C++ engine reports the σ's of the Python posterior
+    calibrated by the same calibration (Posterior.forward applies it)."""
+    import copy
+
+    from bayesrace import _bayesrace_core as core
+
+    posterior, path, _ = exported
+    atoms = psb3_like() if kind == "psb3" else periodic_cell()
+    calc = BayesRaceCalculator(posterior)
+    calc.calculate(atoms, ["energy"])
+    sigma = np.sort(calc.results["forces_std"])
+    per_atom_energy_sigma = calc.results["energy_std"] / len(atoms)
+    # knots inside the atoms' σ range: some atoms below, between and above them
+    force_knots = np.quantile(sigma, [0.2, 0.4, 0.6, 0.8])
+    calibration = {
+        keys.META_FORCE_STD_SCALE: 1.1,
+        keys.META_ENERGY_STD_SCALE: 0.9,
+        keys.META_FORCE_STD_MAP: {keys.META_MAP_SIGMA: force_knots.tolist(),
+                                  keys.META_MAP_CALIBRATED: [0.05, 0.05, 0.3, 0.31]},
+        keys.META_ENERGY_STD_MAP: {keys.META_MAP_SIGMA: [0.5 * per_atom_energy_sigma, 2 * per_atom_energy_sigma],
+                                   keys.META_MAP_CALIBRATED: [0.001, 0.02]},
+    }
+    calibrated = copy.deepcopy(posterior)
+    calibrated.calibration = calibration
+    meta = build_metadata(calibrated, "float64")
+    assert meta[keys.META_CALIBRATION] == calibration
+    mapped = tmp_path / "mapped.pt"
+    torch.jit.save(torch.jit.load(path), str(mapped), _extra_files={keys.METADATA_FILE: json.dumps(meta)})
+    got = engine_results(core.Engine(str(mapped)), atoms, posterior.cutoff)
+    calc = BayesRaceCalculator(calibrated)
+    calc.calculate(atoms, ["energy", "forces", "energies"])
+    for name in ["energy", "forces"] + list(UNCERTAINTY_RESULTS):
+        assert relative(got[name], calc.results[name]) < RTOL, name
+    base = engine_results(core.Engine(path), atoms, posterior.cutoff)
+    ratio = got["forces_std"] / base["forces_std"]
+    assert ratio.max() > 1.5 * ratio.min()  # a map, not a scale
+
+
 def test_untrained_heads_report_zero_aleatoric(tmp_path):
     """An MSE-trained posterior: log-variance -inf and zero covariance travel through the
     deployable and the C++ aggregation as zero aleatoric σ (not NaN)."""
@@ -364,16 +405,38 @@ def test_metadata_fields(exported):
     assert meta[keys.META_TORCH_VERSION] == torch.__version__
 
 
-def test_record_thresholds_and_calibration_are_used():
-    posterior = make_posterior(seeds=(0,))
-    posterior.record_info.update(thresholds={keys.ATOMIC_FORCE_STD: 0.4},
-                                 calibration={keys.META_FORCE_STD_SCALE: 2.0})
+FORCE_MAP = {keys.META_MAP_SIGMA: [0.02, 0.05, 0.1], keys.META_MAP_CALIBRATED: [0.03, 0.04, 0.2]}
+ENERGY_MAP = {keys.META_MAP_SIGMA: [0.001, 0.01], keys.META_MAP_CALIBRATED: [0.002, 0.005]}
+
+
+def test_record_thresholds_and_calibration_are_used(tmp_path):
+    """What `bayesrace calibrate` stores in the record reaches metadata.json; arguments win."""
+    from bayesrace._posterior import load_posterior
+
+    members = [tiny_model(seed=0).eval()]
+    record_calibration = {keys.META_FORCE_STD_SCALE: 2.0, keys.META_FORCE_STD_MAP: FORCE_MAP,
+                          keys.META_ENERGY_STD_MAP: ENERGY_MAP}
+    save_posterior(tmp_path / "p.pt", members, data_sha256=HASH, calibration=record_calibration,
+                   thresholds={keys.ATOMIC_FORCE_STD: 0.4})
+    posterior = load_posterior(tmp_path / "p.pt")
     meta = build_metadata(posterior, "float64")
     assert meta[keys.META_THRESHOLDS][keys.ATOMIC_FORCE_STD] == 0.4
-    assert meta[keys.META_CALIBRATION][keys.META_FORCE_STD_SCALE] == 2.0
-    # explicit arguments win over the record
-    meta = build_metadata(posterior, "float64", thresholds={keys.ATOMIC_FORCE_STD: 0.3})
+    assert meta[keys.META_CALIBRATION] == {keys.META_FORCE_STD_SCALE: 2.0, keys.META_ENERGY_STD_SCALE: 1.0,
+                                           keys.META_FORCE_STD_MAP: FORCE_MAP,
+                                           keys.META_ENERGY_STD_MAP: ENERGY_MAP}
+    # explicit arguments win over the record, field by field (the maps stay unless removed)
+    meta = build_metadata(posterior, "float64", thresholds={keys.ATOMIC_FORCE_STD: 0.3},
+                          calibration={keys.META_FORCE_STD_SCALE: 1.5, keys.META_ENERGY_STD_MAP: None})
     assert meta[keys.META_THRESHOLDS][keys.ATOMIC_FORCE_STD] == 0.3
+    assert meta[keys.META_CALIBRATION] == {keys.META_FORCE_STD_SCALE: 1.5, keys.META_ENERGY_STD_SCALE: 1.0,
+                                           keys.META_FORCE_STD_MAP: FORCE_MAP}
+    # the default threshold is 3 x the smallest head σ, calibrated: sqrt(1e-3) = 0.0316 lies
+    # between the first two knots, g = 0.03 + 0.01 (0.0316 - 0.02) / 0.03
+    posterior.thresholds = {}
+    floor = 1e-3**0.5
+    meta = build_metadata(posterior, "float64")
+    want = 3.0 * 2.0 * (0.03 + 0.01 * (floor - 0.02) / 0.03)
+    assert meta[keys.META_THRESHOLDS][keys.ATOMIC_FORCE_STD] == pytest.approx(want, rel=1e-12)
 
 
 @pytest.mark.parametrize(
@@ -382,7 +445,9 @@ def test_record_thresholds_and_calibration_are_used():
         ("training", "training mode"),
         ("no_hash", "'training_data_sha256' is missing"),
         ("dtype", "dtype 'float16' is not supported"),
-        ("calibration", "'calibration.force_std_scale' must be a finite number > 0"),
+        ("calibration", "calibration.force_std_scale must be a finite number > 0"),
+        ("calibration_map", "calibration.force_std_map.sigma must be strictly increasing"),
+        ("calibration_key", "unknown field(s) ['force_std_shift']"),
         ("threshold_key", "unknown threshold field"),
         ("not_posterior", "needs a bayesrace Posterior"),
     ],
@@ -398,16 +463,23 @@ def test_refusals(tmp_path, case, fragment):
         kwargs["dtype"] = "float16"
     elif case == "calibration":
         kwargs["calibration"] = {keys.META_FORCE_STD_SCALE: -1.0}
+    elif case == "calibration_map":
+        kwargs["calibration"] = {keys.META_FORCE_STD_MAP: {keys.META_MAP_SIGMA: [0.2, 0.1],
+                                                           keys.META_MAP_CALIBRATED: [0.1, 0.2]}}
+    elif case == "calibration_key":
+        kwargs["calibration"] = {"force_std_shift": 0.1}
     elif case == "threshold_key":
         kwargs["thresholds"] = {"max_force_std": 0.3}
     elif case == "not_posterior":
         posterior = posterior.members[0]
-    with pytest.raises(ExportError, match=fragment.replace("(", r"\(")):
+    with pytest.raises(ExportError, match=re.escape(fragment)):
         export_posterior(posterior, tmp_path / "m.pt", **kwargs)
     assert not (tmp_path / "m.pt").exists()
 
 
 def test_threshold_from_structures():
+    from bayesrace._calibration import calibrated_std
+
     posterior = make_posterior(seeds=(0, 1))
     frames = [psb3_like(seed=k) for k in range(4)]
     calc = BayesRaceCalculator(make_posterior(seeds=(0, 1)))
@@ -415,10 +487,23 @@ def test_threshold_from_structures():
     for atoms in frames:
         calc.calculate(atoms, ["energy"])
         largest.append(calc.results["forces_std"].max())
-    got = threshold_from_structures(posterior, frames, 1.0, factor=1.0, force_std_scale=2.0)
+    scaled = {keys.META_FORCE_STD_SCALE: 2.0, keys.META_ENERGY_STD_SCALE: 1.0}
+    got = threshold_from_structures(posterior, frames, 1.0, factor=1.0, calibration=scaled)
     assert got == pytest.approx(2.0 * max(largest), rel=1e-12)
     got = threshold_from_structures(posterior, frames, 0.5)  # default margin 1.5
     assert got == pytest.approx(1.5 * np.median(largest), rel=1e-12)
+    # the posterior's own calibration is used, and a given one replaces it (never both)
+    posterior.calibration = scaled
+    assert threshold_from_structures(posterior, frames, 1.0, factor=1.0) == pytest.approx(2.0 * max(largest))
+    mapped = {keys.META_FORCE_STD_SCALE: 1.0, keys.META_FORCE_STD_MAP: {
+        keys.META_MAP_SIGMA: [0.5 * min(largest), max(largest)], keys.META_MAP_CALIBRATED: [0.01, 3.0]}}
+    got = threshold_from_structures(posterior, frames, 1.0, factor=1.0, calibration=mapped)
+    # c is non-decreasing, so the largest calibrated σ is c(largest σ): here the last knot, 3.0
+    assert got == pytest.approx(3.0, rel=1e-10)
+    got = threshold_from_structures(posterior, frames, 0.0 + 1e-9, factor=1.0, calibration=mapped)
+    want = calibrated_std(np.array([min(largest)]), 1.0, mapped[keys.META_FORCE_STD_MAP])[0]
+    assert got == pytest.approx(want, rel=1e-6)
+    assert posterior.calibration == scaled  # the posterior is not touched
     with pytest.raises(ExportError, match="quantile"):
         threshold_from_structures(posterior, frames, 0.0)
 
@@ -439,9 +524,23 @@ def test_command_line(tmp_path, capsys):
     meta = read_metadata(out)
     assert meta[keys.META_CALIBRATION][keys.META_FORCE_STD_SCALE] == 1.5
     # the threshold is measured on the given structures, on the calibrated scale
-    want = threshold_from_structures(Posterior(members).eval(), frames, 1.0, factor=1.2, force_std_scale=1.5)
+    want = threshold_from_structures(Posterior(members).eval(), frames, 1.0, factor=1.2,
+                                     calibration={keys.META_FORCE_STD_SCALE: 1.5})
     assert meta[keys.META_THRESHOLDS][keys.ATOMIC_FORCE_STD] == pytest.approx(want, rel=1e-6)  # extxyz rounding
     assert json.loads(json.dumps(meta)) == meta
+
+    # maps come from the record ('bayesrace calibrate'); the flags replace only the scales
+    save_posterior(tmp_path / "calibrated.pt", members, kind="ensemble", data_sha256=HASH,
+                   calibration={keys.META_FORCE_STD_SCALE: 1.2, keys.META_FORCE_STD_MAP: FORCE_MAP})
+    out = tmp_path / "deploy" / "calibrated.pt"
+    assert main([str(tmp_path / "calibrated.pt"), str(out), "--force-std-scale", "1.5",
+                 "--threshold-from", str(tmp_path / "valid.xyz"), "--threshold-quantile", "1.0"]) == 0
+    meta = read_metadata(out)
+    cal = {keys.META_FORCE_STD_SCALE: 1.5, keys.META_ENERGY_STD_SCALE: 1.0, keys.META_FORCE_STD_MAP: FORCE_MAP}
+    assert meta[keys.META_CALIBRATION] == cal
+    want = threshold_from_structures(Posterior(members).eval(), frames, 1.0, calibration=cal)
+    assert meta[keys.META_THRESHOLDS][keys.ATOMIC_FORCE_STD] == pytest.approx(want, rel=1e-6)
+    capsys.readouterr()
 
     assert main([str(tmp_path / "missing.pt"), str(tmp_path / "x.pt")]) == 2
     assert "no such posterior file" in capsys.readouterr().err

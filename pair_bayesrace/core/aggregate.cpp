@@ -5,15 +5,70 @@
 #include <stdexcept>
 #include <string>
 
+#include "../keys.h"
+
 namespace bayesrace {
+
+double StdCalibration::ratio(double sigma) const {
+  if (map_sigma.empty()) return scale;
+  const size_t K = map_sigma.size();
+  // proportional outside the knots: the ratio is that of the nearest end knot
+  if (!(sigma > map_sigma.front())) return scale * (map_calibrated.front() / map_sigma.front());
+  if (!(sigma < map_sigma.back())) return scale * (map_calibrated.back() / map_sigma.back());
+  // x_k <= σ < x_{k+1}
+  const size_t k = static_cast<size_t>(std::upper_bound(map_sigma.begin(), map_sigma.end(), sigma) -
+                                       map_sigma.begin()) - 1;
+  const double x0 = map_sigma[k], x1 = map_sigma[std::min(k + 1, K - 1)];
+  const double y0 = map_calibrated[k], y1 = map_calibrated[std::min(k + 1, K - 1)];
+  const double g = y0 + (y1 - y0) * ((sigma - x0) / (x1 - x0));
+  return scale * (g / sigma);
+}
+
+void check_std_map(const std::vector<double> &sigma, const std::vector<double> &calibrated,
+                   const std::string &field) {
+  const std::string fx = field + "." + keys::META_MAP_SIGMA, fy = field + "." + keys::META_MAP_CALIBRATED;
+  auto fail = [](const std::string &f, const std::string &what) {
+    throw std::invalid_argument("field '" + f + "' " + what);
+  };
+  if (sigma.empty()) fail(fx, "must hold at least one knot");
+  if (calibrated.size() != sigma.size())
+    fail(fy, "must have as many values as '" + fx + "' (" + std::to_string(sigma.size()) + "), got " +
+                 std::to_string(calibrated.size()));
+  for (size_t k = 0; k < sigma.size(); ++k) {
+    if (!(std::isfinite(sigma[k]) && sigma[k] > 0.0)) fail(fx, "must hold finite numbers > 0");
+    if (!(std::isfinite(calibrated[k]) && calibrated[k] > 0.0)) fail(fy, "must hold finite numbers > 0");
+    if (k > 0 && !(sigma[k] > sigma[k - 1])) fail(fx, "must be strictly increasing");
+    if (k > 0 && !(calibrated[k] >= calibrated[k - 1])) fail(fy, "must be non-decreasing");
+  }
+}
 
 void aggregate(const AggregateInput &in, AggregateOutput &out) {
   const int64_t M = in.n_members, n = in.n_atoms, S = in.stride;
   if (M < 1) throw std::invalid_argument("aggregate: n_members must be >= 1");
   if (S < n) throw std::invalid_argument("aggregate: stride < n_atoms");
-  const double fs = in.force_std_scale, es = in.energy_std_scale;
-  const double fs2 = fs * fs, es2 = es * es;
+  static const Calibration identity;
+  const Calibration &cal = in.calibration ? *in.calibration : identity;
   const double invM = 1.0 / static_cast<double>(M);
+
+  // the energy first: its ratio also calibrates the atomic energy σ's
+  double emean = 0.0;
+  for (int64_t m = 0; m < M; ++m) emean += in.member_total_energy[m];
+  emean *= invM;
+  double var_e = 0.0, var_a = 0.0;
+  for (int64_t m = 0; m < M; ++m) {
+    const double d = in.member_total_energy[m] - emean;
+    var_e += d * d;
+    if (in.n_atoms_total > 0) var_a += std::exp(in.log_var_sum[m] / in.n_atoms_total);
+  }
+  var_e *= invM;
+  var_a *= invM;
+  const double energy_sigma = std::sqrt(var_e + var_a);
+  // per-atom energy σ, so that a map fitted on small molecules transfers to large cells
+  const double es = cal.energy.ratio(in.n_atoms_total > 0 ? energy_sigma / in.n_atoms_total : 0.0);
+  const double es2 = es * es;
+  out.energy_var_epistemic = es2 * var_e;
+  out.energy_var_aleatoric = es2 * var_a;
+  out.energy_std = es * energy_sigma;
 
   out.force_std.assign(n, 0.0);
   out.force_std_epistemic.assign(n, 0.0);
@@ -41,40 +96,30 @@ void aggregate(const AggregateInput &in, AggregateOutput &out) {
     for (int k = 0; k < 9; ++k) {
       epi[k] *= invM;
       ale[k] *= invM;
-      out.force_cov_epistemic[9 * i + k] = fs2 * epi[k];
-      out.force_cov_aleatoric[9 * i + k] = fs2 * ale[k];
     }
     const double tr_e = (epi[0] + epi[4] + epi[8]) / 3.0;
     const double tr_a = (ale[0] + ale[4] + ale[8]) / 3.0;
-    out.force_std[i] = fs * std::sqrt(std::max(0.0, tr_e + tr_a));
+    const double sigma = std::sqrt(std::max(0.0, tr_e + tr_a));
+    const double fs = cal.force.ratio(sigma);  // from the uncalibrated total σ of this atom
+    const double fs2 = fs * fs;
+    for (int k = 0; k < 9; ++k) {
+      out.force_cov_epistemic[9 * i + k] = fs2 * epi[k];
+      out.force_cov_aleatoric[9 * i + k] = fs2 * ale[k];
+    }
+    out.force_std[i] = fs * sigma;
     out.force_std_epistemic[i] = fs * std::sqrt(std::max(0.0, tr_e));
     out.force_std_aleatoric[i] = fs * std::sqrt(std::max(0.0, tr_a));
 
-    double emean = 0.0;
-    for (int64_t m = 0; m < M; ++m) emean += in.member_atomic_energy[m * S + i];
-    emean *= invM;
-    double evar = 0.0;
+    double amean = 0.0;
+    for (int64_t m = 0; m < M; ++m) amean += in.member_atomic_energy[m * S + i];
+    amean *= invM;
+    double avar = 0.0;
     for (int64_t m = 0; m < M; ++m) {
-      const double d = in.member_atomic_energy[m * S + i] - emean;
-      evar += d * d;
+      const double d = in.member_atomic_energy[m * S + i] - amean;
+      avar += d * d;
     }
-    out.atomic_energy_std[i] = es * std::sqrt(evar * invM);
+    out.atomic_energy_std[i] = es * std::sqrt(avar * invM);
   }
-
-  double emean = 0.0;
-  for (int64_t m = 0; m < M; ++m) emean += in.member_total_energy[m];
-  emean *= invM;
-  double var_e = 0.0, var_a = 0.0;
-  for (int64_t m = 0; m < M; ++m) {
-    const double d = in.member_total_energy[m] - emean;
-    var_e += d * d;
-    if (in.n_atoms_total > 0) var_a += std::exp(in.log_var_sum[m] / in.n_atoms_total);
-  }
-  var_e *= invM;
-  var_a *= invM;
-  out.energy_var_epistemic = es2 * var_e;
-  out.energy_var_aleatoric = es2 * var_a;
-  out.energy_std = es * std::sqrt(var_e + var_a);
 }
 
 void select_driving(const MemberOutputs &mo, int member, DrivingOutputs &out) {

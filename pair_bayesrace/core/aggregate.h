@@ -4,11 +4,39 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "backend.h"
 
 namespace bayesrace {
+
+// One calibration c(σ) = scale · g(σ) of a σ (the contract of pair_bayesrace/README.md).
+// g is the identity without a map; with knots (x_k, y_k), x strictly increasing > 0 and
+// y non-decreasing > 0, g interpolates linearly on [x_1, x_K] and is proportional outside
+// (g(σ) = σ·y_1/x_1 below, σ·y_K/x_K above), so out-of-distribution σ's keep growing.
+struct StdCalibration {
+  double scale = 1.0;
+  std::vector<double> map_sigma;       // x_k (σ before calibration); empty: no map
+  std::vector<double> map_calibrated;  // y_k = g(x_k)
+
+  bool has_map() const { return !map_sigma.empty(); }
+  // r(σ) = c(σ)/σ, the factor applied to σ's (r² to variances); r(0) = scale·y_1/x_1 with
+  // a map, scale without. Binary search over the knots: O(log K).
+  double ratio(double sigma) const;
+};
+
+// Throws std::invalid_argument("field '<field>.sigma' must be strictly increasing", ...) unless
+// the knots satisfy the contract (equal non-zero lengths, finite, x > 0 strictly increasing,
+// y > 0 non-decreasing). `field` names the map, e.g. "calibration.force_std_map".
+void check_std_map(const std::vector<double> &sigma, const std::vector<double> &calibrated,
+                   const std::string &field);
+
+// Calibration of force σ's (per atom) and energy σ's (on the per-atom energy σ).
+struct Calibration {
+  StdCalibration force;
+  StdCalibration energy;
+};
 
 struct AggregateInput {
   int64_t n_members = 0;  // M
@@ -21,11 +49,14 @@ struct AggregateInput {
   const double *member_total_energy = nullptr;  // [M] E_m
   const double *log_var_sum = nullptr;          // [M] Σ_i s_{m,i}
   double n_atoms_total = 0.0;                   // number of atoms in those sums
-  double force_std_scale = 1.0;                 // calibration: multiplies every force σ
-  double energy_std_scale = 1.0;                // calibration: multiplies every energy σ
+  const Calibration *calibration = nullptr;     // nullptr: uncalibrated (identity)
 };
 
-// Everything calibrated (σ's times the scale, variances/covariances times scale²).
+// Everything calibrated. Forces: with σ_i the uncalibrated total force σ of atom i and
+// r_i = force.ratio(σ_i), the three force σ's are multiplied by r_i and both covariances by r_i².
+// Energy: with σ_pa = sqrt(var_epi + var_ale) / n_atoms_total (the per-atom energy σ) and
+// r = energy.ratio(σ_pa), both energy variances are multiplied by r², energy_std and every
+// atomic_energy_std by r.
 struct AggregateOutput {
   std::vector<double> force_std;             // [n] sqrt(tr(Σ_epi + Σ_ale)/3)
   std::vector<double> force_std_epistemic;   // [n] sqrt(tr Σ_epi / 3)

@@ -46,6 +46,37 @@ struct Checker {
     return d;
   }
 
+  std::vector<double> numbers(const json::Value &v, const std::string &path) const {
+    if (!v.is_array()) fail(path, std::string("must be a list of numbers, got ") + v.kind_name());
+    std::vector<double> out;
+    for (const auto &e : v.as_array()) {
+      if (!e.is_number()) fail(path, std::string("must hold only numbers, got ") + e.kind_name());
+      out.push_back(e.as_number());
+    }
+    return out;
+  }
+
+  // optional map {sigma: [...], calibrated: [...]} inside the calibration object
+  void std_map(const json::Value &cal, const char *key, const std::string &path, StdCalibration &into) const {
+    const json::Value *v = cal.find(key);
+    if (!v) return;
+    if (!v->is_object())
+      fail(path, std::string("must be an object {'") + keys::META_MAP_SIGMA + "': [...], '" +
+                     keys::META_MAP_CALIBRATED + "': [...]}, got " + v->kind_name());
+    for (const auto &kv : v->as_object())
+      if (kv.first != keys::META_MAP_SIGMA && kv.first != keys::META_MAP_CALIBRATED)
+        fail(path, "has an unknown key '" + kv.first + "' (expected '" + keys::META_MAP_SIGMA + "' and '" +
+                       keys::META_MAP_CALIBRATED + "')");
+    const std::string px = path + "." + keys::META_MAP_SIGMA, py = path + "." + keys::META_MAP_CALIBRATED;
+    into.map_sigma = numbers(require(*v, keys::META_MAP_SIGMA, px), px);
+    into.map_calibrated = numbers(require(*v, keys::META_MAP_CALIBRATED, py), py);
+    try {
+      check_std_map(into.map_sigma, into.map_calibrated, path);
+    } catch (const std::invalid_argument &e) {
+      throw std::runtime_error(source + ": metadata " + e.what());
+    }
+  }
+
   std::string string(const json::Value &v, const std::string &path) const {
     if (!v.is_string()) fail(path, std::string("must be a string, got ") + v.kind_name());
     return v.as_string();
@@ -117,10 +148,12 @@ Metadata parse_metadata(const std::string &text, const std::string &source) {
     const json::Value &cal = c.require(root, K::META_CALIBRATION, K::META_CALIBRATION);
     if (!cal.is_object()) c.fail(K::META_CALIBRATION, "must be an object");
     std::string p = std::string(K::META_CALIBRATION) + ".";
-    m.force_std_scale = c.positive(c.require(cal, K::META_FORCE_STD_SCALE, p + K::META_FORCE_STD_SCALE),
-                                   p + K::META_FORCE_STD_SCALE);
-    m.energy_std_scale = c.positive(c.require(cal, K::META_ENERGY_STD_SCALE, p + K::META_ENERGY_STD_SCALE),
-                                    p + K::META_ENERGY_STD_SCALE);
+    m.calibration.force.scale = c.positive(
+        c.require(cal, K::META_FORCE_STD_SCALE, p + K::META_FORCE_STD_SCALE), p + K::META_FORCE_STD_SCALE);
+    m.calibration.energy.scale = c.positive(
+        c.require(cal, K::META_ENERGY_STD_SCALE, p + K::META_ENERGY_STD_SCALE), p + K::META_ENERGY_STD_SCALE);
+    c.std_map(cal, K::META_FORCE_STD_MAP, p + K::META_FORCE_STD_MAP, m.calibration.force);
+    c.std_map(cal, K::META_ENERGY_STD_MAP, p + K::META_ENERGY_STD_MAP, m.calibration.energy);
   }
   {
     const json::Value &th = c.require(root, K::META_THRESHOLDS, K::META_THRESHOLDS);

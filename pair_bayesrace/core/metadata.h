@@ -4,6 +4,7 @@
 #include <string>
 #include <vector>
 
+#include "aggregate.h"
 #include "json_lite.h"
 
 namespace bayesrace {
@@ -18,8 +19,7 @@ struct Metadata {
   std::string units;    // "metal"
   std::string dtype;    // "float64" | "float32"
   int n_members = 0;
-  double force_std_scale = 1.0;
-  double energy_std_scale = 1.0;
+  Calibration calibration;  // scales and optional maps, parsed once at load time
   double threshold_atomic_force_std = 0.0;  // eV/Å
   std::string bayesrace_version;
   std::string torch_version;

@@ -399,8 +399,7 @@ void PairBayesRace::compute(int eflag, int vflag)
   ai.member_total_energy = red.data();
   ai.log_var_sum = red.data() + M;
   ai.n_atoms_total = red[2 * M];
-  ai.force_std_scale = engine->metadata().force_std_scale;
-  ai.energy_std_scale = engine->metadata().energy_std_scale;
+  ai.calibration = &engine->metadata().calibration;
   bayesrace::AggregateOutput out;
   try {
     bayesrace::aggregate(ai, out);

@@ -15,11 +15,17 @@ Default extrapolation threshold (``thresholds.atomic_force_std``, eV/Å, calibra
 ``--force-threshold X`` if given; else, with ``--threshold-from FILE``, 1.5
 (``--threshold-factor``) × the 0.99 quantile (``--threshold-quantile``) over FILE's
 structures of each structure's largest calibrated atomic force σ (pass in-distribution
-structures, e.g. the validation set); else the posterior record's own value when it
-carries one; else a heuristic of
-``DEFAULT_THRESHOLD_FLOOR_MULTIPLE`` × the smallest force σ the heads can report
-(sqrt(covariance_floor) × force_std_scale). That last heuristic knows nothing of the
-data and is usually too low for a briefly trained model: prefer ``--threshold-from``.
+structures, e.g. the validation set); else the posterior's own value when it carries
+one (``bayesrace calibrate`` stores one); else a heuristic of
+``DEFAULT_THRESHOLD_FLOOR_MULTIPLE`` × the smallest force σ the heads can report, calibrated
+(c_F(sqrt(covariance_floor))). That last heuristic knows nothing of the data and is
+usually too low for a briefly trained model: prefer ``--threshold-from``.
+
+Calibration (``calibration`` in metadata.json): the posterior's own (from its record,
+written by ``bayesrace calibrate``): scales s_F, s_E and optional monotone maps g_F, g_E;
+``--force-std-scale`` / ``--energy-std-scale`` replace the scales only. The C++ core applies
+c(σ) = s·g(σ) exactly as ``Posterior.forward`` does (see ``_calibration``), so the
+deployable reports the same calibrated σ's as the Python posterior.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
+import numpy as np
 import torch
 
 from . import keys
@@ -44,7 +51,7 @@ DEFAULT_THRESHOLD_FLOOR_MULTIPLE = 3.0
 DEFAULT_THRESHOLD_FACTOR = 1.5  # margin over in-distribution σ for --threshold-from
 RECORD_DATA_HASH = "data_sha256"  # where _train.train stores the hash in the posterior record
 RECORD_THRESHOLDS = "thresholds"  # optional {atomic_force_std: X} in the posterior record
-RECORD_CALIBRATION = "calibration"  # optional {force_std_scale, energy_std_scale} in the record
+RECORD_CALIBRATION = "calibration"  # optional calibration dict in the record (scales, maps)
 
 
 class ExportError(ValueError):
@@ -151,20 +158,40 @@ def _positive(value, field: str) -> float:
     return number
 
 
-def resolve_calibration(posterior: Posterior, calibration: Optional[Dict[str, float]] = None):
-    """(force_std_scale, energy_std_scale): the arguments', else the record's, else 1."""
-    record = dict(getattr(posterior, "record_info", None) or {})
-    cal = dict(record.get(RECORD_CALIBRATION) or {})
-    cal.update(calibration or {})
-    unknown = set(cal) - {keys.META_FORCE_STD_SCALE, keys.META_ENERGY_STD_SCALE}
-    if unknown:
-        raise ExportError(f"unknown calibration field(s) {sorted(unknown)}; expected "
-                          f"{[keys.META_FORCE_STD_SCALE, keys.META_ENERGY_STD_SCALE]}")
-    force_scale = _positive(cal.get(keys.META_FORCE_STD_SCALE, 1.0),
-                            f"{keys.META_CALIBRATION}.{keys.META_FORCE_STD_SCALE}")
-    energy_scale = _positive(cal.get(keys.META_ENERGY_STD_SCALE, 1.0),
-                             f"{keys.META_CALIBRATION}.{keys.META_ENERGY_STD_SCALE}")
-    return force_scale, energy_scale
+def resolve_calibration(posterior: Posterior, calibration: Optional[Dict[str, object]] = None) -> Dict[str, object]:
+    """The calibration the deployable will carry, checked and complete:
+    ``{force_std_scale, energy_std_scale[, force_std_map][, energy_std_map]}``.
+
+    Base: the posterior's own ``calibration`` (what ``Posterior.forward`` applies; loaded from
+    the record, written by ``bayesrace calibrate``), or the record's for an object without
+    that attribute; then each field given in ``calibration`` replaces the base's (a map
+    given as ``None`` removes it). Scales default to 1; maps follow the contract of
+    ``_calibration`` (knots σ strictly increasing > 0, values non-decreasing > 0).
+    """
+    from ._calibration import CalibrationError, validate_calibration
+
+    if hasattr(posterior, "calibration"):
+        base = dict(posterior.calibration or {})
+    else:
+        record = dict(getattr(posterior, "record_info", None) or {})
+        base = dict(record.get(RECORD_CALIBRATION) or {})
+    base.update(calibration or {})
+    base = {name: value for name, value in base.items() if value is not None}
+    try:
+        checked = validate_calibration(base)
+    except CalibrationError as error:
+        raise ExportError(f"metadata field {error}") from None
+    resolved: Dict[str, object] = {keys.META_FORCE_STD_SCALE: 1.0, keys.META_ENERGY_STD_SCALE: 1.0}
+    resolved.update(checked)
+    return resolved
+
+
+def calibrated_force_std(calibration: Dict[str, object], sigma: float) -> float:
+    """c_F(σ) for one uncalibrated per-atom force σ (eV/Å) under ``calibration``."""
+    from ._calibration import calibrated_std
+
+    return float(calibrated_std(np.array([float(sigma)]), float(calibration.get(keys.META_FORCE_STD_SCALE, 1.0)),
+                                calibration.get(keys.META_FORCE_STD_MAP))[0])
 
 
 def build_metadata(
@@ -178,16 +205,21 @@ def build_metadata(
     from . import __version__
 
     record = dict(getattr(posterior, "record_info", None) or {})
-    force_scale, energy_scale = resolve_calibration(posterior, calibration)
+    resolved_calibration = resolve_calibration(posterior, calibration)
 
-    thr = dict(record.get(RECORD_THRESHOLDS) or {})
+    # the posterior's own thresholds (loaded from its record), else the record's
+    if hasattr(posterior, "thresholds"):
+        thr = dict(posterior.thresholds or {})
+    else:
+        thr = dict(record.get(RECORD_THRESHOLDS) or {})
     thr.update(thresholds or {})
     unknown = set(thr) - {keys.ATOMIC_FORCE_STD}
     if unknown:
         raise ExportError(f"unknown threshold field(s) {sorted(unknown)}; expected {[keys.ATOMIC_FORCE_STD]}")
     if keys.ATOMIC_FORCE_STD not in thr:
         floor = min(float(m.covariance_floor) for m in posterior.members)
-        thr[keys.ATOMIC_FORCE_STD] = DEFAULT_THRESHOLD_FLOOR_MULTIPLE * math.sqrt(floor) * force_scale
+        thr[keys.ATOMIC_FORCE_STD] = DEFAULT_THRESHOLD_FLOOR_MULTIPLE * calibrated_force_std(
+            resolved_calibration, math.sqrt(floor))
     force_threshold = _positive(thr[keys.ATOMIC_FORCE_STD], f"{keys.META_THRESHOLDS}.{keys.ATOMIC_FORCE_STD}")
 
     data_hash = training_data_sha256 if training_data_sha256 is not None else record.get(RECORD_DATA_HASH)
@@ -208,7 +240,7 @@ def build_metadata(
         keys.META_UNITS: UNITS,
         keys.META_DTYPE: dtype_name,
         keys.META_N_MEMBERS: len(posterior.members),
-        keys.META_CALIBRATION: {keys.META_FORCE_STD_SCALE: force_scale, keys.META_ENERGY_STD_SCALE: energy_scale},
+        keys.META_CALIBRATION: resolved_calibration,
         keys.META_THRESHOLDS: {keys.ATOMIC_FORCE_STD: force_threshold},
         keys.META_BAYESRACE_VERSION: __version__,
         keys.META_TORCH_VERSION: torch.__version__,
@@ -218,13 +250,15 @@ def build_metadata(
 
 
 def threshold_from_structures(posterior: Posterior, structures, quantile: float = 0.99,
-                              factor: float = DEFAULT_THRESHOLD_FACTOR, force_std_scale: float = 1.0) -> float:
+                              factor: float = DEFAULT_THRESHOLD_FACTOR,
+                              calibration: Optional[Dict[str, object]] = None) -> float:
     """``factor`` × the ``quantile`` over ``structures`` (ASE Atoms, in-distribution) of each
-    one's largest atomic force σ, calibrated by ``force_std_scale`` (eV/Å). The margin
-    ``factor`` is there because MD visits far more configurations than a validation set
-    holds, so a threshold at the set's own maximum trips on ordinary fluctuations."""
-    import numpy as np
-
+    one's largest calibrated atomic force σ (eV/Å). The σ's are those of the posterior
+    calibrated by ``calibration`` (a complete calibration dict, e.g. ``resolve_calibration``'s;
+    default: the posterior's own), so the threshold matches what the deployable reports.
+    The margin ``factor`` is there because MD visits far more configurations than a
+    validation set holds, so a threshold at the set's own maximum trips on ordinary
+    fluctuations."""
     from ._calculator import BayesRaceCalculator
 
     if not 0.0 < quantile <= 1.0:
@@ -235,14 +269,18 @@ def threshold_from_structures(posterior: Posterior, structures, quantile: float 
     if not structures:
         raise ExportError("no structures to measure the force σ threshold on")
     # a calculator over a copy: BayesRaceCalculator moves the posterior it is given
-    calc = BayesRaceCalculator(copy.deepcopy(posterior))
+    measured = copy.deepcopy(posterior)
+    if calibration is not None:
+        # Posterior.forward applies its calibration: replace it, never multiply again
+        measured.calibration = calibration
+    calc = BayesRaceCalculator(measured)
     largest = []
     for atoms in structures:
         atoms = atoms.copy()
         atoms.calc = calc
         atoms.get_potential_energy()
         largest.append(float(np.max(calc.results["forces_std"])))
-    return factor * force_std_scale * float(np.quantile(largest, quantile))
+    return factor * float(np.quantile(largest, quantile))
 
 
 def _check_posterior(posterior) -> None:
@@ -286,7 +324,8 @@ def export_posterior(
 ) -> Dict[str, object]:
     """Write the deployable for ``posterior`` to ``path``; returns its metadata.
 
-    ``calibration``: {force_std_scale, energy_std_scale} (default: the record's, else 1.0);
+    ``calibration``: fields replacing the posterior's calibration (force_std_scale,
+    energy_std_scale, force_std_map, energy_std_map; see ``resolve_calibration``);
     ``thresholds``: {atomic_force_std: eV/Å} (default: see the module docstring);
     ``dtype``: torch dtype or "float64"/"float32" (default: the posterior's);
     ``training_data_sha256``: overrides the hash of the posterior record;
@@ -323,9 +362,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float64",
                         help="precision of the deployable (default float64)")
     parser.add_argument("--force-std-scale", type=float, default=None,
-                        help="calibration: multiplies every force σ (default: the record's, else 1)")
+                        help="calibration: the scale s_F of every force σ, c = s_F·g_F(σ) (default: the "
+                        "record's, else 1); the map g_F, if any, comes from the record ('bayesrace calibrate')")
     parser.add_argument("--energy-std-scale", type=float, default=None,
-                        help="calibration: multiplies every energy σ (default: the record's, else 1)")
+                        help="calibration: the scale s_E of every energy σ (default: the record's, else 1); "
+                        "the map g_E, if any, comes from the record")
     parser.add_argument("--force-threshold", type=float, default=None, metavar="EV_PER_A",
                         help="default extrapolation threshold on the calibrated per-atom force σ "
                         "(compute bayesrace counts atoms over it)")
@@ -357,10 +398,10 @@ def run(args: argparse.Namespace) -> Dict[str, object]:
         path = Path(args.threshold_from)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such structure file (--threshold-from)")
-        # the threshold applies to calibrated σ: use the scale this export will write
-        force_scale, _ = resolve_calibration(posterior, calibration)
+        # the threshold applies to calibrated σ: measure them with the calibration this export writes
         thresholds[keys.ATOMIC_FORCE_STD] = threshold_from_structures(
-            posterior, ase.io.read(path, ":"), args.threshold_quantile, args.threshold_factor, force_scale
+            posterior, ase.io.read(path, ":"), args.threshold_quantile, args.threshold_factor,
+            calibration=resolve_calibration(posterior, calibration),
         )
     meta = export_posterior(posterior, args.out, calibration=calibration, thresholds=thresholds, dtype=args.dtype)
     print(

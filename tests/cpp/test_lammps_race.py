@@ -188,6 +188,57 @@ def test_lammps_matches_python_calculator(core, plugin_path, race, tmp_path, kin
     assert_same(got, reference_result(core, model, s, posterior.cutoff), rtol=1e-10)
 
 
+@pytest.mark.parametrize("kind, nprocs", [("psb3", 1), ("cell", 1), ("cell", 2)])
+def test_lammps_matches_python_with_map_calibration(core, plugin_path, race, tmp_path, kind, nprocs):
+    """Isotonic-style maps (scales and monotone knots) in the metadata: pair_style bayesrace
+    and compute bayesrace/atom report the σ's of the Python posterior calibrated by the
+    same calibration (Posterior.forward applies it; force map per atom, energy map on the
+    per-atom energy σ of the whole system)."""
+    import copy
+    import json
+
+    import torch
+
+    from bayesrace._calculator import BayesRaceCalculator
+    from bayesrace._export import build_metadata
+
+    posterior, model, meta = race
+    s = STRUCTURES[kind]()
+    calc = BayesRaceCalculator(posterior)
+    calc.calculate(to_atoms(s), ["energy"])
+    sigma = calc.results["forces_std"]
+    per_atom_energy_sigma = calc.results["energy_std"] / len(s.ids)
+    knots = np.quantile(sigma, [0.1, 0.3, 0.5, 0.7, 0.9])  # atoms below, between, above
+    calibration = {
+        keys.META_FORCE_STD_SCALE: 1.2,
+        keys.META_ENERGY_STD_SCALE: 0.8,
+        keys.META_FORCE_STD_MAP: {keys.META_MAP_SIGMA: knots.tolist(),
+                                  keys.META_MAP_CALIBRATED: [0.02, 0.02, 0.05, 0.4, 0.41]},
+        keys.META_ENERGY_STD_MAP: {keys.META_MAP_SIGMA: [0.3 * per_atom_energy_sigma, 3 * per_atom_energy_sigma],
+                                   keys.META_MAP_CALIBRATED: [0.002, 0.003]},
+    }
+    calibrated = copy.deepcopy(posterior)
+    calibrated.calibration = calibration
+    threshold = 1.2 * 0.1  # on the calibrated σ: atoms above the 4th knot exceed it, below the 3rd not
+    mapped_meta = build_metadata(calibrated, "float64", thresholds={keys.ATOMIC_FORCE_STD: threshold},
+                                 training_data_sha256="0" * 64)
+    assert mapped_meta[keys.META_CALIBRATION] == calibration
+    mapped = tmp_path / "mapped.pt"
+    # same network, new metadata: re-save instead of scripting again
+    torch.jit.save(torch.jit.load(model), str(mapped), _extra_files={keys.METADATA_FILE: json.dumps(mapped_meta)})
+    write_data(s, tmp_path / "data.lmp")
+    rc, out = run_lmp(lammps_input(plugin_path, str(mapped), s), tmp_path, nprocs=nprocs)
+    assert rc == 0, out[-3000:]
+    got = parse_lammps_result(tmp_path)
+    want = python_reference(calibrated, s, threshold)
+    assert 0 < want["n_over"] < len(s.ids)
+    assert_same(got, want, rtol=1e-8, skip=("atomic_virial6",))
+    # and the calibration does act per atom (a map, not one scale)
+    plain = python_reference(posterior, s, threshold)
+    ratio = want["uq"][:, 0] / plain["uq"][:, 0]
+    assert ratio.max() > 1.5 * ratio.min()
+
+
 def test_forces_are_finite_differences_of_lammps_energy(plugin_path, race, tmp_path):
     """Central differences of `pe` after moving one atom (`set atom`), in one LAMMPS."""
     _, model, _ = race
