@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bayesrace import ConfigError, load_config
+from bayesrace._config import config_to_dict
 
 
 def write(tmp_path, text):
@@ -55,3 +56,51 @@ def test_missing_and_invalid_yaml(tmp_path):
         load_config(tmp_path / "absent.yaml")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(write(tmp_path, "data: [unclosed\n"))
+
+
+# ---------------------------------------------------------------- posterior kinds
+
+DATA = "data:\n  train: t.xyz\n"
+
+
+def test_posterior_defaults_keep_existing_configs(tmp_path):
+    config = load_config(write(tmp_path, DATA))
+    assert config.posterior.kind == "ensemble" and config.ensemble.members == 4 and config.n_members == 4
+    assert config.training.ema_decay == 0.99
+    config = load_config(write(tmp_path, DATA + "ensemble:\n  members: 3\n"))
+    assert config.n_members == 3
+    swag = load_config(write(tmp_path, DATA + "posterior:\n  kind: swag\n"))
+    assert swag.n_members == 1 and swag.posterior.swag.rank == 20 and swag.posterior.ivon is None
+    ivon = load_config(write(tmp_path, DATA + "posterior:\n  kind: ivon\n  ivon:\n    lr: 0.2\n"))
+    assert ivon.training.ema_decay == 0.0 and ivon.posterior.ivon.lr == 0.2 and ivon.posterior.ivon.ess is None
+    laplace = load_config(write(tmp_path, DATA + "posterior:\n  kind: laplace\n  samples: 6\n"))
+    assert laplace.posterior.laplace.prior_precision is None and laplace.posterior.samples == 6
+    # validation fills the defaults in once: validating again changes nothing
+    before = config_to_dict(ivon)
+    ivon.validate()
+    assert config_to_dict(ivon) == before
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("posterior:\n  kind: swag\n  ivon:\n    lr: 0.1\n", "posterior.ivon applies only to posterior.kind 'ivon'"),
+        ("posterior:\n  kind: ensemble\n  swag:\n    rank: 5\n", "posterior.swag applies only to posterior.kind 'swag'"),
+        ("posterior:\n  kind: ivon\n  laplace: {}\n", "posterior.laplace applies only"),
+        ("posterior:\n  kind: swag\nensemble:\n  members: 2\n", "ensemble.members applies only to posterior.kind 'ensemble'"),
+        ("posterior:\n  kind: mve\nensemble:\n  members: 1\n", "ensemble.members applies only"),
+        ("posterior:\n  kind: ivon\ntraining:\n  ema_decay: 0.99\n", "training.ema_decay is 0.99"),
+        ("posterior:\n  kind: bayes\n", "posterior.kind is 'bayes'"),
+        ("posterior:\n  kind: swag\n  swag:\n    ranks: 5\n", "unknown key 'ranks' in section 'posterior.swag'"),
+        ("posterior:\n  kind: swag\n  swag:\n    start_epoch: 300\n", "posterior.swag.start_epoch must lie in"),
+        ("posterior:\n  kind: laplace\n  samples: 5\n", "must be even"),
+        ("posterior:\n  kind: ivon\n  ivon:\n    hess_init: 0\n", "posterior.ivon.hess_init must be > 0"),
+        ("posterior:\n  kind: ivon\n  ivon:\n    train_samples: 0\n", "posterior.ivon.train_samples"),
+        ("posterior:\n  kind: swag\n  samples: 0\n", "posterior.samples must be >= 1"),
+        ("ensemble:\n  members: 0\n", "ensemble.members must be >= 1"),
+        ("training:\n  ema_decay: 1.5\n", "training.ema_decay must lie in"),
+    ],
+)
+def test_bad_posterior_settings(tmp_path, text, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace(".", r"\.").replace("(", r"\(")):
+        load_config(write(tmp_path, DATA + text))

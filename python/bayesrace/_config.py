@@ -91,14 +91,70 @@ class TrainingSection:
     lr_factor: float = 0.5  # ReduceLROnPlateau on the validation loss
     lr_patience: int = 8
     min_lr: float = 1e-5
-    ema_decay: float = 0.99  # 0 turns the exponential moving average off
+    # exponential moving average of the weights; 0 turns it off. Default 0.99, and 0 for
+    # posterior kind ivon (IVON validates its own mean weights; a non-zero value is an error)
+    ema_decay: Optional[float] = None
     grad_clip: float = 10.0  # max gradient norm; 0 turns clipping off
     threads: int = 1  # torch threads per process (one per MPI rank is fastest)
 
 
 @dataclasses.dataclass
 class EnsembleSection:
-    members: int = 4
+    members: Optional[int] = None  # kind ensemble only; default 4
+
+
+DEFAULT_ENSEMBLE_MEMBERS = 4
+DEFAULT_EMA_DECAY = 0.99
+POSTERIOR_KINDS = ("ensemble", "mve", "swag", "ivon", "laplace")
+
+
+@dataclasses.dataclass
+class SwagSection:
+    """SWAG (Maddox et al. 2019): collect weight snapshots at a constant learning rate."""
+
+    # collection begins at this epoch (or earlier, when early stopping would end training
+    # before it); early stopping and the learning-rate schedule are off from then on
+    start_epoch: int = 100
+    collect_every: Optional[int] = None  # optimizer steps between snapshots; default: once per epoch
+    rank: int = 20  # K: the most recent deviation columns kept (low-rank part of the covariance)
+    lr: Optional[float] = None  # constant learning rate of the SWAG phase; default: the lr reached
+
+
+@dataclasses.dataclass
+class IvonSection:
+    """IVON (Shen et al. 2024), the variational Adam-like optimizer of the ivon-opt package."""
+
+    # IVON's step size (the update is lr·(hess_init+δ)·m/(h+δ): SGD-like while h ≈ hess_init).
+    # 0.5 with hess_init 1 was the fastest stable choice on tiny-preset PSB3 (0.05–2 tried;
+    # 2 breaks the force covariance); IVON still trains far slower than Adam there
+    lr: float = 0.5
+    ess: Optional[float] = None  # effective sample size; default: the number of training structures
+    hess_init: float = 1.0  # initial diagonal Hessian: the initial posterior precision is ess·hess_init
+    beta1: float = 0.9  # gradient momentum
+    beta2: float = 0.99999  # Hessian momentum
+    weight_decay: float = 1e-4  # Gaussian prior precision per unit ess (δ in the paper)
+    train_samples: int = 1  # Monte-Carlo weight samples per optimizer step
+    clip_radius: Optional[float] = None  # element-wise clip of the update (IVON's own); None: no clipping
+
+
+@dataclasses.dataclass
+class LaplaceSection:
+    """Last-layer Laplace approximation around one trained MVE member."""
+
+    prior_precision: Optional[float] = None  # None: fitted by maximising the marginal likelihood
+    max_structures: Optional[int] = None  # use a (seeded) random subset of the training set for the Hessian
+    batch_size: int = 8  # structures per batch when accumulating the Hessian
+
+
+@dataclasses.dataclass
+class PosteriorSection:
+    """Which approximate posterior training produces; every kind ends as M weight sets."""
+
+    kind: str = "ensemble"  # ensemble | mve | swag | ivon | laplace
+    samples: int = 8  # weight sets drawn for swag, ivon and laplace
+    swag: Optional[SwagSection] = None  # settings for kind swag only
+    ivon: Optional[IvonSection] = None  # settings for kind ivon only
+    laplace: Optional[LaplaceSection] = None  # settings for kind laplace only
 
 
 @dataclasses.dataclass
@@ -111,16 +167,22 @@ class Config:
     loss: LossSection = dataclasses.field(default_factory=LossSection)
     training: TrainingSection = dataclasses.field(default_factory=TrainingSection)
     ensemble: EnsembleSection = dataclasses.field(default_factory=EnsembleSection)
+    posterior: PosteriorSection = dataclasses.field(default_factory=PosteriorSection)
+
+    @property
+    def n_members(self) -> int:
+        """Models trained: the ensemble's members, or one for every other posterior kind."""
+        return self.ensemble.members if self.posterior.kind == "ensemble" else 1
 
     def validate(self) -> None:
+        """Check every field, then fill in the kind-dependent defaults (idempotent)."""
+        self._validate_posterior()
         if self.dtype not in ("float64", "float32"):
             raise ConfigError(f"dtype is {self.dtype!r}; expected 'float64' or 'float32'")
         if self.loss.kind not in LOSSES:
             raise ConfigError(f"loss.kind is {self.loss.kind!r}; expected one of {sorted(LOSSES)}")
         if self.training.optimizer not in ("adam", "adamw"):
             raise ConfigError(f"training.optimizer is {self.training.optimizer!r}; expected 'adam' or 'adamw'")
-        if self.ensemble.members < 1:
-            raise ConfigError(f"ensemble.members must be >= 1, got {self.ensemble.members}")
         if self.training.batch_size < 1:
             raise ConfigError(f"training.batch_size must be >= 1, got {self.training.batch_size}")
         if not self.data.train:
@@ -139,6 +201,79 @@ class Config:
                 f"(it is {model.covariance!r})"
             )
 
+    def _validate_posterior(self) -> None:
+        posterior = self.posterior
+        kind = posterior.kind
+        if kind not in POSTERIOR_KINDS:
+            raise ConfigError(f"posterior.kind is {kind!r}; expected one of {list(POSTERIOR_KINDS)}")
+        for name in ("swag", "ivon", "laplace"):
+            if getattr(posterior, name) is not None and name != kind:
+                raise ConfigError(
+                    f"posterior.{name} applies only to posterior.kind {name!r}, but kind is {kind!r}; "
+                    f"remove the section or set kind: {name}"
+                )
+        if kind == "ensemble":
+            if self.ensemble.members is None:
+                self.ensemble.members = DEFAULT_ENSEMBLE_MEMBERS
+            if self.ensemble.members < 1:
+                raise ConfigError(f"ensemble.members must be >= 1, got {self.ensemble.members}")
+        elif self.ensemble.members is not None:
+            raise ConfigError(
+                f"ensemble.members applies only to posterior.kind 'ensemble', but kind is {kind!r} "
+                "(which trains one model); remove it"
+            )
+        if kind in ("swag", "ivon", "laplace"):
+            if posterior.samples < 1:
+                raise ConfigError(f"posterior.samples must be >= 1, got {posterior.samples}")
+            if kind == "laplace" and posterior.samples % 2:
+                raise ConfigError(
+                    f"posterior.samples must be even for kind laplace (antithetic pairs), got {posterior.samples}"
+                )
+        if kind == "swag":
+            swag = posterior.swag = posterior.swag or SwagSection()
+            if not 0 <= swag.start_epoch < self.training.max_epochs:
+                raise ConfigError(
+                    f"posterior.swag.start_epoch must lie in [0, training.max_epochs = {self.training.max_epochs}) "
+                    f"so that SWAG collects snapshots, got {swag.start_epoch}"
+                )
+            if swag.rank < 1:
+                raise ConfigError(f"posterior.swag.rank must be >= 1, got {swag.rank}")
+            if swag.collect_every is not None and swag.collect_every < 1:
+                raise ConfigError(f"posterior.swag.collect_every must be >= 1 (steps), got {swag.collect_every}")
+            if swag.lr is not None and not swag.lr > 0:
+                raise ConfigError(f"posterior.swag.lr must be > 0, got {swag.lr}")
+        if kind == "ivon":
+            ivon = posterior.ivon = posterior.ivon or IvonSection()
+            for name in ("lr", "hess_init", "ess", "clip_radius"):
+                value = getattr(ivon, name)
+                if value is not None and not value > 0:
+                    raise ConfigError(f"posterior.ivon.{name} must be > 0, got {value}")
+            for name in ("beta1", "beta2"):
+                if not 0.0 <= getattr(ivon, name) <= 1.0:
+                    raise ConfigError(f"posterior.ivon.{name} must lie in [0, 1], got {getattr(ivon, name)}")
+            if ivon.weight_decay < 0:
+                raise ConfigError(f"posterior.ivon.weight_decay must be >= 0, got {ivon.weight_decay}")
+            if ivon.train_samples < 1:
+                raise ConfigError(f"posterior.ivon.train_samples must be >= 1, got {ivon.train_samples}")
+            if self.training.ema_decay:
+                raise ConfigError(
+                    f"training.ema_decay is {self.training.ema_decay}, but posterior.kind 'ivon' uses no EMA "
+                    "(it validates its own mean weights); remove it or set 0"
+                )
+            self.training.ema_decay = 0.0
+        if kind == "laplace":
+            laplace = posterior.laplace = posterior.laplace or LaplaceSection()
+            if laplace.prior_precision is not None and not laplace.prior_precision > 0:
+                raise ConfigError(f"posterior.laplace.prior_precision must be > 0, got {laplace.prior_precision}")
+            if laplace.max_structures is not None and laplace.max_structures < 1:
+                raise ConfigError(f"posterior.laplace.max_structures must be >= 1, got {laplace.max_structures}")
+            if laplace.batch_size < 1:
+                raise ConfigError(f"posterior.laplace.batch_size must be >= 1, got {laplace.batch_size}")
+        if self.training.ema_decay is None:
+            self.training.ema_decay = DEFAULT_EMA_DECAY
+        if not 0.0 <= self.training.ema_decay < 1.0:
+            raise ConfigError(f"training.ema_decay must lie in [0, 1), got {self.training.ema_decay}")
+
     @property
     def torch_dtype(self):
         import torch
@@ -156,6 +291,9 @@ def _check_value(where: str, value: Any, annotation: Any) -> Any:
         options = typing.get_args(annotation)
         if value is None and type(None) in options:
             return None
+        present = [o for o in options if o is not type(None)]
+        if len(present) == 1:  # Optional[X]: X's own message says what is wrong
+            return _check_value(where, value, present[0])
         errors = []
         for option in options:
             if option is type(None):
