@@ -400,7 +400,7 @@ def evaluate(posterior_path: Path, report_dir: Path, keep_dir: Path) -> Dict:
     sets = {k: str(v) for k, v in TEST_SETS.items()}
     problem = None
     try:
-        metrics = evaluate_sets(posterior, sets, report_dir=report_dir, progress=False)
+        metrics = evaluate_sets(posterior, sets, report_dir=report_dir, progress=False)["sets"]
     except ValueError as error:
         # an MSE-trained posterior reports zero variance from its untrained heads, which
         # evaluate_sets' Gaussian NLL refuses; evaluate it with the (meaningless) raw heads
@@ -415,7 +415,7 @@ def evaluate(posterior_path: Path, report_dir: Path, keep_dir: Path) -> Dict:
         )
         for member in posterior.members:
             member.set_trained_heads(["energy", "forces"])
-        metrics = evaluate_sets(posterior, sets, report_dir=report_dir, progress=False)
+        metrics = evaluate_sets(posterior, sets, report_dir=report_dir, progress=False)["sets"]
     seconds = time.time() - started
     members: Dict[str, Dict] = {}
     keep_dir.mkdir(parents=True, exist_ok=True)
@@ -668,7 +668,8 @@ def write_markdown(results: Dict, path: Path) -> None:
         "",
         "- `results.json`: everything above, per-member histories summaries, load samples.",
         "- `learning_curve.png`; `single/` and `ensemble/`: `report.md`, `metrics.json`, `parity_energy.png`, "
-        "`parity_forces.png`, `error_vs_sigma.png` from `evaluate_sets`.",
+        "`parity_forces.png`, `error_vs_sigma.png`, `calibration_curves.png`, `ood_scores.png`, `ood_roc.png` "
+        "from `evaluate_sets`.",
         "- `configs/`: the two training configs (paths relative to that folder; `out` points into the "
         "git-ignored run directory).",
         f"- Run directories (checkpoints, posteriors, logs, prediction arrays): `{results['runs_dir']}` "

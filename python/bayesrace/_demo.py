@@ -1,5 +1,7 @@
-"""The main job on the embedded default data: PSB3 → ensemble → evaluation → report →
-export → LAMMPS MD under mpirun with per-atom uncertainty and fix halt.
+"""The main job on the embedded default data: PSB3 → ensemble → calibration on the
+validation set → evaluation (before/after recalibration, OOD detection) → report →
+export of the calibrated posterior → LAMMPS MD under mpirun with per-atom uncertainty
+and fix halt.
 
 Each step is skipped when its output already exists and matches, so an interrupted demo
 picks up where it stopped (training resumes from its checkpoints).
@@ -14,7 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-import ase.io
 import yaml
 
 from ._mpi import mpirun_executable
@@ -46,8 +47,9 @@ def demo_config(data_dir: Path, run_dir: Path, members: int, minutes: float) -> 
 
 def run_demo(out: Path, members: int = 4, minutes: float = 2.0, ranks: int = 1, quiet: bool = False) -> dict:
     from . import keys
-    from ._evaluate import evaluate_sets, format_table
-    from ._export import export_posterior, threshold_from_structures
+    from ._calibration import calibrate_posterior_file
+    from ._evaluate import _jsonable, evaluate_sets, format_summary
+    from ._export import export_posterior
     from ._lammps_example import run_psb3_example
     from ._posterior import load_posterior
     from ._psb3 import generate_psb3
@@ -78,25 +80,35 @@ def run_demo(out: Path, members: int = 4, minutes: float = 2.0, ranks: int = 1, 
     if subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode != 0:
         raise RuntimeError(f"training failed (see its message above); command: {' '.join(command)}")
 
-    _step("3/4 evaluation: in-distribution vs out-of-distribution")
-    posterior = load_posterior(run_dir / "posterior.pt")
+    _step("3/4 calibration on the validation set, evaluation: in-distribution vs out-of-distribution")
+    # isotonic map of σ fitted on the validation set (not used for gradients); the calibrated
+    # copy of the posterior also carries the default extrapolation threshold, and is what
+    # gets exported
+    calibrated_path = run_dir / "posterior_calibrated.pt"
+    calibrated = calibrate_posterior_file(run_dir / "posterior.pt", data_dir / "valid.xyz", calibrated_path,
+                                          method="isotonic", progress=not quiet)
+    print(f"calibrated posterior: {calibrated_path} (force σ threshold {calibrated['threshold']:.3g} eV/Å)")
+    valid_name = "valid (calibration set)"
     sets = {
         "test_id (300-600 K)": str(data_dir / "test_id.xyz"),
         "ood_hot (1000-1500 K)": str(data_dir / "test_ood_hot.xyz"),
         "ood_torsion (C=C twist)": str(data_dir / "test_ood_torsion.xyz"),
+        valid_name: str(data_dir / "valid.xyz"),
     }
     report_dir = out / "report"
-    results = evaluate_sets(posterior, sets, report_dir=report_dir, progress=not quiet)
-    print(format_table(results))
+    # the uncalibrated posterior, recalibrated on the validation set inside evaluate_sets
+    # (the same fit as above), so the report shows every number before and after
+    evaluation = evaluate_sets(load_posterior(run_dir / "posterior.pt"), sets, report_dir=report_dir,
+                               progress=not quiet, calibrate_on=valid_name, calibration_method="isotonic")
+    print(format_summary(evaluation))
     print(f"\nreport: {report_dir / 'report.md'} (plots and metrics.json beside it)")
 
     _step(f"4/4 export and LAMMPS: PSB3 heated under mpirun -np {ranks}, halted when the model is unsure")
     deployable = out / "psb3_ensemble.pt"
-    # default extrapolation threshold: from the σ's the ensemble gives its validation set
-    valid = ase.io.read(data_dir / "valid.xyz", ":")
-    threshold = threshold_from_structures(posterior, valid)
-    metadata = export_posterior(posterior, deployable, thresholds={keys.ATOMIC_FORCE_STD: threshold})
-    print(f"deployable: {deployable} ({metadata[keys.META_N_MEMBERS]} members, "
+    # calibration and threshold come from the calibrated posterior's record
+    metadata = export_posterior(load_posterior(calibrated_path), deployable)
+    threshold = float(metadata[keys.META_THRESHOLDS][keys.ATOMIC_FORCE_STD])
+    print(f"deployable: {deployable} ({metadata[keys.META_N_MEMBERS]} members, calibrated σ's, "
           f"force σ threshold {threshold:.3g} eV/Å)")
     md = run_psb3_example(deployable, out / "lammps", nprocs=ranks)
     steps, sigma, temperature = md["thermo"]["Step"], md["thermo"]["c_ug[1]"], md["thermo"]["Temp"]
@@ -109,8 +121,12 @@ def run_demo(out: Path, members: int = 4, minutes: float = 2.0, ranks: int = 1, 
     else:
         print(f"the run completed {md['steps_run']} steps without crossing the threshold")
     print(f"per-atom σ dump: {md['dump']}; LAMMPS log: {md['log']}")
-    summary = {"evaluation": results, "lammps": {k: md[k] for k in ("steps_run", "halted", "halt_step",
-                                                                     "max_force_std", "max_temperature")}}
-    (report_dir / "main_job.json").write_text(json.dumps(summary, indent=1, default=str))
+    summary = {
+        "evaluation": evaluation,
+        "calibration": {"posterior": str(calibrated_path), "threshold": calibrated["threshold"],
+                        "calibration": calibrated["calibration"]},
+        "lammps": {k: md[k] for k in ("steps_run", "halted", "halt_step", "max_force_std", "max_temperature")},
+    }
+    (report_dir / "main_job.json").write_text(json.dumps(_jsonable(summary), indent=1, default=str))
     print(f"main job finished in {time.time() - started:.0f} s")
-    return results
+    return evaluation

@@ -1,4 +1,4 @@
-"""The ``bayesrace`` command: data, train, evaluate, predict, export, demo.
+"""The ``bayesrace`` command: data, train, evaluate, calibrate, predict, export, demo.
 
 Errors a user can fix (bad data, bad config, missing files) are printed as one line
 naming what is wrong, with exit status 2; nothing prints a Python traceback for them.
@@ -55,21 +55,64 @@ def cmd_train(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from ._evaluate import evaluate_sets, format_table
+    from ._evaluate import evaluate_sets, format_summary
     from ._posterior import load_posterior
 
+    sets = _parse_sets(args.sets)
+    if args.calibrate_on is not None and args.calibrate_on not in sets:
+        raise UsageError(f"--calibrate-on {args.calibrate_on!r} is not one of the sets {list(sets)} "
+                         "(name a set as name=path)")
     posterior = load_posterior(args.posterior)
-    results = evaluate_sets(
-        posterior,
-        _parse_sets(args.sets),
-        report_dir=args.report,
-        energy_key=args.energy_key,
-        forces_key=args.forces_key,
-        progress=not args.quiet,
-    )
-    print(format_table(results))
+    try:
+        evaluation = evaluate_sets(
+            posterior,
+            sets,
+            report_dir=args.report,
+            energy_key=args.energy_key,
+            forces_key=args.forces_key,
+            progress=not args.quiet,
+            calibrate_on=args.calibrate_on,
+            calibration_method=args.calibration_method,
+        )
+    except ValueError as error:  # e.g. a calibration set without labels
+        raise UsageError(str(error)) from error
+    print(format_summary(evaluation))
     if args.report:
         print(f"report written to {args.report}")
+
+
+def cmd_calibrate(args) -> None:
+    from . import keys
+    from ._calibration import CalibrationError, calibrate_posterior_file, describe_calibration
+
+    try:
+        result = calibrate_posterior_file(
+            args.posterior,
+            args.valid_file,
+            out_path=args.out,
+            method=args.method,
+            threshold_quantile=args.threshold_quantile,
+            threshold_factor=args.threshold_factor,
+            energy_key=args.energy_key,
+            forces_key=args.forces_key,
+            progress=not args.quiet,
+        )
+    except CalibrationError as error:
+        raise UsageError(str(error)) from error
+    print(f"{args.method} calibration fitted on {args.valid_file} "
+          f"({result['n_structures']} structures, {result['n_atoms']} atoms)")
+    print(describe_calibration(result["calibration"]))
+    print(f"extrapolation threshold {keys.ATOMIC_FORCE_STD} = {result['threshold']:.4g} eV/Å "
+          f"({args.threshold_factor:g} × the {args.threshold_quantile:g} quantile of each structure's largest σ_F)")
+    before, after = result["metrics_before"], result["metrics_after"]
+    rows = [(f"{part} {label}", f"{part}_{metric}") for part in ("forces", "energy")
+            for label, metric in (("NLL", "nll"), ("miscalibration area", "miscalibration_area"), ("ENCE", "ence"))]
+    width = max(len(label) for label, _ in rows)
+    print(f"{'validation set':<{width}}  {'uncalibrated':>12}  {'calibrated':>12}")
+    for label, metric in rows:
+        if metric in before or metric in after:
+            print(f"{label:<{width}}  {before.get(metric, float('nan')):>12.4g}  {after.get(metric, float('nan')):>12.4g}")
+    print(f"calibrated posterior written to {result['out_path']}")
 
 
 def cmd_predict(args) -> None:
@@ -100,6 +143,76 @@ def cmd_predict(args) -> None:
     print(f"{len(out)} structures with predictions and uncertainties written to {args.out}")
 
 
+def cmd_laplace(args) -> None:
+    """Post-hoc last-layer Laplace posterior of one member of a trained posterior."""
+    from . import keys
+    from ._data import TypeMap, frames_to_graphs, iterate_batches, read_frames
+    from ._laplace import fit_last_layer_laplace, predictive_covariance, sample_members
+    from ._posterior import save_posterior
+
+    if args.samples < 2 or args.samples % 2:
+        raise UsageError(f"--samples must be a positive even number (antithetic pairs), got {args.samples}")
+    if args.prior_precision is not None and not args.prior_precision > 0:
+        raise UsageError(f"--prior-precision must be positive, got {args.prior_precision}")
+    if args.max_structures is not None and args.max_structures < 1:
+        raise UsageError(f"--max-structures must be at least 1, got {args.max_structures}")
+    source = _load_posterior_or_usage_error(args.posterior)
+    if not 0 <= args.member < len(source.members):
+        raise UsageError(f"--member {args.member}: {args.posterior} has members 0..{len(source.members) - 1}")
+    model = source.members[args.member]
+    info = getattr(source, "record_info", {})
+    source_config = info.get("config") if isinstance(info.get("config"), dict) else {}
+    data_keys = source_config.get("data") or {}  # label keys the member was trained with
+    frames = read_frames(
+        args.train_file,
+        energy_key=data_keys.get("energy_key", "energy"),
+        forces_key=data_keys.get("forces_key", "forces"),
+    )
+    frames = [f for f in frames if len(f.numbers) > 1]  # isolated atoms carry no forces
+    if args.max_structures is not None:
+        frames = frames[: args.max_structures]
+    if not frames:
+        raise UsageError(f"{args.train_file}: no structures with more than one atom to fit on")
+    graphs = frames_to_graphs(frames, TypeMap(model.type_names), model.cutoff)
+    try:
+        laplace = fit_last_layer_laplace(
+            model, graphs, prior_precision=args.prior_precision, progress=not args.quiet
+        )
+        members = sample_members(model, laplace, args.samples, seed=args.seed)
+    except ValueError as error:
+        raise UsageError(str(error)) from error
+
+    sigma_sum, n_atoms = 0.0, 0
+    for batch in iterate_batches(graphs, 8, shuffle=False, dtype=next(model.parameters()).dtype):
+        sigma = predictive_covariance(model, laplace, batch)[keys.ATOMIC_FORCE_STD_EPISTEMIC]
+        sigma_sum += float(sigma.sum())
+        n_atoms += sigma.numel()
+    save_posterior(
+        args.out,
+        members,
+        kind="laplace",
+        laplace=laplace.summary(),
+        data_sha256=info.get("data_sha256"),
+        config=info.get("config"),
+        laplace_source={"posterior": str(Path(args.posterior).resolve()), "member": args.member,
+                        "train_file": str(Path(args.train_file).resolve()), "structures": len(graphs)},
+    )
+    print(f"prior precision alpha = {laplace.prior_precision:.6g}")
+    print(f"log marginal likelihood = {laplace.log_marginal_likelihood:.6g} nats "
+          f"({laplace.n_parameters} last-layer weights, {laplace.n_structures} structures)")
+    print(f"mean epistemic force sigma on the training set = {sigma_sum / max(n_atoms, 1):.6g} eV/Å")
+    print(f"laplace posterior with {len(members)} samples written to {args.out}")
+
+
+def _load_posterior_or_usage_error(path):
+    from ._posterior import load_posterior
+
+    try:
+        return load_posterior(path)
+    except ValueError as error:
+        raise UsageError(str(error)) from error
+
+
 def cmd_demo(args) -> None:
     from ._demo import run_demo
 
@@ -119,26 +232,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=cmd_data)
 
-    p = sub.add_parser("train", help="train a RACE ensemble from a YAML config (mpirun -np K runs members in parallel)")
+    p = sub.add_parser("train", help="train a RACE posterior (ensemble, mve, swag, ivon, laplace) from a YAML config (mpirun -np K runs ensemble members in parallel)")
     p.add_argument("config")
     p.add_argument("--out", help="override the config's 'out' directory")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=cmd_train)
 
-    p = sub.add_parser("evaluate", help="errors and uncertainties of a posterior on labelled files")
+    p = sub.add_parser("evaluate", help="errors, calibration and OOD detection of a posterior on labelled files")
     p.add_argument("posterior", help="posterior.pt written by 'bayesrace train'")
     p.add_argument("sets", nargs="+", help="files to evaluate, as path or name=path")
     p.add_argument("--report", help="directory for metrics.json, plots and report.md")
+    p.add_argument("--calibrate-on", metavar="NAME",
+                   help="refit the σ calibration on this set (a labelled validation set) and report every "
+                        "metric before and after it")
+    p.add_argument("--calibration-method", choices=("isotonic", "scalar"), default="isotonic",
+                   help="with --calibrate-on: monotone map of σ or one NLL-optimal factor (default: isotonic)")
     p.add_argument("--energy-key", default="energy")
     p.add_argument("--forces-key", default="forces")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=cmd_evaluate)
+
+    p = sub.add_parser("calibrate", help="fit the σ calibration and extrapolation threshold on a validation set")
+    p.add_argument("posterior", help="posterior.pt written by 'bayesrace train'")
+    p.add_argument("valid_file", help="labelled validation structures (not used in training)")
+    p.add_argument("--method", choices=("isotonic", "scalar"), default="isotonic",
+                   help="isotonic: monotone map of σ; scalar: one NLL-optimal factor (default: isotonic)")
+    p.add_argument("--out", help="where to write the calibrated posterior (default: overwrite POSTERIOR)")
+    p.add_argument("--threshold-quantile", type=float, default=0.99,
+                   help="quantile over structures of the largest calibrated force σ (default 0.99)")
+    p.add_argument("--threshold-factor", type=float, default=1.5, help="margin on that quantile (default 1.5)")
+    p.add_argument("--energy-key", default="energy")
+    p.add_argument("--forces-key", default="forces")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(run=cmd_calibrate)
 
     p = sub.add_parser("predict", help="predict energies, forces and uncertainties for structures in a file")
     p.add_argument("posterior")
     p.add_argument("input", help="structures (extxyz or anything ASE reads)")
     p.add_argument("--out", required=True, help="extxyz output")
     p.set_defaults(run=cmd_predict)
+
+    p = sub.add_parser("laplace", help="last-layer Laplace posterior (energies and forces) of one trained member")
+    p.add_argument("posterior", help="posterior.pt with the trained member")
+    p.add_argument("train_file", help="labelled training structures (energies and forces) for the fit")
+    p.add_argument("--out", required=True, help="output posterior file (kind 'laplace')")
+    p.add_argument("--member", type=int, default=0, help="which member of POSTERIOR to linearise")
+    p.add_argument("--samples", type=int, default=8, help="members drawn in antithetic pairs (even)")
+    p.add_argument("--prior-precision", type=float, default=None,
+                   help="fixed prior precision alpha (default: maximise the Laplace marginal likelihood)")
+    p.add_argument("--max-structures", type=int, default=None, help="fit on the first N structures only")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(run=cmd_laplace)
 
     # listed for --help; main() hands its arguments to the exporter's own parser
     sub.add_parser("export", help="freeze a posterior into one TorchScript deployable for LAMMPS (bayesrace-export)")
