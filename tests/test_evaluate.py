@@ -231,7 +231,7 @@ def test_evaluate_sets_report_and_numbers(posterior, data_sets, tmp_path):
 
 def direct_ood_scores(prediction):
     """Per-structure OOD scores by an explicit loop over structures."""
-    energy, largest, mean = [], [], []
+    energy, largest, mean, energy_epistemic, largest_epistemic = [], [], [], [], []
     start = 0
     for b, count in enumerate(prediction[keys.NUM_ATOMS]):
         sigma = prediction[keys.ATOMIC_FORCE_STD][start : start + count]
@@ -239,11 +239,15 @@ def direct_ood_scores(prediction):
         energy.append(1000 * math.sqrt(variance) / count)
         largest.append(sigma.max())
         mean.append(sigma.mean())
+        energy_epistemic.append(1000 * math.sqrt(prediction[keys.ENERGY_VAR_EPISTEMIC][b]) / count)
+        largest_epistemic.append(prediction[keys.ATOMIC_FORCE_STD_EPISTEMIC][start : start + count].max())
         start += count
     return {
         "energy_sigma_meV_per_atom": np.array(energy),
         "max_atomic_force_sigma_eV_per_A": np.array(largest),
         "mean_atomic_force_sigma_eV_per_A": np.array(mean),
+        "energy_sigma_epistemic_meV_per_atom": np.array(energy_epistemic),
+        "max_atomic_force_sigma_epistemic_eV_per_A": np.array(largest_epistemic),
     }
 
 
