@@ -72,7 +72,10 @@ def test_posterior_defaults_keep_existing_configs(tmp_path):
     swag = load_config(write(tmp_path, DATA + "posterior:\n  kind: swag\n"))
     assert swag.n_members == 1 and swag.posterior.swag.rank == 20 and swag.posterior.ivon is None
     ivon = load_config(write(tmp_path, DATA + "posterior:\n  kind: ivon\n  ivon:\n    lr: 0.2\n"))
-    assert ivon.training.ema_decay == 0.0 and ivon.posterior.ivon.lr == 0.2 and ivon.posterior.ivon.ess is None
+    # the EMA applies to IVON's Adam warm start; start_epoch stays None (2/3 of max_epochs)
+    assert ivon.training.ema_decay == 0.99 and ivon.posterior.ivon.start_epoch is None
+    assert ivon.posterior.ivon.resolved_start_epoch(ivon.training.max_epochs) == 133
+    assert ivon.posterior.ivon.lr == 0.2 and ivon.posterior.ivon.ess is None
     laplace = load_config(write(tmp_path, DATA + "posterior:\n  kind: laplace\n  samples: 6\n"))
     assert laplace.posterior.laplace.prior_precision is None and laplace.posterior.samples == 6
     # validation fills the defaults in once: validating again changes nothing
@@ -89,7 +92,8 @@ def test_posterior_defaults_keep_existing_configs(tmp_path):
         ("posterior:\n  kind: ivon\n  laplace: {}\n", "posterior.laplace applies only"),
         ("posterior:\n  kind: swag\nensemble:\n  members: 2\n", "ensemble.members applies only to posterior.kind 'ensemble'"),
         ("posterior:\n  kind: mve\nensemble:\n  members: 1\n", "ensemble.members applies only"),
-        ("posterior:\n  kind: ivon\ntraining:\n  ema_decay: 0.99\n", "training.ema_decay is 0.99"),
+        ("posterior:\n  kind: ivon\n  ivon:\n    start_epoch: 200\n", "posterior.ivon.start_epoch must lie in"),
+        ("posterior:\n  kind: ivon\n  ivon:\n    start_epoch: -1\n", "posterior.ivon.start_epoch must lie in"),
         ("posterior:\n  kind: bayes\n", "posterior.kind is 'bayes'"),
         ("posterior:\n  kind: swag\n  swag:\n    ranks: 5\n", "unknown key 'ranks' in section 'posterior.swag'"),
         ("posterior:\n  kind: swag\n  swag:\n    start_epoch: 300\n", "posterior.swag.start_epoch must lie in"),

@@ -12,6 +12,7 @@ import torch
 
 from bayesrace import keys, load_config, load_posterior
 from bayesrace._data import collate, read_frames, TypeMap, frames_to_graphs
+from bayesrace import _train as train_module
 from bayesrace._train import CHECKPOINT, SwagCollector, train
 from conftest import write_training_config
 
@@ -184,7 +185,7 @@ def test_swag_resumes_exactly(psb3_small, tmp_path):
 
 
 def test_ivon_is_seeded_resumable_and_samples_differ(psb3_small, tmp_path):
-    ivon = {"lr": 0.1, "hess_init": 0.5, "train_samples": 2}
+    ivon = {"start_epoch": 0, "lr": 0.1, "hess_init": 0.5, "train_samples": 2}  # IVON from the start
     first = train(load_config(run_config(tmp_path, psb3_small, "a", "ivon", ivon=ivon)), progress=False)
     # the same run again, from scratch, stopped after one epoch and resumed: identical
     train(load_config(run_config(tmp_path, psb3_small, "c", "ivon", {"max_epochs": 1}, ivon=ivon)), progress=False)
@@ -204,7 +205,84 @@ def test_ivon_is_seeded_resumable_and_samples_differ(psb3_small, tmp_path):
     different = flat_members(load_posterior(train(load_config(other_seed), progress=False)))
     assert not torch.equal(members[0], different[0])
     summary = posterior.record_info["ivon"]
-    assert summary["ess"] == 12.0 and summary["mean_weight_std"] > 0
+    # default ess: half the training atoms (12 structures)
+    n_atoms = sum(len(frame.positions) for frame in read_frames(str(psb3_small / "train.xyz"))[:12])
+    assert summary["ess"] == n_atoms / 2 and summary["mean_weight_std"] > 0
+
+
+WARM_IVON = {"start_epoch": 1, "lr": 0.05, "hess_init": 2.0, "train_samples": 2}
+
+
+def test_ivon_warm_start_trains_like_the_mve_then_switches(psb3_small, mve_run, tmp_path, monkeypatch):
+    started = []
+    original = train_module._start_ivon
+
+    def recording_start(model, state, config, data):
+        warm_best = {k: v.clone() for k, v in state["best_state"].items()}
+        result = original(model, state, config, data)
+        started.append((state["epoch"], warm_best, {k: v.clone() for k, v in model.state_dict().items()}))
+        return result
+
+    monkeypatch.setattr(train_module, "_start_ivon", recording_start)
+    config = run_config(tmp_path, psb3_small, "warm", "ivon", {"max_epochs": 3}, ivon=WARM_IVON)
+    path = train(load_config(config), progress=False)
+    posterior = assert_sane_posterior(path, "ivon", SAMPLES, psb3_small / "valid.xyz")
+
+    # Adam (the MVE's optimizer, with its EMA) for epoch 1, IVON for epochs 2 and 3
+    entries = history(tmp_path / "warm")
+    assert [e["optimizer"] for e in entries] == ["adamw", "ivon", "ivon"]
+    assert posterior.record_info["ivon"]["start_epoch"] == 1
+    # the warm-start epoch is exactly the MVE's first epoch (same seed, same training)
+    mve_first = history(Path(mve_run).parent)[0]
+    assert {k: v for k, v in entries[0].items() if k not in ("elapsed_s", "optimizer")} == \
+        {k: v for k, v in mve_first.items() if k != "elapsed_s"}
+    # IVON's mean starts from the best validated (EMA) weights of the warm start
+    assert len(started) == 1 and started[0][0] == 1
+    _, warm_best, mean_at_switch = started[0]
+    for name, value in warm_best.items():
+        assert torch.equal(mean_at_switch[name], value), name
+    checkpoint = torch.load(tmp_path / "warm" / "member_0" / CHECKPOINT, weights_only=False)
+    assert checkpoint["optimizer_kind"] == "ivon" and checkpoint["ema"] is None
+    assert checkpoint["state"]["ivon_start_epoch"] == 1 and checkpoint["ivon_step"] == 2 * 3  # 3 steps/epoch
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_ivon_resumes_exactly_across_the_switch(psb3_small, tmp_path, monkeypatch):
+    straight = train(load_config(run_config(tmp_path, psb3_small, "straight", "ivon", {"max_epochs": 3},
+                                            ivon=WARM_IVON)), progress=False)
+    original_update = train_module._Progress.update
+    # killed right after the checkpoint of epoch 1 (holds Adam's state; the switch comes on
+    # resumption) and again after that of epoch 2 (holds IVON's)
+    for kill_after in (1, 2):
+        def killing_update(self, entry, kill_after=kill_after):
+            original_update(self, entry)
+            if entry["epoch"] == kill_after:
+                raise _Killed
+
+        monkeypatch.setattr(train_module._Progress, "update", killing_update)
+        with pytest.raises(_Killed):
+            train(load_config(run_config(tmp_path, psb3_small, "split", "ivon", {"max_epochs": 3}, ivon=WARM_IVON)),
+                  progress=False)
+        checkpoint = torch.load(tmp_path / "split" / "member_0" / CHECKPOINT, weights_only=False)
+        assert checkpoint["optimizer_kind"] == ("adamw" if kill_after == 1 else "ivon")
+    monkeypatch.setattr(train_module._Progress, "update", original_update)
+    resumed = train(load_config(run_config(tmp_path, psb3_small, "split", "ivon", {"max_epochs": 3}, ivon=WARM_IVON)),
+                    progress=False)
+    for x, y in zip(flat_members(load_posterior(straight)), flat_members(load_posterior(resumed))):
+        assert torch.equal(x, y)
+    drop = ("elapsed_s",)
+    assert [{k: v for k, v in e.items() if k not in drop} for e in history(tmp_path / "straight")] == \
+        [{k: v for k, v in e.items() if k not in drop} for e in history(tmp_path / "split")]
+
+
+def test_ivon_that_never_started_says_so(psb3_small, tmp_path):
+    config = load_config(run_config(tmp_path, psb3_small, "late", "ivon", {"max_epochs": 3}, ivon=WARM_IVON))
+    config.training.max_epochs = 1  # as if resumed with fewer epochs: training ends before the switch
+    with pytest.raises(RuntimeError, match="IVON never trained"):
+        train(config, progress=False)
 
 
 def test_laplace_kind_samples_around_the_mve(psb3_small, mve_run, tmp_path):

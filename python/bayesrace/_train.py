@@ -16,9 +16,11 @@ them alike:
 - ``swag``: one member trained on; from ``swag.start_epoch`` at a constant learning rate
   the raw weights are collected into SWAG moments (:class:`SwagCollector`) and
   ``posterior.samples`` weight sets are drawn from them.
-- ``ivon``: one member trained with the IVON optimizer (a diagonal Gaussian over the
-  weights); validated on its mean; ``posterior.samples`` weight sets are drawn from the
-  Gaussian of the best epoch.
+- ``ivon``: one member trained like an MVE member (Adam/AdamW, EMA) until
+  ``ivon.start_epoch``; then its best validated (EMA) weights become the mean of the IVON
+  optimizer (a diagonal Gaussian over the weights), which trains on without EMA, validated
+  on its mean; ``posterior.samples`` weight sets are drawn from the Gaussian of the best
+  IVON epoch.
 - ``laplace``: one MVE member, then a last-layer Laplace approximation
   (``_laplace.fit_last_layer_laplace``) and ``posterior.samples`` antithetic samples.
 
@@ -281,25 +283,42 @@ class SwagCollector:
         return collector
 
 
-def _make_optimizer(config: Config, model: RACE, data: TrainingData) -> torch.optim.Optimizer:
+def _make_optimizer(config: Config, model: RACE) -> torch.optim.Optimizer:
+    """The member's Adam/AdamW (also the warm start of posterior kind ivon)."""
     training = config.training
-    if config.posterior.kind == "ivon":
-        import ivon as ivon_package
-
-        settings = config.posterior.ivon
-        return ivon_package.IVON(
-            model.parameters(),
-            lr=settings.lr,
-            ess=float(settings.ess if settings.ess is not None else len(data.train)),
-            hess_init=settings.hess_init,
-            beta1=settings.beta1,
-            beta2=settings.beta2,
-            weight_decay=settings.weight_decay,
-            mc_samples=settings.train_samples,
-            clip_radius=settings.clip_radius if settings.clip_radius is not None else math.inf,
-        )
     optimizer_cls = torch.optim.AdamW if training.optimizer == "adamw" else torch.optim.Adam
     return optimizer_cls(model.parameters(), lr=training.lr, weight_decay=training.weight_decay)
+
+
+def default_ivon_ess(graphs: List[Graph]) -> float:
+    """Half the number of training atoms: the force term of the NLL losses is twice the mean
+    per-atom force NLL, so the data's total force NLL is (N_atoms/2)·loss, and IVON's
+    posterior exp(−ess·loss) is the Bayesian one with ess = N_atoms/2."""
+    return 0.5 * sum(len(graph.species) for graph in graphs)
+
+
+def _make_ivon_optimizer(config: Config, model: RACE, data: TrainingData):
+    import ivon as ivon_package
+
+    settings = config.posterior.ivon
+    return ivon_package.IVON(
+        model.parameters(),
+        lr=settings.lr,
+        ess=float(settings.ess if settings.ess is not None else default_ivon_ess(data.train)),
+        hess_init=settings.hess_init,
+        beta1=settings.beta1,
+        beta2=settings.beta2,
+        weight_decay=settings.weight_decay,
+        mc_samples=settings.train_samples,
+        clip_radius=settings.clip_radius if settings.clip_radius is not None else math.inf,
+    )
+
+
+def _make_scheduler(config: Config, optimizer) -> torch.optim.lr_scheduler.ReduceLROnPlateau:
+    training = config.training
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, factor=training.lr_factor, patience=training.lr_patience, min_lr=training.min_lr
+    )
 
 
 def _ivon_training_step(model: RACE, optimizer, batch: Dict, loss_fn, config: Config) -> torch.Tensor:
@@ -383,11 +402,13 @@ class _Progress:
 
 def _finished(state: Dict, config: Config) -> bool:
     """Recomputed from the saved state, so a resumed run may be given more epochs or time.
-    SWAG has no early stopping: stagnation starts its collection phase instead."""
+    SWAG has no early stopping, and IVON none before its phase: stagnation starts that
+    phase instead (whose clocks start afresh, so IVON trains at least one epoch)."""
     training = config.training
     out_of_time = training.max_minutes is not None and state["elapsed"] > 60.0 * training.max_minutes
     stale = state["stale_epochs"] >= training.early_stopping_patience and state["epoch"] > config.loss.mse_warmup_epochs
-    early_stop = stale and config.posterior.kind != "swag"
+    ivon_waiting = config.posterior.kind == "ivon" and state.get("ivon_start_epoch") is None
+    early_stop = stale and config.posterior.kind != "swag" and not ivon_waiting
     return out_of_time or early_stop or state["epoch"] >= training.max_epochs
 
 
@@ -397,6 +418,27 @@ def _swag_should_start(state: Dict, config: Config) -> bool:
     stale = (state["stale_epochs"] >= config.training.early_stopping_patience
              and state["epoch"] > config.loss.mse_warmup_epochs)
     return state["epoch"] >= config.posterior.swag.start_epoch or stale
+
+
+def _ivon_should_start(state: Dict, config: Config) -> bool:
+    """Like :func:`_swag_should_start`: at ivon.start_epoch, or when the warm start stagnates."""
+    if config.posterior.kind != "ivon" or state.get("ivon_start_epoch") is not None:
+        return False
+    stale = (state["stale_epochs"] >= config.training.early_stopping_patience
+             and state["epoch"] > config.loss.mse_warmup_epochs)
+    return state["epoch"] >= config.posterior.ivon.resolved_start_epoch(config.training.max_epochs) or stale
+
+
+def _start_ivon(model: RACE, state: Dict, config: Config, data: TrainingData):
+    """Enter the IVON phase: the best validated (EMA) weights of the warm start become IVON's
+    mean (the weights an MVE member stopped here would keep); a fresh IVON optimizer and
+    plateau schedule; best-loss and early-stopping clocks restart, so what is kept is an
+    IVON epoch with its Hessian."""
+    if state["best_state"] is not None:
+        model.load_state_dict(state["best_state"])
+    optimizer = _make_ivon_optimizer(config, model, data)
+    state.update(ivon_start_epoch=state["epoch"], best_loss=math.inf, stale_epochs=0)
+    return optimizer, _make_scheduler(config, optimizer)
 
 
 def _say(message: str, bar: "_Progress") -> None:
@@ -414,7 +456,8 @@ def train_member(
     """Train (or resume) one member; returns its checkpoint path.
 
     For posterior kind swag the collection phase is part of this training; for ivon the
-    optimizer is IVON (its Gaussian's mean is what gets validated and kept)."""
+    warm start and the IVON phase (its Gaussian's mean is what gets validated and kept).
+    The checkpoint names the optimizer whose state it holds (``optimizer_kind``)."""
     member_dir = Path(config.out) / f"member_{member}"
     member_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_path = member_dir / CHECKPOINT
@@ -423,10 +466,8 @@ def train_member(
 
     model = _new_member_model(config, data, member)
     model.train()
-    optimizer = _make_optimizer(config, model, data)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, factor=training.lr_factor, patience=training.lr_patience, min_lr=training.min_lr
-    )
+    optimizer = _make_optimizer(config, model)
+    scheduler = _make_scheduler(config, optimizer)
     ema = AveragedModel(model, avg_fn=_ema_update(training.ema_decay), use_buffers=True) \
         if training.ema_decay > 0 else None
     state = dict(epoch=0, best_loss=math.inf, best_state=None, stale_epochs=0, history=[], elapsed=0.0)
@@ -441,9 +482,14 @@ def train_member(
                 f"use another 'out' directory or delete {member_dir} to start over"
             )
         model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        if kind == "ivon":
+        if _checkpoint_optimizer_kind(checkpoint) == "ivon":
+            optimizer = _make_ivon_optimizer(config, model, data)
+            scheduler = _make_scheduler(config, optimizer)
+            optimizer.load_state_dict(checkpoint["optimizer"])
             optimizer.current_step = checkpoint["ivon_step"]  # IVON's bias correction; not in its state_dict
+            ema = None  # the IVON phase has none
+        else:
+            optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         if ema is not None:
             ema.load_state_dict(checkpoint["ema"])
@@ -471,6 +517,13 @@ def train_member(
                     # the loss changes meaning: restart the plateau and early-stopping clocks
                     state["best_loss"], state["stale_epochs"] = math.inf, 0
                     scheduler.best = scheduler.mode_worse
+                if _ivon_should_start(state, config):
+                    optimizer, scheduler = _start_ivon(model, state, config, data)
+                    ema = None
+                    _say(f"member {member}: IVON takes over at epoch {epoch} (lr {optimizer.param_groups[0]['lr']:.3g}, "
+                         f"ess {optimizer.param_groups[0]['ess']:.3g}, hess_init {config.posterior.ivon.hess_init:.3g})",
+                         bar)
+                ivon_phase = state.get("ivon_start_epoch") is not None
                 if _swag_should_start(state, config):
                     swag = _start_swag(model, optimizer, state, config)
                     _say(f"member {member}: SWAG collection starts at epoch {epoch} "
@@ -479,9 +532,9 @@ def train_member(
                 for batch in iterate_batches(
                     data.train, training.batch_size, shuffle=True, seed=seed, epoch=epoch, dtype=config.torch_dtype
                 ):
-                    hint = "posterior.ivon.lr or raise posterior.ivon.hess_init" if kind == "ivon" else "training.lr"
+                    hint = "posterior.ivon.lr or raise posterior.ivon.hess_init" if ivon_phase else "training.lr"
                     try:
-                        if kind == "ivon":
+                        if ivon_phase:
                             loss = _ivon_training_step(model, optimizer, batch, loss_fn, config)
                         else:
                             optimizer.zero_grad(set_to_none=True)
@@ -496,7 +549,7 @@ def train_member(
                             f"member {member}, epoch {epoch}: training loss became {float(loss)}; "
                             f"lower {hint} or use loss.mse_warmup_epochs"
                         )
-                    if kind != "ivon":
+                    if not ivon_phase:
                         loss.backward()
                         if training.grad_clip > 0:
                             torch.nn.utils.clip_grad_norm_(model.parameters(), training.grad_clip)
@@ -524,7 +577,7 @@ def train_member(
                     if improved:
                         state["best_loss"] = valid["loss"]
                         state["best_state"] = {k: v.detach().clone() for k, v in evaluated.state_dict().items()}
-                        if kind == "ivon":
+                        if ivon_phase:
                             state["best_ivon_hess"] = [group["hess"].clone() for group in optimizer.param_groups]
                         state["stale_epochs"] = 0
                     else:
@@ -541,6 +594,8 @@ def train_member(
                     lr=optimizer.param_groups[0]["lr"],
                     elapsed_s=state["elapsed"],
                 )
+                if kind == "ivon":
+                    entry["optimizer"] = "ivon" if ivon_phase else training.optimizer
                 if swag is not None:
                     entry["swag_snapshots"] = swag.count
                 state["history"].append(entry)
@@ -550,6 +605,7 @@ def train_member(
                         model=model.state_dict(),
                         ema=ema.state_dict() if ema is not None else None,
                         optimizer=optimizer.state_dict(),
+                        optimizer_kind="ivon" if ivon_phase else training.optimizer,
                         ivon_step=getattr(optimizer, "current_step", None),
                         scheduler=scheduler.state_dict(),
                         state=state,
@@ -564,6 +620,14 @@ def train_member(
         finally:
             bar.close()
     return checkpoint_path
+
+
+def _checkpoint_optimizer_kind(checkpoint: Dict) -> str:
+    """Which optimizer's state a checkpoint holds; those written before ``optimizer_kind``
+    existed hold IVON's exactly when they have an IVON step count."""
+    if "optimizer_kind" in checkpoint:
+        return checkpoint["optimizer_kind"]
+    return "ivon" if checkpoint.get("ivon_step") is not None else "adam"
 
 
 def _start_swag(model: RACE, optimizer: torch.optim.Optimizer, state: Dict, config: Config) -> SwagCollector:
@@ -627,8 +691,14 @@ def ivon_members(config: Config, data: TrainingData, member: int = 0) -> Tuple[L
     """posterior.samples weight sets from IVON's Gaussian N(m, 1/(ess·(h + δ))) at the best
     validated epoch (mean m, Hessian h of that epoch; δ = weight_decay), seeded by the member's seed."""
     state = _load_checkpoint(config, member)["state"]
+    if state.get("best_ivon_hess") is None:
+        raise RuntimeError(
+            f"member {member}: IVON never trained (training ended at epoch {state['epoch']} before "
+            f"posterior.ivon.start_epoch {config.posterior.ivon.resolved_start_epoch(config.training.max_epochs)}); "
+            "give it more epochs or time"
+        )
     model = best_member_model(config, data, member)
-    optimizer = _make_optimizer(config, model, data)
+    optimizer = _make_ivon_optimizer(config, model, data)
     for group, hess in zip(optimizer.param_groups, state["best_ivon_hess"]):
         group["hess"] = hess.clone()
     members = []
@@ -640,7 +710,8 @@ def ivon_members(config: Config, data: TrainingData, member: int = 0) -> Tuple[L
     group = optimizer.param_groups[0]
     hess = torch.cat([h.reshape(-1) for h in state["best_ivon_hess"]])
     weight_std = 1.0 / torch.sqrt(group["ess"] * (hess + group["weight_decay"]))
-    summary = dict(ess=float(group["ess"]), best_epoch_loss=float(state["best_loss"]),
+    summary = dict(ess=float(group["ess"]), start_epoch=state.get("ivon_start_epoch", 0),
+                   best_epoch_loss=float(state["best_loss"]),
                    mean_weight_std=float(weight_std.mean()), max_weight_std=float(weight_std.max()))
     return members, summary
 
