@@ -96,6 +96,10 @@ class TrainingSection:
     ema_decay: Optional[float] = None
     grad_clip: float = 10.0  # max gradient norm; 0 turns clipping off
     threads: int = 1  # torch threads per process (one per MPI rank is fastest)
+    # warm start: a posterior.pt whose member m mod M gives member m its initial weights
+    # (and normalisation) instead of a random initialisation; only read when the member has
+    # no checkpoint yet. Its elements and architecture must match this run's.
+    init_from: Optional[str] = None
 
 
 @dataclasses.dataclass
@@ -396,6 +400,7 @@ def _resolve_paths(config: Config, base: Path) -> None:
     data.valid = _resolve(base, data.valid)
     data.isolated_atoms = _resolve(base, data.isolated_atoms)
     data.test = {name: _resolve(base, path) for name, path in data.test.items()}
+    config.training.init_from = _resolve(base, config.training.init_from)
     config.out = _resolve(base, config.out)
 
 

@@ -151,8 +151,60 @@ def _member_seed(config: Config, member: int) -> int:
     return config.seed * 1000 + member
 
 
+_WARM_START_CACHE: Dict[tuple, Dict] = {}
+
+
+def _warm_start_record(config: Config, data: TrainingData) -> Dict:
+    """The posterior record named by ``training.init_from``, checked against this run: same
+    elements (in order) and the same architecture (``avg_num_neighbors`` aside: the record's
+    is kept, so a warm-started member computes exactly the function it starts from)."""
+    from ._model import ModelConfig
+    from ._posterior import _read_record
+
+    path = config.training.init_from
+    try:
+        stat = os.stat(path)
+        key = (os.path.abspath(path), stat.st_mtime_ns, stat.st_size)
+        record = _WARM_START_CACHE.get(key)
+        if record is None:
+            record = _read_record(path)
+            _WARM_START_CACHE.clear()  # one warm start at a time; members share it
+            _WARM_START_CACHE[key] = record
+    except (FileNotFoundError, ValueError) as error:
+        raise RuntimeError(f"training.init_from: {error}") from error
+    if list(record["type_names"]) != list(data.type_names):
+        raise RuntimeError(
+            f"training.init_from {path}: its elements {record['type_names']} differ from the training data's "
+            f"{data.type_names}; a warm start needs the same elements"
+        )
+    wanted = dataclasses.asdict(config.model.model_config())
+    saved = dataclasses.asdict(ModelConfig(**record["model_config"]))
+    differing = [name for name in wanted if name != "avg_num_neighbors" and wanted[name] != saved[name]]
+    if wanted["avg_num_neighbors"] > 0 and wanted["avg_num_neighbors"] != saved["avg_num_neighbors"]:
+        differing.append("avg_num_neighbors")
+    if differing:
+        raise RuntimeError(
+            f"training.init_from {path}: its model differs in {', '.join(f'model.{n}' for n in differing)} "
+            f"({', '.join(f'{saved[n]!r} there, {wanted[n]!r} here' for n in differing)})"
+        )
+    return record
+
+
 def _new_member_model(config: Config, data: TrainingData, member: int) -> RACE:
     model_config = config.model.model_config()
+    if config.training.init_from:
+        # the warm start's normalisation and neighbour count, so its weights mean what they meant
+        record = _warm_start_record(config, data)
+        model_config.avg_num_neighbors = float(record["model_config"]["avg_num_neighbors"])
+        return build_model(
+            model_config,
+            data.type_names,
+            list(record["reference_energies"]),
+            float(record["energy_shift"]),
+            float(record["energy_scale"]),
+            dtype=config.torch_dtype,
+            seed=_member_seed(config, member),
+        )
     if model_config.avg_num_neighbors <= 0:
         model_config.avg_num_neighbors = data.avg_num_neighbors
     return build_model(
@@ -166,11 +218,24 @@ def _new_member_model(config: Config, data: TrainingData, member: int) -> RACE:
     )
 
 
+def initial_member_model(config: Config, data: TrainingData, member: int) -> RACE:
+    """The model member ``member`` starts training from: a seeded random initialisation, or
+    with ``training.init_from`` member ``member mod M`` of that posterior (all its weights and
+    buffers, so the same function)."""
+    model = _new_member_model(config, data, member)
+    if config.training.init_from:
+        states = _warm_start_record(config, data)["members"]
+        model.load_state_dict(states[member % len(states)])
+    return model
+
+
 def _comparable_config(config: Config) -> Dict:
     """The config entries a checkpoint must agree with (those that shape the training)."""
     values = config_to_dict(config)
     for name in _RESUMABLE_CHANGES:
         values["training"].pop(name, None)
+    if values["training"].get("init_from") is None:  # checkpoints from before warm starts existed
+        values["training"].pop("init_from", None)
     values.pop("out", None)
     values["ensemble"].pop("members", None)
     posterior = values["posterior"]
@@ -464,7 +529,8 @@ def train_member(
     training = config.training
     kind = config.posterior.kind
 
-    model = _new_member_model(config, data, member)
+    # a warm start (training.init_from) only where there is no checkpoint to resume
+    model = (_new_member_model if checkpoint_path.exists() else initial_member_model)(config, data, member)
     model.train()
     optimizer = _make_optimizer(config, model)
     scheduler = _make_scheduler(config, optimizer)
@@ -801,6 +867,7 @@ __all__ = [
     "SwagCollector",
     "prepare_data",
     "train_member",
+    "initial_member_model",
     "train",
     "posterior_members",
     "evaluate_loss",
