@@ -1,4 +1,4 @@
-"""The ``bayesrace`` command: data, train, evaluate, calibrate, predict, export, demo.
+"""The ``bayesrace`` command: data, train, evaluate, calibrate, predict, export, al, demo.
 
 Errors a user can fix (bad data, bad config, missing files) are printed as one line
 naming what is wrong, with exit status 2; nothing prints a Python traceback for them.
@@ -213,6 +213,18 @@ def _load_posterior_or_usage_error(path):
         raise UsageError(str(error)) from error
 
 
+def cmd_al(args) -> None:
+    from ._active import load_active_config, run_pool_al
+
+    config = load_active_config(args.config)
+    curve = run_pool_al(config, progress=not args.quiet)
+    for point in curve["points"]:
+        scores = " ".join(f"{name}: F MAE {m['forces_mae_eV_per_A']:.4g} eV/Å" for name, m in point["test"].items()
+                          if m.get("forces_mae_eV_per_A") is not None)
+        print(f"round {point['round']}: {point['n_labels']} labels {scores}".rstrip())
+    print(f"learning curve written to {Path(config.out) / 'learning_curve.json'}")
+
+
 def cmd_demo(args) -> None:
     from ._demo import run_demo
 
@@ -287,6 +299,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     # listed for --help; main() hands its arguments to the exporter's own parser
     sub.add_parser("export", help="freeze a posterior into one TorchScript deployable for LAMMPS (bayesrace-export)")
+
+    p = sub.add_parser("al", help="active learning from a YAML config (mode: pool: train, pick by BALD from a "
+                                  "pool, label, repeat; resumes where it stopped)")
+    p.add_argument("config")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(run=cmd_al)
 
     p = sub.add_parser("demo", help="the main job: PSB3 data, ensemble training, evaluation, report")
     p.add_argument("--out", default="out/demo")
