@@ -212,7 +212,8 @@ def test_tblite_oracle_matches_the_psb3_labels(psb3_small):
     "change, message",
     [
         ({"mode": "online"}, "expected one of \\['pool', 'on_the_fly'\\]"),
-        ({"mode": "on_the_fly"}, "not implemented"),
+        ({"mode": "on_the_fly"}, "pool, n_initial: key\\(s\\) of mode pool only"),
+        ({"md": {"n_steps": 10}}, "md: key\\(s\\) of mode on_the_fly only"),
         ({"strategie": "bald_f"}, "unknown key 'strategie' in the top level \\(did you mean 'strategy'"),
         ({"oracle": {"kind": "tblite", "chrage": 1}}, "unknown key 'chrage' in section 'oracle'"),
         ({"oracle": {"kind": "dft"}}, "oracle.kind is 'dft'"),
@@ -235,12 +236,12 @@ def test_config_errors(tmp_path, change, message):
 
 def test_cli_reports_config_errors_and_training_section_errors(tmp_path, psb3_small):
     config_path = tmp_path / "al.yaml"
-    config_path.write_text(yaml.safe_dump({"mode": "on_the_fly", "pool": "p.xyz", "n_initial": 1,
-                                           "training": {"seed": 0}}))
+    config_path.write_text(yaml.safe_dump({"mode": "on_the_fly", "initial": "i.xyz", "training": {"seed": 0},
+                                           "md": {"structure": "s.xyz", "thermostat": "berendsen"}}))
     result = subprocess.run([sys.executable, "-m", "bayesrace.cli", "al", str(config_path)], capture_output=True,
                             text=True, env={"PYTHONPATH": str(ROOT / "python"), "PATH": "/usr/bin:/bin"})
     assert result.returncode == 2
-    assert "bayesrace al: error:" in result.stderr and "not implemented" in result.stderr
+    assert "bayesrace al: error:" in result.stderr and "md.thermostat is 'berendsen'" in result.stderr
 
     from bayesrace._active import active_config_from_dict, run_pool_al
     from bayesrace._config import ConfigError
@@ -282,3 +283,146 @@ def test_initial_file_and_unlabelled_pool_with_energy_bald(psb3_small, tmp_path)
     n_initial = len(ase.io.read(psb3_small / "valid.xyz", ":"))
     assert [p["n_labels"] for p in curve["points"]] == [n_initial, n_initial + 3]
     assert json.loads((tmp_path / "run" / "round_1" / "config.json").read_text())["training"]["init_from"] is None
+
+
+# ------------------------------------------------------------------ on-the-fly mode
+
+
+def _otf_values(data_dir, out, structure, **overrides):
+    values = {
+        "mode": "on_the_fly",
+        "out": str(out),
+        "initial": str(data_dir / "valid.xyz"),
+        "valid": str(data_dir / "test_id.xyz"),
+        "strategy": "bald_f",
+        "batch_size": 1,
+        "n_rounds": 1,
+        "threshold": 1e-4,  # far below any σ of a one-epoch model: every segment halts at its first check
+        "candidate_fraction": 0.5,
+        "training": _training(data_dir),
+        "oracle": {"kind": "tblite", "charge": 1.0},
+        "md": {"structure": str(structure), "temperature": 300.0, "timestep": 0.0005, "n_steps": 40,
+               "dump_every": 4, "seed": 7, "thermostat": "langevin"},
+    }
+    values.update(overrides)
+    return values
+
+
+@pytest.fixture(scope="module")
+def otf_run(psb3_small, tmp_path_factory):
+    """Two rounds of on-the-fly AL through the CLI: round 0 halts, one frame is labelled by
+    tblite, round 1 (warm-started, recalibrated, re-exported) continues the MD and halts again."""
+    import ase.io
+
+    from bayesrace.cli import main
+
+    base = tmp_path_factory.mktemp("otf")
+    structure = base / "start.xyz"
+    first = ase.io.read(psb3_small / "test_id.xyz", 0)
+    ase.io.write(structure, ase.Atoms(numbers=first.numbers, positions=first.positions))
+    config_path = base / "otf.yaml"
+    config_path.write_text(yaml.safe_dump(_otf_values(psb3_small, base / "run", "start.xyz")))
+    assert main(["al", str(config_path), "--quiet"]) == 0
+    return base / "run", config_path, structure
+
+
+def test_on_the_fly_halts_labels_retrains_and_resumes(otf_run, psb3_small):
+    import ase.io
+
+    from bayesrace._active import TBLiteOracle, read_labelled
+    from bayesrace._onthefly import read_dump
+
+    out, _, _ = otf_run
+    log = json.loads((out / "otf_log.json").read_text())
+    assert log["status"] == "n_rounds" and [r["round"] for r in log["rounds"]] == [0, 1]
+    first, second = log["rounds"]
+    # round 0 halts at its first check (step 4 > max σ 1e-4), round 1 starts where it stopped
+    assert first["halted"] and first["start_step"] == 0 and first["step_reached"] == 4
+    assert second["start_step"] == 4 and second["halted"] and second["step_reached"] == 8
+    assert first["threshold"] == second["threshold"] == pytest.approx(1e-4)
+    assert first["calibration_threshold"] > 0  # the calibration ran (its threshold is overridden by the config)
+    assert first["max_sigma"] > 1e-4 and first["trace"][-1][0] == 4
+    assert first["n_candidates"] == 2 and first["labels_added"] == 1 and second["labels_added"] == 0
+    assert first["n_labels"] == 10 and second["n_labels"] == 11
+    assert (out / "otf_sigma.png").stat().st_size > 1000
+
+    # the MD continues from the halting frame: same positions and velocities, same step
+    halt_frame = read_dump(out / "round_0" / "md" / "frames.dump")[-1]
+    resumed = read_dump(out / "round_1" / "md" / "frames.dump")[0]
+    assert halt_frame["step"] == resumed["step"] == 4
+    for column in ("xu", "yu", "zu", "vx", "vy", "vz"):
+        np.testing.assert_allclose(resumed["columns"][column], halt_frame["columns"][column], rtol=0, atol=1e-12)
+    assert "reset_timestep 4" in (out / "round_1" / "md" / "in.md").read_text()
+    assert "velocity" not in (out / "round_1" / "md" / "in.md").read_text()  # no new velocities
+
+    # the labelled frame is one of round 0's candidates, labelled by GFN2-xTB on its geometry
+    labelled = read_labelled(out / "labelled.xyz")
+    state = json.loads((out / "state.json").read_text())
+    assert list(labelled) == state["rounds"][0]["selected"] and state["rounds"][0]["selected"][0] in (0, 4)
+    step = state["rounds"][0]["selected"][0]
+    candidate = {a.info["pool_index"]: a for a in ase.io.read(out / "round_0" / "candidates.xyz", ":")}[step]
+    np.testing.assert_allclose(labelled[step].positions, candidate.positions, atol=1e-10)
+    assert not labelled[step].pbc.any()  # a molecule: labelled without periodic images
+    reference = TBLiteOracle(charge=1.0).label([ase.Atoms(numbers=candidate.numbers,
+                                                          positions=candidate.positions)])[0]
+    np.testing.assert_allclose(labelled[step].get_forces(), reference.get_forces(), atol=1e-8)
+    assert labelled[step].info["al_round"] == 1
+    # round 1 trained on initial + the new frame, warm-started from round 0
+    assert len(ase.io.read(out / "round_1" / "train.xyz", ":")) == 11
+    assert json.loads((out / "round_1" / "config.json").read_text())["training"]["init_from"] == \
+        str(out / "round_0" / "posterior.pt")
+    from bayesrace._export import read_metadata
+
+    assert read_metadata(out / "round_1" / "model.pt")["calibration"] != {}
+
+
+def test_on_the_fly_restart_redoes_nothing_and_completes_below_threshold(otf_run, psb3_small, tmp_path):
+    from bayesrace._active import active_config_from_dict, load_active_config
+    from bayesrace._onthefly import run_on_the_fly
+
+    out, config_path, structure = otf_run
+    dump = out / "round_1" / "md" / "frames.dump"
+    written = dump.stat().st_mtime_ns
+    counting = CountingOracle(None)
+    log = run_on_the_fly(load_active_config(config_path), progress=False, oracle=counting)
+    assert counting.calls == [] and dump.stat().st_mtime_ns == written and log["status"] == "n_rounds"
+
+    # from a given posterior, a threshold far above every σ: one segment runs all steps, nothing is labelled
+    values = _otf_values(psb3_small, tmp_path / "run", structure, posterior=str(out / "round_1" / "posterior.pt"),
+                         threshold=1e3, n_rounds=3, md={"structure": str(structure), "n_steps": 12, "dump_every": 4,
+                                                        "thermostat": "nve", "temperature": 100.0})
+    del values["valid"]
+    log = run_on_the_fly(active_config_from_dict(values), progress=False, oracle=counting)
+    assert log["status"] == "completed" and len(log["rounds"]) == 1 and counting.calls == []
+    record = log["rounds"][0]
+    assert not record["halted"] and record["step_reached"] == 12 and [t[0] for t in record["trace"]] == [0, 4, 8, 12]
+    assert record["n_candidates"] == 0
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"md": {"structure": "s.xyz", "thermostat": "nose"}}, "md.thermostat is 'nose'"),
+        ({"md": {"structure": "s.xyz", "dump_every": 0}}, "md.dump_every must lie in"),
+        ({"md": {"structure": "s.xyz", "n_steps": 10, "dump_every": 20}}, "md.dump_every must lie in"),
+        ({"md": {"structure": "s.xyz", "timestep": -1.0}}, "md.timestep must be > 0"),
+        ({"md": {"structure": "s.xyz", "ranks": 0}}, "md.ranks must be >= 1"),
+        ({"md": {"structure": "s.xyz", "tempreature": 5}}, "unknown key 'tempreature' in section 'md'"),
+        ({"md": {}}, "md.structure is required"),
+        ({"threshold": 0.0}, "threshold must be > 0"),
+        ({"candidate_fraction": 1.5}, "candidate_fraction must lie in"),
+        ({"calibration_method": "beta"}, "calibration_method is 'beta'"),
+        ({"initial": None}, "needs 'initial'"),
+        ({"oracle": {"kind": "from_pool"}}, "from_pool' needs a pool"),
+        ({"n_initial": 3}, "n_initial: key\\(s\\) of mode pool only"),
+    ],
+)
+def test_on_the_fly_config_errors(tmp_path, change, message):
+    from bayesrace._active import active_config_from_dict
+    from bayesrace._config import ConfigError
+
+    values = {"mode": "on_the_fly", "initial": "i.xyz", "training": {"model": {"preset": "tiny"}},
+              "md": {"structure": "s.xyz"}}
+    values.update(change)
+    with pytest.raises(ConfigError, match=message):
+        active_config_from_dict(values, base_dir=tmp_path)

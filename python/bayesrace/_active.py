@@ -1,4 +1,9 @@
-"""Pool-based active learning: train, score the unlabelled pool, label the best batch, repeat.
+"""Active learning: the configuration, the oracles and the pool-based loop.
+
+(``mode: on_the_fly``, LAMMPS MD that halts at high σ, lives in ``_onthefly``; it shares the
+config, the oracles and the crash-safe labelled file defined here.)
+
+Pool-based: train, score the unlabelled pool, label the best batch, repeat.
 
 Round r = 0 .. n_rounds trains a posterior on the initial set plus every structure acquired
 before it (``<out>/round_<r>``, the training YAML with ``out`` and ``data.train`` replaced and,
@@ -75,11 +80,34 @@ class OracleSection:
     workers: int = 1  # processes labelling in parallel
 
 
+THERMOSTATS = ("langevin", "nve")
+CALIBRATION_METHODS = ("isotonic", "scalar")
+# top-level keys that only mode on_the_fly reads, and the ones only mode pool reads
+ON_THE_FLY_KEYS = ("md", "posterior", "valid", "calibration_method", "threshold", "candidate_fraction")
+POOL_KEYS = ("pool", "n_initial", "test")
+
+
+@dataclasses.dataclass
+class MDSection:
+    """The LAMMPS MD of mode on_the_fly (units metal: K, ps, Å)."""
+
+    structure: str = ""  # start structure (first frame of any ASE-readable file); no pbc = a molecule
+    box: float = 40.0  # Å: cubic periodic box a molecule is centred in (must exceed its size + cutoff)
+    temperature: float = 300.0  # K: initial velocities and the Langevin target
+    thermostat: str = "langevin"  # langevin | nve
+    damping: float = 0.1  # ps: Langevin damping time
+    timestep: float = 0.0005  # ps
+    n_steps: int = 2000  # total MD steps over all segments
+    dump_every: int = 10  # steps between dumped frames (and between halt checks)
+    seed: int = 1  # velocities and Langevin noise (segment r uses seed + 1000 r)
+    ranks: int = 1  # > 1: mpirun -np ranks lmp; 1: in this process through the lammps module
+
+
 @dataclasses.dataclass
 class ActiveConfig:
     """The YAML of ``bayesrace al`` (paths relative to the YAML file)."""
 
-    mode: str = "pool"  # pool (on_the_fly: not implemented yet)
+    mode: str = "pool"  # pool | on_the_fly (see _onthefly)
     out: str = "al"  # directory of the rounds, labelled.xyz, state.json, learning_curve.*
     pool: str = ""  # candidate structures (labels in it are ignored unless oracle.kind is from_pool)
     initial: Optional[str] = None  # a labelled file as the initial training set ...
@@ -96,22 +124,70 @@ class ActiveConfig:
     forces_key: str = "forces"
     predict_batch_size: int = 16
     oracle: OracleSection = dataclasses.field(default_factory=OracleSection)
+    # mode on_the_fly only
+    posterior: Optional[str] = None  # a trained posterior used as round 0 (else round 0 trains on initial)
+    valid: Optional[str] = None  # labelled file: every round's posterior is calibrated on it
+    calibration_method: str = "isotonic"  # isotonic | scalar
+    threshold: Optional[float] = None  # eV/Å halting max force σ; null: the deployable's own (calibration)
+    candidate_fraction: float = 0.5  # dumped frames with max σ > this × threshold are candidates
+    md: MDSection = dataclasses.field(default_factory=MDSection)
 
     def validate(self) -> None:
         from ._config import ConfigError
 
         if self.mode not in MODES:
             raise ConfigError(f"mode is {self.mode!r}; expected one of {list(MODES)}")
-        if self.mode == "on_the_fly":
-            raise ConfigError("mode 'on_the_fly' (LAMMPS-driven active learning) is not implemented yet; use mode: pool")
         from ._acquisition import STRATEGIES
 
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"strategy is {self.strategy!r}; expected one of {sorted(STRATEGIES)}")
-        if not self.pool:
-            raise ConfigError("pool is required: the file of candidate structures")
-        if (self.initial is None) == (self.n_initial is None):
-            raise ConfigError("give exactly one of 'initial' (a labelled file) and 'n_initial' (random pool picks)")
+        if self.mode == "on_the_fly":
+            self._validate_on_the_fly()
+        else:
+            if not self.pool:
+                raise ConfigError("pool is required: the file of candidate structures")
+            if (self.initial is None) == (self.n_initial is None):
+                raise ConfigError("give exactly one of 'initial' (a labelled file) and 'n_initial' "
+                                  "(random pool picks)")
+        self._validate_common()
+
+    def _validate_on_the_fly(self) -> None:
+        from ._config import ConfigError
+
+        if self.initial is None:
+            raise ConfigError("mode on_the_fly needs 'initial': the labelled file every round trains on "
+                              "(with the structures the MD acquired)")
+        if self.oracle.kind == "from_pool":
+            raise ConfigError("oracle.kind 'from_pool' needs a pool; mode on_the_fly labels new MD frames: "
+                              "use tblite or ase")
+        if self.calibration_method not in CALIBRATION_METHODS:
+            raise ConfigError(f"calibration_method is {self.calibration_method!r}; expected one of "
+                              f"{list(CALIBRATION_METHODS)}")
+        if self.threshold is not None and not self.threshold > 0:
+            raise ConfigError(f"threshold must be > 0 (eV/Å, max force σ), got {self.threshold}")
+        if not 0.0 < self.candidate_fraction <= 1.0:
+            raise ConfigError(f"candidate_fraction must lie in (0, 1], got {self.candidate_fraction}")
+        md = self.md
+        if not md.structure:
+            raise ConfigError("md.structure is required: the start structure of the MD (e.g. an xyz file)")
+        if md.thermostat not in THERMOSTATS:
+            raise ConfigError(f"md.thermostat is {md.thermostat!r}; expected one of {list(THERMOSTATS)}")
+        if md.temperature < 0 or (md.thermostat == "langevin" and md.temperature == 0):
+            raise ConfigError(f"md.temperature must be > 0 K (>= 0 with nve), got {md.temperature}")
+        for name in ("box", "damping", "timestep"):
+            if not getattr(md, name) > 0:
+                raise ConfigError(f"md.{name} must be > 0, got {getattr(md, name)}")
+        if md.n_steps < 1:
+            raise ConfigError(f"md.n_steps must be >= 1, got {md.n_steps}")
+        if not 1 <= md.dump_every <= md.n_steps:
+            raise ConfigError(f"md.dump_every must lie in [1, md.n_steps = {md.n_steps}], got {md.dump_every}")
+        if md.ranks < 1:
+            raise ConfigError(f"md.ranks must be >= 1, got {md.ranks}")
+        if md.seed < 0:
+            raise ConfigError(f"md.seed must be >= 0, got {md.seed}")
+
+    def _validate_common(self) -> None:
+        from ._config import ConfigError
         if self.n_initial is not None and self.n_initial < 1:
             raise ConfigError(f"n_initial must be >= 1, got {self.n_initial}")
         if self.batch_size < 1:
@@ -144,14 +220,23 @@ def active_config_from_dict(values: Dict[str, Any], base_dir: Optional[Path] = N
 
     if isinstance(values, dict) and "mode" in values and values["mode"] not in MODES:
         raise ConfigError(f"mode is {values['mode']!r}; expected one of {list(MODES)}")
+    if isinstance(values, dict):
+        mode = values.get("mode", "pool")
+        foreign = [key for key in (ON_THE_FLY_KEYS if mode == "pool" else POOL_KEYS) if key in values]
+        if foreign:
+            other = "on_the_fly" if mode == "pool" else "pool"
+            raise ConfigError(f"{', '.join(foreign)}: key(s) of mode {other} only (mode is {mode!r})")
     config = _build(ActiveConfig, values, "")
     config.validate()
     base = Path(base_dir) if base_dir is not None else Path.cwd()
     resolve = lambda path: None if path is None else str(path if Path(path).is_absolute() else base / path)  # noqa
     config.out = resolve(config.out)
-    config.pool = resolve(config.pool)
+    config.pool = resolve(config.pool) if config.pool else config.pool
     config.initial = resolve(config.initial)
     config.test = {name: resolve(path) for name, path in config.test.items()}
+    config.posterior = resolve(config.posterior)
+    config.valid = resolve(config.valid)
+    config.md.structure = resolve(config.md.structure) if config.md.structure else config.md.structure
     if isinstance(config.training, str):
         config.training = resolve(config.training)
     config._base_dir = str(base)  # relative paths of an inline training config
@@ -685,5 +770,6 @@ __all__ = [
     "active_config_from_dict",
     "round_training_config",
     "run_pool_al",
+    "MDSection",
     "write_learning_curve",
 ]

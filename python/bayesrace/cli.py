@@ -217,6 +217,16 @@ def cmd_al(args) -> None:
     from ._active import load_active_config, run_pool_al
 
     config = load_active_config(args.config)
+    if config.mode == "on_the_fly":
+        from ._onthefly import OTF_LOG, run_on_the_fly
+
+        log = run_on_the_fly(config, progress=not args.quiet)
+        for record in log["rounds"]:
+            print(f"round {record['round']}: MD steps {record['start_step']} -> {record['step_reached']}"
+                  f"{' halted' if record['halted'] else ''}, max force σ {record['max_sigma']:.4g} eV/Å "
+                  f"(threshold {record['threshold']:.4g}), {record['labels_added']} labels added")
+        print(f"{log['status']}: log written to {Path(config.out) / OTF_LOG}")
+        return
     curve = run_pool_al(config, progress=not args.quiet)
     for point in curve["points"]:
         scores = " ".join(f"{name}: F MAE {m['forces_mae_eV_per_A']:.4g} eV/Å" for name, m in point["test"].items()
@@ -301,7 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("export", help="freeze a posterior into one TorchScript deployable for LAMMPS (bayesrace-export)")
 
     p = sub.add_parser("al", help="active learning from a YAML config (mode: pool: train, pick by BALD from a "
-                                  "pool, label, repeat; resumes where it stopped)")
+                                  "pool, label, repeat; mode: on_the_fly: LAMMPS MD halts at high σ, label, "
+                                  "retrain, continue; resumes where it stopped)")
     p.add_argument("config")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=cmd_al)
