@@ -1,0 +1,401 @@
+#!/usr/bin/env python
+"""Uncertainty benchmark: seven posteriors on PSB3 and acetylacetone, before and after recalibration.
+
+Methods (one training config each, everything else equal: preset, data, epochs, seed):
+
+  mve            one model with NLL_JEF heads (mean-variance estimation)
+  de_nll         deep ensemble, conventional NLL (Gaussian energies, forces by MSE)
+  de_nll_jef     deep ensemble, NLL_JEF (energies and force vectors, Cholesky Σ_i)
+  de_nll_jef_eq  deep ensemble, NLL_JEF with the equivariant Σ_i
+  swag           SWAG (diagonal + low rank) around one NLL_JEF model
+  ivon           IVON variational training of one NLL_JEF model
+  laplace        last-layer Laplace (energies and forces) on one NLL_JEF model
+
+Data:
+  psb3  the built-in PSB3 set (GFN2-xTB): train 400 / valid 100; in distribution test_id
+        (300–600 K); out of distribution ood_hot (1000–1500 K) and ood_torsion (C=C twist scan)
+  acac  ../shared/data/acac: train_300K split 450 / 50 (seed 0); in distribution test_MD_300K;
+        out of distribution test_MD_600K, test_H_transfer (proton transfer), test_dihedral
+
+Each posterior is evaluated with ``bayesrace evaluate``'s machinery, recalibrated on the
+validation set (isotonic map by default), and the numbers go to ``--out`` (default
+``bench/results/uq``): results.json, results.md (one table per data set, every metric before
+and after recalibration, the CPU time each method cost) and, per data set and method, the
+evaluation report (plots). Training runs go to ``--runs`` (default ``bench/runs/uq``).
+
+    python bench/uq.py                                   # both data sets, all methods
+    python bench/uq.py --datasets psb3 --methods mve swag --epochs 3 --out /tmp/uq --runs /tmp/uq_runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+
+BENCH_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH_DIR))
+from accuracy import git_commit, machine_info, write_config  # noqa: E402  (shared bench helpers)
+
+from bayesrace._evaluate import OOD_SCORES  # noqa: E402
+from bayesrace._mpi import mpirun_executable  # noqa: E402
+
+REPO = BENCH_DIR.parent
+ACAC_DIR = (REPO / ".." / "shared" / "data" / "acac").resolve()
+
+METHODS = ("mve", "de_nll", "de_nll_jef", "de_nll_jef_eq", "swag", "ivon", "laplace")
+DATASETS = ("psb3", "acac")
+
+# the numbers shown in the tables: (header, metric name in evaluate's per-set results)
+TABLE_METRICS = (
+    ("E RMSE [meV/at]", "energy_rmse_meV_per_atom"),
+    ("F RMSE [meV/Å]", "forces_rmse_eV_per_A"),
+    ("NLL E", "energy_nll"),
+    ("NLL F", "forces_nll"),
+    ("MA E", "energy_miscalibration_area"),
+    ("MA F", "forces_miscalibration_area"),
+    ("ENCE E", "energy_ence"),
+    ("ENCE F", "forces_ence"),
+    ("cov95 F", "forces_coverage_95"),
+    ("sharp F [meV/Å]", "forces_sharpness_eV_per_A"),
+    ("ρ F", "spearman_forces"),
+    ("σF epi/ale", None),  # ratio of mean epistemic to aleatoric force σ
+)
+
+
+# ----------------------------------------------------------------------------------------
+# data
+
+
+def prepare_psb3(runs: Path) -> Dict:
+    from bayesrace._psb3 import generate_psb3
+
+    data = runs / "data_psb3"
+    if not (data / "manifest.json").exists():
+        print("generating PSB3 with GFN2-xTB (about a minute)", flush=True)
+        generate_psb3(data, seed=0, progress=False)
+    return {
+        "train": data / "train.xyz",
+        "valid": data / "valid.xyz",
+        "isolated": data / "isolated_atoms.xyz",
+        "test": {
+            "test_id": data / "test_id.xyz",
+            "ood_hot": data / "test_ood_hot.xyz",
+            "ood_torsion": data / "test_ood_torsion.xyz",
+        },
+    }
+
+
+def prepare_acac(runs: Path) -> Dict:
+    import ase.io
+
+    data = runs / "data_acac"
+    train, valid = data / "train.xyz", data / "valid.xyz"
+    if not valid.exists():
+        data.mkdir(parents=True, exist_ok=True)
+        frames = ase.io.read(ACAC_DIR / "train_300K.xyz", ":")
+        order = np.random.default_rng(0).permutation(len(frames))
+        ase.io.write(valid, [frames[k] for k in order[:50]], format="extxyz")
+        ase.io.write(train, [frames[k] for k in order[50:]], format="extxyz")
+    return {
+        "train": train,
+        "valid": valid,
+        "isolated": ACAC_DIR / "isolated_atoms.xyz",
+        "test": {
+            "test_MD_300K": ACAC_DIR / "test_MD_300K.xyz",
+            "test_MD_600K": ACAC_DIR / "test_MD_600K.xyz",
+            "test_H_transfer": ACAC_DIR / "test_H_transfer.xyz",
+            "test_dihedral": ACAC_DIR / "test_dihedral.xyz",
+        },
+    }
+
+
+# ----------------------------------------------------------------------------------------
+# configs
+
+
+def method_config(method: str, data: Dict, run_dir: Path, args) -> Dict:
+    """The training config of one method; all methods share data, model, epochs and seed."""
+    ensemble = method.startswith("de_")
+    loss = {"de_nll": "nll", "de_nll_jef_eq": "nll_jef_equivariant"}.get(method, "nll_jef")
+    config = {
+        "out": str(run_dir),
+        "seed": args.seed,
+        "data": {
+            "train": str(data["train"]),
+            "valid": str(data["valid"]),
+            "reference_energies": "isolated",
+            "isolated_atoms": str(data["isolated"]),
+        },
+        "model": {"preset": args.preset},
+        "loss": {"kind": loss, "mse_warmup_epochs": args.warmup},
+        "training": {
+            "batch_size": 8,
+            "lr": args.lr,
+            "max_epochs": args.epochs,
+            "early_stopping_patience": 10 * args.epochs,  # off: every method gets every epoch
+            "lr_patience": 5,
+            "threads": 1,
+        },
+    }
+    if method == "de_nll_jef_eq":
+        config["model"]["covariance"] = "equivariant"
+    if ensemble:
+        config["posterior"] = {"kind": "ensemble"}
+        config["ensemble"] = {"members": args.members}
+    elif method == "mve":
+        config["posterior"] = {"kind": "mve"}
+    elif method == "swag":
+        # the last third of the epochs collects snapshots at a constant learning rate
+        start = max(args.warmup + 1, args.epochs - max(1, args.epochs // 3))
+        config["posterior"] = {
+            "kind": "swag",
+            "samples": args.samples,
+            "swag": {"start_epoch": start, "collect_every": 10, "rank": 10},
+        }
+    elif method == "ivon":
+        config["posterior"] = {"kind": "ivon", "samples": args.samples}
+    elif method == "laplace":
+        config["posterior"] = {"kind": "laplace", "samples": args.samples}
+    else:
+        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    return config
+
+
+# ----------------------------------------------------------------------------------------
+# running jobs: ensembles under mpirun on every slot, single models side by side
+
+
+def _launch(config_path: Path, log_path: Path, ranks: int) -> subprocess.Popen:
+    command = [sys.executable, "-m", "bayesrace.cli", "train", str(config_path), "--quiet"]
+    if ranks > 1:
+        command = [mpirun_executable(), "-np", str(ranks)] + command
+    print("  $ " + " ".join(shlex.quote(c) for c in command), flush=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    log = open(log_path, "w")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    process.log_file = log  # closed when reaped
+    process.command = command
+    return process
+
+
+def run_jobs(jobs: List[Dict], slots: int) -> None:
+    """Run training jobs (dict: config, log, ranks) with at most ``slots`` ranks busy; record
+    each job's wall and CPU seconds (os.wait4 gives the CPU of the job's whole process tree)."""
+    pending = list(jobs)
+    running: Dict[int, Dict] = {}
+    busy = 0
+    while pending or running:
+        while pending and busy + min(pending[0]["ranks"], slots) <= slots:
+            job = pending.pop(0)
+            job["ranks"] = min(job["ranks"], slots)
+            job["started"] = time.time()
+            job["process"] = _launch(job["config"], job["log"], job["ranks"])
+            running[job["process"].pid] = job
+            busy += job["ranks"]
+        pid, status, usage = os.wait4(-1, 0)
+        job = running.pop(pid, None)
+        if job is None:
+            continue
+        busy -= job["ranks"]
+        job["process"].log_file.close()
+        job["wall_s"] = round(time.time() - job["started"], 1)
+        job["cpu_s"] = round(usage.ru_utime + usage.ru_stime, 1)
+        job["returncode"] = os.waitstatus_to_exitcode(status)
+        state = "done" if job["returncode"] == 0 else f"FAILED (exit {job['returncode']}, see {job['log']})"
+        print(f"  {job['name']}: {state} in {job['wall_s']:.0f} s wall, {job['cpu_s']:.0f} CPU s", flush=True)
+
+
+# ----------------------------------------------------------------------------------------
+# evaluation
+
+
+def evaluate_method(posterior_path: Path, data: Dict, report_dir: Path, method: str) -> Dict:
+    """Every metric on the test sets before and after recalibration on the validation set."""
+    from bayesrace._evaluate import evaluate_sets
+    from bayesrace._posterior import load_posterior
+
+    posterior = load_posterior(posterior_path)
+    sets = {name: str(path) for name, path in data["test"].items()}
+    sets["valid"] = str(data["valid"])
+    evaluation = evaluate_sets(
+        posterior, sets, report_dir=report_dir, calibrate_on="valid", calibration_method="isotonic", progress=False
+    )
+    # the prediction arrays (MBs per method) stay with the runs, not in the results
+    for path in report_dir.glob("predictions_*.npz"):
+        path.replace(posterior_path.parent / path.name)
+    return evaluation
+
+
+def _cell(metrics: Dict, name: str) -> str:
+    if name is None:
+        epi = metrics.get("forces_sigma_epistemic_mean_eV_per_A")
+        ale = metrics.get("forces_sigma_aleatoric_mean_eV_per_A")
+        if epi is None or not ale:
+            return "–" if epi is None else "∞"
+        return f"{epi / ale:.2f}"
+    value = metrics.get(name)
+    if value is None:
+        return "–"
+    if name == "forces_rmse_eV_per_A" or name.endswith("sharpness_eV_per_A"):
+        return f"{1000 * value:.1f}"
+    return f"{value:.3g}"
+
+
+def write_markdown(results: Dict, path: Path) -> None:
+    lines = ["# Uncertainty benchmark (bench/uq.py)", ""]
+    lines += [
+        "Commands: " + "; ".join(f"`{c}`" for c in results["commands"]) + "  ",
+        f"Commit: {results['commit']}  ",
+        f"Machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, torch "
+        f"{results['machine']['torch']}  ",
+        f"Budget: preset `{results['settings']['preset']}`, {results['settings']['epochs']} epochs per model "
+        f"({results['settings']['warmup']} MSE warm-up), ensembles of {results['settings']['members']}, "
+        f"{results['settings']['samples']} weight sets for SWAG/IVON/Laplace, seed {results['settings']['seed']}.",
+        "",
+        "Metric names: NLL is the Gaussian negative log-likelihood (energies per structure in eV, forces per "
+        "component in eV/Å, constant included); MA the miscalibration area; ENCE the expected normalised "
+        "calibration error; cov95 the coverage of the 95 % interval; sharp the RMS predicted force σ; ρ the "
+        "Spearman correlation of |ΔF_i| and σ_F,i; σF epi/ale the ratio of mean epistemic to aleatoric force σ. "
+        "`a → b`: before → after recalibration (isotonic map fitted on the validation set).",
+        "",
+    ]
+    for dataset, unordered in results["datasets"].items():
+        per_method = {m: unordered[m] for m in METHODS if m in unordered}
+        lines += [f"## {dataset}", ""]
+        sets = results["sets"][dataset]
+        for set_name in sets:
+            lines += [f"### {dataset}: {set_name}", ""]
+            header = ["method"] + [h for h, _ in TABLE_METRICS]
+            lines.append("| " + " | ".join(header) + " |")
+            lines.append("|" + "---|" * len(header))
+            for method, entry in per_method.items():
+                if "error" in entry:
+                    lines.append(f"| {method} | failed: {entry['error']} |")
+                    continue
+                before = entry["before"].get(set_name, {})
+                after = entry["after"].get(set_name, {})
+                cells = []
+                for _, name in TABLE_METRICS:
+                    a, b = _cell(before, name), _cell(after, name)
+                    cells.append(a if a == b else f"{a} → {b}")
+                lines.append(f"| {method} | " + " | ".join(cells) + " |")
+            lines.append("")
+        lines += [f"### {dataset}: out-of-distribution detection (AUROC against the in-distribution test set)", "",
+                  "Scores per structure, of the posterior as trained (results.json also has them after recalibration); "
+                  "`epi` = the epistemic part alone.",
+                  ""]
+        ood_rows = []
+        for method, entry in per_method.items():
+            for pair, scores in (entry.get("ood") or {}).items():
+                ood_rows.append((method, pair, scores))
+        score_names = [name for name in OOD_SCORES if any(name in scores for _, _, scores in ood_rows)]
+        lines.append("| method | OOD set | " + " | ".join(OOD_SCORES[n][0] for n in score_names) + " |")
+        lines.append("|" + "---|" * (2 + len(score_names)))
+        for method, pair, scores in ood_rows:
+            lines.append(f"| {method} | {pair} | " + " | ".join(_cell(scores, s) for s in score_names) + " |")
+        lines += ["", f"### {dataset}: cost", "", "| method | members | wall s | CPU s |", "|---|---:|---:|---:|"]
+        for method, entry in per_method.items():
+            lines.append(f"| {method} | {entry.get('members', '–')} | {entry.get('wall_s', '–')} | "
+                         f"{entry.get('cpu_s', '–')} |")
+        lines.append("")
+    path.write_text("\n".join(lines) + "\n")
+
+
+# ----------------------------------------------------------------------------------------
+
+
+def _previous_results(path: Path, settings: Dict) -> Dict:
+    """Results of earlier runs with the same settings (a run of some methods adds to them)."""
+    if path.exists():
+        previous = json.loads(path.read_text())
+        if previous.get("settings") == settings:
+            return previous
+        print(f"{path}: written with other settings; starting a new table", flush=True)
+    return {"sets": {}, "datasets": {}}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3, help="MSE warm-up epochs before the NLL loss")
+    parser.add_argument("--lr", type=float, default=0.005)
+    parser.add_argument("--members", type=int, default=4)
+    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--slots", type=int, default=2, help="processes (ranks) running at once")
+    parser.add_argument("--out", type=Path, default=BENCH_DIR / "results" / "uq")
+    parser.add_argument("--runs", type=Path, default=BENCH_DIR / "runs" / "uq")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.runs.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    prepare = {"psb3": prepare_psb3, "acac": prepare_acac}
+    data = {name: prepare[name](args.runs) for name in args.datasets}
+
+    jobs = []
+    for dataset in args.datasets:
+        for method in args.methods:
+            run_dir = args.runs / dataset / method
+            run_dir.mkdir(parents=True, exist_ok=True)
+            config = write_config(method_config(method, data[dataset], run_dir, args),
+                                  args.out / "configs" / dataset / f"{method}.yaml")
+            ranks = args.slots if method.startswith("de_") else 1
+            jobs.append(dict(name=f"{dataset}/{method}", dataset=dataset, method=method, config=config,
+                             log=run_dir / "train.log", ranks=ranks, run_dir=run_dir))
+    # ensembles first (they take every slot), then single models side by side
+    jobs.sort(key=lambda job: -job["ranks"])
+    print(f"training {len(jobs)} posteriors", flush=True)
+    run_jobs(jobs, args.slots)
+
+    command = "python bench/uq.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    settings = {k: getattr(args, k) for k in ("preset", "epochs", "warmup", "lr", "members", "samples", "seed")}
+    results = _previous_results(args.out / "results.json", settings)
+    results.update(command=command, commit=git_commit(), machine=machine_info(), settings=settings)
+    results["commands"] = results.get("commands", []) + [command]
+    for d in args.datasets:
+        results["sets"][d] = list(data[d]["test"]) + ["valid"]
+        results["datasets"].setdefault(d, {})
+    for job in jobs:
+        entry = {"wall_s": job["wall_s"], "cpu_s": job["cpu_s"], "config": str(job["config"])}
+        if job["returncode"] != 0:
+            entry["error"] = f"training exit status {job['returncode']}"
+        else:
+            print(f"evaluating {job['name']}", flush=True)
+            report = args.out / job["dataset"] / job["method"]
+            try:
+                metrics = evaluate_method(job["run_dir"] / "posterior.pt", data[job["dataset"]], report, job["method"])
+                ood = metrics["ood"]
+                entry.update(before=metrics["sets"], after=metrics.get("recalibrated") or {},
+                             ood=ood["auroc"], ood_recalibrated=ood.get("auroc_recalibrated"),
+                             calibration=metrics.get("calibration"))
+                from bayesrace._posterior import load_posterior
+
+                entry["members"] = len(load_posterior(job["run_dir"] / "posterior.pt").members)
+            except Exception as error:  # one broken method must not lose the others' numbers
+                entry["error"] = f"evaluation failed: {error}"
+        results["datasets"][job["dataset"]][job["method"]] = entry
+    results["wall_s"] = round(time.time() - started, 1)
+    (args.out / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    write_markdown(results, args.out / "results.md")
+    print(f"results: {args.out / 'results.md'} ({results['wall_s']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
