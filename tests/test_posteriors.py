@@ -117,7 +117,31 @@ def assert_sane_posterior(path, kind, n_members, valid_file):
     if n_members > 1:
         assert (out[keys.ATOMIC_FORCE_STD_EPISTEMIC] > 0).all()
         assert (out[keys.ENERGY_VAR_EPISTEMIC] > 0).all()
+    assert_deployable_reproduces(posterior, path, frames[0])
     return posterior
+
+
+def assert_deployable_reproduces(posterior, path, frame):
+    """The exported M weight sets give, through the C++ engine, the predictive mean and
+    variance of the Python posterior, whatever kind made them."""
+    import ase
+
+    from bayesrace import _bayesrace_core as core
+    from bayesrace._calculator import UNCERTAINTY_RESULTS, BayesRaceCalculator
+    from bayesrace._export import export_posterior
+    from test_export import engine_results
+
+    deployable = Path(path).with_name("deployable.pt")
+    meta = export_posterior(posterior, deployable)
+    assert meta[keys.META_N_MEMBERS] == len(posterior.members)
+    assert meta[keys.META_POSTERIOR] == posterior.kind
+    atoms = ase.Atoms(numbers=frame.numbers, positions=frame.positions)
+    calculator = BayesRaceCalculator(posterior)
+    atoms.calc = calculator
+    calculator.calculate(atoms, ["energy", "forces"])
+    got = engine_results(core.Engine(str(deployable)), atoms, posterior.cutoff)
+    for name in ["energy", "forces"] + list(UNCERTAINTY_RESULTS):
+        np.testing.assert_allclose(got[name], calculator.results[name], rtol=1e-10, atol=1e-12, err_msg=name)
 
 
 @pytest.fixture(scope="module")
