@@ -274,14 +274,26 @@ def test_initial_file_and_unlabelled_pool_with_energy_bald(psb3_small, tmp_path)
 
     from bayesrace._active import active_config_from_dict, run_pool_al
 
+    from ase.calculators.singlepoint import SinglePointCalculator
+
     unlabelled = [ase.Atoms(numbers=a.numbers, positions=a.positions) for a in ase.io.read(psb3_small / "train.xyz", ":12")]
     ase.io.write(tmp_path / "pool.xyz", unlabelled)
+    # a test set with energies only (like a scan or NEB path): energy metrics, no force metrics
+    energy_only = []
+    for atoms in ase.io.read(psb3_small / "test_ood_torsion.xyz", ":4"):
+        copy = ase.Atoms(numbers=atoms.numbers, positions=atoms.positions)
+        copy.calc = SinglePointCalculator(copy, energy=atoms.get_potential_energy())
+        energy_only.append(copy)
+    ase.io.write(tmp_path / "scan.xyz", energy_only)
     values = _al_values(psb3_small, tmp_path / "run", pool="pool.xyz", n_initial=None, initial=str(psb3_small / "valid.xyz"),
                         n_rounds=1, strategy="bald_e", batch_aware=False, batch_size=3, warm_start=False,
-                        training=_training(psb3_small, members=2), test={})
+                        training=_training(psb3_small, members=2), test={"scan": str(tmp_path / "scan.xyz")})
     curve = run_pool_al(active_config_from_dict(values, base_dir=tmp_path), progress=False)
     n_initial = len(ase.io.read(psb3_small / "valid.xyz", ":"))
     assert [p["n_labels"] for p in curve["points"]] == [n_initial, n_initial + 3]
+    for point in curve["points"]:
+        assert point["test"]["scan"]["energy_rmse_meV_per_atom"] > 0
+        assert point["test"]["scan"]["forces_mae_eV_per_A"] is None
     assert json.loads((tmp_path / "run" / "round_1" / "config.json").read_text())["training"]["init_from"] is None
 
 

@@ -562,7 +562,8 @@ def run_pool_al(config: ActiveConfig, progress: bool = True, oracle: Optional[Or
     pool = read_frames(config.pool, require_energy=from_pool, require_forces=from_pool, **read)
     if oracle is None:
         oracle = make_oracle(config.oracle, pool)
-    test_sets = {name: read_frames(path, **read) for name, path in config.test.items()}
+    # energies are required, forces not: a scan or NEB path may carry energies only
+    test_sets = {name: read_frames(path, require_forces=False, **read) for name, path in config.test.items()}
 
     state_path = out / STATE_FILE
     fingerprint = _fingerprint(config)
