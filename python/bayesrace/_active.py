@@ -729,12 +729,9 @@ def write_learning_curve(config: ActiveConfig, state: Dict[str, Any]) -> Dict[st
 
 
 def _plot_learning_curve(curve: Dict[str, Any], path: Path) -> None:
-    import matplotlib
+    from ._evaluate import _new_figure  # the object API: no pyplot state, no global backend
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    figure, axes = _new_figure(2)
     labels = [p["n_labels"] for p in curve["points"]]
     sets = sorted({name for p in curve["points"] for name in p["test"]})
     for axis, metric, title in ((axes[0], "forces_mae_eV_per_A", "force MAE (eV/Å)"),
@@ -750,10 +747,8 @@ def _plot_learning_curve(curve: Dict[str, Any], path: Path) -> None:
         if sets:
             axis.legend(fontsize=8)
     figure.suptitle(f"active learning, {curve['strategy']}, k = {curve['batch_size']}")
-    figure.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
     figure.savefig(tmp, dpi=110)
-    plt.close(figure)
     os.replace(tmp, path)
 
 

@@ -547,12 +547,10 @@ def write_otf_log(config: ActiveConfig, state: Dict[str, Any]) -> Dict[str, Any]
 
 
 def _plot_sigma_trace(log: Dict[str, Any], path: Path) -> None:
-    import matplotlib
+    from ._evaluate import _new_figure  # the object API: no pyplot state, no global backend
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(7, 3.5))
+    figure, (axis,) = _new_figure(1)
+    figure.set_size_inches(7, 3.5)
     for record in log["rounds"]:
         trace = np.asarray(record["trace"] or [[record["start_step"], np.nan]], dtype=np.float64)
         line, = axis.plot(trace[:, 0], trace[:, 1], lw=1, label=f"round {record['round']}")
@@ -566,10 +564,8 @@ def _plot_sigma_trace(log: Dict[str, Any], path: Path) -> None:
                    f"-- = threshold)", fontsize=9)
     if log["rounds"]:
         axis.legend(fontsize=7)
-    figure.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
     figure.savefig(tmp, dpi=110)
-    plt.close(figure)
     os.replace(tmp, path)
 
 
