@@ -82,16 +82,24 @@ def test_kill_9_mid_epoch_loses_at_most_that_epoch(psb3_small, tmp_path):
 
     killed = write_training_config(tmp_path / "k.yaml", psb3_small, tmp_path / "killed", training={"max_epochs": epochs})
     command = [str(BIN / "bayesrace"), "train", str(killed), "--quiet"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    checkpoint = tmp_path / "killed" / "member_0" / CHECKPOINT
-    deadline = time.time() + 120
-    while time.time() < deadline and not (checkpoint.exists() and len(history(tmp_path / "killed")) >= 2):
+    log = tmp_path / "killed.log"
+    with open(log, "w") as output:
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
+    log_file = tmp_path / "killed" / "member_0" / "metrics.jsonl"
+
+    def epochs_done() -> int:
+        return len(history(tmp_path / "killed")) if log_file.exists() else 0
+
+    # generous: a loaded CI machine may take minutes to import torch and start
+    deadline = time.time() + 600
+    while time.time() < deadline and epochs_done() < 2 and process.poll() is None:
         time.sleep(0.05)
+    assert process.poll() is None, f"training ended before it could be killed:\n{log.read_text()}"
     time.sleep(0.3)  # into the next epoch
     process.send_signal(signal.SIGKILL)
     process.wait()
-    done = len(history(tmp_path / "killed"))
-    assert 2 <= done < epochs, "the kill should land mid-run"
+    done = epochs_done()
+    assert 2 <= done < epochs, f"the kill should land mid-run ({done} epochs done); output:\n{log.read_text()}"
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     assert len(history(tmp_path / "killed")) == epochs
     assert_same_weights(member_weights(tmp_path / "killed"), member_weights(tmp_path / "reference"))
