@@ -33,9 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -45,7 +43,8 @@ import numpy as np
 
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
-from accuracy import git_commit, machine_info, write_config  # noqa: E402  (shared bench helpers)
+from _jobs import run_jobs  # noqa: E402  (shared bench helpers)
+from accuracy import git_commit, machine_info, write_config  # noqa: E402
 
 REPO = BENCH_DIR.parent
 ACAC_DIR = (REPO / ".." / "shared" / "data" / "acac").resolve()
@@ -172,37 +171,19 @@ def al_config(strategy: str, seed: int, data: Dict, run_dir: Path, args) -> Dict
     }
 
 
-def _launch(config_path: Path, log_path: Path) -> subprocess.Popen:
-    command = [sys.executable, "-m", "bayesrace.cli", "al", str(config_path), "--quiet"]
-    print("  $ " + " ".join(shlex.quote(c) for c in command), flush=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    log = open(log_path, "w")
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-    process.log_file = log
-    return process
+def al_command(config_path: Path) -> List[str]:
+    return [sys.executable, "-m", "bayesrace.cli", "al", str(config_path), "--quiet"]
 
 
-def run_jobs(jobs: List[Dict], slots: int) -> None:
-    """Run the AL runs, ``slots`` at once (one thread each); record each run's wall and CPU
-    seconds (os.wait4: the CPU of the run's whole process tree) in <run>/job.json."""
-    pending = list(jobs)
-    running: Dict[int, Dict] = {}
-    while pending or running:
-        while pending and len(running) < slots:
-            job = pending.pop(0)
-            job["started"] = time.time()
-            job["process"] = _launch(job["config"], job["log"])
-            running[job["process"].pid] = job
-        pid, status, usage = os.wait4(-1, 0)
-        job = running.pop(pid, None)
-        if job is None:
-            continue
-        job["process"].log_file.close()
-        record = dict(wall_s=round(time.time() - job["started"], 1), cpu_s=round(usage.ru_utime + usage.ru_stime, 1),
-                      returncode=os.waitstatus_to_exitcode(status))
+def run_al_jobs(jobs: List[Dict], slots: int) -> None:
+    """Run the AL runs, ``slots`` at once (one thread each, bench/_jobs.py); each run's wall and
+    CPU seconds go to <run>/job.json."""
+    for job in jobs:
+        job.update(command=al_command(job["config"]), ranks=1)
+    run_jobs(jobs, slots)
+    for job in jobs:
+        record = {k: job[k] for k in ("wall_s", "cpu_s", "returncode")}
         (job["run_dir"] / "job.json").write_text(json.dumps(record) + "\n")
-        state = "done" if record["returncode"] == 0 else f"FAILED (exit {record['returncode']}, see {job['log']})"
-        print(f"  {job['name']}: {state} in {record['wall_s']:.0f} s wall, {record['cpu_s']:.0f} CPU s", flush=True)
 
 
 # ----------------------------------------------------------------------------------------
@@ -485,7 +466,7 @@ def main(argv=None) -> int:
                                  run_dir=run_dir))
     if not args.report_only:
         print(f"running {len(jobs)} active-learning runs, {args.slots} at once", flush=True)
-        run_jobs(jobs, args.slots)
+        run_al_jobs(jobs, args.slots)
 
     command = "python bench/al.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     settings = {k: getattr(args, k) for k in ("preset", "members", "n_initial", "batch_size", "rounds", "epochs",

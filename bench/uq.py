@@ -31,9 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -43,7 +41,8 @@ import numpy as np
 
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
-from accuracy import git_commit, machine_info, write_config  # noqa: E402  (shared bench helpers)
+from _jobs import run_jobs  # noqa: E402  (shared bench helpers)
+from accuracy import git_commit, machine_info, write_config  # noqa: E402
 
 from bayesrace._evaluate import OOD_SCORES  # noqa: E402
 from bayesrace._mpi import mpirun_executable  # noqa: E402
@@ -171,47 +170,12 @@ def method_config(method: str, data: Dict, run_dir: Path, args) -> Dict:
 
 
 # ----------------------------------------------------------------------------------------
-# running jobs: ensembles under mpirun on every slot, single models side by side
+# running jobs (bench/_jobs.py): ensembles under mpirun on every slot, single models side by side
 
 
-def _launch(config_path: Path, log_path: Path, ranks: int) -> subprocess.Popen:
+def train_command(config_path: Path, ranks: int) -> List[str]:
     command = [sys.executable, "-m", "bayesrace.cli", "train", str(config_path), "--quiet"]
-    if ranks > 1:
-        command = [mpirun_executable(), "-np", str(ranks)] + command
-    print("  $ " + " ".join(shlex.quote(c) for c in command), flush=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    log = open(log_path, "w")
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-    process.log_file = log  # closed when reaped
-    process.command = command
-    return process
-
-
-def run_jobs(jobs: List[Dict], slots: int) -> None:
-    """Run training jobs (dict: config, log, ranks) with at most ``slots`` ranks busy; record
-    each job's wall and CPU seconds (os.wait4 gives the CPU of the job's whole process tree)."""
-    pending = list(jobs)
-    running: Dict[int, Dict] = {}
-    busy = 0
-    while pending or running:
-        while pending and busy + min(pending[0]["ranks"], slots) <= slots:
-            job = pending.pop(0)
-            job["ranks"] = min(job["ranks"], slots)
-            job["started"] = time.time()
-            job["process"] = _launch(job["config"], job["log"], job["ranks"])
-            running[job["process"].pid] = job
-            busy += job["ranks"]
-        pid, status, usage = os.wait4(-1, 0)
-        job = running.pop(pid, None)
-        if job is None:
-            continue
-        busy -= job["ranks"]
-        job["process"].log_file.close()
-        job["wall_s"] = round(time.time() - job["started"], 1)
-        job["cpu_s"] = round(usage.ru_utime + usage.ru_stime, 1)
-        job["returncode"] = os.waitstatus_to_exitcode(status)
-        state = "done" if job["returncode"] == 0 else f"FAILED (exit {job['returncode']}, see {job['log']})"
-        print(f"  {job['name']}: {state} in {job['wall_s']:.0f} s wall, {job['cpu_s']:.0f} CPU s", flush=True)
+    return [mpirun_executable(), "-np", str(ranks)] + command if ranks > 1 else command
 
 
 # ----------------------------------------------------------------------------------------
@@ -357,7 +321,8 @@ def main(argv=None) -> int:
                                   args.out / "configs" / dataset / f"{method}.yaml")
             ranks = args.slots if method.startswith("de_") else 1
             jobs.append(dict(name=f"{dataset}/{method}", dataset=dataset, method=method, config=config,
-                             log=run_dir / "train.log", ranks=ranks, run_dir=run_dir))
+                             command=train_command(config, min(ranks, args.slots)), log=run_dir / "train.log",
+                             ranks=ranks, run_dir=run_dir))
     # ensembles first (they take every slot), then single models side by side
     jobs.sort(key=lambda job: -job["ranks"])
     print(f"training {len(jobs)} posteriors", flush=True)

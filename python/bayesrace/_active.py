@@ -244,19 +244,9 @@ def active_config_from_dict(values: Dict[str, Any], base_dir: Optional[Path] = N
 
 
 def load_active_config(path) -> ActiveConfig:
-    from ._config import ConfigError
+    from ._config import load_yaml_config
 
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such config file")
-    try:
-        values = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML ({error})") from error
-    try:
-        return active_config_from_dict(values or {}, base_dir=path.parent)
-    except ConfigError as error:
-        raise ConfigError(f"{path}: {error}") from error
+    return load_yaml_config(path, active_config_from_dict)
 
 
 def round_training_config(config: ActiveConfig, round_index: int, train_file: str):

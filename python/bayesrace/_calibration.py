@@ -141,7 +141,8 @@ def validate_thresholds(thresholds, field: str = keys.META_THRESHOLDS) -> Dict[s
         raise CalibrationError(f"{field} must be an object, got {type(thresholds).__name__}")
     unknown = set(thresholds) - set(_THRESHOLD_FIELDS)
     if unknown:
-        raise CalibrationError(f"{field} has unknown field(s) {sorted(unknown)}; expected {list(_THRESHOLD_FIELDS)}")
+        raise CalibrationError(
+            f"{field} has unknown threshold field(s) {sorted(unknown)}; expected {list(_THRESHOLD_FIELDS)}")
     return {name: _positive_float(value, f"{field}.{name}") for name, value in thresholds.items()}
 
 

@@ -404,7 +404,8 @@ def _resolve_paths(config: Config, base: Path) -> None:
     config.out = _resolve(base, config.out)
 
 
-def load_config(path) -> Config:
+def load_yaml_config(path, from_dict):
+    """``from_dict(values, base_dir=...)`` on the YAML file at ``path``; every error names the file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
@@ -413,9 +414,13 @@ def load_config(path) -> Config:
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML ({error})") from error
     try:
-        return config_from_dict(values or {}, base_dir=path.parent)
+        return from_dict(values or {}, base_dir=path.parent)
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}") from error
+
+
+def load_config(path) -> Config:
+    return load_yaml_config(path, config_from_dict)
 
 
 def config_to_dict(config: Config) -> Dict[str, Any]:

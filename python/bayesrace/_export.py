@@ -50,8 +50,6 @@ DTYPES = {"float64": torch.float64, "float32": torch.float32}
 DEFAULT_THRESHOLD_FLOOR_MULTIPLE = 3.0
 DEFAULT_THRESHOLD_FACTOR = 1.5  # margin over in-distribution σ for --threshold-from
 RECORD_DATA_HASH = "data_sha256"  # where _train.train stores the hash in the posterior record
-RECORD_THRESHOLDS = "thresholds"  # optional {atomic_force_std: X} in the posterior record
-RECORD_CALIBRATION = "calibration"  # optional calibration dict in the record (scales, maps)
 
 
 class ExportError(ValueError):
@@ -148,33 +146,19 @@ def _dtype_name(dtype) -> str:
     raise ExportError(f"dtype {dtype} is not supported; expected one of {sorted(DTYPES)}")
 
 
-def _positive(value, field: str) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ExportError(f"metadata field '{field}' must be a number, got {value!r}") from None
-    if not (math.isfinite(number) and number > 0.0):
-        raise ExportError(f"metadata field '{field}' must be a finite number > 0, got {value!r}")
-    return number
-
-
 def resolve_calibration(posterior: Posterior, calibration: Optional[Dict[str, object]] = None) -> Dict[str, object]:
     """The calibration the deployable will carry, checked and complete:
     ``{force_std_scale, energy_std_scale[, force_std_map][, energy_std_map]}``.
 
     Base: the posterior's own ``calibration`` (what ``Posterior.forward`` applies; loaded from
-    the record, written by ``bayesrace calibrate``), or the record's for an object without
-    that attribute; then each field given in ``calibration`` replaces the base's (a map
-    given as ``None`` removes it). Scales default to 1; maps follow the contract of
-    ``_calibration`` (knots σ strictly increasing > 0, values non-decreasing > 0).
+    the record, written by ``bayesrace calibrate``); then each field given in ``calibration``
+    replaces the base's (a map given as ``None`` removes it). Scales default to 1; maps
+    follow the contract of ``_calibration`` (knots σ strictly increasing > 0, values
+    non-decreasing > 0).
     """
     from ._calibration import CalibrationError, validate_calibration
 
-    if hasattr(posterior, "calibration"):
-        base = dict(posterior.calibration or {})
-    else:
-        record = dict(getattr(posterior, "record_info", None) or {})
-        base = dict(record.get(RECORD_CALIBRATION) or {})
+    base = dict(posterior.calibration)
     base.update(calibration or {})
     base = {name: value for name, value in base.items() if value is not None}
     try:
@@ -203,24 +187,21 @@ def build_metadata(
 ) -> Dict[str, object]:
     """The metadata.json of the deployable (every field the C++ loader checks)."""
     from . import __version__
+    from ._calibration import CalibrationError, validate_thresholds
 
     record = dict(getattr(posterior, "record_info", None) or {})
     resolved_calibration = resolve_calibration(posterior, calibration)
 
-    # the posterior's own thresholds (loaded from its record), else the record's
-    if hasattr(posterior, "thresholds"):
-        thr = dict(posterior.thresholds or {})
-    else:
-        thr = dict(record.get(RECORD_THRESHOLDS) or {})
-    thr.update(thresholds or {})
-    unknown = set(thr) - {keys.ATOMIC_FORCE_STD}
-    if unknown:
-        raise ExportError(f"unknown threshold field(s) {sorted(unknown)}; expected {[keys.ATOMIC_FORCE_STD]}")
+    # the posterior's own thresholds (loaded from its record), overridden by the arguments
+    try:
+        thr = validate_thresholds({**posterior.thresholds, **(thresholds or {})})
+    except CalibrationError as error:
+        raise ExportError(f"metadata field {error}") from None
     if keys.ATOMIC_FORCE_STD not in thr:
         floor = min(float(m.covariance_floor) for m in posterior.members)
         thr[keys.ATOMIC_FORCE_STD] = DEFAULT_THRESHOLD_FLOOR_MULTIPLE * calibrated_force_std(
             resolved_calibration, math.sqrt(floor))
-    force_threshold = _positive(thr[keys.ATOMIC_FORCE_STD], f"{keys.META_THRESHOLDS}.{keys.ATOMIC_FORCE_STD}")
+    force_threshold = thr[keys.ATOMIC_FORCE_STD]
 
     data_hash = training_data_sha256 if training_data_sha256 is not None else record.get(RECORD_DATA_HASH)
     if not data_hash or not isinstance(data_hash, str):
