@@ -126,3 +126,14 @@ def test_mpi_ensemble_equals_serial_ensemble(psb3_small, tmp_path):
     # members differ from one another (different seeds)
     first, second = a.members[0].state_dict(), a.members[1].state_dict()
     assert any(not torch.equal(first[k], second[k]) for k in first)
+
+
+def test_warm_start_skips_the_mse_warm_up():
+    """A warm-started run (training.init_from) has trained variance heads: no MSE epochs."""
+    from bayesrace._config import config_from_dict
+    from bayesrace._train import mse_warmup_epochs
+
+    values = {"data": {"train": "t.xyz"}, "loss": {"kind": "nll_jef", "mse_warmup_epochs": 3}}
+    assert mse_warmup_epochs(config_from_dict(values)) == 3
+    values["training"] = {"init_from": "posterior.pt"}
+    assert mse_warmup_epochs(config_from_dict(values)) == 0

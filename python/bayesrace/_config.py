@@ -76,7 +76,7 @@ class LossSection:
     kind: str = "nll_jef"  # mse | nll | nll_jef | nll_jef_equivariant
     energy_weight: float = 1.0  # λ_E
     force_weight: float = 1.0  # λ_F
-    mse_warmup_epochs: int = 0  # train with MSE first: the variance heads start from sane means
+    mse_warmup_epochs: int = 0  # train with MSE first: the variance heads start from sane means (none with init_from)
 
 
 @dataclasses.dataclass

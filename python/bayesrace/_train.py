@@ -471,7 +471,7 @@ def _finished(state: Dict, config: Config) -> bool:
     phase instead (whose clocks start afresh, so IVON trains at least one epoch)."""
     training = config.training
     out_of_time = training.max_minutes is not None and state["elapsed"] > 60.0 * training.max_minutes
-    stale = state["stale_epochs"] >= training.early_stopping_patience and state["epoch"] > config.loss.mse_warmup_epochs
+    stale = state["stale_epochs"] >= training.early_stopping_patience and state["epoch"] > mse_warmup_epochs(config)
     ivon_waiting = config.posterior.kind == "ivon" and state.get("ivon_start_epoch") is None
     early_stop = stale and config.posterior.kind != "swag" and not ivon_waiting
     return out_of_time or early_stop or state["epoch"] >= training.max_epochs
@@ -481,7 +481,7 @@ def _swag_should_start(state: Dict, config: Config) -> bool:
     if config.posterior.kind != "swag" or state.get("swag") is not None:
         return False
     stale = (state["stale_epochs"] >= config.training.early_stopping_patience
-             and state["epoch"] > config.loss.mse_warmup_epochs)
+             and state["epoch"] > mse_warmup_epochs(config))
     return state["epoch"] >= config.posterior.swag.start_epoch or stale
 
 
@@ -490,7 +490,7 @@ def _ivon_should_start(state: Dict, config: Config) -> bool:
     if config.posterior.kind != "ivon" or state.get("ivon_start_epoch") is not None:
         return False
     stale = (state["stale_epochs"] >= config.training.early_stopping_patience
-             and state["epoch"] > config.loss.mse_warmup_epochs)
+             and state["epoch"] > mse_warmup_epochs(config))
     return state["epoch"] >= config.posterior.ivon.resolved_start_epoch(config.training.max_epochs) or stale
 
 
@@ -577,9 +577,9 @@ def train_member(
         try:
             while state["epoch"] < training.max_epochs:
                 epoch = state["epoch"]
-                loss_kind = "mse" if epoch < config.loss.mse_warmup_epochs else config.loss.kind
+                loss_kind = "mse" if epoch < mse_warmup_epochs(config) else config.loss.kind
                 loss_fn = loss_function(loss_kind)
-                if epoch == config.loss.mse_warmup_epochs and config.loss.mse_warmup_epochs > 0:
+                if epoch == mse_warmup_epochs(config) and mse_warmup_epochs(config) > 0:
                     # the loss changes meaning: restart the plateau and early-stopping clocks
                     state["best_loss"], state["stale_epochs"] = math.inf, 0
                     scheduler.best = scheduler.mode_worse
@@ -818,6 +818,36 @@ def posterior_members(config: Config, data: TrainingData, progress: bool = False
         print(f"bayesrace train: drew {len(members)} weight sets from the {kind} posterior", file=sys.stderr,
               flush=True)
     return members, {kind: summary}
+
+
+def train_under_mpirun(config_path, ranks: int, quiet: bool = False) -> None:
+    """``bayesrace train config_path`` as ``mpirun -np ranks`` child processes (ensemble members
+    spread over the ranks, one torch thread each); raises RuntimeError naming the command if
+    it fails (the trainer's own message is on stderr above it)."""
+    import subprocess
+
+    from ._mpi import mpirun_executable
+
+    command = [mpirun_executable(), "-np", str(int(ranks)), sys.executable, "-m", "bayesrace.cli", "train",
+               str(config_path)] + (["--quiet"] if quiet else [])
+    if subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode != 0:
+        raise RuntimeError(f"training failed (see its message above); command: {' '.join(command)}")
+
+
+def train_config_file(config: Config, path) -> Path:
+    """Write ``config`` as the YAML that ``bayesrace train`` reads back to the same Config."""
+    import yaml
+
+    path = Path(path)
+    path.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    return path
+
+
+def mse_warmup_epochs(config: Config) -> int:
+    """MSE epochs before the configured loss; none on a warm start (training.init_from), whose
+    variance heads are already trained: a warm-up there moves the means while the variances
+    stay put, and the switch back to the NLL then spikes the loss."""
+    return 0 if config.training.init_from else config.loss.mse_warmup_epochs
 
 
 def train(config: Config, progress: bool = True) -> Path:
