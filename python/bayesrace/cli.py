@@ -238,7 +238,10 @@ def cmd_al(args) -> None:
 def cmd_demo(args) -> None:
     from ._demo import run_demo
 
-    run_demo(Path(args.out), members=args.members, minutes=args.minutes, ranks=args.np, quiet=args.quiet)
+    if args.al_rounds < 0:
+        raise SystemExit(f"bayesrace demo: --al-rounds must be >= 0, got {args.al_rounds}")
+    run_demo(Path(args.out), members=args.members, minutes=args.minutes, ranks=args.np, quiet=args.quiet,
+             al_rounds=args.al_rounds)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -322,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--members", type=int, default=4)
     p.add_argument("--minutes", type=float, default=2.0, help="training budget per member")
     p.add_argument("--np", type=int, default=1, help="train members on this many MPI ranks")
+    p.add_argument("--al-rounds", type=int, default=2,
+                   help="rounds of on-the-fly active learning after the MD (0: none)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=cmd_demo)
     return parser
