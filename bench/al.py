@@ -366,8 +366,8 @@ def write_markdown(results: Dict, path: Path) -> None:
         "Pools and test sets are disjoint. psb3: pool = train.xyz (400, 300–600 K) + first half of "
         "test_ood_hot (100, 1000–1500 K); ood_hot = the other half. acac: pool = train_600K + train_300K "
         "(1000); test_MD_300K/600K are random subsets of the MD test files (validation frames taken from "
-        "test_MD_300K, disjoint from its test subset); test_dihedral has energies only (run_pool_al requires "
-        "forces in its test sets, so it is evaluated afterwards on every round's posterior). The validation "
+        "test_MD_300K, disjoint from its test subset); test_dihedral has energies only (this script "
+        "evaluates it on every round's posterior after the runs). The validation "
         "set is fixed and not counted in the labels.",
         "",
         "Plots: `<dataset>_learning_curves.png` (force MAE and force NLL per test set, mean ± std over seeds).",
