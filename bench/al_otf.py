@@ -227,7 +227,7 @@ def write_report(out: Path, log: dict, evaluation: dict, info: dict) -> None:
         lines.append("")
     lines += ["## Findings", ""] + info["findings"] + [""]
     lines += ["Files: `al_otf.yaml` (the config), `otf_log.json`, `otf_sigma.png` (max σ of every dumped frame vs "
-              "step, halts marked), `results.json`. Runs: bench/runs/al_otf/."]
+              f"step, halts marked), `results.json`. Runs: {os.path.relpath(info['runs'], REPO)}/."]
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
 
@@ -291,6 +291,8 @@ def main(argv=None) -> int:
                         help="Langevin/velocity seeds of the fresh validation runs after the loop")
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args(argv)
+    # absolute: the AL config written into --runs resolves its paths against its own folder
+    args.runs, args.out = args.runs.resolve(), args.out.resolve()
 
     import yaml
 
