@@ -515,7 +515,7 @@ def run_on_the_fly(config: ActiveConfig, progress: bool = True, oracle: Optional
             by_id = {int(a.info[POOL_INDEX]): a for a in candidates}
             missing = [s for s in record["selected"] if s not in labelled]
             say(f"round {round_index}: labelling {len(missing)} frames (MD steps "
-                f"{[by_id[s].info[MD_STEP] for s in missing]})")
+                f"{[int(by_id[s].info[MD_STEP]) for s in missing]})")
             started = time.perf_counter()
 
             def store(atoms, next_round=round_index + 1):
