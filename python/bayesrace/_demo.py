@@ -53,12 +53,13 @@ def demo_al_config(data_dir: Path, run_dir: Path, al_dir: Path, rounds: int, ran
     """``bayesrace al`` (mode on_the_fly) from the demo's trained posterior: round 0 is that
     posterior, recalibrated on the validation set; the threshold (None: round 0's own) is
     kept fixed."""
+    import ase
     import ase.io
 
     start = al_dir / "start.xyz"
     al_dir.mkdir(parents=True, exist_ok=True)
     first = ase.io.read(data_dir / "train.xyz", 0)
-    ase.io.write(start, first.__class__(numbers=first.numbers, positions=first.positions))
+    ase.io.write(start, ase.Atoms(numbers=first.numbers, positions=first.positions))
     training = demo_config(data_dir, run_dir, members, minutes=0.5)
     training["training"].update(max_epochs=AL_ROUND_EPOCHS, lr=0.002)
     return {
