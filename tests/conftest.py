@@ -33,7 +33,7 @@ def random_molecule(n_atoms: int, symbols=("H", "C", "N"), seed: int = 0, box: f
 
 def batch_of(atoms_list, type_names, cutoff, dtype=torch.float64):
     """Collated batch for ASE Atoms objects through the package's own data path."""
-    from bayesrace._data import Frame, TypeMap, collate, frames_to_graphs
+    from bayesrace.data import Frame, TypeMap, collate, frames_to_graphs
 
     frames = [
         Frame(
@@ -67,7 +67,7 @@ def acac_dir():
 @pytest.fixture(scope="session")
 def psb3_small(tmp_path_factory):
     """A small PSB3 data set (GFN2-xTB through tblite), generated once per test session."""
-    from bayesrace._psb3 import generate_psb3
+    from bayesrace.data import generate_psb3
 
     out = tmp_path_factory.mktemp("psb3_small")
     generate_psb3(out, seed=1, scale=0.1, progress=False)

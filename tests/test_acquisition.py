@@ -7,7 +7,7 @@ import pytest
 from scipy import integrate, stats
 
 from bayesrace import keys
-from bayesrace._acquisition import (
+from bayesrace.active import (
     STRATEGIES,
     acquisition_scores,
     bald_energy_scores,

@@ -56,8 +56,8 @@ def two_round_run(psb3_small, tmp_path_factory):
 
 
 def test_two_round_loop_writes_learning_curve(two_round_run, psb3_small):
-    from bayesrace._active import read_labelled
-    from bayesrace._data import read_frames
+    from bayesrace.active import read_labelled
+    from bayesrace.data import read_frames
     out, _ = two_round_run
     curve = json.loads((out / "learning_curve.json").read_text())
     assert [p["n_labels"] for p in curve["points"]] == [8, 12, 16]
@@ -89,9 +89,9 @@ def test_two_round_loop_writes_learning_curve(two_round_run, psb3_small):
 
 
 def test_rounds_are_warm_started_from_the_previous_posterior(two_round_run):
-    from bayesrace._active import load_active_config, round_training_config
-    from bayesrace._posterior import load_posterior
-    from bayesrace._train import initial_member_model, prepare_data
+    from bayesrace.active import load_active_config, round_training_config
+    from bayesrace.bayes import load_posterior
+    from bayesrace.train import initial_member_model, prepare_data
 
     out, config_path = two_round_run
     config = load_active_config(config_path)
@@ -133,8 +133,8 @@ class CountingOracle:
 
 
 def test_killed_loop_resumes_without_relabelling(psb3_small, tmp_path):
-    from bayesrace._active import FromPoolOracle, active_config_from_dict, read_labelled, run_pool_al
-    from bayesrace._data import read_frames
+    from bayesrace.active import FromPoolOracle, active_config_from_dict, read_labelled, run_pool_al
+    from bayesrace.data import read_frames
 
     pool = read_frames(psb3_small / "train.xyz")
     values = _al_values(psb3_small, tmp_path / "run", n_initial=4, n_rounds=1, strategy="random",
@@ -163,7 +163,7 @@ def test_killed_loop_resumes_without_relabelling(psb3_small, tmp_path):
     run_pool_al(active_config_from_dict(values), progress=False, oracle=third)
     assert third.calls == []
     # a changed strategy in the same directory is refused
-    from bayesrace._config import ConfigError
+    from bayesrace.train import ConfigError
 
     with pytest.raises(ConfigError, match="strategy"):
         run_pool_al(active_config_from_dict({**values, "strategy": "bald_e"}), progress=False, oracle=third)
@@ -174,8 +174,8 @@ def test_training_under_mpirun_equals_serial(psb3_small, tmp_path):
     start included, and reaches the same weights, picks and metrics as the serial loop."""
     import torch
 
-    from bayesrace._active import active_config_from_dict, run_pool_al
-    from bayesrace._posterior import load_posterior
+    from bayesrace.active import active_config_from_dict, run_pool_al
+    from bayesrace.bayes import load_posterior
 
     runs = {}
     for ranks in (1, 2):
@@ -201,7 +201,7 @@ def test_ase_oracle_by_import_path_in_parallel_workers():
     from ase.build import bulk
     from ase.calculators.emt import EMT
 
-    from bayesrace._active import OracleSection, label_structures, make_oracle
+    from bayesrace.active import OracleSection, label_structures, make_oracle
 
     oracle = make_oracle(OracleSection(kind="ase", calculator="ase.calculators.emt.EMT", workers=2))
     structures = []
@@ -221,8 +221,8 @@ def test_ase_oracle_by_import_path_in_parallel_workers():
 
 
 def test_tblite_oracle_matches_the_psb3_labels(psb3_small):
-    from bayesrace._active import TBLiteOracle
-    from bayesrace._data import read_frames
+    from bayesrace.active import TBLiteOracle
+    from bayesrace.data import read_frames
 
     frame = read_frames(psb3_small / "test_id.xyz")[0]
     import ase
@@ -253,8 +253,8 @@ def test_tblite_oracle_matches_the_psb3_labels(psb3_small):
     ],
 )
 def test_config_errors(tmp_path, change, message):
-    from bayesrace._active import active_config_from_dict
-    from bayesrace._config import ConfigError
+    from bayesrace.active import active_config_from_dict
+    from bayesrace.train import ConfigError
 
     values = {"pool": "pool.xyz", "n_initial": 2, "training": {"model": {"preset": "tiny"}}}
     values.update(change)
@@ -271,8 +271,8 @@ def test_cli_reports_config_errors_and_training_section_errors(tmp_path, psb3_sm
     assert result.returncode == 2
     assert "bayesrace al: error:" in result.stderr and "md.thermostat is 'berendsen'" in result.stderr
 
-    from bayesrace._active import active_config_from_dict, run_pool_al
-    from bayesrace._config import ConfigError
+    from bayesrace.active import active_config_from_dict, run_pool_al
+    from bayesrace.train import ConfigError
 
     values = _al_values(psb3_small, tmp_path / "run", training={**_training(psb3_small), "trainig": {}})
     with pytest.raises(ConfigError, match="training: unknown key 'trainig'"):
@@ -280,8 +280,8 @@ def test_cli_reports_config_errors_and_training_section_errors(tmp_path, psb3_sm
 
 
 def test_warm_start_rejects_other_elements_or_architecture(two_round_run, psb3_small, tmp_path):
-    from bayesrace._config import config_from_dict
-    from bayesrace._train import initial_member_model, prepare_data
+    from bayesrace.train import config_from_dict
+    from bayesrace.train import initial_member_model, prepare_data
 
     out, _ = two_round_run
     values = {"out": str(tmp_path / "x"), "data": {"train": str(psb3_small / "valid.xyz"),
@@ -300,7 +300,7 @@ def test_initial_file_and_unlabelled_pool_with_energy_bald(psb3_small, tmp_path)
     """An initial labelled file, a pool without labels (tblite labels it), bald_e top-k."""
     import ase.io
 
-    from bayesrace._active import active_config_from_dict, run_pool_al
+    from bayesrace.active import active_config_from_dict, run_pool_al
 
     from ase.calculators.singlepoint import SinglePointCalculator
 
@@ -369,8 +369,8 @@ def otf_run(psb3_small, tmp_path_factory):
 def test_on_the_fly_halts_labels_retrains_and_resumes(otf_run, psb3_small):
     import ase.io
 
-    from bayesrace._active import TBLiteOracle, read_labelled
-    from bayesrace._onthefly import read_dump
+    from bayesrace.active import TBLiteOracle, read_labelled
+    from bayesrace.active import read_dump
 
     out, _, _ = otf_run
     log = json.loads((out / "otf_log.json").read_text())
@@ -414,14 +414,14 @@ def test_on_the_fly_halts_labels_retrains_and_resumes(otf_run, psb3_small):
     assert len(ase.io.read(out / "round_1" / "train.xyz", ":")) == 11
     assert json.loads((out / "round_1" / "config.json").read_text())["training"]["init_from"] == \
         str(out / "round_0" / "posterior.pt")
-    from bayesrace._export import read_metadata
+    from bayesrace.export import read_metadata
 
     assert read_metadata(out / "round_1" / "model.pt")["calibration"] != {}
 
 
 def test_on_the_fly_restart_redoes_nothing_and_completes_below_threshold(otf_run, psb3_small, tmp_path):
-    from bayesrace._active import active_config_from_dict, load_active_config
-    from bayesrace._onthefly import run_on_the_fly
+    from bayesrace.active import active_config_from_dict, load_active_config
+    from bayesrace.active import run_on_the_fly
 
     out, config_path, structure = otf_run
     dump = out / "round_1" / "md" / "frames.dump"
@@ -443,7 +443,7 @@ def test_on_the_fly_restart_redoes_nothing_and_completes_below_threshold(otf_run
 
 
 def test_last_trusted_frame_is_the_last_below_threshold():
-    from bayesrace._onthefly import last_trusted_frame
+    from bayesrace.active import last_trusted_frame
 
     frames = [{"step": s, "columns": {"c_u[1]": np.array([0.1, sigma])}} for s, sigma in
               ((0, 0.2), (10, 0.5), (20, 0.3), (30, 0.9))]
@@ -455,10 +455,10 @@ def test_last_trusted_frame_is_the_last_below_threshold():
 def test_on_the_fly_restart_from_halt_keeps_round_0_threshold(otf_run, psb3_small, tmp_path):
     """md.restart_from halt: the next segment continues from the halting frame itself; with
     threshold null, round 0's own threshold (from its posterior record) holds in every round."""
-    from bayesrace._active import active_config_from_dict
-    from bayesrace._export import read_metadata
-    from bayesrace._onthefly import read_dump, run_on_the_fly
-    from bayesrace._posterior import update_posterior_file
+    from bayesrace.active import active_config_from_dict
+    from bayesrace.export import read_metadata
+    from bayesrace.active import read_dump, run_on_the_fly
+    from bayesrace.bayes import update_posterior_file
 
     out, _, structure = otf_run
     posterior = tmp_path / "posterior.pt"
@@ -503,8 +503,8 @@ def test_on_the_fly_restart_from_halt_keeps_round_0_threshold(otf_run, psb3_smal
     ],
 )
 def test_on_the_fly_config_errors(tmp_path, change, message):
-    from bayesrace._active import active_config_from_dict
-    from bayesrace._config import ConfigError
+    from bayesrace.active import active_config_from_dict
+    from bayesrace.train import ConfigError
 
     values = {"mode": "on_the_fly", "initial": "i.xyz", "training": {"model": {"preset": "tiny"}},
               "md": {"structure": "s.xyz"}}

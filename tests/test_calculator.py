@@ -5,10 +5,10 @@ from ase import Atoms
 from ase.calculators.calculator import PropertyNotImplementedError
 
 from bayesrace import keys
-from bayesrace._calculator import UNCERTAINTY_RESULTS, BayesRaceCalculator
-from bayesrace._data import Frame, TypeMap, collate, frames_to_graphs
-from bayesrace._model import build_model, model_config_from
-from bayesrace._posterior import Posterior, save_posterior
+from bayesrace.calculator import UNCERTAINTY_RESULTS, BayesRaceCalculator
+from bayesrace.data import Frame, TypeMap, collate, frames_to_graphs
+from bayesrace.model import build_model, model_config_from
+from bayesrace.bayes import Posterior, save_posterior
 
 torch.set_num_threads(1)
 

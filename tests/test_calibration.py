@@ -9,18 +9,17 @@ import pytest
 import torch
 
 from bayesrace import keys
-from bayesrace._calibration import (
+from bayesrace.bayes import (
     IDENTITY,
     CalibrationError,
     calibrate_prediction,
     calibrated_std,
-    extrapolation_threshold,
-    fit_calibration,
     std_ratio,
     validate_calibration,
 )
-from bayesrace._evaluate import reference_key
-from bayesrace._metrics import ence, gaussian_nll, miscalibration_area
+from bayesrace.uq import extrapolation_threshold, fit_calibration
+from bayesrace.uq import reference_key
+from bayesrace.uq import ence, gaussian_nll, miscalibration_area
 
 from conftest import random_molecule, tiny_model
 
@@ -261,7 +260,7 @@ def test_isotonic_fit_lowers_miscalibration_on_held_out_data():
 
 
 def test_uncertainty_metrics_of_a_prediction():
-    from bayesrace._calibration import uncertainty_metrics
+    from bayesrace.uq import uncertainty_metrics
 
     prediction = synthetic_prediction(6, lambda sigma: 2.0 * sigma, n_structures=30)
     metrics = uncertainty_metrics(prediction)
@@ -306,7 +305,7 @@ def test_extrapolation_threshold_is_factor_times_quantile_of_structure_maxima():
 def test_posterior_forward_applies_its_calibration():
     from conftest import batch_of
 
-    from bayesrace._posterior import Posterior
+    from bayesrace.bayes import Posterior
 
     posterior = Posterior([tiny_model(seed=1), tiny_model(seed=2)]).eval()
     molecules = [random_molecule(4, seed=0), random_molecule(3, seed=1)]
@@ -327,9 +326,9 @@ def write_labelled_set(path, n_frames, seed):
     import ase.io
     from ase.calculators.singlepoint import SinglePointCalculator
 
-    from bayesrace._data import Frame
-    from bayesrace._evaluate import predict_frames
-    from bayesrace._posterior import Posterior
+    from bayesrace.data import Frame
+    from bayesrace.uq import predict_frames
+    from bayesrace.bayes import Posterior
 
     molecules = [random_molecule(3 + k % 4, seed=seed + k) for k in range(n_frames)]
     frames = [Frame(a.numbers.astype(np.int64), a.positions.copy(), np.zeros((3, 3)), np.zeros(3, dtype=bool))
@@ -345,9 +344,9 @@ def write_labelled_set(path, n_frames, seed):
 
 def test_calibrate_command_writes_a_calibrated_posterior(tmp_path, capsys):
     from bayesrace import cli
-    from bayesrace._data import read_frames
-    from bayesrace._evaluate import predict_frames
-    from bayesrace._posterior import load_posterior, save_posterior
+    from bayesrace.data import read_frames
+    from bayesrace.uq import predict_frames
+    from bayesrace.bayes import load_posterior, save_posterior
 
     posterior_path = tmp_path / "posterior.pt"
     save_posterior(posterior_path, [tiny_model(seed=1), tiny_model(seed=2)], data_sha256="abc")
@@ -393,7 +392,7 @@ def test_calibrate_command_writes_a_calibrated_posterior(tmp_path, capsys):
 
 def test_calibrate_command_reports_user_errors(tmp_path, capsys):
     from bayesrace import cli
-    from bayesrace._posterior import save_posterior
+    from bayesrace.bayes import save_posterior
 
     posterior_path = tmp_path / "posterior.pt"
     save_posterior(posterior_path, [tiny_model(seed=1)])

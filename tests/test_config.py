@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bayesrace import ConfigError, load_config
-from bayesrace._config import config_to_dict
+from bayesrace.train import config_to_dict
 
 
 def write(tmp_path, text):

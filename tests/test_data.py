@@ -1,4 +1,4 @@
-"""Reading, checking, neighbour lists and batching of structures (bayesrace._data)."""
+"""Reading, checking, neighbour lists and batching of structures (bayesrace.data)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from bayesrace import keys
-from bayesrace._data import (
+from bayesrace.data import (
     DataError,
     Frame,
     TypeMap,

@@ -8,9 +8,9 @@ import yaml
 
 
 def test_demo_active_learning_round_halts_labels_retrains_and_reports(psb3_small, tmp_path):
-    from bayesrace._config import config_from_dict
-    from bayesrace._demo import AL_LABELS_PER_HALT, demo_config, run_demo_active_learning
-    from bayesrace._train import train
+    from bayesrace.train import config_from_dict
+    from bayesrace.demo import AL_LABELS_PER_HALT, demo_config, run_demo_active_learning
+    from bayesrace.train import train
 
     run_dir, report_dir = tmp_path / "run", tmp_path / "report"
     report_dir.mkdir()

@@ -9,9 +9,9 @@ from ase.calculators.emt import EMT
 from ase.io import write
 
 from bayesrace import keys
-from bayesrace._calculator import BayesRaceCalculator
-from bayesrace._data import read_frames
-from bayesrace._evaluate import (
+from bayesrace.calculator import BayesRaceCalculator
+from bayesrace.data import read_frames
+from bayesrace.uq import (
     METRIC_UNITS,
     OOD_SCORES,
     PLOT_FILES,
@@ -22,8 +22,8 @@ from bayesrace._evaluate import (
     reference_key,
     set_metrics,
 )
-from bayesrace._model import build_model, model_config_from
-from bayesrace._posterior import Posterior, save_posterior
+from bayesrace.model import build_model, model_config_from
+from bayesrace.bayes import Posterior, save_posterior
 
 torch.set_num_threads(1)
 
@@ -272,7 +272,7 @@ TRUE_SIGMA_FACTOR = 4.0  # the labels scatter 4 times wider than the posterior's
 def mis_scaled_frames(posterior, seed, n_frames):
     """Random molecules labelled with the posterior's own mean plus Gaussian noise of
     TRUE_SIGMA_FACTOR × its predicted σ: its σ's are too small by exactly that factor."""
-    from bayesrace._data import Frame
+    from bayesrace.data import Frame
 
     rng = np.random.default_rng(seed)
     frames = []
@@ -317,7 +317,7 @@ def mis_scaled_sets(posterior):
 
 @pytest.mark.parametrize("method", ["isotonic", "scalar"])
 def test_recalibration_fixes_a_mis_scaled_posterior(posterior, mis_scaled_sets, method, tmp_path):
-    from bayesrace._calibration import calibrate_prediction
+    from bayesrace.bayes import calibrate_prediction
 
     own = {keys.META_FORCE_STD_SCALE: 2.0}  # ignored while predicting, restored afterwards
     posterior.calibration = own
@@ -373,7 +373,7 @@ def test_recalibration_fixes_a_mis_scaled_posterior(posterior, mis_scaled_sets, 
 
 def test_recalibrated_auroc_and_bad_calibration_set(posterior, mis_scaled_sets, data_sets):
     from sklearn.metrics import roc_auc_score
-    from bayesrace._calibration import calibrate_prediction
+    from bayesrace.bayes import calibrate_prediction
 
     sets = {"valid": mis_scaled_sets["valid"], "compressed": data_sets["compressed"]}
     evaluation = evaluate_sets(posterior, sets, progress=False, calibrate_on="valid")

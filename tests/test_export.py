@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from bayesrace import keys
-from bayesrace._calculator import UNCERTAINTY_RESULTS, BayesRaceCalculator
-from bayesrace._data import neighbour_list
-from bayesrace._export import (
+from bayesrace.calculator import UNCERTAINTY_RESULTS, BayesRaceCalculator
+from bayesrace.data import neighbour_list
+from bayesrace.export import (
     ExportError,
     build_metadata,
     export_posterior,
@@ -21,8 +21,8 @@ from bayesrace._export import (
     read_metadata,
     threshold_from_structures,
 )
-from bayesrace._posterior import Posterior, save_posterior
-from bayesrace._psb3 import build_psb3
+from bayesrace.bayes import Posterior, save_posterior
+from bayesrace.data import build_psb3
 from conftest import batch_of, tiny_model
 
 TYPES = ["H", "C", "N"]
@@ -411,7 +411,7 @@ ENERGY_MAP = {keys.META_MAP_SIGMA: [0.001, 0.01], keys.META_MAP_CALIBRATED: [0.0
 
 def test_record_thresholds_and_calibration_are_used(tmp_path):
     """What `bayesrace calibrate` stores in the record reaches metadata.json; arguments win."""
-    from bayesrace._posterior import load_posterior
+    from bayesrace.bayes import load_posterior
 
     members = [tiny_model(seed=0).eval()]
     record_calibration = {keys.META_FORCE_STD_SCALE: 2.0, keys.META_FORCE_STD_MAP: FORCE_MAP,
@@ -478,7 +478,7 @@ def test_refusals(tmp_path, case, fragment):
 
 
 def test_threshold_from_structures():
-    from bayesrace._calibration import calibrated_std
+    from bayesrace.bayes import calibrated_std
 
     posterior = make_posterior(seeds=(0, 1))
     frames = [psb3_like(seed=k) for k in range(4)]

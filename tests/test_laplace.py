@@ -11,9 +11,9 @@ import torch
 from conftest import batch_of, random_molecule, tiny_model
 
 from bayesrace import keys
-from bayesrace import _laplace as laplace_module
-from bayesrace._data import Frame, TypeMap, collate, frames_to_graphs
-from bayesrace._laplace import (
+from bayesrace.bayes import _laplace as laplace_module
+from bayesrace.data import Frame, TypeMap, collate, frames_to_graphs
+from bayesrace.bayes import (
     fit_last_layer_laplace,
     get_last_layer_weights,
     last_layer_jacobians,
@@ -334,7 +334,7 @@ def test_cli_end_to_end(tmp_path, model, graphs, capsys):
     import ase.io
     from ase.calculators.singlepoint import SinglePointCalculator
 
-    from bayesrace._posterior import load_posterior, save_posterior
+    from bayesrace.bayes import load_posterior, save_posterior
     from bayesrace.cli import main
 
     source = tmp_path / "ensemble.pt"

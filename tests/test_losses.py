@@ -8,7 +8,7 @@ import math
 import torch
 
 from bayesrace import keys
-from bayesrace._losses import loss_function
+from bayesrace.train import loss_function
 
 
 def random_prediction(n_structures=5, n_atoms=17, seed=0):

@@ -5,7 +5,7 @@ import pytest
 
 from scipy import stats
 
-from bayesrace._metrics import (
+from bayesrace.uq import (
     CALIBRATION_LEVELS,
     auroc,
     calibration_curve,

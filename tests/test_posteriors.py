@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from bayesrace import keys, load_config, load_posterior
-from bayesrace._data import collate, read_frames, TypeMap, frames_to_graphs
-from bayesrace import _train as train_module
-from bayesrace._train import CHECKPOINT, SwagCollector, train
+from bayesrace.data import collate, read_frames, TypeMap, frames_to_graphs
+from bayesrace.train import _loop as train_module
+from bayesrace.train import CHECKPOINT, SwagCollector, train
 from conftest import write_training_config
 
 SAMPLES = 4
@@ -127,8 +127,8 @@ def assert_deployable_reproduces(posterior, path, frame):
     import ase
 
     from bayesrace import _bayesrace_core as core
-    from bayesrace._calculator import UNCERTAINTY_RESULTS, BayesRaceCalculator
-    from bayesrace._export import export_posterior
+    from bayesrace.calculator import UNCERTAINTY_RESULTS, BayesRaceCalculator
+    from bayesrace.export import export_posterior
     from test_export import engine_results
 
     deployable = Path(path).with_name("deployable.pt")
@@ -310,7 +310,7 @@ def test_ivon_that_never_started_says_so(psb3_small, tmp_path):
 
 
 def test_laplace_kind_samples_around_the_mve(psb3_small, mve_run, tmp_path):
-    pytest.importorskip("bayesrace._laplace")
+    pytest.importorskip("bayesrace.bayes._laplace")
     config = run_config(tmp_path, psb3_small, "laplace", "laplace", laplace={"max_structures": 8})
     path = train(load_config(config), progress=False)
     posterior = assert_sane_posterior(path, "laplace", SAMPLES, psb3_small / "valid.xyz")

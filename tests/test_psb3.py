@@ -1,4 +1,4 @@
-"""The embedded PSB3 data set (bayesrace._psb3), generated small."""
+"""The embedded PSB3 data set (bayesrace.data), generated small."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 
 pytest.importorskip("tblite.interface", reason="tblite (GFN2-xTB) is not installed")
 
-from bayesrace._data import TypeMap, isolated_atom_energies, read_frames  # noqa: E402
-from bayesrace._psb3 import PSB3_FILES, TORSION_DIHEDRAL, build_psb3, generate_psb3  # noqa: E402
+from bayesrace.data import TypeMap, isolated_atom_energies, read_frames  # noqa: E402
+from bayesrace.data import PSB3_FILES, TORSION_DIHEDRAL, build_psb3, generate_psb3  # noqa: E402
 
 SCALE = 0.05
 

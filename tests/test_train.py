@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from bayesrace import load_config, load_posterior
-from bayesrace._train import CHECKPOINT, train
+from bayesrace.train import CHECKPOINT, train
 from conftest import write_training_config
 
 BIN = Path(sys.executable).parent
@@ -130,8 +130,8 @@ def test_mpi_ensemble_equals_serial_ensemble(psb3_small, tmp_path):
 
 def test_warm_start_skips_the_mse_warm_up():
     """A warm-started run (training.init_from) has trained variance heads: no MSE epochs."""
-    from bayesrace._config import config_from_dict
-    from bayesrace._train import mse_warmup_epochs
+    from bayesrace.train import config_from_dict
+    from bayesrace.train import mse_warmup_epochs
 
     values = {"data": {"train": "t.xyz"}, "loss": {"kind": "nll_jef", "mse_warmup_epochs": 3}}
     assert mse_warmup_epochs(config_from_dict(values)) == 3

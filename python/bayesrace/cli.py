@@ -31,7 +31,7 @@ def _parse_sets(items: List[str]) -> dict:
 
 
 def cmd_data(args) -> None:
-    from ._psb3 import generate_psb3
+    from .data import generate_psb3
 
     if args.dataset != "psb3":
         raise UsageError(f"unknown data set {args.dataset!r}; available: psb3")
@@ -41,8 +41,8 @@ def cmd_data(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from ._config import load_config
-    from ._train import train
+    from .train import load_config
+    from .train import train
 
     config = load_config(args.config)
     if args.out:
@@ -55,8 +55,8 @@ def cmd_train(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from ._evaluate import evaluate_sets, format_summary
-    from ._posterior import load_posterior
+    from .uq import evaluate_sets, format_summary
+    from .bayes import load_posterior
 
     sets = _parse_sets(args.sets)
     if args.calibrate_on is not None and args.calibrate_on not in sets:
@@ -83,7 +83,8 @@ def cmd_evaluate(args) -> None:
 
 def cmd_calibrate(args) -> None:
     from . import keys
-    from ._calibration import CalibrationError, calibrate_posterior_file, describe_calibration
+    from .bayes import CalibrationError
+    from .uq import calibrate_posterior_file, describe_calibration
 
     try:
         result = calibrate_posterior_file(
@@ -118,8 +119,8 @@ def cmd_calibrate(args) -> None:
 def cmd_predict(args) -> None:
     import ase.io
 
-    from ._calculator import UNCERTAINTY_RESULTS, BayesRaceCalculator
-    from ._data import read_frames
+    from .calculator import UNCERTAINTY_RESULTS, BayesRaceCalculator
+    from .data import read_frames
 
     calculator = BayesRaceCalculator(args.posterior)
     frames = read_frames(args.input, require_energy=False, require_forces=False)
@@ -146,9 +147,9 @@ def cmd_predict(args) -> None:
 def cmd_laplace(args) -> None:
     """Post-hoc last-layer Laplace posterior of one member of a trained posterior."""
     from . import keys
-    from ._data import TypeMap, frames_to_graphs, iterate_batches, read_frames
-    from ._laplace import fit_last_layer_laplace, predictive_covariance, sample_members
-    from ._posterior import save_posterior
+    from .data import TypeMap, frames_to_graphs, iterate_batches, read_frames
+    from .bayes import fit_last_layer_laplace, predictive_covariance, sample_members
+    from .bayes import save_posterior
 
     if args.samples < 2 or args.samples % 2:
         raise UsageError(f"--samples must be a positive even number (antithetic pairs), got {args.samples}")
@@ -205,7 +206,7 @@ def cmd_laplace(args) -> None:
 
 
 def _load_posterior_or_usage_error(path):
-    from ._posterior import load_posterior
+    from .bayes import load_posterior
 
     try:
         return load_posterior(path)
@@ -214,11 +215,11 @@ def _load_posterior_or_usage_error(path):
 
 
 def cmd_al(args) -> None:
-    from ._active import load_active_config, run_pool_al
+    from .active import load_active_config, run_pool_al
 
     config = load_active_config(args.config)
     if config.mode == "on_the_fly":
-        from ._onthefly import OTF_LOG, run_on_the_fly
+        from .active import OTF_LOG, run_on_the_fly
 
         log = run_on_the_fly(config, progress=not args.quiet)
         for record in log["rounds"]:
@@ -236,7 +237,7 @@ def cmd_al(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from ._demo import run_demo
+    from .demo import run_demo
 
     if args.al_rounds < 0:
         raise SystemExit(f"bayesrace demo: --al-rounds must be >= 0, got {args.al_rounds}")
@@ -333,18 +334,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from . import __version__
+    from ._version import __version__
 
     return f"bayesrace {__version__}"
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from ._config import ConfigError
-    from ._data import DataError
+    from .train import ConfigError
+    from .data import DataError
 
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["export"]:
-        from ._export import main as export_main
+        from .export import main as export_main
 
         return export_main(argv[1:], prog="bayesrace export")
     args = build_parser().parse_args(argv)

@@ -377,7 +377,7 @@ def test_calibration_ratio_known_values(core):
     np.testing.assert_allclose(core.calibration_ratio(probe, 0.7, dense), numpy_ratio(probe, 0.7, dense),
                                rtol=1e-13)
     # and the Python implementation that Posterior.forward applies
-    from bayesrace._calibration import std_ratio
+    from bayesrace.bayes import std_ratio
 
     probe = np.concatenate([[0.0], probe])
     np.testing.assert_allclose(core.calibration_ratio(probe, 0.7, dense), std_ratio(probe, 0.7, dense), rtol=1e-13)

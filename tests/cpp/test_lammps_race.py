@@ -42,7 +42,7 @@ N_MEMBERS = 3
 
 def psb3_structure(seed=0, origin=(15.0, 15.0, 15.0), box=(30.0, 30.0, 30.0), jitter=0.05) -> Structure:
     """PSB3 (C5H8N+), slightly distorted so that no force vanishes by symmetry."""
-    from bayesrace._psb3 import build_psb3
+    from bayesrace.data import build_psb3
 
     atoms = build_psb3()
     x = atoms.positions - atoms.positions.mean(0) + np.asarray(origin)
@@ -93,11 +93,11 @@ def to_atoms(s: Structure):
 @pytest.fixture(scope="module")
 def race(tmp_path_factory):
     """An untrained tiny RACE ensemble (weights from fixed seeds), exported frozen in float64."""
-    from bayesrace._export import export_posterior
-    from bayesrace._posterior import Posterior
+    from bayesrace.export import export_posterior
+    from bayesrace.bayes import Posterior
     from conftest import tiny_model
 
-    from bayesrace._calculator import BayesRaceCalculator
+    from bayesrace.calculator import BayesRaceCalculator
 
     posterior = Posterior([tiny_model(seed=s) for s in range(N_MEMBERS)]).eval()
     # a threshold inside the range of PSB3's per-atom σ, so that the count is not trivial
@@ -115,10 +115,10 @@ def race(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(psb3_small, tmp_path_factory):
     """A RACE ensemble trained briefly (tiny, 3 members, 5 epochs, MSE) on PSB3 xTB data."""
-    from bayesrace._config import load_config
-    from bayesrace._export import export_posterior
-    from bayesrace._posterior import load_posterior
-    from bayesrace._train import train
+    from bayesrace.train import load_config
+    from bayesrace.export import export_posterior
+    from bayesrace.bayes import load_posterior
+    from bayesrace.train import train
     from conftest import write_training_config
 
     out = tmp_path_factory.mktemp("trained")
@@ -137,7 +137,7 @@ def trained(psb3_small, tmp_path_factory):
 
 def python_reference(posterior, s: Structure, threshold: float) -> dict:
     """What LAMMPS must print, from the Python ASE calculator (rows sorted by atom id)."""
-    from bayesrace._calculator import BayesRaceCalculator
+    from bayesrace.calculator import BayesRaceCalculator
     from conftest import batch_of
 
     atoms = to_atoms(s)
@@ -199,8 +199,8 @@ def test_lammps_matches_python_with_map_calibration(core, plugin_path, race, tmp
 
     import torch
 
-    from bayesrace._calculator import BayesRaceCalculator
-    from bayesrace._export import build_metadata
+    from bayesrace.calculator import BayesRaceCalculator
+    from bayesrace.export import build_metadata
 
     posterior, model, meta = race
     s = STRUCTURES[kind]()
@@ -379,7 +379,7 @@ def test_fix_halt_fires_out_of_distribution_only(plugin_path, trained, tmp_path)
     max-σ of a strongly distorted geometry (an in-distribution frame compressed to 85 %)."""
     import ase.io
 
-    from bayesrace._calculator import BayesRaceCalculator
+    from bayesrace.calculator import BayesRaceCalculator
 
     posterior, model, data = trained
     calc = BayesRaceCalculator(posterior)
@@ -417,12 +417,12 @@ def test_fix_halt_fires_out_of_distribution_only(plugin_path, trained, tmp_path)
 
 
 def test_psb3_example_runs_under_mpi_and_halts(plugin_path, trained, tmp_path, monkeypatch):
-    """examples/ hold exactly what bayesrace._lammps_example writes; the example runs under
+    """examples/ hold exactly what bayesrace.lammps writes; the example runs under
     mpirun -np 2 and stops at the first check once an atom's σ exceeds the threshold
     (the trained model's default threshold, 3 x sqrt(1e-3) eV/Å, is below every σ)."""
     from pathlib import Path
 
-    from bayesrace._lammps_example import PSB3_INPUT, psb3_data_text, run_psb3_example
+    from bayesrace.lammps import PSB3_INPUT, psb3_data_text, run_psb3_example
 
     root = Path(__file__).resolve().parents[2]
     assert (root / "examples" / "psb3" / "in.psb3").read_text() == PSB3_INPUT

@@ -48,9 +48,9 @@ import torch
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from torch.optim.swa_utils import AveragedModel
 
-from . import keys
+from .. import keys
 from ._config import Config, config_to_dict
-from ._data import (
+from ..data import (
     DataError,
     Graph,
     TypeMap,
@@ -62,9 +62,9 @@ from ._data import (
     split,
 )
 from ._losses import TRAINED_HEADS, loss_function
-from ._model import RACE, build_model
-from ._mpi import mpi_world
-from ._posterior import load_posterior, save_posterior
+from ..model import RACE, build_model
+from .._mpi import mpi_world
+from ..bayes import load_posterior, save_posterior
 
 CHECKPOINT = "checkpoint.pt"
 METRICS_LOG = "metrics.jsonl"
@@ -158,8 +158,8 @@ def _warm_start_record(config: Config, data: TrainingData) -> Dict:
     """The posterior record named by ``training.init_from``, checked against this run: same
     elements (in order) and the same architecture (``avg_num_neighbors`` aside: the record's
     is kept, so a warm-started member computes exactly the function it starts from)."""
-    from ._model import ModelConfig
-    from ._posterior import _read_record
+    from ..model import ModelConfig
+    from ..bayes._posterior import _read_record
 
     path = config.training.init_from
     try:
@@ -785,7 +785,7 @@ def ivon_members(config: Config, data: TrainingData, member: int = 0) -> Tuple[L
 def laplace_members(config: Config, data: TrainingData, member: int = 0, progress: bool = False
                     ) -> Tuple[List[RACE], Dict]:
     """A last-layer Laplace approximation around the trained member and its antithetic samples."""
-    from ._laplace import fit_last_layer_laplace, sample_members
+    from ..bayes import fit_last_layer_laplace, sample_members
 
     settings = config.posterior.laplace
     model = best_member_model(config, data, member)
@@ -826,7 +826,7 @@ def train_under_mpirun(config_path, ranks: int, quiet: bool = False) -> None:
     it fails (the trainer's own message is on stderr above it)."""
     import subprocess
 
-    from ._mpi import mpirun_executable
+    from .._mpi import mpirun_executable
 
     command = [mpirun_executable(), "-np", str(int(ranks)), sys.executable, "-m", "bayesrace.cli", "train",
                str(config_path)] + (["--quiet"] if quiet else [])

@@ -90,11 +90,11 @@ def run_demo_active_learning(data_dir: Path, run_dir: Path, report_dir: Path, ro
 
     import torch
 
-    from ._active import active_config_from_dict
-    from ._data import read_frames
-    from ._evaluate import predict_frames, set_metrics
-    from ._onthefly import OTF_PLOT, run_on_the_fly
-    from ._posterior import load_posterior
+    from .active import active_config_from_dict
+    from .data import read_frames
+    from .uq import predict_frames, set_metrics
+    from .active import OTF_PLOT, run_on_the_fly
+    from .bayes import load_posterior
 
     al_dir = report_dir.parent / "al"
     values = demo_al_config(data_dir, run_dir, al_dir, rounds, ranks, members, temperature, steps, threshold)
@@ -153,13 +153,14 @@ def run_demo_active_learning(data_dir: Path, run_dir: Path, report_dir: Path, ro
 def run_demo(out: Path, members: int = 4, minutes: float = 2.0, ranks: int = 1, quiet: bool = False,
              al_rounds: int = 0) -> dict:
     from . import keys
-    from ._calibration import calibrate_posterior_file
-    from ._evaluate import _jsonable, evaluate_sets, format_summary
-    from ._export import export_posterior
-    from ._lammps_example import run_psb3_example
-    from ._posterior import load_posterior
-    from ._psb3 import generate_psb3
-    from ._train import train_under_mpirun
+    from .uq import calibrate_posterior_file
+    from .uq._evaluate import _jsonable
+    from .uq import evaluate_sets, format_summary
+    from .export import export_posterior
+    from .lammps import run_psb3_example
+    from .bayes import load_posterior
+    from .data import generate_psb3
+    from .train import train_under_mpirun
 
     started = time.time()
     # absolute: the training config written below resolves paths against its own folder

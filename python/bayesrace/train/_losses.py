@@ -17,7 +17,7 @@ from typing import Callable, Dict, List
 
 import torch
 
-from . import keys
+from .. import keys
 
 Batch = Dict[str, torch.Tensor]
 

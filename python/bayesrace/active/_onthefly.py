@@ -51,7 +51,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ._active import (
+from ._pool import (
     AL_ROUND,
     LABELLED_FILE,
     POOL_INDEX,
@@ -94,7 +94,7 @@ FRAME_ID_STRIDE = 10**12
 def plugin_directory() -> str:
     """The folder of the installed bayesraceplugin.so (the package on sys.path may be a source
     checkout without the compiled plugin)."""
-    from .lammps_plugin import plugin_dir
+    from ..lammps_plugin import plugin_dir
 
     candidates = [Path(plugin_dir())] + [Path(p) / "bayesrace" / "lammps_plugins" for p in sys.path if p]
     for folder in candidates:
@@ -242,7 +242,7 @@ def run_lammps(workdir: Path, ranks: int = 1, timeout: float = 3600.0) -> None:
     through the lammps Python module. Raises RuntimeError with the end of the log."""
     workdir = Path(workdir)
     if ranks > 1:
-        from ._mpi import executable
+        from .._mpi import executable
 
         command = [executable("mpirun"), "-np", str(int(ranks)), executable("lmp"), "-in", INPUT_FILE,
                    "-log", LOG_FILE, "-nocite", "-screen", "none"]
@@ -320,7 +320,7 @@ def _fingerprint(config: ActiveConfig) -> Dict[str, Any]:
 
 
 def _frames_from_atoms(atoms_list):
-    from ._data import Frame
+    from ..data import Frame
 
     return [Frame(numbers=a.numbers.astype(np.int64), positions=np.asarray(a.positions, dtype=np.float64),
                   cell=np.asarray(a.cell.array, dtype=np.float64), pbc=np.asarray(a.pbc, dtype=bool))
@@ -334,12 +334,12 @@ def run_on_the_fly(config: ActiveConfig, progress: bool = True, oracle: Optional
     import ase.io
 
     from ._acquisition import select_batch
-    from ._calibration import calibrate_posterior_file
-    from ._config import ConfigError
-    from ._data import read_frames
-    from ._evaluate import predict_frames
-    from ._export import export_posterior, read_metadata
-    from ._posterior import load_posterior
+    from ..uq import calibrate_posterior_file
+    from ..train import ConfigError
+    from ..data import read_frames
+    from ..uq import predict_frames
+    from ..export import export_posterior, read_metadata
+    from ..bayes import load_posterior
 
     if config.mode != "on_the_fly":
         raise ConfigError(f"run_on_the_fly needs mode 'on_the_fly', got {config.mode!r}")
@@ -581,7 +581,7 @@ def write_otf_log(config: ActiveConfig, state: Dict[str, Any]) -> Dict[str, Any]
 
 
 def _plot_sigma_trace(log: Dict[str, Any], path: Path) -> None:
-    from ._evaluate import _new_figure  # the object API: no pyplot state, no global backend
+    from ..uq._evaluate import _new_figure  # the object API: no pyplot state, no global backend
 
     figure, (axis,) = _new_figure(1)
     figure.set_size_inches(7, 3.5)

@@ -22,7 +22,7 @@ import torch
 from e3nn import nn as e3nn_nn
 from e3nn import o3
 
-from . import keys
+from .. import keys
 
 COVARIANCE_KINDS = ("cholesky", "equivariant")
 

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from ._mpi import executable
+from .._mpi import executable
 
 DATA_FILE = "psb3.data"
 INPUT_FILE = "in.psb3"
@@ -76,15 +76,15 @@ run             ${steps}
 
 
 def psb3_data_text(box: float = BOX) -> str:
-    """A LAMMPS data file of one PSB3 molecule (bayesrace._psb3.build_psb3) centred in a
+    """A LAMMPS data file of one PSB3 molecule (bayesrace.data.build_psb3) centred in a
     cubic box of ``box`` Å (examples/periodic uses a small one and replicates it)."""
-    from ._psb3 import build_psb3
+    from ..data import build_psb3
 
     atoms = build_psb3()
     positions = atoms.positions - atoms.positions.mean(axis=0) + box / 2
     types = {symbol: k + 1 for k, symbol in enumerate(TYPE_ORDER)}
     lines = [
-        "PSB3 (penta-2,4-dieniminium, C5H8N+), planar all-trans, from bayesrace._psb3.build_psb3()",
+        "PSB3 (penta-2,4-dieniminium, C5H8N+), planar all-trans, from bayesrace.data.build_psb3()",
         "",
         f"{len(atoms)} atoms",
         f"{len(TYPE_ORDER)} atom types",

@@ -71,7 +71,7 @@ from typing import Callable, Dict, Mapping, Tuple
 import numpy as np
 from scipy.special import logsumexp
 
-from . import keys
+from .. import keys
 
 TARGETS = ("energy", "forces", "energy_forces")
 MIXTURE_METHODS = ("upper", "lower", "kl", "monte_carlo")

@@ -16,7 +16,7 @@ from typing import Any, Dict, Optional, Union
 import yaml
 
 from ._losses import LOSSES
-from ._model import PRESETS, ModelConfig
+from ..model import PRESETS, ModelConfig
 
 
 class ConfigError(ValueError):

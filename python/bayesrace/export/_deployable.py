@@ -41,8 +41,8 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from . import keys
-from ._posterior import Posterior
+from .. import keys
+from ..bayes import Posterior
 
 FORMAT_VERSION = 1
 UNITS = "metal"  # eV, Å: the units the model is trained in
@@ -156,7 +156,7 @@ def resolve_calibration(posterior: Posterior, calibration: Optional[Dict[str, ob
     follow the contract of ``_calibration`` (knots σ strictly increasing > 0, values
     non-decreasing > 0).
     """
-    from ._calibration import CalibrationError, validate_calibration
+    from ..bayes import CalibrationError, validate_calibration
 
     base = dict(posterior.calibration)
     base.update(calibration or {})
@@ -172,7 +172,7 @@ def resolve_calibration(posterior: Posterior, calibration: Optional[Dict[str, ob
 
 def calibrated_force_std(calibration: Dict[str, object], sigma: float) -> float:
     """c_F(σ) for one uncalibrated per-atom force σ (eV/Å) under ``calibration``."""
-    from ._calibration import calibrated_std
+    from ..bayes import calibrated_std
 
     return float(calibrated_std(np.array([float(sigma)]), float(calibration.get(keys.META_FORCE_STD_SCALE, 1.0)),
                                 calibration.get(keys.META_FORCE_STD_MAP))[0])
@@ -186,8 +186,8 @@ def build_metadata(
     training_data_sha256: Optional[str] = None,
 ) -> Dict[str, object]:
     """The metadata.json of the deployable (every field the C++ loader checks)."""
-    from . import __version__
-    from ._calibration import CalibrationError, validate_thresholds
+    from .._version import __version__
+    from ..bayes import CalibrationError, validate_thresholds
 
     record = dict(getattr(posterior, "record_info", None) or {})
     resolved_calibration = resolve_calibration(posterior, calibration)
@@ -240,7 +240,7 @@ def threshold_from_structures(posterior: Posterior, structures, quantile: float 
     The margin ``factor`` is there because MD visits far more configurations than a
     validation set holds, so a threshold at the set's own maximum trips on ordinary
     fluctuations."""
-    from ._calculator import BayesRaceCalculator
+    from ..calculator import BayesRaceCalculator
 
     if not 0.0 < quantile <= 1.0:
         raise ExportError(f"threshold quantile must lie in (0, 1], got {quantile}")
@@ -362,7 +362,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> Dict[str, object]:
     """Export as ``args`` says and print a one-line summary (errors raise ExportError etc.)."""
-    from ._posterior import load_posterior
+    from ..bayes import load_posterior
 
     calibration = {}
     if args.force_std_scale is not None:

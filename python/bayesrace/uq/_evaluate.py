@@ -27,8 +27,8 @@ from typing import Dict, List, Mapping, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from . import keys
-from ._data import Frame, TypeMap, frames_to_graphs, iterate_batches, read_frames
+from .. import keys
+from ..data import Frame, TypeMap, frames_to_graphs, iterate_batches, read_frames
 from ._metrics import (
     COVERAGE_LEVELS,
     auroc,
@@ -43,7 +43,7 @@ from ._metrics import (
     sharpness,
     spearman,
 )
-from ._posterior import Posterior
+from ..bayes import Posterior
 
 REFERENCE_PREFIX = "reference_"
 ENCE_BINS = 10
@@ -335,7 +335,8 @@ def evaluate_sets(
 
     With ``report_dir`` the files of ``write_report`` are written there.
     """
-    from ._calibration import calibrate_prediction, fit_calibration
+    from ..bayes import calibrate_prediction
+    from ._calibration import fit_calibration
 
     if not sets:
         raise ValueError("evaluate_sets: no sets given")

@@ -28,9 +28,9 @@ from typing import Dict, List, Mapping, Optional
 
 import torch
 
-from . import keys
-from ._calibration import calibrate_prediction, validate_calibration, validate_thresholds
-from ._model import RACE, ModelConfig
+from .. import keys
+from ._calibration_maps import calibrate_prediction, validate_calibration, validate_thresholds
+from ..model import RACE, ModelConfig
 
 
 def aggregate_members(

@@ -38,8 +38,8 @@ from ase.calculators.calculator import Calculator, PropertyNotImplementedError, 
 from ase.stress import full_3x3_to_voigt_6_stress
 
 from . import keys
-from ._data import Graph, TypeMap, collate, neighbour_list
-from ._posterior import Posterior, load_posterior
+from .data import Graph, TypeMap, collate, neighbour_list
+from .bayes import Posterior, load_posterior
 
 UNCERTAINTY_RESULTS: Dict[str, Tuple[str, ...]] = {
     "energy_std": (keys.ENERGY_VAR_EPISTEMIC, keys.ENERGY_VAR_ALEATORIC),

@@ -15,7 +15,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from . import keys
+from .. import keys
 
 __all__ = [
     "DataError",

@@ -39,9 +39,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from . import keys
-from ._data import Graph, iterate_batches
-from ._model import RACE
+from .. import keys
+from ..data import Graph, iterate_batches
+from ..model import RACE
 
 ENERGY_OUTPUT_CHANNEL = 0  # column of linear_out's output holding the per-atom energy
 _MIN_NOISE_VARIANCE = 1e-12  # eV², keeps a perfectly fitted set from dividing by zero

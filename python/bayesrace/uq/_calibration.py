@@ -1,0 +1,234 @@
+"""Fitting recalibration maps on a validation set, the extrapolation threshold, and the CLI's work."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Dict, Mapping, Optional, Union
+
+import numpy as np
+import torch
+
+from .. import keys
+
+from ..bayes import (
+    MAP_VALUE_FLOOR_FRACTION,
+    MAX_MAP_KNOTS,
+    METHODS,
+    CalibrationError,
+    calibrate_prediction,
+    validate_calibration,
+    validate_std_map,
+)
+
+
+# -- fitting on a validation set -------------------------------------------------------------
+
+
+def _references(prediction: Mapping[str, np.ndarray]):
+    from ._evaluate import reference_key
+
+    return prediction.get(reference_key(keys.ENERGY)), prediction.get(reference_key(keys.FORCES))
+
+
+def _require_positive_sigma(sigma: np.ndarray, what: str) -> None:
+    if np.any(~(sigma > 0.0)):
+        raise CalibrationError(
+            f"cannot calibrate: some predicted {what} σ's are zero (or NaN); the posterior predicts no "
+            "uncertainty there (e.g. one member trained with MSE, without variance heads)"
+        )
+
+
+def fit_std_map(sigma: np.ndarray, squared_error: np.ndarray, max_knots: int = MAX_MAP_KNOTS) -> Dict[str, list]:
+    """Isotonic map g(x) = sqrt(iso(x)) where iso is the increasing least-squares fit of
+    the squared errors on σ (both arrays 1-D, paired); at most ``max_knots`` knots."""
+    from sklearn.isotonic import IsotonicRegression
+
+    sigma = np.asarray(sigma, dtype=np.float64).ravel()
+    squared_error = np.asarray(squared_error, dtype=np.float64).ravel()
+    iso = IsotonicRegression(increasing=True, out_of_bounds="clip").fit(sigma, squared_error)
+    # the fitted function is linear between its thresholds, which sklearn already
+    # de-duplicates in x and prunes to the ends of each flat block
+    x = np.asarray(iso.X_thresholds_, dtype=np.float64)
+    y = np.asarray(iso.y_thresholds_, dtype=np.float64)
+    x, first = np.unique(x, return_index=True)
+    y = y[first]
+    if x.size > max_knots:
+        chosen = np.unique(np.round(np.linspace(0, x.size - 1, max_knots)).astype(np.int64))
+        x, y = x[chosen], y[chosen]
+    calibrated = np.sqrt(np.maximum(y, 0.0))
+    calibrated = np.maximum(calibrated, MAP_VALUE_FLOOR_FRACTION * x[0])
+    calibrated = np.maximum.accumulate(calibrated)  # guard against round-off dips
+    return validate_std_map({keys.META_MAP_SIGMA: x, keys.META_MAP_CALIBRATED: calibrated}, "fitted std map")
+
+
+def fit_calibration(prediction: Mapping[str, np.ndarray], method: str = "isotonic") -> Dict[str, object]:
+    """A calibration fitted on uncalibrated predictions with references (``predict_frames``).
+
+    ``scalar``: the NLL-optimal scales s² = mean((e/σ)²), over force components
+    (e = ΔF_i,a, σ = σ_F,i) and over structures (e = ΔE_b, σ = σ_E,b); no maps.
+    ``isotonic``: scales 1 and maps fitted by increasing isotonic regression of the squared
+    error on σ: forces x = σ_F,i, y = |ΔF_i|²/3; energies x = σ_E,b/N_b, y = (ΔE_b/N_b)².
+    Only the parts with references are fitted (the other stays the identity); with neither
+    reference, or a σ of zero, it raises ``CalibrationError``.
+    """
+    from ._evaluate import energy_std
+
+    if method not in METHODS:
+        raise CalibrationError(f"calibration method must be one of {list(METHODS)}, got {method!r}")
+    reference_energy, reference_forces = _references(prediction)
+    if reference_energy is None and reference_forces is None:
+        raise CalibrationError("cannot calibrate: the predictions carry no reference energies or forces")
+    calibration: Dict[str, object] = {}
+    if reference_forces is not None:
+        error = np.asarray(prediction[keys.FORCES], dtype=np.float64) - reference_forces
+        sigma = np.asarray(prediction[keys.ATOMIC_FORCE_STD], dtype=np.float64)
+        _require_positive_sigma(sigma, "force")
+        if method == "scalar":
+            calibration[keys.META_FORCE_STD_SCALE] = float(np.sqrt(np.mean((error / sigma[:, None]) ** 2)))
+        else:
+            calibration[keys.META_FORCE_STD_SCALE] = 1.0
+            calibration[keys.META_FORCE_STD_MAP] = fit_std_map(sigma, np.sum(error**2, axis=1) / 3.0)
+    if reference_energy is not None:
+        error = np.asarray(prediction[keys.ENERGY], dtype=np.float64) - reference_energy
+        sigma = energy_std(prediction)
+        _require_positive_sigma(sigma, "energy")
+        if method == "scalar":
+            calibration[keys.META_ENERGY_STD_SCALE] = float(np.sqrt(np.mean((error / sigma) ** 2)))
+        else:
+            num_atoms = np.asarray(prediction[keys.NUM_ATOMS], dtype=np.float64)
+            calibration[keys.META_ENERGY_STD_SCALE] = 1.0
+            calibration[keys.META_ENERGY_STD_MAP] = fit_std_map(sigma / num_atoms, (error / num_atoms) ** 2)
+    return validate_calibration(calibration)
+
+
+def _check_threshold_settings(quantile: float, factor: float) -> None:
+    if not 0.0 < quantile <= 1.0:
+        raise CalibrationError(f"threshold quantile must lie in (0, 1], got {quantile}")
+    if not (math.isfinite(factor) and factor > 0.0):
+        raise CalibrationError(f"threshold factor must be a finite number > 0, got {factor}")
+
+
+def extrapolation_threshold(prediction_calibrated: Mapping[str, np.ndarray], quantile: float = 0.99,
+                            factor: float = 1.5) -> float:
+    """``factor`` × the ``quantile`` over structures of each structure's largest calibrated
+    ATOMIC_FORCE_STD (eV/Å). The margin is there because MD visits far more configurations
+    than a validation set holds; a threshold at the set's own extremes trips on ordinary
+    fluctuations."""
+    _check_threshold_settings(quantile, factor)
+    sigma = np.asarray(prediction_calibrated[keys.ATOMIC_FORCE_STD], dtype=np.float64)
+    structure = np.asarray(prediction_calibrated[keys.BATCH], dtype=np.int64)
+    if sigma.size == 0:
+        raise CalibrationError("extrapolation_threshold: no atoms")
+    largest = np.full(int(structure.max()) + 1, -np.inf)
+    np.maximum.at(largest, structure, sigma)
+    largest = largest[np.isfinite(largest)]  # structures without atoms have no σ
+    return float(factor * np.quantile(largest, quantile))
+
+
+def uncertainty_metrics(prediction: Mapping[str, np.ndarray]) -> Dict[str, float]:
+    """NLL, miscalibration area and ENCE (≤ 10 bins) for forces (per component, σ = σ_F,i,
+    eV/Å) and energies (per structure, eV), where references exist and every σ is positive,
+    and the sharpness of σ_F,i (eV/Å) and of σ_E,b/N_b (meV/atom). Named as in
+    ``_evaluate.METRIC_UNITS``."""
+    from ._evaluate import energy_std
+    from ._metrics import ence, gaussian_nll, miscalibration_area, sharpness
+
+    reference_energy, reference_forces = _references(prediction)
+    energy_sigma = energy_std(prediction)
+    force_sigma = prediction[keys.ATOMIC_FORCE_STD]
+    metrics: Dict[str, float] = {
+        "forces_sharpness_eV_per_A": sharpness(force_sigma),
+        "energy_sharpness_meV_per_atom": 1000.0 * sharpness(energy_sigma / prediction[keys.NUM_ATOMS]),
+    }
+    parts = []
+    if reference_forces is not None:
+        parts.append(("forces", prediction[keys.FORCES] - reference_forces, force_sigma[:, None]))
+    if reference_energy is not None:
+        parts.append(("energy", prediction[keys.ENERGY] - reference_energy, energy_sigma))
+    for name, error, sigma in parts:
+        sigma = np.broadcast_to(sigma, error.shape)
+        if np.any(~(sigma > 0)):
+            continue
+        metrics[f"{name}_nll"] = gaussian_nll(error, sigma)
+        metrics[f"{name}_miscalibration_area"] = miscalibration_area(error, sigma)
+        metrics[f"{name}_ence"] = ence(error, sigma, n_bins=min(10, error.size))
+    return metrics
+
+
+# -- a posterior file ---------------------------------------------------------------------
+
+
+def calibrate_posterior_file(
+    posterior_path: Union[str, os.PathLike],
+    valid_file: Union[str, os.PathLike],
+    out_path: Optional[Union[str, os.PathLike]] = None,
+    method: str = "isotonic",
+    threshold_quantile: float = 0.99,
+    threshold_factor: float = 1.5,
+    energy_key: str = "energy",
+    forces_key: str = "forces",
+    progress: bool = False,
+) -> Dict[str, object]:
+    """Fit a calibration on ``valid_file`` and write the posterior with it to ``out_path``.
+
+    Predicts ``valid_file`` uncalibrated (any calibration the file had is ignored and
+    replaced), fits ``method``, sets the default extrapolation threshold
+    (``extrapolation_threshold`` of the calibrated predictions) and writes a copy of the
+    record with ``calibration`` and ``thresholds`` set (atomically; ``out_path`` None or
+    equal to ``posterior_path`` overwrites). Returns ``{calibration, thresholds, threshold,
+    n_structures, n_atoms, metrics_before, metrics_after, out_path}``; the metrics are
+    ``uncertainty_metrics`` and ``_evaluate.set_metrics`` of the uncalibrated and the
+    calibrated predictions.
+    """
+    from ..data import read_frames
+    from ._evaluate import predict_frames, set_metrics
+    from ..bayes import load_posterior, update_posterior_file
+
+    if method not in METHODS:
+        raise CalibrationError(f"calibration method must be one of {list(METHODS)}, got {method!r}")
+    _check_threshold_settings(threshold_quantile, threshold_factor)  # before the costly prediction
+    out_path = Path(posterior_path if out_path is None else out_path)
+    posterior = load_posterior(posterior_path, dtype=torch.float64)
+    posterior.calibration = {}  # fit on what the members predict, not on an earlier calibration
+    frames = read_frames(valid_file, energy_key=energy_key, forces_key=forces_key,
+                         require_energy=False, require_forces=False)
+    prediction = predict_frames(posterior, frames, dtype=torch.float64, progress=progress,
+                                progress_label="predict validation set")
+    calibration = fit_calibration(prediction, method)
+    calibrated = calibrate_prediction(prediction, calibration)
+    threshold = extrapolation_threshold(calibrated, threshold_quantile, threshold_factor)
+    thresholds = {keys.ATOMIC_FORCE_STD: threshold}
+    update_posterior_file(posterior_path, out_path, calibration=calibration, thresholds=thresholds)
+    return {
+        "calibration": calibration,
+        "thresholds": thresholds,
+        "threshold": threshold,
+        "n_structures": int(prediction[keys.NUM_ATOMS].shape[0]),
+        "n_atoms": int(prediction[keys.NUM_ATOMS].sum()),
+        # set_metrics last: where both compute a number, the evaluation report's value stands
+        "metrics_before": {**uncertainty_metrics(prediction), **set_metrics(prediction)},
+        "metrics_after": {**uncertainty_metrics(calibrated), **set_metrics(calibrated)},
+        "out_path": str(out_path),
+    }
+
+
+def describe_calibration(calibration: Mapping) -> str:
+    """One line per part: the scale and, with a map, its knot count and range (for the CLI)."""
+    lines = []
+    for label, scale_field, map_field, unit in (
+        ("forces", keys.META_FORCE_STD_SCALE, keys.META_FORCE_STD_MAP, "eV/Å"),
+        ("energy", keys.META_ENERGY_STD_SCALE, keys.META_ENERGY_STD_MAP, "eV/atom"),
+    ):
+        if scale_field not in calibration and map_field not in calibration:
+            lines.append(f"{label}: not calibrated (no references)")
+            continue
+        text = f"{label}: scale {calibration.get(scale_field, 1.0):.4g}"
+        std_map = calibration.get(map_field)
+        if std_map:
+            x, y = std_map[keys.META_MAP_SIGMA], std_map[keys.META_MAP_CALIBRATED]
+            text += (f", map of {len(x)} knots: σ {x[0]:.3g} … {x[-1]:.3g} {unit} → "
+                     f"{y[0]:.3g} … {y[-1]:.3g} {unit} (ratio {y[0] / x[0]:.3g} … {y[-1] / x[-1]:.3g})")
+        lines.append(text)
+    return "\n".join(lines)
