@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Active-learning benchmark: BALD against energy σ and random picks, pool-based, on PSB3 and acetylacetone.
 
-Every run is ``bayesrace al`` (``_active.run_pool_al``) with the same posterior for every strategy
+Every run is ``bayesrace al`` (``bayesrace.active.run_pool_al``) with the same posterior for every strategy
 (a deep ensemble of ``--members`` NLL_JEF members, warm-started from the previous round), the same
 initial random picks per seed and the labels already in the pool (oracle ``from_pool``: no
 DFT/xTB is recomputed). Strategies: bald_ef, bald_e, bald_f, energy_std, random. The seed
@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -41,14 +40,11 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-BENCH_DIR = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH_DIR))
-from _jobs import run_jobs  # noqa: E402  (shared bench helpers)
-from accuracy import git_commit, machine_info, write_config  # noqa: E402
-
-REPO = BENCH_DIR.parent
-ACAC_DIR = (REPO / ".." / "shared" / "data" / "acac").resolve()
-PSB3_DIR = BENCH_DIR / "runs" / "uq" / "data_psb3"  # shared with bench/uq.py
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (  # noqa: E402  (bench helpers: bench/ is not a package)
+    ACAC_DIR, BENCH_DIR, PSB3_DIR, cli_command, command_line, git_commit, machine_info, psb3_data, run_jobs,
+    write_config, write_frames, write_json,
+)
 
 STRATEGIES = ("bald_ef", "bald_e", "bald_f", "energy_std", "random")
 DATASETS = ("psb3", "acac")
@@ -63,31 +59,18 @@ COLOURS = {"bald_ef": "C3", "bald_e": "C1", "bald_f": "C0", "energy_std": "C2", 
 # data
 
 
-def _write(path: Path, frames) -> Path:
-    import ase.io
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ase.io.write(path, frames, format="extxyz")
-    return path
-
-
 def prepare_psb3(runs: Path, args) -> Dict:
     import ase.io
 
-    from bayesrace.data import generate_psb3
-
-    source = PSB3_DIR
-    if not (source / "manifest.json").exists():
-        print("generating PSB3 with GFN2-xTB (about a minute)", flush=True)
-        generate_psb3(source, seed=0, progress=False)
+    source = psb3_data(PSB3_DIR)
     data = runs / "data_psb3"
     pool = data / "pool.xyz"
     if not pool.exists():
         hot = ase.io.read(source / "test_ood_hot.xyz", ":")
         half = len(hot) // 2
-        _write(data / "valid.xyz", ase.io.read(source / "valid.xyz", f":{args.n_valid}"))
-        _write(data / "ood_hot_test.xyz", hot[half:])
-        _write(pool, ase.io.read(source / "train.xyz", ":") + hot[:half])
+        write_frames(data / "valid.xyz", ase.io.read(source / "valid.xyz", f":{args.n_valid}"))
+        write_frames(data / "ood_hot_test.xyz", hot[half:])
+        write_frames(pool, ase.io.read(source / "train.xyz", ":") + hot[:half])
     return {
         "pool": pool,
         "valid": data / "valid.xyz",
@@ -109,11 +92,11 @@ def prepare_acac(runs: Path, args) -> Dict:
         rng = np.random.default_rng(0)
         md300 = ase.io.read(ACAC_DIR / "test_MD_300K.xyz", ":")
         order = rng.permutation(len(md300))
-        _write(data / "valid.xyz", [md300[k] for k in order[:args.n_valid]])
-        _write(data / "test_MD_300K.xyz", [md300[k] for k in order[args.n_valid:args.n_valid + args.n_test]])
+        write_frames(data / "valid.xyz", [md300[k] for k in order[:args.n_valid]])
+        write_frames(data / "test_MD_300K.xyz", [md300[k] for k in order[args.n_valid:args.n_valid + args.n_test]])
         md600 = ase.io.read(ACAC_DIR / "test_MD_600K.xyz", ":")
-        _write(data / "test_MD_600K.xyz", [md600[k] for k in rng.permutation(len(md600))[:args.n_test]])
-        _write(pool, ase.io.read(ACAC_DIR / "train_600K.xyz", ":") + ase.io.read(ACAC_DIR / "train_300K.xyz", ":"))
+        write_frames(data / "test_MD_600K.xyz", [md600[k] for k in rng.permutation(len(md600))[:args.n_test]])
+        write_frames(pool, ase.io.read(ACAC_DIR / "train_600K.xyz", ":") + ase.io.read(ACAC_DIR / "train_300K.xyz", ":"))
     return {
         "pool": pool,
         "valid": data / "valid.xyz",
@@ -171,15 +154,11 @@ def al_config(strategy: str, seed: int, data: Dict, run_dir: Path, args) -> Dict
     }
 
 
-def al_command(config_path: Path) -> List[str]:
-    return [sys.executable, "-m", "bayesrace.cli", "al", str(config_path), "--quiet"]
-
-
 def run_al_jobs(jobs: List[Dict], slots: int) -> None:
-    """Run the AL runs, ``slots`` at once (one thread each, bench/_jobs.py); each run's wall and
-    CPU seconds go to <run>/job.json."""
+    """Run the AL runs, ``slots`` at once (one thread each, bench/_common.run_jobs); each run's wall
+    and CPU seconds go to <run>/job.json."""
     for job in jobs:
-        job.update(command=al_command(job["config"]), ranks=1)
+        job.update(command=cli_command("al", job["config"]), ranks=1)
     run_jobs(jobs, slots)
     for job in jobs:
         record = {k: job[k] for k in ("wall_s", "cpu_s", "returncode")}
@@ -468,7 +447,7 @@ def main(argv=None) -> int:
         print(f"running {len(jobs)} active-learning runs, {args.slots} at once", flush=True)
         run_al_jobs(jobs, args.slots)
 
-    command = "python bench/al.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    command = command_line("al.py", argv)
     settings = {k: getattr(args, k) for k in ("preset", "members", "n_initial", "batch_size", "rounds", "epochs",
                                               "warmup", "lr", "seeds", "acac_seeds", "slots", "n_valid", "n_test")}
     previous = json.loads((args.out / "results.json").read_text()) if (args.out / "results.json").exists() else {}
@@ -490,7 +469,7 @@ def main(argv=None) -> int:
         plot_curves(summary, dataset, args.out / f"{dataset}_learning_curves.png")
     if args.findings is not None:
         results["findings"] = [line for line in args.findings.read_text().splitlines()]
-    (args.out / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    write_json(args.out / "results.json", results, indent=1, default=str)
     write_markdown(results, args.out / "results.md")
     print(f"results: {args.out / 'results.md'} ({time.time() - started:.0f} s)")
     return 0

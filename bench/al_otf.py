@@ -8,7 +8,7 @@ Steps (runs in ``--runs``, default bench/runs/al_otf; report in ``--out``, defau
 bench/results/al_otf):
 
 1. data: the 300 K frames (``atoms.info["temperature_K"] == 300``) of
-   bench/runs/uq/data_psb3/train.xyz and valid.xyz (made by ``_psb3.generate_psb3(seed=0)``);
+   bench/runs/uq/data_psb3/train.xyz and valid.xyz (made by ``bayesrace.data.generate_psb3(seed=0)``);
    the MD starts from the first 300 K training frame (positions only).
 2. round-0 posterior: ``bayesrace train`` on the 300 K training frames (``--base-epochs``),
    ensemble of ``--members`` NLL_JEF members, validated on the 300 K validation frames.
@@ -39,9 +39,9 @@ import sys
 import time
 from pathlib import Path
 
-BENCH_DIR = Path(__file__).resolve().parent
-REPO = BENCH_DIR.parent
-PSB3_DIR = BENCH_DIR / "runs" / "uq" / "data_psb3"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import BENCH_DIR, PSB3_DIR, REPO, cli_command, command_line, psb3_data, write_config  # noqa: E402
+
 TEMPERATURE_TAG = "temperature_K"  # atoms.info of every _psb3 MD frame
 
 
@@ -50,10 +50,7 @@ def write_300k_data(data_dir: Path) -> dict:
     import ase
     import ase.io
 
-    if not (PSB3_DIR / "train.xyz").is_file():
-        from bayesrace.data import generate_psb3
-
-        generate_psb3(PSB3_DIR, seed=0)
+    psb3_data(PSB3_DIR)
     data_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
     for name in ("train", "valid"):
@@ -93,8 +90,6 @@ def run_logged(command, log_path: Path) -> float:
 
 def train_base(args, data: dict, runs: Path) -> tuple:
     """Round-0 posterior trained on the 300 K frames only; returns (path, seconds)."""
-    import yaml
-
     base = runs / "base_300K"
     posterior = base / "posterior.pt"
     if posterior.is_file():
@@ -102,9 +97,8 @@ def train_base(args, data: dict, runs: Path) -> tuple:
     config = training_section(args, data, args.base_epochs)
     config["out"] = str(base)
     config["data"]["train"] = str(data["train"])
-    config_path = runs / "base_300K.yaml"
-    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    seconds = run_logged([sys.executable, "-m", "bayesrace.cli", "train", str(config_path)], runs / "base_300K.log")
+    config_path = write_config(config, runs / "base_300K.yaml")
+    seconds = run_logged(cli_command("train", config_path, quiet=False), runs / "base_300K.log")
     (runs / "base_time.json").write_text(json.dumps({"seconds": seconds}))
     return posterior, seconds
 
@@ -157,7 +151,7 @@ def validation_runs(otf_dir: Path, log: dict, args, data: dict, runs: Path) -> l
 
     from bayesrace.active import MDSection
     from bayesrace.export import read_metadata
-    from bayesrace.active import lammps_data_text, run_md_segment
+    from bayesrace.lammps import lammps_data_text, run_md_segment
 
     md = MDSection(structure=str(data["start"]), box=40.0, temperature=args.temperature, thermostat="langevin",
                    damping=0.1, timestep=0.0005, n_steps=args.steps, dump_every=args.dump_every)
@@ -294,8 +288,6 @@ def main(argv=None) -> int:
     # absolute: the AL config written into --runs resolves its paths against its own folder
     args.runs, args.out = args.runs.resolve(), args.out.resolve()
 
-    import yaml
-
     started = time.perf_counter()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     args.runs.mkdir(parents=True, exist_ok=True)
@@ -303,13 +295,11 @@ def main(argv=None) -> int:
     data = write_300k_data(args.runs / "data")
     posterior, base_seconds = train_base(args, data, args.runs)
     config = al_config(args, data, posterior, args.runs)
-    config_path = args.runs / "al_otf.yaml"
-    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    config_path = write_config(config, args.runs / "al_otf.yaml")
     otf_dir = Path(config["out"])
     otf_seconds = 0.0
     if not args.report_only:
-        otf_seconds = run_logged([sys.executable, "-m", "bayesrace.cli", "al", str(config_path)],
-                                 args.runs / "otf.log")
+        otf_seconds = run_logged(cli_command("al", config_path, quiet=False), args.runs / "otf.log")
     log = json.loads((otf_dir / "otf_log.json").read_text())
     round_indices = [r["round"] for r in log["rounds"]]
     evaluation = evaluate_rounds(otf_dir, sorted({round_indices[0], round_indices[-1]}),
@@ -319,7 +309,7 @@ def main(argv=None) -> int:
     shutil.copyfile(config_path, args.out / "al_otf.yaml")
     info = dict(vars(args), runs=str(args.runs), out=str(args.out), n_train=data["n_train"], n_valid=data["n_valid"],
                 base_train_s=base_seconds, otf_s=otf_seconds or sum(sum(r["time_s"].values()) for r in log["rounds"]),
-                command="python bench/al_otf.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+                command=command_line("al_otf.py", argv))
     run_info = args.runs / "run_info.json"  # the command and wall time of the run itself, kept by --report-only
     if args.report_only and run_info.is_file():
         info.update(json.loads(run_info.read_text()))

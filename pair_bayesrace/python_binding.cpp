@@ -12,6 +12,7 @@
 
 #include "core/aggregate.h"
 #include "core/engine.h"
+#include "core/json_document.h"
 #include "keys.h"
 
 namespace py = pybind11;
@@ -19,26 +20,27 @@ using namespace bayesrace;
 
 namespace {
 
-py::object to_python(const json::Value &v) {
-  using K = json::Value::Kind;
-  switch (v.kind()) {
-    case K::Null: return py::none();
-    case K::Bool: return py::bool_(v.as_bool());
-    case K::Integer: return py::int_(v.as_integer());
-    case K::Real: return py::float_(v.as_number());
-    case K::String: return py::str(v.as_string());
-    case K::Array: {
+// metadata.json as Python's json.loads reads it: whole numbers stay int, objects become dicts
+py::object to_python(const nlohmann::json &v) {
+  using T = nlohmann::json::value_t;
+  switch (v.type()) {
+    case T::boolean: return py::bool_(v.get<bool>());
+    case T::number_integer: return py::int_(v.get<int64_t>());
+    case T::number_unsigned: return py::int_(v.get<uint64_t>());
+    case T::number_float: return py::float_(v.get<double>());
+    case T::string: return py::str(v.get_ref<const std::string &>());
+    case T::array: {
       py::list l;
-      for (const auto &e : v.as_array()) l.append(to_python(e));
+      for (const auto &e : v) l.append(to_python(e));
       return std::move(l);
     }
-    case K::Object: {
+    case T::object: {
       py::dict d;
-      for (const auto &kv : v.as_object()) d[py::str(kv.first)] = to_python(kv.second);
+      for (const auto &kv : v.items()) d[py::str(kv.key())] = to_python(kv.value());
       return std::move(d);
     }
+    default: return py::none();
   }
-  return py::none();
 }
 
 py::array_t<double> array(const double *data, std::vector<py::ssize_t> shape) {
@@ -228,6 +230,7 @@ PYBIND11_MODULE(_bayesrace_core, m) {
   m.doc() = "bayesrace C++ engine (the code the LAMMPS plugin runs)";
   m.attr("FORMAT_VERSION") = kFormatVersion;
   m.attr("TORCH_VERSION") = torch_build_version();
+  m.attr("BAYESRACE_VERSION") = bayesrace_build_version();
 
   py::class_<Engine>(m, "Engine")
       .def(py::init([](const std::string &path, const std::string &device, int num_threads) {
@@ -239,7 +242,10 @@ PYBIND11_MODULE(_bayesrace_core, m) {
            py::arg("path"), py::arg("device") = "cpu", py::arg("num_threads") = 1,
            "Load a deployable. num_threads sets torch's intra-op threads for the whole process "
            "(1 by default, as in LAMMPS; 0 leaves it unchanged).")
-      .def_property_readonly("metadata", [](const Engine &e) { return to_python(e.metadata().tree); })
+      .def_property_readonly("metadata",
+                             [](const Engine &e) {
+                               return to_python(parse_json_document(e.metadata().raw_json, e.path()));
+                             })
       .def_property_readonly("warnings", &Engine::warnings)
       .def_property_readonly("path", &Engine::path)
       .def_property_readonly("device", &Engine::device)

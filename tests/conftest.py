@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +48,7 @@ def batch_of(atoms_list, type_names, cutoff, dtype=torch.float64):
 
 
 def tiny_model(seed=0, covariance="cholesky", preset="tiny", dtype=torch.float64, **overrides):
-    from bayesrace import build_model, model_config_from
+    from bayesrace.model import build_model, model_config_from
 
     config = model_config_from(preset, avg_num_neighbors=8.0, covariance=covariance, **overrides)
     # non-trivial reference energies and scale so their handling is exercised too

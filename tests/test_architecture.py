@@ -23,7 +23,7 @@ PACKAGE = ROOT / "python" / "bayesrace"
 
 # lowest first; a unit is a subpackage or a top-level module of bayesrace
 LAYERS = (
-    ("keys", "_version", "_files", "_mpi", "lammps_plugin"),
+    ("keys", "_version", "_files", "_mpi", "_schema", "lammps_plugin"),
     ("data", "_figures"),
     ("model",),
     ("bayes",),

@@ -227,3 +227,12 @@ def test_isolated_atom_and_partial_periodicity(posterior):
     assert slab.get_potential_energy() == pytest.approx(float(expected[keys.ENERGY][0]), abs=1e-12)
     with pytest.raises(PropertyNotImplementedError):
         slab.get_stress()
+
+
+def test_atoms_on_one_position_are_an_error_not_nan(posterior):
+    from bayesrace.data import DataError
+
+    atoms = Atoms("CHH", positions=[[0, 0, 0], [1.1, 0, 0], [1.1, 0, 0]])
+    atoms.calc = BayesRaceCalculator(posterior)
+    with pytest.raises(DataError, match=r"BayesRaceCalculator.*atoms 1 \(H\) and 2 \(H\) are 0 Å apart"):
+        atoms.get_potential_energy()

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import ase
 import ase.io
 import numpy as np
 import pytest
@@ -71,3 +72,39 @@ def test_missing_posterior_is_a_clear_error(tmp_path):
 def test_unknown_dataset(tmp_path):
     result = run("data", "qm9", "--out", tmp_path)
     assert result.returncode == 2 and "psb3" in result.stderr
+
+
+@pytest.mark.parametrize("case", ["truncated_posterior", "unknown_element"])
+def test_predict_bad_input_is_one_clear_line(tmp_path, case):
+    """No chained traceback before the message (issue 11, item 6): the message only, exit 2."""
+    from bayesrace.bayes import save_posterior
+    from conftest import tiny_model
+
+    posterior = tmp_path / "posterior.pt"
+    save_posterior(posterior, [tiny_model(seed=0).eval()], data_sha256="ab" * 32)
+    structures = tmp_path / "in.xyz"
+    symbols = "FeH" if case == "unknown_element" else "CH"
+    ase.io.write(structures, ase.Atoms(symbols, positions=[[0.0, 0.0, 0.0], [0.0, 0.0, 1.1]]))
+    if case == "truncated_posterior":
+        data = posterior.read_bytes()
+        posterior.write_bytes(data[: len(data) // 2])
+        fragments = ["posterior.pt", "not a readable bayesrace posterior"]
+    else:
+        fragments = ["element Fe", "not known to the model"]
+    result = run("predict", posterior, structures, "--out", tmp_path / "out.xyz")
+    assert result.returncode == 2
+    assert result.stderr.startswith("bayesrace predict: error: ")
+    assert all(fragment in result.stderr for fragment in fragments), result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "out.xyz").exists()
+
+
+def test_export_is_one_command_under_two_names(tmp_path, capsys):
+    """`bayesrace export` and `bayesrace-export` are the same command; only the name differs."""
+    from bayesrace.cli import export_main, main
+
+    args = [str(tmp_path / "missing.pt"), str(tmp_path / "model.pt")]
+    assert main(["export", *args]) == 2
+    assert capsys.readouterr().err.startswith("bayesrace export: error: ")
+    assert export_main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bayesrace-export: error: ") and "no such posterior file" in err

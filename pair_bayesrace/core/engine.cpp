@@ -39,6 +39,7 @@ Engine::Engine(const std::string &path, const EngineOptions &opts) : path_(path)
   backend_ = load_torchscript(path, text);
   meta_ = parse_metadata(text, path);
   configure_torchscript(*backend_, opts.device, meta_.dtype, meta_.n_members, opts.local_rank);
+  warnings_ = meta_.warnings;
   if (major_minor(meta_.torch_version) != major_minor(torch_build_version()))
     warnings_.push_back(path + " was exported with torch " + meta_.torch_version + ", this build uses torch " +
                         torch_build_version());

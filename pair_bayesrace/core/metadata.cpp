@@ -1,13 +1,22 @@
 #include "metadata.h"
 
+#include <cctype>
 #include <cmath>
+#include <cstdlib>
 #include <set>
 #include <sstream>
 #include <stdexcept>
 
 #include "../keys.h"
+#include "json_document.h"
+
+#ifndef BAYESRACE_VERSION
+#error "BAYESRACE_VERSION (python/bayesrace/_version.py) must be defined by the build"
+#endif
 
 namespace bayesrace {
+
+std::string bayesrace_build_version() { return BAYESRACE_VERSION; }
 
 int Metadata::species_index(const std::string &element) const {
   for (size_t i = 0; i < type_names.size(); ++i)
@@ -17,6 +26,8 @@ int Metadata::species_index(const std::string &element) const {
 
 namespace {
 
+using Json = nlohmann::json;
+
 struct Checker {
   const std::string &source;
 
@@ -24,20 +35,26 @@ struct Checker {
     throw std::runtime_error(source + ": metadata field '" + field + "' " + what);
   }
 
-  const json::Value &require(const json::Value &obj, const char *key, const std::string &path) const {
-    const json::Value *v = obj.find(key);
+  // nullptr when obj is not an object or lacks the key
+  static const Json *find(const Json &obj, const char *key) {
+    auto it = obj.find(key);
+    return it == obj.end() ? nullptr : &*it;
+  }
+
+  const Json &require(const Json &obj, const char *key, const std::string &path) const {
+    const Json *v = find(obj, key);
     if (!v) fail(path, "is missing");
     return *v;
   }
 
-  int64_t integer(const json::Value &v, const std::string &path) const {
-    if (!v.is_integer()) fail(path, std::string("must be an integer, got ") + v.kind_name());
-    return v.as_integer();
+  int64_t integer(const Json &v, const std::string &path) const {
+    if (!is_int64(v)) fail(path, std::string("must be an integer, got ") + json_kind_name(v));
+    return v.get<int64_t>();
   }
 
-  double positive(const json::Value &v, const std::string &path) const {
-    if (!v.is_number()) fail(path, std::string("must be a number, got ") + v.kind_name());
-    double d = v.as_number();
+  double positive(const Json &v, const std::string &path) const {
+    if (!v.is_number()) fail(path, std::string("must be a number, got ") + json_kind_name(v));
+    double d = v.get<double>();
     if (!(std::isfinite(d) && d > 0.0)) {
       std::ostringstream os;
       os << "must be a finite number > 0, got " << d;
@@ -46,26 +63,26 @@ struct Checker {
     return d;
   }
 
-  std::vector<double> numbers(const json::Value &v, const std::string &path) const {
-    if (!v.is_array()) fail(path, std::string("must be a list of numbers, got ") + v.kind_name());
+  std::vector<double> numbers(const Json &v, const std::string &path) const {
+    if (!v.is_array()) fail(path, std::string("must be a list of numbers, got ") + json_kind_name(v));
     std::vector<double> out;
-    for (const auto &e : v.as_array()) {
-      if (!e.is_number()) fail(path, std::string("must hold only numbers, got ") + e.kind_name());
-      out.push_back(e.as_number());
+    for (const auto &e : v) {
+      if (!e.is_number()) fail(path, std::string("must hold only numbers, got ") + json_kind_name(e));
+      out.push_back(e.get<double>());
     }
     return out;
   }
 
   // optional map {sigma: [...], calibrated: [...]} inside the calibration object
-  void std_map(const json::Value &cal, const char *key, const std::string &path, StdCalibration &into) const {
-    const json::Value *v = cal.find(key);
+  void std_map(const Json &cal, const char *key, const std::string &path, StdCalibration &into) const {
+    const Json *v = find(cal, key);
     if (!v) return;
     if (!v->is_object())
       fail(path, std::string("must be an object {'") + keys::META_MAP_SIGMA + "': [...], '" +
-                     keys::META_MAP_CALIBRATED + "': [...]}, got " + v->kind_name());
-    for (const auto &kv : v->as_object())
-      if (kv.first != keys::META_MAP_SIGMA && kv.first != keys::META_MAP_CALIBRATED)
-        fail(path, "has an unknown key '" + kv.first + "' (expected '" + keys::META_MAP_SIGMA + "' and '" +
+                     keys::META_MAP_CALIBRATED + "': [...]}, got " + json_kind_name(*v));
+    for (const auto &kv : v->items())
+      if (kv.key() != keys::META_MAP_SIGMA && kv.key() != keys::META_MAP_CALIBRATED)
+        fail(path, "has an unknown key '" + kv.key() + "' (expected '" + keys::META_MAP_SIGMA + "' and '" +
                        keys::META_MAP_CALIBRATED + "')");
     const std::string px = path + "." + keys::META_MAP_SIGMA, py = path + "." + keys::META_MAP_CALIBRATED;
     into.map_sigma = numbers(require(*v, keys::META_MAP_SIGMA, px), px);
@@ -77,11 +94,45 @@ struct Checker {
     }
   }
 
-  std::string string(const json::Value &v, const std::string &path) const {
-    if (!v.is_string()) fail(path, std::string("must be a string, got ") + v.kind_name());
-    return v.as_string();
+  std::string string(const Json &v, const std::string &path) const {
+    if (!v.is_string()) fail(path, std::string("must be a string, got ") + json_kind_name(v));
+    return v.get<std::string>();
   }
 };
+
+// "MAJOR.MINOR[anything]" -> both numbers (covers PEP 440 forms such as 0.2.0.dev1+g12ab)
+bool major_minor(const std::string &version, long &major, long &minor) {
+  const char *p = version.c_str();
+  char *end = nullptr;
+  if (!std::isdigit(static_cast<unsigned char>(p[0]))) return false;
+  major = std::strtol(p, &end, 10);
+  if (end[0] != '.' || !std::isdigit(static_cast<unsigned char>(end[1]))) return false;
+  minor = std::strtol(end + 1, &end, 10);
+  return true;
+}
+
+// The file's bayesrace_version against this build's: a newer MAJOR version may have changed
+// the contract, so it is refused; a newer MINOR version only adds, so it loads with a warning.
+void check_exporter_version(const Checker &c, const std::string &file_version, std::vector<std::string> &warnings) {
+  const std::string ours = bayesrace_build_version();
+  long file_major = 0, file_minor = 0, our_major = 0, our_minor = 0;
+  if (!major_minor(ours, our_major, our_minor)) return;  // CMake read it from _version.py
+  if (!major_minor(file_version, file_major, file_minor)) {
+    warnings.push_back(c.source + ": metadata field '" + keys::META_BAYESRACE_VERSION + "' is \"" + file_version +
+                       "\", not MAJOR.MINOR[.PATCH]: its compatibility with this build of bayesrace (" + ours +
+                       ") is not checked");
+    return;
+  }
+  if (file_major > our_major)
+    c.fail(keys::META_BAYESRACE_VERSION, "is " + file_version + ", a newer major version than this build of bayesrace (" +
+                                             ours + "): upgrade bayesrace to " + std::to_string(file_major) +
+                                             ".x to run this model");
+  if (file_major == our_major && file_minor > our_minor)
+    warnings.push_back(c.source + " was exported with bayesrace " + file_version +
+                       ", a newer minor version than this build (" + ours +
+                       "): what that version added to the deployable is ignored (upgrade bayesrace to " +
+                       std::to_string(file_major) + "." + std::to_string(file_minor) + " or newer to use it)");
+}
 
 }  // namespace
 
@@ -90,17 +141,20 @@ Metadata parse_metadata(const std::string &text, const std::string &source) {
   Checker c{source};
   Metadata m;
   m.raw_json = text;
-  try {
-    m.tree = json::parse(text);
-  } catch (const json::ParseError &e) {
-    throw std::runtime_error(source + ": " + K::METADATA_FILE + " is not valid JSON (" + e.what() + ")");
-  }
-  const json::Value &root = m.tree;
+  const Json root = parse_json_document(text, source);
   if (!root.is_object())
     throw std::runtime_error(source + ": " + K::METADATA_FILE + " must hold a JSON object, got " +
-                             root.kind_name());
+                             json_kind_name(root));
 
-  // format_version first: a file of another version may legitimately lack other keys
+  // the exporter's version before format_version: a newer major version says best why the
+  // file cannot be read (its other checks come with the other string fields below)
+  {
+    const Json *v = Checker::find(root, K::META_BAYESRACE_VERSION);
+    if (v && v->is_string() && !v->get<std::string>().empty())
+      check_exporter_version(c, v->get<std::string>(), m.warnings);
+  }
+
+  // format_version before the other keys: a file of another version may legitimately lack them
   {
     int64_t v = c.integer(c.require(root, K::META_FORMAT_VERSION, K::META_FORMAT_VERSION),
                           K::META_FORMAT_VERSION);
@@ -114,16 +168,15 @@ Metadata parse_metadata(const std::string &text, const std::string &source) {
   }
 
   {
-    const json::Value &tn = c.require(root, K::META_TYPE_NAMES, K::META_TYPE_NAMES);
-    if (!tn.is_array() || tn.as_array().empty())
-      c.fail(K::META_TYPE_NAMES, "must be a non-empty list of element symbols");
+    const Json &tn = c.require(root, K::META_TYPE_NAMES, K::META_TYPE_NAMES);
+    if (!tn.is_array() || tn.empty()) c.fail(K::META_TYPE_NAMES, "must be a non-empty list of element symbols");
     std::set<std::string> seen;
-    for (const auto &e : tn.as_array()) {
-      if (!e.is_string() || e.as_string().empty())
+    for (const auto &e : tn) {
+      if (!e.is_string() || e.get_ref<const std::string &>().empty())
         c.fail(K::META_TYPE_NAMES, "must hold only non-empty strings");
-      if (!seen.insert(e.as_string()).second)
-        c.fail(K::META_TYPE_NAMES, "lists '" + e.as_string() + "' twice");
-      m.type_names.push_back(e.as_string());
+      const std::string &name = e.get_ref<const std::string &>();
+      if (!seen.insert(name).second) c.fail(K::META_TYPE_NAMES, "lists '" + name + "' twice");
+      m.type_names.push_back(name);
     }
   }
 
@@ -145,7 +198,7 @@ Metadata parse_metadata(const std::string &text, const std::string &source) {
     m.n_members = static_cast<int>(n);
   }
   {
-    const json::Value &cal = c.require(root, K::META_CALIBRATION, K::META_CALIBRATION);
+    const Json &cal = c.require(root, K::META_CALIBRATION, K::META_CALIBRATION);
     if (!cal.is_object()) c.fail(K::META_CALIBRATION, "must be an object");
     std::string p = std::string(K::META_CALIBRATION) + ".";
     m.calibration.force.scale = c.positive(
@@ -156,7 +209,7 @@ Metadata parse_metadata(const std::string &text, const std::string &source) {
     c.std_map(cal, K::META_ENERGY_STD_MAP, p + K::META_ENERGY_STD_MAP, m.calibration.energy);
   }
   {
-    const json::Value &th = c.require(root, K::META_THRESHOLDS, K::META_THRESHOLDS);
+    const Json &th = c.require(root, K::META_THRESHOLDS, K::META_THRESHOLDS);
     if (!th.is_object()) c.fail(K::META_THRESHOLDS, "must be an object");
     std::string p = std::string(K::META_THRESHOLDS) + ".";
     m.threshold_atomic_force_std =

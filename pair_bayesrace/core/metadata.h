@@ -5,7 +5,6 @@
 #include <vector>
 
 #include "aggregate.h"
-#include "json_lite.h"
 
 namespace bayesrace {
 
@@ -26,8 +25,9 @@ struct Metadata {
   std::string training_data_sha256;
   std::string posterior;
 
-  std::string raw_json;  // the text as stored in the archive
-  json::Value tree;      // parsed document (for the binding's .metadata dict)
+  std::string raw_json;  // the text as stored in the archive (the binding's .metadata parses it)
+  // non-fatal remarks on the file, e.g. written by a newer minor version of bayesrace
+  std::vector<std::string> warnings;
 
   double interaction_range() const { return cutoff * n_layers; }
   // index of an element in type_names, or -1
@@ -35,7 +35,11 @@ struct Metadata {
 };
 
 // Parse and validate; throws std::runtime_error whose message names the field and what
-// was expected. `source` (the file name) prefixes every message.
+// was expected. `source` (the file name) prefixes every message. A file written by a newer
+// MAJOR version of bayesrace is refused; a newer MINOR version adds a warning.
 Metadata parse_metadata(const std::string &json_text, const std::string &source);
+
+// The bayesrace version this core was built as, e.g. "0.1.0" (python/bayesrace/_version.py).
+std::string bayesrace_build_version();
 
 }  // namespace bayesrace

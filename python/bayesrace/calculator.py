@@ -105,7 +105,8 @@ class BayesRaceCalculator(Calculator):
         # the data contract: a structure periodic in no direction carries a zero cell
         cell = np.array(atoms.cell.array, dtype=np.float64) if pbc.any() else np.zeros((3, 3))
         positions = np.array(atoms.positions, dtype=np.float64)
-        edge_index, cell_shift = neighbour_list(positions, cell, pbc, self.cutoff)
+        edge_index, cell_shift = neighbour_list(positions, cell, pbc, self.cutoff, numbers=atoms.numbers,
+                                                source="BayesRaceCalculator")
         graph = Graph(
             species=self.type_map.species(atoms.numbers),
             atomic_numbers=np.asarray(atoms.numbers, dtype=np.int64),

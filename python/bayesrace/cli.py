@@ -7,7 +7,6 @@ naming what is wrong, with exit status 2; nothing prints a Python traceback for 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -41,8 +40,7 @@ def cmd_data(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from .train import load_config
-    from .train import train
+    from .train import load_config, train
 
     config = load_config(args.config)
     if args.out:
@@ -55,8 +53,8 @@ def cmd_train(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from .uq import evaluate_sets, format_summary
     from .bayes import load_posterior
+    from .uq import evaluate_sets, format_summary
 
     sets = _parse_sets(args.sets)
     if args.calibrate_on is not None and args.calibrate_on not in sets:
@@ -116,19 +114,31 @@ def cmd_calibrate(args) -> None:
     print(f"calibrated posterior written to {result['out_path']}")
 
 
+def _load_posterior_or_usage_error(path):
+    from .bayes import load_posterior
+
+    try:
+        return load_posterior(path)
+    except ValueError as error:  # e.g. a truncated file: the message names it, no traceback
+        raise UsageError(str(error)) from error
+
+
 def cmd_predict(args) -> None:
     import ase.io
 
     from .calculator import UNCERTAINTY_RESULTS, BayesRaceCalculator
     from .data import read_frames
 
-    calculator = BayesRaceCalculator(args.posterior)
+    calculator = BayesRaceCalculator(_load_posterior_or_usage_error(args.posterior))
     frames = read_frames(args.input, require_energy=False, require_forces=False)
     out = []
     for frame in frames:
         atoms = ase.Atoms(numbers=frame.numbers, positions=frame.positions, cell=frame.cell, pbc=frame.pbc)
         atoms.calc = calculator
-        energy = atoms.get_potential_energy()
+        try:
+            energy = atoms.get_potential_energy()
+        except ValueError as error:  # e.g. an element the model does not know
+            raise UsageError(str(error)) from None
         forces = atoms.get_forces()
         result = atoms.copy()
         result.info["energy_predicted"] = energy
@@ -146,10 +156,7 @@ def cmd_predict(args) -> None:
 
 def cmd_laplace(args) -> None:
     """Post-hoc last-layer Laplace posterior of one member of a trained posterior."""
-    from . import keys
-    from .data import TypeMap, frames_to_graphs, iterate_batches, read_frames
-    from .bayes import fit_last_layer_laplace, predictive_covariance, sample_members
-    from .bayes import save_posterior
+    from .bayes import laplace_posterior_file
 
     if args.samples < 2 or args.samples % 2:
         raise UsageError(f"--samples must be a positive even number (antithetic pairs), got {args.samples}")
@@ -157,61 +164,22 @@ def cmd_laplace(args) -> None:
         raise UsageError(f"--prior-precision must be positive, got {args.prior_precision}")
     if args.max_structures is not None and args.max_structures < 1:
         raise UsageError(f"--max-structures must be at least 1, got {args.max_structures}")
-    source = _load_posterior_or_usage_error(args.posterior)
-    if not 0 <= args.member < len(source.members):
-        raise UsageError(f"--member {args.member}: {args.posterior} has members 0..{len(source.members) - 1}")
-    model = source.members[args.member]
-    info = getattr(source, "record_info", {})
-    source_config = info.get("config") if isinstance(info.get("config"), dict) else {}
-    data_keys = source_config.get("data") or {}  # label keys the member was trained with
-    frames = read_frames(
-        args.train_file,
-        energy_key=data_keys.get("energy_key", "energy"),
-        forces_key=data_keys.get("forces_key", "forces"),
-    )
-    frames = [f for f in frames if len(f.numbers) > 1]  # isolated atoms carry no forces
-    if args.max_structures is not None:
-        frames = frames[: args.max_structures]
-    if not frames:
-        raise UsageError(f"{args.train_file}: no structures with more than one atom to fit on")
-    graphs = frames_to_graphs(frames, TypeMap(model.type_names), model.cutoff)
     try:
-        laplace = fit_last_layer_laplace(
-            model, graphs, prior_precision=args.prior_precision, progress=not args.quiet
+        result = laplace_posterior_file(
+            args.posterior, args.train_file, args.out, member=args.member, n_samples=args.samples,
+            prior_precision=args.prior_precision, max_structures=args.max_structures, seed=args.seed,
+            progress=not args.quiet,
         )
-        members = sample_members(model, laplace, args.samples, seed=args.seed)
-    except ValueError as error:
+    except IndexError as error:  # a member the posterior does not have
+        raise UsageError(f"--member {args.member}: {error}") from error
+    except ValueError as error:  # an unreadable posterior, no structures to fit on, a failed fit
         raise UsageError(str(error)) from error
-
-    sigma_sum, n_atoms = 0.0, 0
-    for batch in iterate_batches(graphs, 8, shuffle=False, dtype=next(model.parameters()).dtype):
-        sigma = predictive_covariance(model, laplace, batch)[keys.ATOMIC_FORCE_STD_EPISTEMIC]
-        sigma_sum += float(sigma.sum())
-        n_atoms += sigma.numel()
-    save_posterior(
-        args.out,
-        members,
-        kind="laplace",
-        laplace=laplace.summary(),
-        data_sha256=info.get("data_sha256"),
-        config=info.get("config"),
-        laplace_source={"posterior": str(Path(args.posterior).resolve()), "member": args.member,
-                        "train_file": str(Path(args.train_file).resolve()), "structures": len(graphs)},
-    )
+    laplace = result.laplace
     print(f"prior precision alpha = {laplace.prior_precision:.6g}")
     print(f"log marginal likelihood = {laplace.log_marginal_likelihood:.6g} nats "
           f"({laplace.n_parameters} last-layer weights, {laplace.n_structures} structures)")
-    print(f"mean epistemic force sigma on the training set = {sigma_sum / max(n_atoms, 1):.6g} eV/Å")
-    print(f"laplace posterior with {len(members)} samples written to {args.out}")
-
-
-def _load_posterior_or_usage_error(path):
-    from .bayes import load_posterior
-
-    try:
-        return load_posterior(path)
-    except ValueError as error:
-        raise UsageError(str(error)) from error
+    print(f"mean epistemic force sigma on the training set = {result.mean_epistemic_force_std:.6g} eV/Å")
+    print(f"laplace posterior with {result.n_members} samples written to {args.out}")
 
 
 def cmd_al(args) -> None:
@@ -311,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=cmd_laplace)
 
-    # listed for --help; main() hands its arguments to the exporter's own parser
+    # listed for --help; main() hands its arguments to the export parser (_export_command)
     sub.add_parser("export", help="freeze a posterior into one TorchScript deployable for LAMMPS (bayesrace-export)")
 
     p = sub.add_parser("al", help="active learning from a YAML config (mode: pool: train, pick by BALD from a "
@@ -345,9 +313,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["export"]:
-        from .export import main as export_main
-
-        return export_main(argv[1:], prog="bayesrace export")
+        return _export_command(argv[1:], prog="bayesrace export")
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
@@ -355,6 +321,92 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"bayesrace {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+# -- export: its own parser and error handling, shared by 'bayesrace export' and 'bayesrace-export'
+
+
+def export_main(argv: Optional[List[str]] = None) -> int:
+    """The ``bayesrace-export`` command: an alias of ``bayesrace export``."""
+    return _export_command(sys.argv[1:] if argv is None else argv, prog="bayesrace-export")
+
+
+def _export_command(argv: List[str], prog: str) -> int:
+    """Export as ``argv`` says; returns the exit status (2 for errors a user can fix)."""
+    from .export import ExportError
+
+    args = _export_parser(prog).parse_args(argv)
+    try:
+        _run_export(args)
+    except (ExportError, ValueError, FileNotFoundError) as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _export_parser(prog: str) -> argparse.ArgumentParser:
+    from .export import DEFAULT_THRESHOLD_FACTOR, DTYPES
+
+    parser = argparse.ArgumentParser(prog=prog, description="Freeze a bayesrace posterior into a LAMMPS deployable.")
+    parser.add_argument("posterior", help="posterior.pt written by 'bayesrace train'")
+    parser.add_argument("out", help="deployable to write (TorchScript .pt for pair_style bayesrace)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float64",
+                        help="precision of the deployable (default float64)")
+    parser.add_argument("--force-std-scale", type=float, default=None,
+                        help="calibration: the scale s_F of every force σ, c = s_F·g_F(σ) (default: the "
+                        "record's, else 1); the map g_F, if any, comes from the record ('bayesrace calibrate')")
+    parser.add_argument("--energy-std-scale", type=float, default=None,
+                        help="calibration: the scale s_E of every energy σ (default: the record's, else 1); "
+                        "the map g_E, if any, comes from the record")
+    parser.add_argument("--force-threshold", type=float, default=None, metavar="EV_PER_A",
+                        help="default extrapolation threshold on the calibrated per-atom force σ "
+                        "(compute bayesrace counts atoms over it)")
+    parser.add_argument("--threshold-from", default=None, metavar="FILE",
+                        help="set the threshold from in-distribution structures (extxyz or any ASE "
+                        "format): a quantile of their largest atomic force σ")
+    parser.add_argument("--threshold-quantile", type=float, default=0.99,
+                        help="quantile used with --threshold-from (default 0.99)")
+    parser.add_argument("--threshold-factor", type=float, default=DEFAULT_THRESHOLD_FACTOR,
+                        help=f"margin multiplying that quantile (default {DEFAULT_THRESHOLD_FACTOR})")
+    return parser
+
+
+def _run_export(args) -> dict:
+    """Export as ``args`` says and print a one-line summary (errors raise ExportError etc.)."""
+    import torch
+
+    from . import keys
+    from .bayes import load_posterior
+    from .export import export_posterior, resolve_calibration, threshold_from_structures
+
+    calibration = {}
+    if args.force_std_scale is not None:
+        calibration[keys.META_FORCE_STD_SCALE] = args.force_std_scale
+    if args.energy_std_scale is not None:
+        calibration[keys.META_ENERGY_STD_SCALE] = args.energy_std_scale
+    thresholds = {}
+    if args.force_threshold is not None:
+        thresholds[keys.ATOMIC_FORCE_STD] = args.force_threshold
+    posterior = load_posterior(args.posterior, dtype=torch.float64)
+    if args.force_threshold is None and args.threshold_from:
+        import ase.io
+
+        path = Path(args.threshold_from)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such structure file (--threshold-from)")
+        # the threshold applies to calibrated σ: measure them with the calibration this export writes
+        thresholds[keys.ATOMIC_FORCE_STD] = threshold_from_structures(
+            posterior, ase.io.read(path, ":"), args.threshold_quantile, args.threshold_factor,
+            calibration=resolve_calibration(posterior, calibration),
+        )
+    meta = export_posterior(posterior, args.out, calibration=calibration, thresholds=thresholds, dtype=args.dtype)
+    print(
+        f"{args.out}: {meta[keys.META_N_MEMBERS]} members ({meta[keys.META_POSTERIOR]}), "
+        f"elements {' '.join(meta[keys.META_TYPE_NAMES])}, cutoff {meta[keys.META_CUTOFF]} Å x "
+        f"{meta[keys.META_N_LAYERS]} layers, {meta[keys.META_DTYPE]}, force σ threshold "
+        f"{meta[keys.META_THRESHOLDS][keys.ATOMIC_FORCE_STD]:.4g} eV/Å"
+    )
+    return meta
 
 
 if __name__ == "__main__":

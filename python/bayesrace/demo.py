@@ -90,11 +90,10 @@ def run_demo_active_learning(data_dir: Path, run_dir: Path, report_dir: Path, ro
 
     import torch
 
-    from .active import active_config_from_dict
+    from .active import OTF_PLOT, active_config_from_dict, run_on_the_fly
+    from .bayes import load_posterior
     from .data import read_frames
     from .uq import predict_frames, set_metrics
-    from .active import OTF_PLOT, run_on_the_fly
-    from .bayes import load_posterior
 
     al_dir = report_dir.parent / "al"
     values = demo_al_config(data_dir, run_dir, al_dir, rounds, ranks, members, temperature, steps, threshold)
@@ -153,14 +152,13 @@ def run_demo_active_learning(data_dir: Path, run_dir: Path, report_dir: Path, ro
 def run_demo(out: Path, members: int = 4, minutes: float = 2.0, ranks: int = 1, quiet: bool = False,
              al_rounds: int = 0) -> dict:
     from . import keys
-    from .uq import calibrate_posterior_file
-    from .uq._evaluate import _jsonable
-    from .uq import evaluate_sets, format_summary
-    from .export import export_posterior
-    from .lammps import run_psb3_example
+    from ._files import jsonable
     from .bayes import load_posterior
     from .data import generate_psb3
+    from .export import export_posterior
+    from .lammps import run_psb3_example
     from .train import train_under_mpirun
+    from .uq import calibrate_posterior_file, evaluate_sets, format_summary
 
     started = time.time()
     # absolute: the training config written below resolves paths against its own folder
@@ -237,6 +235,6 @@ def run_demo(out: Path, members: int = 4, minutes: float = 2.0, ranks: int = 1, 
               f"BALD-F picks, GFN2-xTB labels, retraining")
         summary["active_learning"] = run_demo_active_learning(data_dir, run_dir, report_dir, al_rounds, ranks,
                                                               members, quiet=quiet)
-    (report_dir / "main_job.json").write_text(json.dumps(_jsonable(summary), indent=1, default=str))
+    (report_dir / "main_job.json").write_text(json.dumps(jsonable(summary), indent=1, default=str))
     print(f"main job finished in {time.time() - started:.0f} s")
     return evaluation

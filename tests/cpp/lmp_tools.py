@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import ctypes
 import itertools
 import os
-import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from bayesrace.lammps import lammps_in, new_lammps
+from bayesrace.lammps import lammps_number as _f
+from bayesrace.lammps import read_dump as read_dump_frames
+from bayesrace.lammps import run_lmp as run_lammps_executable
 
 MASSES = {"H": 1.008, "C": 12.011, "N": 14.007}
 
@@ -96,10 +97,6 @@ def reference_edges(s: Structure, cutoff: float):
     return np.stack([np.concatenate(ii), np.concatenate(jj)]), np.concatenate(ss)
 
 
-def _f(v) -> str:
-    return repr(float(v))
-
-
 def write_data(s: Structure, path: Path, type_names=("H", "C", "N")) -> None:
     tmap = {e: k + 1 for k, e in enumerate(type_names)}
     lines = ["bayesrace test structure", "", f"{len(s.positions)} atoms", f"{len(type_names)} atom types", ""]
@@ -132,72 +129,33 @@ def reference(core, model_path: str, s: Structure, cutoff: float, type_names=("H
     return engine, out
 
 
-def preload_mpi() -> None:
-    """The lammps wheel's liblammps needs libmpi.so.12 from the mpich wheel on the loader path."""
-    lib = Path(sys.prefix) / "lib" / "libmpi.so.12"
-    if lib.exists():
-        ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
-
-
 def lammps_instance():
-    preload_mpi()
-    from lammps import lammps
-
-    return lammps(cmdargs=["-log", "none", "-screen", "none", "-nocite"])
+    """A LAMMPS instance in this process (output to nowhere), for tests that drive it command by command."""
+    return new_lammps()
 
 
 def run_in_process(input_text: str, workdir: Path):
     """Run an input with `from lammps import lammps` (the Python module path) in workdir."""
     workdir.mkdir(parents=True, exist_ok=True)
-    old = os.getcwd()
-    os.chdir(workdir)
-    try:
-        lmp = lammps_instance()
-        try:
-            lmp.commands_string(input_text)
-        finally:
-            lmp.close()
-    finally:
-        os.chdir(old)
-
-
-def lmp_executable() -> str:
-    exe = Path(sys.prefix) / "bin" / "lmp"
-    return str(exe)
-
-
-def mpirun_executable() -> str:
-    return str(Path(sys.prefix) / "bin" / "mpirun")
+    with lammps_in(workdir) as lmp:
+        lmp.commands_string(input_text)
 
 
 def run_lmp(input_text: str, workdir: Path, nprocs: int = 1, timeout: int = 300, name: str = "in.lmp"):
-    """Run the lmp executable (under the mpich wheel's mpirun when nprocs > 1)."""
+    """Run the lmp executable (under the mpich wheel's mpirun when nprocs > 1); returns
+    (exit status, stdout + stderr)."""
     workdir.mkdir(parents=True, exist_ok=True)
     inp = workdir / name
     inp.write_text(input_text)
-    cmd = [lmp_executable(), "-in", str(inp), "-log", "none", "-nocite"]
-    if nprocs > 1:
-        cmd = [mpirun_executable(), "-np", str(nprocs)] + cmd
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "1")
-    proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=timeout, env=env)
-    return proc.returncode, proc.stdout + proc.stderr
+    # one OpenMP thread unless the caller's environment says otherwise
+    threads = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    return run_lammps_executable(["-in", str(inp), "-log", "none", "-nocite"], workdir, nprocs, timeout=timeout,
+                                 environment=threads, check=False)
 
 
 def read_dump(path: Path):
     """Last frame of a 'dump custom' text file, as {column: array}, rows sorted by id."""
-    lines = path.read_text().splitlines()
-    starts = [k for k, line in enumerate(lines) if line.startswith("ITEM: ATOMS")]
-    k = starts[-1]
-    cols = lines[k].split()[2:]
-    rows = []
-    for line in lines[k + 1 :]:
-        if line.startswith("ITEM:"):
-            break
-        rows.append([float(v) for v in line.split()])
-    data = np.array(rows)
-    order = np.argsort(data[:, cols.index("id")])
-    return {c: data[order, m] for m, c in enumerate(cols)}
+    return read_dump_frames(path)[-1]["columns"]
 
 
 def parse_tagged(output: str, tag: str):

@@ -204,6 +204,47 @@ def test_torch_version_warning(core, tmp_path):
     assert any("1.13.1" in w for w in engine.warnings)
 
 
+def test_duplicate_key_refused(core, tmp_path):
+    path = tmp_path / "dup.pt"
+    text = json.dumps(default_metadata(["H"], 3.0, 2, 3, "float64"))[:-1] + ', "cutoff": 2.0}'
+    write_toy(str(path), raw_metadata=text)
+    _expect_error(core, path, "not valid JSON", 'duplicate key "cutoff"')
+
+
+def _newer(core, part):
+    """A version newer than the plugin's (python/bayesrace/_version.py) in its MAJOR, MINOR or PATCH."""
+    major, minor, patch = (int(p) for p in core.BAYESRACE_VERSION.split(".")[:3])
+    return {"major": f"{major + 1}.0.0", "minor": f"{major}.{minor + 1}.0", "patch": f"{major}.{minor}.{patch + 1}"}[part]
+
+
+def test_build_version_is_the_package_version(core):
+    from bayesrace import __version__
+
+    assert core.BAYESRACE_VERSION == __version__
+
+
+@pytest.mark.parametrize("version", ["99.0.0", "next major"])
+def test_newer_major_bayesrace_version_refused(core, tmp_path, version):
+    version = _newer(core, "major") if version == "next major" else version
+    path = tmp_path / "newer_major.pt"
+    write_toy(str(path), metadata_override={"bayesrace_version": version})
+    _expect_error(core, path, "newer_major.pt", f"'bayesrace_version' is {version}", "newer major version",
+                  f"this build of bayesrace ({core.BAYESRACE_VERSION})", "upgrade bayesrace")
+
+
+@pytest.mark.parametrize("part, warns", [("minor", True), ("patch", False)])
+def test_newer_minor_bayesrace_version_warns(core, tmp_path, part, warns):
+    version = _newer(core, part)
+    path = tmp_path / f"newer_{part}.pt"
+    write_toy(str(path), metadata_override={"bayesrace_version": version})
+    engine = core.Engine(str(path))
+    assert engine.metadata["bayesrace_version"] == version
+    found = [w for w in engine.warnings if "bayesrace " + version in w]
+    assert len(found) == warns, engine.warnings
+    if warns:
+        assert "newer minor version" in found[0] and f"({core.BAYESRACE_VERSION})" in found[0], found[0]
+
+
 def test_unknown_device(core, toy_model):
     with pytest.raises(RuntimeError, match="unknown device 'tpu'"):
         core.Engine(toy_model, device="tpu")
@@ -326,7 +367,7 @@ def test_bad_inputs(core, toy_model):
 
 
 def test_metadata_json_written_by_python_json(core, tmp_path):
-    """Unicode and escapes in strings survive the hand-written JSON reader."""
+    """Unicode and escapes in strings survive the C++ JSON reader."""
     path = tmp_path / "uni.pt"
     write_toy(str(path), metadata_override={"posterior": "ensemble \u00e5 \"q\" \\ \U0001F600"})
     assert core.Engine(str(path)).metadata["posterior"] == "ensemble \u00e5 \"q\" \\ \U0001F600"

@@ -2,7 +2,7 @@
 finite differences, NVE energy conservation, MPI, and fix halt on extrapolation.
 
 The model is a tiny RACE ensemble (3 members, 2 layers, float64) exported by
-bayesrace._export; LAMMPS finds the installed plugin with no `plugin load` line.
+bayesrace.export; LAMMPS finds the installed plugin with no `plugin load` line.
 """
 
 from __future__ import annotations

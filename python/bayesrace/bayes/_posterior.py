@@ -22,15 +22,19 @@ A posterior carries a ``calibration`` (``_calibration``; ``{}`` = uncalibrated) 
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional
 
 import torch
 
 from .. import keys
-from ._calibration_maps import calibrate_prediction, validate_calibration, validate_thresholds
+from .._files import atomic_path
 from ..model import RACE, ModelConfig
+from ._calibration_maps import (
+    calibrate_prediction,
+    validate_calibration,
+    validate_thresholds,
+)
 
 
 def aggregate_members(
@@ -132,8 +136,6 @@ class Posterior(torch.nn.Module):
         return result
 
 
-
-
 POSTERIOR_FORMAT = "bayesrace-posterior"
 POSTERIOR_FORMAT_VERSION = 1
 RECORD_CALIBRATION = "calibration"  # optional: the calibration dict (_calibration)
@@ -159,11 +161,9 @@ def posterior_record(members: List[RACE], kind: str, extra: Dict[str, object]) -
 
 
 def _write_record(record: Dict[str, object], path) -> None:
-    """Write atomically (temporary file, then rename) so a kill never leaves half a file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(record, tmp)
-    os.replace(tmp, path)
+    """Write atomically so a kill, or a LAMMPS job reading it, never sees half a file."""
+    with atomic_path(path) as tmp:
+        torch.save(record, tmp)
 
 
 def save_posterior(path, members: List[RACE], kind: str = "ensemble", **extra) -> None:
@@ -174,7 +174,9 @@ def save_posterior(path, members: List[RACE], kind: str = "ensemble", **extra) -
     _write_record(posterior_record(members, kind, extra), path)
 
 
-def _read_record(path) -> Dict[str, object]:
+def read_posterior_record(path) -> Dict[str, object]:
+    """The saved record of a posterior (members' weights as state dicts, kind, architecture,
+    normalisation, calibration...), checked to be a bayesrace posterior of this format."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such posterior file")
@@ -197,7 +199,7 @@ def update_posterior_file(path, out_path=None, calibration: Optional[Mapping] = 
     """Copy the record at ``path`` to ``out_path`` (default: ``path`` itself, rewritten
     atomically) with a new calibration and/or thresholds; ``None`` keeps the field as it
     is, ``{}`` removes it. The members' weights are copied unchanged."""
-    record = _read_record(path)
+    record = read_posterior_record(path)
     for field, value, check in (
         (RECORD_CALIBRATION, calibration, validate_calibration),
         (RECORD_THRESHOLDS, thresholds, validate_thresholds),
@@ -213,7 +215,7 @@ def update_posterior_file(path, out_path=None, calibration: Optional[Mapping] = 
 
 
 def load_posterior(path, dtype: torch.dtype = torch.float64) -> Posterior:
-    record = _read_record(path)
+    record = read_posterior_record(path)
     config = ModelConfig(**record["model_config"])
     members = []
     for state in record["members"]:

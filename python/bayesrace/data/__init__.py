@@ -6,15 +6,17 @@ Knows nothing of models: frames in, graphs and batches out.
 from ._frames import (
     DataError,
     Frame,
-    Graph,
     TypeMap,
-    collate,
     fit_reference_energies,
-    frames_to_graphs,
     isolated_atom_energies,
+    read_frames,
+)
+from ._graphs import (
+    Graph,
+    collate,
+    frames_to_graphs,
     iterate_batches,
     neighbour_list,
-    read_frames,
     split,
 )
 from ._psb3 import (
@@ -22,6 +24,8 @@ from ._psb3 import (
     TORSION_DIHEDRAL,
     build_psb3,
     generate_psb3,
+    import_tblite,
+    one_openmp_thread,
 )
 
 __all__ = [
@@ -36,9 +40,11 @@ __all__ = [
     "fit_reference_energies",
     "frames_to_graphs",
     "generate_psb3",
+    "import_tblite",
     "isolated_atom_energies",
     "iterate_batches",
     "neighbour_list",
+    "one_openmp_thread",
     "read_frames",
     "split",
 ]

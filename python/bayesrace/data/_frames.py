@@ -1,8 +1,8 @@
-"""Reading, checking and batching of labelled structures.
+"""Reading and checking labelled structures: files in, checked ``Frame`` objects out.
 
-The pipeline is ``read_frames`` (files -> checked ``Frame`` objects, numpy, float64),
-``frames_to_graphs`` (adds species indices and a neighbour list) and ``collate`` /
-``iterate_batches`` (graphs -> dictionaries of torch tensors named by ``bayesrace.keys``).
+The first step of the data pipeline: ``read_frames`` (files -> checked ``Frame`` objects,
+numpy, float64), the ``TypeMap`` from elements to species indices and the per-element
+reference energies. ``_graphs`` takes the frames on to neighbour lists and batches.
 Every problem with the input raises ``DataError`` naming the file, the frame and the field.
 """
 
@@ -11,25 +11,17 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
-
-from .. import keys
 
 __all__ = [
     "DataError",
     "Frame",
-    "Graph",
     "TypeMap",
-    "collate",
     "fit_reference_energies",
-    "frames_to_graphs",
     "isolated_atom_energies",
-    "iterate_batches",
-    "neighbour_list",
     "read_frames",
-    "split",
 ]
 
 # ASE (>= 3.23) moves these extxyz keys from atoms.info/atoms.arrays into calc.results.
@@ -58,31 +50,6 @@ class Frame:
     @property
     def num_atoms(self) -> int:
         return int(self.numbers.shape[0])
-
-
-@dataclass
-class Graph:
-    """A frame with species indices and a neighbour list, ready to be collated."""
-
-    species: np.ndarray  # [N] int64, index into the type map
-    atomic_numbers: np.ndarray  # [N] int64
-    positions: np.ndarray  # [N, 3] float64, Å
-    cell: np.ndarray  # [3, 3] float64, Å
-    pbc: np.ndarray  # [3] bool
-    edge_index: np.ndarray  # [2, E] int64, row 0 = centre i, row 1 = neighbour j
-    edge_cell_shift: np.ndarray  # [E, 3] int64, r_ij = x_j - x_i + S @ cell
-    energy: float | None = None
-    forces: np.ndarray | None = None
-    stress: np.ndarray | None = None
-    source: str = ""
-
-    @property
-    def num_atoms(self) -> int:
-        return int(self.species.shape[0])
-
-    @property
-    def num_edges(self) -> int:
-        return int(self.edge_index.shape[1])
 
 
 # --------------------------------------------------------------------------------------
@@ -173,6 +140,38 @@ def _vesin(cutoff: float, full_list: bool):
     return vesin.NeighborList(cutoff=float(cutoff), full_list=full_list, algorithm="cell_list", n_threads=1)
 
 
+def _too_close_error(
+    i, j, shift, distance, min_distance: float, source: str, numbers=None, why: str = ""
+) -> DataError | None:
+    """The error naming the closest of the pairs (i, j, shift, distance) below ``min_distance`` Å.
+
+    None when no pair is that close. With ``numbers`` the atoms' elements are named too,
+    ``why`` is added in parentheses; without ``source`` the message starts at the field.
+    """
+    close = distance < min_distance
+    if not close.any():
+        return None
+    i, j, shift, distance = i[close], j[close], shift[close], distance[close]
+    worst = int(np.argmin(distance))
+    a, b, d = int(i[worst]), int(j[worst]), float(distance[worst])
+    if numbers is None:
+        name_a, name_b = f"{a}", f"{b}"
+    else:
+        from ase.data import chemical_symbols
+
+        name_a, name_b = (f"{k} ({chemical_symbols[int(numbers[k])]})" for k in (a, b))
+    if a == b:
+        what = f"atom {name_a} is {d:.4g} Å from its own periodic image (cell shift {shift[worst].tolist()})"
+    elif np.any(shift[worst] != 0):
+        what = (f"atoms {name_a} and {name_b} are {d:.4g} Å apart across the periodic boundary "
+                f"(cell shift {shift[worst].tolist()})")
+    else:
+        what = f"atoms {name_a} and {name_b} are {d:.4g} Å apart"
+    where = f"{source}: " if source else ""
+    because = f" ({why})" if why else ""
+    return DataError(f"{where}field 'positions' has {what}, expected at least {min_distance} Å between atoms{because}")
+
+
 def _check_min_distance(positions, cell, pbc, min_distance: float, source: str) -> None:
     """Rejects atoms closer than ``min_distance`` Å, periodic images included."""
     # A cell list as fine as 0.1 Å has millions of cells; search bonds instead and filter.
@@ -180,19 +179,9 @@ def _check_min_distance(positions, cell, pbc, min_distance: float, source: str) 
     i, j, shift, distance = _vesin(probe, full_list=False).compute(
         positions, cell, [bool(p) for p in pbc], quantities="ijSd", copy=True
     )
-    close = distance < min_distance
-    if not close.any():
-        return
-    i, j, shift, distance = i[close], j[close], shift[close], distance[close]
-    worst = int(np.argmin(distance))
-    a, b, d = int(i[worst]), int(j[worst]), float(distance[worst])
-    if a == b:
-        what = f"atom {a} is {d:.4g} Å from its own periodic image (cell shift {shift[worst].tolist()})"
-    elif np.any(shift[worst] != 0):
-        what = f"atoms {a} and {b} are {d:.4g} Å apart across the periodic boundary (cell shift {shift[worst].tolist()})"
-    else:
-        what = f"atoms {a} and {b} are {d:.4g} Å apart"
-    raise _field_error(source, "positions", f"has {what}, expected at least {min_distance} Å between atoms")
+    error = _too_close_error(i, j, shift, distance, min_distance, source)
+    if error is not None:
+        raise error
 
 
 def _guess_format(path: str) -> str:
@@ -461,137 +450,3 @@ def fit_reference_energies(frames: Sequence[Frame], type_names: Sequence[str]) -
     energies = np.array([f.energy for f in labelled], dtype=np.float64)
     solution, *_ = np.linalg.lstsq(counts, energies, rcond=None)
     return {name: float(value) for name, value in zip(type_map.type_names, solution)}
-
-
-# --------------------------------------------------------------------------------------
-# neighbour lists and graphs
-
-
-def neighbour_list(positions, cell, pbc, cutoff: float) -> tuple[np.ndarray, np.ndarray]:
-    """Full neighbour list within ``cutoff`` Å, periodic images included.
-
-    Returns ``edge_index`` [2, E] int64 (row 0 = centre i, row 1 = neighbour j) and
-    ``cell_shift`` [E, 3] int64 with r_ij = x_j - x_i + S @ cell. Both directions of
-    every pair are present; an atom is never its own neighbour without a cell shift.
-    Edges are sorted by i, then j, then shift so that the result is reproducible.
-    """
-    positions = np.ascontiguousarray(positions, dtype=np.float64)
-    pbc = np.asarray(pbc, dtype=bool).reshape(3)
-    cell = np.zeros((3, 3)) if not pbc.any() else np.ascontiguousarray(cell, dtype=np.float64)
-    i, j, shift = _vesin(cutoff, full_list=True).compute(positions, cell, [bool(p) for p in pbc], quantities="ijS", copy=True)
-    i = np.asarray(i, dtype=np.int64)
-    j = np.asarray(j, dtype=np.int64)
-    shift = np.asarray(shift, dtype=np.int64).reshape(-1, 3)
-    keep = ~((i == j) & np.all(shift == 0, axis=1))
-    i, j, shift = i[keep], j[keep], shift[keep]
-    order = np.lexsort((shift[:, 2], shift[:, 1], shift[:, 0], j, i))
-    return np.stack([i[order], j[order]]), np.ascontiguousarray(shift[order])
-
-
-def frames_to_graphs(frames: Sequence[Frame], type_map: TypeMap, cutoff: float, progress: bool = False) -> list[Graph]:
-    """Species indices and neighbour lists for every frame."""
-    from tqdm.auto import tqdm
-
-    graphs = []
-    for frame in tqdm(frames, desc="neighbour lists", unit="frame", disable=not progress):
-        edge_index, cell_shift = neighbour_list(frame.positions, frame.cell, frame.pbc, cutoff)
-        graphs.append(
-            Graph(
-                species=type_map.species(frame.numbers, frame.source),
-                atomic_numbers=frame.numbers,
-                positions=frame.positions,
-                cell=frame.cell,
-                pbc=frame.pbc,
-                edge_index=edge_index,
-                edge_cell_shift=cell_shift,
-                energy=frame.energy,
-                forces=frame.forces,
-                stress=frame.stress,
-                source=frame.source,
-            )
-        )
-    return graphs
-
-
-# --------------------------------------------------------------------------------------
-# batching
-
-
-def collate(graphs: Sequence[Graph], dtype=None) -> dict[str, Any]:
-    """Concatenates graphs into one batch of tensors named by ``bayesrace.keys``.
-
-    Edge indices are offset by the atoms of the preceding structures. Labels (energy,
-    forces, stress) are included only when every graph of the batch has them.
-    """
-    import torch
-
-    dtype = torch.float64 if dtype is None else dtype
-    if not graphs:
-        raise ValueError("collate: no graphs to batch")
-    num_atoms = np.array([g.num_atoms for g in graphs], dtype=np.int64)
-    offsets = np.concatenate([[0], np.cumsum(num_atoms)[:-1]])
-
-    def floats(array) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float64)).to(dtype)
-
-    def ints(array) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64))
-
-    batch = {
-        keys.POSITIONS: floats(np.concatenate([g.positions for g in graphs])),
-        keys.SPECIES: ints(np.concatenate([g.species for g in graphs])),
-        keys.ATOMIC_NUMBERS: ints(np.concatenate([g.atomic_numbers for g in graphs])),
-        keys.CELL: floats(np.stack([g.cell for g in graphs])),
-        keys.PBC: torch.from_numpy(np.stack([np.asarray(g.pbc, dtype=bool) for g in graphs])),
-        keys.BATCH: ints(np.repeat(np.arange(len(graphs), dtype=np.int64), num_atoms)),
-        keys.NUM_ATOMS: ints(num_atoms),
-        keys.EDGE_INDEX: ints(np.concatenate([g.edge_index + o for g, o in zip(graphs, offsets)], axis=1)),
-        keys.EDGE_CELL_SHIFT: floats(np.concatenate([g.edge_cell_shift for g in graphs]).reshape(-1, 3)),
-    }
-    if all(g.energy is not None for g in graphs):
-        batch[keys.ENERGY] = floats(np.array([g.energy for g in graphs]))
-    if all(g.forces is not None for g in graphs):
-        batch[keys.FORCES] = floats(np.concatenate([g.forces for g in graphs]))
-    if all(g.stress is not None for g in graphs):
-        batch[keys.STRESS] = floats(np.stack([g.stress for g in graphs]))
-    return batch
-
-
-def _shuffled_order(count: int, seed: int, epoch: int) -> np.ndarray:
-    return np.random.default_rng(np.random.SeedSequence([int(seed), int(epoch)])).permutation(count)
-
-
-def iterate_batches(
-    graphs: Sequence[Graph],
-    batch_size: int,
-    shuffle: bool,
-    seed: int | None = None,
-    epoch: int = 0,
-    dtype=None,
-) -> Iterator[dict[str, Any]]:
-    """Yields collated batches of at most ``batch_size`` graphs (the last may be smaller).
-
-    With ``shuffle`` the order is a function of (seed, epoch) only, so a training run
-    resumed at some epoch sees the same batches; ``seed=None`` counts as 0 to keep runs
-    reproducible by default.
-    """
-    if batch_size < 1:
-        raise ValueError(f"iterate_batches: batch_size must be at least 1, got {batch_size}")
-    order = _shuffled_order(len(graphs), 0 if seed is None else seed, epoch) if shuffle else np.arange(len(graphs))
-    for start in range(0, len(order), batch_size):
-        yield collate([graphs[k] for k in order[start : start + batch_size]], dtype=dtype)
-
-
-def split(items: Sequence, n_valid: int, seed: int) -> tuple[list, list]:
-    """Deterministic random split into (train, valid) with ``n_valid`` items in valid.
-
-    Both parts keep the original relative order of the items.
-    """
-    n_valid = int(n_valid)
-    if not 0 <= n_valid <= len(items):
-        raise ValueError(f"split: n_valid={n_valid} must lie between 0 and the number of items ({len(items)})")
-    chosen = np.zeros(len(items), dtype=bool)
-    chosen[np.random.default_rng(seed).permutation(len(items))[:n_valid]] = True
-    train = [item for item, is_valid in zip(items, chosen) if not is_valid]
-    valid = [item for item, is_valid in zip(items, chosen) if is_valid]
-    return train, valid

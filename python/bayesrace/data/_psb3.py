@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["generate_psb3", "build_psb3", "PSB3_FILES", "TORSION_DIHEDRAL"]
+__all__ = ["generate_psb3", "build_psb3", "import_tblite", "one_openmp_thread", "PSB3_FILES", "TORSION_DIHEDRAL"]
 
 METHOD = "GFN2-xTB"
 CHARGE = 1.0
@@ -50,7 +50,8 @@ PSB3_FILES = (
 )
 
 
-def _import_tblite():
+def import_tblite():
+    """tblite's ``Calculator`` class (``tblite.interface``); an ImportError says how to install it."""
     try:
         from tblite.interface import Calculator
     except ImportError as error:
@@ -71,7 +72,7 @@ def _xtb_calculator_class():
     from ase.calculators.calculator import CalculationFailed, Calculator, all_changes
     from ase.units import Bohr, Hartree
 
-    TBLiteInterface = _import_tblite()
+    TBLiteInterface = import_tblite()
 
     class GFN2xTB(Calculator):
         implemented_properties = ["energy", "free_energy", "forces"]
@@ -105,7 +106,7 @@ def _xtb_calculator_class():
     return GFN2xTB
 
 
-def _one_openmp_thread():
+def one_openmp_thread():
     """Context that runs xTB on one OpenMP thread when threadpoolctl is available."""
     try:
         from threadpoolctl import threadpool_limits
@@ -300,7 +301,7 @@ def generate_psb3(out_dir, seed: int = 0, scale: float = 1.0, progress: bool = T
     # one independent stream per trajectory and one for the split
     streams = np.random.SeedSequence(int(seed)).spawn(len(temperatures) + 1)
 
-    with _one_openmp_thread():
+    with one_openmp_thread():
         minimum = build_psb3()
         minimum.calc = _xtb(calculator_class)
         if not _relax(minimum, RELAX_FMAX, 1000):

@@ -7,9 +7,8 @@ the C++ core aggregates them. The network code is the model's own
 (``RACE.atomic_outputs``); this module only adds the autograd for forces and virials
 over the M members and the metadata.
 
-Usage::
-
-    bayesrace-export posterior.pt model.pt [--dtype float64] [--force-threshold 0.3]
+The command line (``bayesrace export``, alias ``bayesrace-export``) lives in
+``bayesrace.cli``; see ``export/README.md``.
 
 Default extrapolation threshold (``thresholds.atomic_force_std``, eV/Å, calibrated σ):
 ``--force-threshold X`` if given; else, with ``--threshold-from FILE``, 1.5
@@ -30,11 +29,9 @@ deployable reports the same calibrated σ's as the Python posterior.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -42,6 +39,8 @@ import numpy as np
 import torch
 
 from .. import keys
+from .._files import atomic_path
+from .._version import __version__
 from ..bayes import Posterior
 
 FORMAT_VERSION = 1
@@ -49,7 +48,7 @@ UNITS = "metal"  # eV, Å: the units the model is trained in
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 DEFAULT_THRESHOLD_FLOOR_MULTIPLE = 3.0
 DEFAULT_THRESHOLD_FACTOR = 1.5  # margin over in-distribution σ for --threshold-from
-RECORD_DATA_HASH = "data_sha256"  # where _train.train stores the hash in the posterior record
+RECORD_DATA_HASH = "data_sha256"  # where bayesrace.train stores the hash in the posterior record
 
 
 class ExportError(ValueError):
@@ -186,7 +185,6 @@ def build_metadata(
     training_data_sha256: Optional[str] = None,
 ) -> Dict[str, object]:
     """The metadata.json of the deployable (every field the C++ loader checks)."""
-    from .._version import __version__
     from ..bayes import CalibrationError, validate_thresholds
 
     record = dict(getattr(posterior, "record_info", None) or {})
@@ -240,28 +238,37 @@ def threshold_from_structures(posterior: Posterior, structures, quantile: float 
     The margin ``factor`` is there because MD visits far more configurations than a
     validation set holds, so a threshold at the set's own maximum trips on ordinary
     fluctuations."""
-    from ..calculator import BayesRaceCalculator
+    from ..bayes import CalibrationError
+    from ..uq import check_threshold_settings, extrapolation_threshold, predict_frames
 
-    if not 0.0 < quantile <= 1.0:
-        raise ExportError(f"threshold quantile must lie in (0, 1], got {quantile}")
-    if not factor > 0.0:
-        raise ExportError(f"threshold factor must be positive, got {factor}")
-    structures = list(structures)
-    if not structures:
+    try:
+        check_threshold_settings(quantile, factor)  # before the (slow) prediction
+    except CalibrationError as error:
+        raise ExportError(str(error)) from None
+    frames = [_frame_of(atoms, index) for index, atoms in enumerate(structures)]
+    if not frames:
         raise ExportError("no structures to measure the force σ threshold on")
-    # a calculator over a copy: BayesRaceCalculator moves the posterior it is given
-    measured = copy.deepcopy(posterior)
+    # measured on a float64 copy on the CPU: the posterior given is not touched
+    measured = copy.deepcopy(posterior).to(dtype=torch.float64, device="cpu")
     if calibration is not None:
         # Posterior.forward applies its calibration: replace it, never multiply again
         measured.calibration = calibration
-    calc = BayesRaceCalculator(measured)
-    largest = []
-    for atoms in structures:
-        atoms = atoms.copy()
-        atoms.calc = calc
-        atoms.get_potential_energy()
-        largest.append(float(np.max(calc.results["forces_std"])))
-    return factor * float(np.quantile(largest, quantile))
+    prediction = predict_frames(measured, frames, dtype=torch.float64)
+    try:
+        return extrapolation_threshold(prediction, quantile, factor)
+    except CalibrationError as error:
+        raise ExportError(str(error)) from None
+
+
+def _frame_of(atoms, index: int):
+    """An unlabelled ``Frame`` of one ASE structure (a zero cell unless periodic somewhere)."""
+    from ..data import Frame
+
+    pbc = np.asarray(atoms.pbc, dtype=bool).reshape(3)
+    cell = np.array(atoms.cell.array, dtype=np.float64) if pbc.any() else np.zeros((3, 3))
+    return Frame(numbers=np.asarray(atoms.numbers, dtype=np.int64).copy(),
+                 positions=np.array(atoms.positions, dtype=np.float64), cell=cell, pbc=pbc,
+                 source=f"structure {index}")
 
 
 def _check_posterior(posterior) -> None:
@@ -317,10 +324,9 @@ def export_posterior(
     module = script_posterior(posterior, DTYPES[dtype_name])
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     # atomic write: LAMMPS jobs may be reading the previous model
-    torch.jit.save(module, str(tmp), _extra_files={keys.METADATA_FILE: json.dumps(metadata, indent=1)})
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.jit.save(module, str(tmp), _extra_files={keys.METADATA_FILE: json.dumps(metadata, indent=1)})
     return metadata
 
 
@@ -331,81 +337,3 @@ def read_metadata(path) -> Dict[str, object]:
     if not extra[keys.METADATA_FILE]:
         raise ExportError(f"{path}: no {keys.METADATA_FILE} inside")
     return json.loads(extra[keys.METADATA_FILE])
-
-
-# -- command line -----------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The export options (shared by ``bayesrace-export`` and ``bayesrace export``)."""
-    parser.add_argument("posterior", help="posterior.pt written by 'bayesrace train'")
-    parser.add_argument("out", help="deployable to write (TorchScript .pt for pair_style bayesrace)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float64",
-                        help="precision of the deployable (default float64)")
-    parser.add_argument("--force-std-scale", type=float, default=None,
-                        help="calibration: the scale s_F of every force σ, c = s_F·g_F(σ) (default: the "
-                        "record's, else 1); the map g_F, if any, comes from the record ('bayesrace calibrate')")
-    parser.add_argument("--energy-std-scale", type=float, default=None,
-                        help="calibration: the scale s_E of every energy σ (default: the record's, else 1); "
-                        "the map g_E, if any, comes from the record")
-    parser.add_argument("--force-threshold", type=float, default=None, metavar="EV_PER_A",
-                        help="default extrapolation threshold on the calibrated per-atom force σ "
-                        "(compute bayesrace counts atoms over it)")
-    parser.add_argument("--threshold-from", default=None, metavar="FILE",
-                        help="set the threshold from in-distribution structures (extxyz or any ASE "
-                        "format): a quantile of their largest atomic force σ")
-    parser.add_argument("--threshold-quantile", type=float, default=0.99,
-                        help="quantile used with --threshold-from (default 0.99)")
-    parser.add_argument("--threshold-factor", type=float, default=DEFAULT_THRESHOLD_FACTOR,
-                        help=f"margin multiplying that quantile (default {DEFAULT_THRESHOLD_FACTOR})")
-
-
-def run(args: argparse.Namespace) -> Dict[str, object]:
-    """Export as ``args`` says and print a one-line summary (errors raise ExportError etc.)."""
-    from ..bayes import load_posterior
-
-    calibration = {}
-    if args.force_std_scale is not None:
-        calibration[keys.META_FORCE_STD_SCALE] = args.force_std_scale
-    if args.energy_std_scale is not None:
-        calibration[keys.META_ENERGY_STD_SCALE] = args.energy_std_scale
-    thresholds = {}
-    if args.force_threshold is not None:
-        thresholds[keys.ATOMIC_FORCE_STD] = args.force_threshold
-    posterior = load_posterior(args.posterior, dtype=torch.float64)
-    if args.force_threshold is None and args.threshold_from:
-        import ase.io
-
-        path = Path(args.threshold_from)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such structure file (--threshold-from)")
-        # the threshold applies to calibrated σ: measure them with the calibration this export writes
-        thresholds[keys.ATOMIC_FORCE_STD] = threshold_from_structures(
-            posterior, ase.io.read(path, ":"), args.threshold_quantile, args.threshold_factor,
-            calibration=resolve_calibration(posterior, calibration),
-        )
-    meta = export_posterior(posterior, args.out, calibration=calibration, thresholds=thresholds, dtype=args.dtype)
-    print(
-        f"{args.out}: {meta[keys.META_N_MEMBERS]} members ({meta[keys.META_POSTERIOR]}), "
-        f"elements {' '.join(meta[keys.META_TYPE_NAMES])}, cutoff {meta[keys.META_CUTOFF]} Å x "
-        f"{meta[keys.META_N_LAYERS]} layers, {meta[keys.META_DTYPE]}, force σ threshold "
-        f"{meta[keys.META_THRESHOLDS][keys.ATOMIC_FORCE_STD]:.4g} eV/Å"
-    )
-    return meta
-
-
-def main(argv: Optional[List[str]] = None, prog: str = "bayesrace-export") -> int:
-    """Command-line entry point; returns the exit status (2 for errors a user can fix)."""
-    parser = argparse.ArgumentParser(prog=prog, description="Freeze a bayesrace posterior into a LAMMPS deployable.")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        run(args)
-    except (ExportError, ValueError, FileNotFoundError) as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

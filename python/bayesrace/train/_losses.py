@@ -1,6 +1,6 @@
 """Training losses on a batch: MSE, the conventional NLL, and NLL_JEF.
 
-NLL_JEF (DESIGN.md), with per-structure energy variance σ_E² and per-atom force
+NLL_JEF (docs/design.md), with per-structure energy variance σ_E² and per-atom force
 covariance Σ_i from the model's heads:
 
     λ_E·mean_b[(E−Ê)²/σ_E²] + mean_b[log σ_E²] + λ_F·mean_i[ΔF_iᵀ Σ_i⁻¹ ΔF_i] + mean_i[log det Σ_i]

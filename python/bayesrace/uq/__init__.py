@@ -1,7 +1,15 @@
 """Uncertainty quantification: prediction over data sets, metrics, OOD scores, recalibration
-fitting and thresholds, the evaluation report and its plots."""
+fitting and thresholds, the evaluation report and its plots.
+
+Modules: ``_predict`` (predictions over frames), ``_metrics`` (metrics on arrays),
+``_set_metrics`` (the numbers of one set), ``_ood`` (OOD scores and AUROCs),
+``_calibration`` (fitting maps, the extrapolation threshold, calibrating a posterior file),
+``_evaluate`` (several sets, before and after recalibration), ``_report`` (tables, report.md,
+the report folder) and ``_plots`` (its figures).
+"""
 
 from ._calibration import (
+    check_threshold_settings,
     calibrate_posterior_file,
     describe_calibration,
     extrapolation_threshold,
@@ -9,20 +17,7 @@ from ._calibration import (
     fit_std_map,
     uncertainty_metrics,
 )
-from ._evaluate import (
-    METRIC_UNITS,
-    OOD_SCORES,
-    PLOT_FILES,
-    energy_std,
-    evaluate_sets,
-    format_summary,
-    format_table,
-    ood_aurocs,
-    ood_scores,
-    predict_frames,
-    reference_key,
-    set_metrics,
-)
+from ._evaluate import evaluate_sets
 from ._metrics import (
     CALIBRATION_LEVELS,
     auroc,
@@ -38,8 +33,14 @@ from ._metrics import (
     sharpness,
     spearman,
 )
+from ._ood import OOD_SCORES, ood_aurocs, ood_scores
+from ._plots import PLOT_FILES
+from ._predict import energy_std, predict_frames, reference_key
+from ._report import format_summary, format_table
+from ._set_metrics import METRIC_UNITS, set_metrics
 
 __all__ = [
+    "check_threshold_settings",
     "CALIBRATION_LEVELS",
     "METRIC_UNITS",
     "OOD_SCORES",

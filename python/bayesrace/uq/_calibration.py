@@ -11,24 +11,27 @@ import numpy as np
 import torch
 
 from .. import keys
-
 from ..bayes import (
     MAP_VALUE_FLOOR_FRACTION,
     MAX_MAP_KNOTS,
     METHODS,
     CalibrationError,
     calibrate_prediction,
+    load_posterior,
+    update_posterior_file,
     validate_calibration,
     validate_std_map,
 )
+from ..data import read_frames
+from ._metrics import ence, gaussian_nll, miscalibration_area, sharpness
+from ._predict import energy_std, predict_frames, reference_key
+from ._set_metrics import ENCE_BINS, set_metrics
 
 
 # -- fitting on a validation set -------------------------------------------------------------
 
 
 def _references(prediction: Mapping[str, np.ndarray]):
-    from ._evaluate import reference_key
-
     return prediction.get(reference_key(keys.ENERGY)), prediction.get(reference_key(keys.FORCES))
 
 
@@ -73,8 +76,6 @@ def fit_calibration(prediction: Mapping[str, np.ndarray], method: str = "isotoni
     Only the parts with references are fitted (the other stays the identity); with neither
     reference, or a σ of zero, it raises ``CalibrationError``.
     """
-    from ._evaluate import energy_std
-
     if method not in METHODS:
         raise CalibrationError(f"calibration method must be one of {list(METHODS)}, got {method!r}")
     reference_energy, reference_forces = _references(prediction)
@@ -103,7 +104,9 @@ def fit_calibration(prediction: Mapping[str, np.ndarray], method: str = "isotoni
     return validate_calibration(calibration)
 
 
-def _check_threshold_settings(quantile: float, factor: float) -> None:
+def check_threshold_settings(quantile: float, factor: float) -> None:
+    """Refuse a quantile outside (0, 1] or a factor that is not a finite number > 0 (cheap: call
+    it before a costly prediction)."""
     if not 0.0 < quantile <= 1.0:
         raise CalibrationError(f"threshold quantile must lie in (0, 1], got {quantile}")
     if not (math.isfinite(factor) and factor > 0.0):
@@ -116,7 +119,7 @@ def extrapolation_threshold(prediction_calibrated: Mapping[str, np.ndarray], qua
     ATOMIC_FORCE_STD (eV/Å). The margin is there because MD visits far more configurations
     than a validation set holds; a threshold at the set's own extremes trips on ordinary
     fluctuations."""
-    _check_threshold_settings(quantile, factor)
+    check_threshold_settings(quantile, factor)
     sigma = np.asarray(prediction_calibrated[keys.ATOMIC_FORCE_STD], dtype=np.float64)
     structure = np.asarray(prediction_calibrated[keys.BATCH], dtype=np.int64)
     if sigma.size == 0:
@@ -131,10 +134,7 @@ def uncertainty_metrics(prediction: Mapping[str, np.ndarray]) -> Dict[str, float
     """NLL, miscalibration area and ENCE (≤ 10 bins) for forces (per component, σ = σ_F,i,
     eV/Å) and energies (per structure, eV), where references exist and every σ is positive,
     and the sharpness of σ_F,i (eV/Å) and of σ_E,b/N_b (meV/atom). Named as in
-    ``_evaluate.METRIC_UNITS``."""
-    from ._evaluate import energy_std
-    from ._metrics import ence, gaussian_nll, miscalibration_area, sharpness
-
+    ``METRIC_UNITS``."""
     reference_energy, reference_forces = _references(prediction)
     energy_sigma = energy_std(prediction)
     force_sigma = prediction[keys.ATOMIC_FORCE_STD]
@@ -153,7 +153,7 @@ def uncertainty_metrics(prediction: Mapping[str, np.ndarray]) -> Dict[str, float
             continue
         metrics[f"{name}_nll"] = gaussian_nll(error, sigma)
         metrics[f"{name}_miscalibration_area"] = miscalibration_area(error, sigma)
-        metrics[f"{name}_ence"] = ence(error, sigma, n_bins=min(10, error.size))
+        metrics[f"{name}_ence"] = ence(error, sigma, n_bins=min(ENCE_BINS, error.size))
     return metrics
 
 
@@ -179,16 +179,12 @@ def calibrate_posterior_file(
     record with ``calibration`` and ``thresholds`` set (atomically; ``out_path`` None or
     equal to ``posterior_path`` overwrites). Returns ``{calibration, thresholds, threshold,
     n_structures, n_atoms, metrics_before, metrics_after, out_path}``; the metrics are
-    ``uncertainty_metrics`` and ``_evaluate.set_metrics`` of the uncalibrated and the
+    ``uncertainty_metrics`` and ``set_metrics`` of the uncalibrated and the
     calibrated predictions.
     """
-    from ..data import read_frames
-    from ._evaluate import predict_frames, set_metrics
-    from ..bayes import load_posterior, update_posterior_file
-
     if method not in METHODS:
         raise CalibrationError(f"calibration method must be one of {list(METHODS)}, got {method!r}")
-    _check_threshold_settings(threshold_quantile, threshold_factor)  # before the costly prediction
+    check_threshold_settings(threshold_quantile, threshold_factor)  # before the costly prediction
     out_path = Path(posterior_path if out_path is None else out_path)
     posterior = load_posterior(posterior_path, dtype=torch.float64)
     posterior.calibration = {}  # fit on what the members predict, not on an earlier calibration

@@ -1,0 +1,85 @@
+"""The optimisers of a member and their schedules: Adam/AdamW with an exponential moving
+average (EMA) of the weights, IVON (a diagonal Gaussian over the weights, posterior kind
+ivon) and its training step, and the ReduceLROnPlateau schedule both use."""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List
+
+import torch
+
+from ..data import Graph
+from ..model import RACE
+from ._config import Config
+from ._data import TrainingData
+
+
+def ema_update(decay: float):
+    """EMA whose decay warms up as min(decay, (1+n)/(10+n)) over the first updates, so the
+    average is not dominated by the random initial weights in short runs."""
+
+    def update(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
+        n = float(num_averaged)
+        rate = min(decay, (1.0 + n) / (10.0 + n))
+        return rate * averaged + (1.0 - rate) * current
+
+    return update
+
+
+def make_optimizer(config: Config, model: RACE) -> torch.optim.Optimizer:
+    """The member's Adam/AdamW (also the warm start of posterior kind ivon)."""
+    training = config.training
+    optimizer_cls = torch.optim.AdamW if training.optimizer == "adamw" else torch.optim.Adam
+    return optimizer_cls(model.parameters(), lr=training.lr, weight_decay=training.weight_decay)
+
+
+def default_ivon_ess(graphs: List[Graph]) -> float:
+    """Half the number of training atoms: the force term of the NLL losses is twice the mean
+    per-atom force NLL, so the data's total force NLL is (N_atoms/2)·loss, and IVON's
+    posterior exp(−ess·loss) is the Bayesian one with ess = N_atoms/2."""
+    return 0.5 * sum(len(graph.species) for graph in graphs)
+
+
+def make_ivon_optimizer(config: Config, model: RACE, data: TrainingData):
+    import ivon as ivon_package
+
+    settings = config.posterior.ivon
+    return ivon_package.IVON(
+        model.parameters(),
+        lr=settings.lr,
+        ess=float(settings.ess if settings.ess is not None else default_ivon_ess(data.train)),
+        hess_init=settings.hess_init,
+        beta1=settings.beta1,
+        beta2=settings.beta2,
+        weight_decay=settings.weight_decay,
+        mc_samples=settings.train_samples,
+        clip_radius=settings.clip_radius if settings.clip_radius is not None else math.inf,
+    )
+
+
+def make_scheduler(config: Config, optimizer) -> torch.optim.lr_scheduler.ReduceLROnPlateau:
+    training = config.training
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, factor=training.lr_factor, patience=training.lr_patience, min_lr=training.min_lr
+    )
+
+
+def ivon_training_step(model: RACE, optimizer, batch: Dict, loss_fn, config: Config) -> torch.Tensor:
+    """One IVON step: the gradient averaged over ``train_samples`` weight samples."""
+    losses = []
+    for _ in range(config.posterior.ivon.train_samples):
+        with optimizer.sampled_params(train=True):
+            optimizer.zero_grad(set_to_none=False)
+            pred = model(batch)
+            loss = loss_fn(pred, batch, config.loss.energy_weight, config.loss.force_weight)
+            if torch.isfinite(loss):
+                loss.backward()
+            for parameter in model.parameters():  # IVON reads every parameter's gradient
+                if parameter.grad is None:
+                    parameter.grad = torch.zeros_like(parameter)
+        losses.append(loss.detach())
+    mean_loss = torch.stack(losses).mean()
+    if torch.isfinite(mean_loss):  # otherwise the caller stops with an error
+        optimizer.step()
+    return mean_loss

@@ -1,0 +1,89 @@
+"""Running training: ``train``, the entry point (members over the MPI ranks, then
+``posterior.pt``), and running it as ``mpirun`` child processes from a config file.
+
+An ensemble trains its members one after another, or in parallel under
+``mpirun -np K bayesrace train`` (member m on rank m mod K, one torch thread per rank).
+The other kinds train one model: under mpirun only rank 0 trains and the other ranks
+wait. Rank 0 then writes ``posterior.pt``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from .._mpi import mpi_world, mpirun_executable
+from ..bayes import save_posterior
+from ._config import Config, config_to_dict
+from ._data import prepare_data
+from ._kinds import posterior_members
+from ._loop import train_member
+
+POSTERIOR_FILE = "posterior.pt"
+
+
+def train_under_mpirun(config_path, ranks: int, quiet: bool = False) -> None:
+    """``bayesrace train config_path`` as ``mpirun -np ranks`` child processes (ensemble members
+    spread over the ranks, one torch thread each); raises RuntimeError naming the command if
+    it fails (the trainer's own message is on stderr above it)."""
+    import subprocess
+
+    command = [mpirun_executable(), "-np", str(int(ranks)), sys.executable, "-m", "bayesrace.cli", "train",
+               str(config_path)] + (["--quiet"] if quiet else [])
+    if subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode != 0:
+        raise RuntimeError(f"training failed (see its message above); command: {' '.join(command)}")
+
+
+def train_config_file(config: Config, path) -> Path:
+    """Write ``config`` as the YAML that ``bayesrace train`` reads back to the same Config."""
+    import yaml
+
+    path = Path(path)
+    path.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    return path
+
+
+def train(config: Config, progress: bool = True) -> Path:
+    """Train the configured posterior (resuming where checkpoints exist); write posterior.pt.
+
+    Under mpirun, ensemble members are spread over the ranks; the other kinds train one
+    model on rank 0 while the other ranks wait."""
+    comm, rank, size = mpi_world()
+    torch.set_num_threads(config.training.threads)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        (out / "config.json").write_text(json.dumps(config_to_dict(config), indent=2))
+    data = prepare_data(config, progress=False)
+    kind = config.posterior.kind
+    if rank == 0 and progress:
+        what = f"{config.n_members} member(s)" if kind == "ensemble" else "one model"
+        print(
+            f"bayesrace train: posterior {kind}, {len(data.train)} training / {len(data.valid)} validation "
+            f"structures, types {data.type_names}, {what} on {size} process(es), "
+            f"avg neighbours {data.avg_num_neighbors:.1f}",
+            file=sys.stderr,
+            flush=True,
+        )
+    for member in range(rank, config.n_members, size):
+        train_member(config, data, member, progress=progress, use_bar=size == 1)
+    if comm is not None:
+        comm.Barrier()
+    path = out / POSTERIOR_FILE
+    if rank == 0:
+        members, extra = posterior_members(config, data, progress=progress)
+        save_posterior(
+            path,
+            members,
+            kind=kind,
+            config=config_to_dict(config),
+            data_sha256=data.data_sha256,
+            **extra,
+        )
+    if comm is not None:
+        comm.Barrier()
+    return path

@@ -1,0 +1,58 @@
+"""Out-of-distribution scores per structure, and how well they separate two sets (AUROC)."""
+
+from __future__ import annotations
+
+from typing import Dict, Mapping, Sequence
+
+import numpy as np
+
+from .. import keys
+from ._metrics import auroc
+from ._predict import energy_std
+
+# per-structure OOD scores (larger = more likely out of distribution): name -> (label, unit)
+OOD_SCORES: Dict[str, tuple] = {
+    "energy_sigma_meV_per_atom": ("σ_E / N", "meV/atom"),
+    "max_atomic_force_sigma_eV_per_A": ("max_i σ_F,i", "eV/Å"),
+    "mean_atomic_force_sigma_eV_per_A": ("mean_i σ_F,i", "eV/Å"),
+    # the epistemic parts alone: the aleatoric heads follow the force magnitude, so relaxed
+    # but unfamiliar geometries (a torsion scan) can have a small total σ and a large epistemic one
+    "energy_sigma_epistemic_meV_per_atom": ("σ_E,epi / N", "meV/atom"),
+    "max_atomic_force_sigma_epistemic_eV_per_A": ("max_i σ_F,i,epi", "eV/Å"),
+}
+
+
+def ood_scores(prediction: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """Per-structure scores [B] of ``OOD_SCORES`` from the σ's in ``prediction`` (calibrated
+    or not, as given): energy σ per atom 1000·σ_E,b / N_b (meV/atom), and the largest and
+    the mean atomic force σ_F,i over the atoms of structure b (eV/Å); and the epistemic
+    energy σ per atom and largest epistemic atomic force σ."""
+    num_atoms = prediction[keys.NUM_ATOMS].astype(np.int64)
+    batch = prediction[keys.BATCH].astype(np.int64)
+
+    def largest_per_structure(values: np.ndarray) -> np.ndarray:
+        largest = np.full(num_atoms.shape[0], -np.inf)
+        np.maximum.at(largest, batch, values.astype(np.float64))
+        return largest
+
+    sigma_forces = prediction[keys.ATOMIC_FORCE_STD].astype(np.float64)
+    mean = np.bincount(batch, weights=sigma_forces, minlength=num_atoms.shape[0]) / num_atoms
+    return {
+        "energy_sigma_meV_per_atom": 1000.0 * energy_std(prediction) / num_atoms,
+        "max_atomic_force_sigma_eV_per_A": largest_per_structure(sigma_forces),
+        "mean_atomic_force_sigma_eV_per_A": mean,
+        "energy_sigma_epistemic_meV_per_atom": 1000.0 * energy_std(prediction, "epistemic") / num_atoms,
+        "max_atomic_force_sigma_epistemic_eV_per_A": largest_per_structure(
+            prediction[keys.ATOMIC_FORCE_STD_EPISTEMIC]),
+    }
+
+
+def ood_aurocs(
+    scores: Mapping[str, Mapping[str, np.ndarray]], in_distribution: str, out_of_distribution: Sequence[str]
+) -> Dict[str, Dict[str, float]]:
+    """``{ood set: {score: AUROC}}``: the probability that a structure of the OOD set scores
+    higher than one of ``in_distribution`` (ties count half); 0.5 = no separation, 1 = perfect."""
+    return {
+        name: {score: auroc(scores[in_distribution][score], scores[name][score]) for score in OOD_SCORES}
+        for name in out_of_distribution
+    }

@@ -1,0 +1,196 @@
+"""On-the-fly active learning: LAMMPS MD halts at high σ, frames are labelled, the model
+retrains and the MD goes on; restarts, restart points, thresholds, config errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from al_tools import CountingOracle, training_section
+
+
+def _otf_values(data_dir, out, structure, **overrides):
+    values = {
+        "mode": "on_the_fly",
+        "out": str(out),
+        "initial": str(data_dir / "valid.xyz"),
+        "valid": str(data_dir / "test_id.xyz"),
+        "strategy": "bald_f",
+        "batch_size": 1,
+        "n_rounds": 1,
+        "threshold": 1e-4,  # far below any σ of a one-epoch model: every segment halts at its first check
+        "candidate_fraction": 0.5,
+        "training": training_section(data_dir),
+        "oracle": {"kind": "tblite", "charge": 1.0},
+        "md": {"structure": str(structure), "temperature": 300.0, "timestep": 0.0005, "n_steps": 40,
+               "dump_every": 4, "seed": 7, "thermostat": "langevin"},
+    }
+    values.update(overrides)
+    return values
+
+
+@pytest.fixture(scope="module")
+def otf_run(psb3_small, tmp_path_factory):
+    """Two rounds of on-the-fly AL through the CLI: round 0 halts, one frame is labelled by
+    tblite, round 1 (warm-started, recalibrated, re-exported) continues the MD and halts again."""
+    import ase.io
+
+    from bayesrace.cli import main
+
+    base = tmp_path_factory.mktemp("otf")
+    structure = base / "start.xyz"
+    first = ase.io.read(psb3_small / "test_id.xyz", 0)
+    ase.io.write(structure, ase.Atoms(numbers=first.numbers, positions=first.positions))
+    config_path = base / "otf.yaml"
+    config_path.write_text(yaml.safe_dump(_otf_values(psb3_small, base / "run", "start.xyz")))
+    assert main(["al", str(config_path), "--quiet"]) == 0
+    return base / "run", config_path, structure
+
+
+def test_on_the_fly_halts_labels_retrains_and_resumes(otf_run, psb3_small):
+    import ase.io
+
+    from bayesrace.active import TBLiteOracle, read_labelled
+    from bayesrace.lammps import read_dump
+
+    out, _, _ = otf_run
+    log = json.loads((out / "otf_log.json").read_text())
+    assert log["status"] == "n_rounds" and [r["round"] for r in log["rounds"]] == [0, 1]
+    first, second = log["rounds"]
+    # round 0 halts at its first check (step 4 > max σ 1e-4), round 1 starts where it stopped
+    assert first["halted"] and first["start_step"] == 0 and first["step_reached"] == 4
+    # no frame of round 0 was trusted (every σ > 1e-4): round 1 restarts from round 0's first frame
+    assert first["restart_step"] == 0
+    assert second["start_step"] == 0 and second["halted"] and second["step_reached"] == 4
+    assert first["threshold"] == second["threshold"] == pytest.approx(1e-4)
+    assert first["calibration_threshold"] > 0  # the calibration ran (its threshold is overridden by the config)
+    assert first["max_sigma"] > 1e-4 and first["trace"][-1][0] == 4
+    assert first["n_candidates"] == 2 and first["labels_added"] == 1 and second["labels_added"] == 0
+    assert first["n_labels"] == 10 and second["n_labels"] == 11
+    assert (out / "otf_sigma.png").stat().st_size > 1000
+
+    # the restart frame is round 0's step-0 frame: same positions (up to the re-centring in the box)
+    # and velocities, same step, no new velocities
+    restart_frame = read_dump(out / "round_0" / "md" / "frames.dump")[0]
+    resumed = read_dump(out / "round_1" / "md" / "frames.dump")[0]
+    assert restart_frame["step"] == resumed["step"] == 0
+    for column in ("xu", "yu", "zu", "vx", "vy", "vz"):
+        np.testing.assert_allclose(resumed["columns"][column], restart_frame["columns"][column], rtol=0, atol=1e-10)
+    assert "reset_timestep 0" in (out / "round_1" / "md" / "in.md").read_text()
+    assert "velocity" not in (out / "round_1" / "md" / "in.md").read_text()
+
+    # the labelled frame is one of round 0's candidates, labelled by GFN2-xTB on its geometry
+    labelled = read_labelled(out / "labelled.xyz")
+    state = json.loads((out / "state.json").read_text())
+    assert list(labelled) == state["rounds"][0]["selected"] and state["rounds"][0]["selected"][0] in (0, 4)
+    step = state["rounds"][0]["selected"][0]
+    candidate = {a.info["pool_index"]: a for a in ase.io.read(out / "round_0" / "candidates.xyz", ":")}[step]
+    np.testing.assert_allclose(labelled[step].positions, candidate.positions, atol=1e-10)
+    assert not labelled[step].pbc.any()  # a molecule: labelled without periodic images
+    reference = TBLiteOracle(charge=1.0).label([ase.Atoms(numbers=candidate.numbers,
+                                                          positions=candidate.positions)])[0]
+    np.testing.assert_allclose(labelled[step].get_forces(), reference.get_forces(), atol=1e-8)
+    assert labelled[step].info["al_round"] == 1
+    # round 1 trained on initial + the new frame, warm-started from round 0
+    assert len(ase.io.read(out / "round_1" / "train.xyz", ":")) == 11
+    assert json.loads((out / "round_1" / "config.json").read_text())["training"]["init_from"] == \
+        str(out / "round_0" / "posterior.pt")
+    from bayesrace.export import read_metadata
+
+    assert read_metadata(out / "round_1" / "model.pt")["calibration"] != {}
+
+
+def test_on_the_fly_restart_redoes_nothing_and_completes_below_threshold(otf_run, psb3_small, tmp_path):
+    from bayesrace.active import active_config_from_dict, load_active_config, run_on_the_fly
+
+    out, config_path, structure = otf_run
+    dump = out / "round_1" / "md" / "frames.dump"
+    written = dump.stat().st_mtime_ns
+    counting = CountingOracle(None)
+    log = run_on_the_fly(load_active_config(config_path), progress=False, oracle=counting)
+    assert counting.calls == [] and dump.stat().st_mtime_ns == written and log["status"] == "n_rounds"
+
+    # from a given posterior, a threshold far above every σ: one segment runs all steps, nothing is labelled
+    values = _otf_values(psb3_small, tmp_path / "run", structure, posterior=str(out / "round_1" / "posterior.pt"),
+                         threshold=1e3, n_rounds=3, md={"structure": str(structure), "n_steps": 12, "dump_every": 4,
+                                                        "thermostat": "nve", "temperature": 100.0})
+    del values["valid"]
+    log = run_on_the_fly(active_config_from_dict(values), progress=False, oracle=counting)
+    assert log["status"] == "completed" and len(log["rounds"]) == 1 and counting.calls == []
+    record = log["rounds"][0]
+    assert not record["halted"] and record["step_reached"] == 12 and [t[0] for t in record["trace"]] == [0, 4, 8, 12]
+    assert record["n_candidates"] == 0
+
+
+def test_last_trusted_frame_is_the_last_below_threshold():
+    from bayesrace.lammps import last_trusted_frame
+
+    frames = [{"step": s, "columns": {"c_u[1]": np.array([0.1, sigma])}} for s, sigma in
+              ((0, 0.2), (10, 0.5), (20, 0.3), (30, 0.9))]
+    assert last_trusted_frame(frames, 0.4)["step"] == 20
+    assert last_trusted_frame(frames, 0.5)["step"] == 20  # at the threshold is trusted (fix halt needs >)
+    assert last_trusted_frame(frames, 0.15)["step"] == 0  # none trusted: the segment's first frame
+
+
+def test_on_the_fly_restart_from_halt_keeps_round_0_threshold(otf_run, psb3_small, tmp_path):
+    """md.restart_from halt: the next segment continues from the halting frame itself; with
+    threshold null, round 0's own threshold (from its posterior record) holds in every round."""
+    from bayesrace.active import active_config_from_dict, run_on_the_fly
+    from bayesrace.bayes import update_posterior_file
+    from bayesrace.export import read_metadata
+    from bayesrace.lammps import read_dump
+
+    out, _, structure = otf_run
+    posterior = tmp_path / "posterior.pt"
+    update_posterior_file(out / "round_1" / "posterior.pt", posterior, thresholds={"atomic_force_std": 1e-4})
+    values = _otf_values(psb3_small, tmp_path / "run", structure, posterior=str(posterior), threshold=None,
+                         n_rounds=2)
+    values["md"]["restart_from"] = "halt"
+    del values["valid"]  # no recalibration: round 0's threshold is the posterior's own
+    log = run_on_the_fly(active_config_from_dict(values), progress=False)
+    first, second, third = log["rounds"]
+    assert first["threshold"] == second["threshold"] == third["threshold"] == pytest.approx(1e-4)
+    # round 1 picks among its own new frame (step 8) and round 0's candidate left unlabelled
+    assert first["n_pooled_candidates"] == 2 and second["n_candidates"] == 1 and second["n_pooled_candidates"] == 2
+    assert third["step_reached"] == 12 and third["n_labels"] == first["n_labels"] + 2
+    # round 1's posterior carries no threshold of its own: its deployable gets round 0's
+    assert read_metadata(tmp_path / "run" / "round_1" / "model.pt")["thresholds"]["atomic_force_std"] == \
+        pytest.approx(1e-4)
+    assert first["restart_step"] == first["step_reached"] == 4 and second["start_step"] == 4
+    halt_frame = read_dump(tmp_path / "run" / "round_0" / "md" / "frames.dump")[-1]
+    resumed = read_dump(tmp_path / "run" / "round_1" / "md" / "frames.dump")[0]
+    assert halt_frame["step"] == resumed["step"] == 4
+    for column in ("xu", "yu", "zu", "vx", "vy", "vz"):
+        np.testing.assert_allclose(resumed["columns"][column], halt_frame["columns"][column], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"md": {"structure": "s.xyz", "thermostat": "nose"}}, "md.thermostat is 'nose'"),
+        ({"md": {"structure": "s.xyz", "dump_every": 0}}, "md.dump_every must lie in"),
+        ({"md": {"structure": "s.xyz", "n_steps": 10, "dump_every": 20}}, "md.dump_every must lie in"),
+        ({"md": {"structure": "s.xyz", "timestep": -1.0}}, "md.timestep must be > 0"),
+        ({"md": {"structure": "s.xyz", "ranks": 0}}, "md.ranks must be >= 1"),
+        ({"md": {"structure": "s.xyz", "tempreature": 5}}, "unknown key 'tempreature' in section 'md'"),
+        ({"md": {}}, "md.structure is required"),
+        ({"threshold": 0.0}, "threshold must be > 0"),
+        ({"candidate_fraction": 1.5}, "candidate_fraction must lie in"),
+        ({"calibration_method": "beta"}, "calibration_method is 'beta'"),
+        ({"initial": None}, "needs 'initial'"),
+        ({"oracle": {"kind": "from_pool"}}, "from_pool' needs a pool"),
+        ({"n_initial": 3}, "n_initial: key\\(s\\) of mode pool only"),
+    ],
+)
+def test_on_the_fly_config_errors(tmp_path, change, message):
+    from bayesrace.active import active_config_from_dict
+    from bayesrace.train import ConfigError
+
+    values = {"mode": "on_the_fly", "initial": "i.xyz", "training": {"model": {"preset": "tiny"}},
+              "md": {"structure": "s.xyz"}}
+    values.update(change)
+    with pytest.raises(ConfigError, match=message):
+        active_config_from_dict(values, base_dir=tmp_path)
