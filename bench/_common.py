@@ -138,6 +138,23 @@ def git_commit() -> Optional[str]:
         return None
 
 
+def uncommitted_changes() -> List[str]:
+    """``git status --porcelain`` lines of the whole repository (empty when clean or without git)."""
+    try:
+        out = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain"], capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return []
+    return [line for line in out.stdout.splitlines() if line.strip()]
+
+
+def uptime() -> str:
+    """The output of ``uptime`` (time, users, load averages), or /proc/loadavg without it."""
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "loadavg " + Path("/proc/loadavg").read_text().strip()
+
+
 def machine_info() -> Dict:
     import torch
 

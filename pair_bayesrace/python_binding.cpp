@@ -80,48 +80,36 @@ int parse_driving(const py::object &driving, int64_t M) {
   return static_cast<int>(k);
 }
 
-py::dict evaluate(const Engine &engine, DArr positions, IArr species, IArr edge_index, py::object edge_shifts_obj,
-                  py::object n_local_obj, py::object driving, bool compute_atomic_virial) {
+// The dict of evaluate() / evaluate_layered() from the member outputs. The uncertainties
+// are over atoms 0..n_local-1; with `ghost_owner` (ghost row n_local+g is a copy of local
+// row ghost_owner[g]) the ghost rows of the member forces are first added onto their owners,
+// as the LAMMPS pair style does before aggregating. Runs without the GIL until the dict.
+py::dict results(const Engine &engine, const MemberOutputs &mo, int64_t n_local, int member,
+                 bool compute_atomic_virial, const int64_t *ghost_owner) {
   namespace K = keys;
-  require_shape(positions, K::POSITIONS, {-1, 3});
-  const int64_t N = positions.shape(0);
-  require_shape(species, K::SPECIES, {N});
-  require_shape(edge_index, K::EDGE_INDEX, {2, -1});
-  const int64_t E = edge_index.shape(1);
-  DArr shifts;
-  if (!edge_shifts_obj.is_none()) {
-    shifts = edge_shifts_obj.cast<DArr>();
-    require_shape(shifts, K::EDGE_SHIFTS, {E, 3});
-  }
-  const int64_t n_local = n_local_obj.is_none() ? N : n_local_obj.cast<int64_t>();
-  const int64_t M = engine.metadata().n_members;
-  const int member = parse_driving(driving, M);
-
-  ModelInputs in;
-  in.n_atoms = N;
-  in.n_local = n_local;
-  in.n_edges = E;
-  in.positions = positions.data();
-  in.species = species.data();
-  in.edge_index = edge_index.data();
-  in.edge_shifts = edge_shifts_obj.is_none() ? nullptr : shifts.data();
-  in.compute_atomic_virial = compute_atomic_virial;
-
-  MemberOutputs mo;
+  const int64_t M = mo.n_members, N = mo.n_atoms;
   DrivingOutputs drive;
   AggregateOutput agg;
-  std::vector<double> log_var_sum(M, 0.0);
+  std::vector<double> log_var_sum(M, 0.0), folded;
   {
     py::gil_scoped_release nogil;
-    engine.evaluate(in, mo);
     select_driving(mo, member, drive);
     for (int64_t m = 0; m < M; ++m)
       for (int64_t i = 0; i < n_local; ++i) log_var_sum[m] += mo.log_var[m * N + i];
+    const double *member_forces = mo.forces.data();
+    if (ghost_owner) {
+      folded = mo.forces;
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t g = 0; g < N - n_local; ++g)
+          for (int a = 0; a < 3; ++a)
+            folded[(m * N + ghost_owner[g]) * 3 + a] += folded[(m * N + n_local + g) * 3 + a];
+      member_forces = folded.data();
+    }
     AggregateInput ai;
     ai.n_members = M;
     ai.n_atoms = n_local;
     ai.stride = N;
-    ai.member_forces = mo.forces.data();
+    ai.member_forces = member_forces;
     ai.force_covariance = mo.force_cov.data();
     ai.member_atomic_energy = mo.atomic_energy.data();
     ai.member_total_energy = mo.energy.data();
@@ -156,6 +144,98 @@ py::dict evaluate(const Engine &engine, DArr positions, IArr species, IArr edge_
   d[K::ENERGY_VAR_ALEATORIC] = scalar(agg.energy_var_aleatoric);
   d[K::ENERGY_STD] = scalar(agg.energy_std);
   return d;
+}
+
+py::dict evaluate(const Engine &engine, DArr positions, IArr species, IArr edge_index, py::object edge_shifts_obj,
+                  py::object n_local_obj, py::object driving, bool compute_atomic_virial) {
+  namespace K = keys;
+  require_shape(positions, K::POSITIONS, {-1, 3});
+  const int64_t N = positions.shape(0);
+  require_shape(species, K::SPECIES, {N});
+  require_shape(edge_index, K::EDGE_INDEX, {2, -1});
+  const int64_t E = edge_index.shape(1);
+  DArr shifts;
+  if (!edge_shifts_obj.is_none()) {
+    shifts = edge_shifts_obj.cast<DArr>();
+    require_shape(shifts, K::EDGE_SHIFTS, {E, 3});
+  }
+  const int64_t n_local = n_local_obj.is_none() ? N : n_local_obj.cast<int64_t>();
+  const int member = parse_driving(driving, engine.metadata().n_members);
+
+  ModelInputs in;
+  in.n_atoms = N;
+  in.n_local = n_local;
+  in.n_edges = E;
+  in.positions = positions.data();
+  in.species = species.data();
+  in.edge_index = edge_index.data();
+  in.edge_shifts = edge_shifts_obj.is_none() ? nullptr : shifts.data();
+  in.compute_atomic_virial = compute_atomic_virial;
+
+  MemberOutputs mo;
+  {
+    py::gil_scoped_release nogil;
+    engine.evaluate(in, mo);
+  }
+  return results(engine, mo, n_local, member, compute_atomic_virial, nullptr);
+}
+
+// Ghost row n_local+g is a copy of local row owner[g] (one process: ghosts are periodic
+// images of local atoms). What LAMMPS' forward_comm / reverse_comm do across ranks.
+struct OwnerMapHalo : HaloExchange {
+  int64_t n_local = 0, n_ghost = 0;
+  const int64_t *owner = nullptr;
+  void forward(double *features, int64_t width) override {
+    for (int64_t g = 0; g < n_ghost; ++g)
+      std::memcpy(features + (n_local + g) * width, features + owner[g] * width, sizeof(double) * width);
+  }
+  void reverse(double *grads, int64_t width) override {
+    for (int64_t g = 0; g < n_ghost; ++g) {
+      const double *src = grads + (n_local + g) * width;
+      double *dst = grads + owner[g] * width;
+      for (int64_t c = 0; c < width; ++c) dst[c] += src[c];
+    }
+  }
+};
+
+py::dict evaluate_layered(const Engine &engine, DArr positions, IArr species, IArr edge_index, int64_t n_local,
+                          IArr ghost_owner, py::object driving, bool compute_atomic_virial) {
+  namespace K = keys;
+  require_shape(positions, K::POSITIONS, {-1, 3});
+  const int64_t N = positions.shape(0);
+  require_shape(species, K::SPECIES, {N});
+  require_shape(edge_index, K::EDGE_INDEX, {2, -1});
+  require_shape(ghost_owner, "ghost_owner", {-1});
+  if (n_local < 0 || n_local + ghost_owner.shape(0) != N)
+    throw py::value_error("n_local (" + std::to_string(n_local) + ") + len(ghost_owner) (" +
+                          std::to_string(ghost_owner.shape(0)) + ") must equal the number of atoms (" +
+                          std::to_string(N) + ")");
+  const int64_t *owner = ghost_owner.data();
+  for (int64_t g = 0; g < N - n_local; ++g)
+    if (owner[g] < 0 || owner[g] >= n_local)
+      throw py::value_error("ghost_owner[" + std::to_string(g) + "] = " + std::to_string(owner[g]) +
+                            " is not a local atom (0.." + std::to_string(n_local - 1) + ")");
+  const int member = parse_driving(driving, engine.metadata().n_members);
+
+  ModelInputs in;
+  in.n_atoms = N;
+  in.n_local = n_local;
+  in.n_edges = edge_index.shape(1);
+  in.positions = positions.data();
+  in.species = species.data();
+  in.edge_index = edge_index.data();
+  in.compute_atomic_virial = compute_atomic_virial;
+  OwnerMapHalo halo;
+  halo.n_local = n_local;
+  halo.n_ghost = N - n_local;
+  halo.owner = owner;
+
+  MemberOutputs mo;
+  {
+    py::gil_scoped_release nogil;
+    engine.evaluate_layered(in, halo, mo);
+  }
+  return results(engine, mo, n_local, member, compute_atomic_virial, owner);
 }
 
 // A map {sigma: [...], calibrated: [...]} (or None) into `into`, checked as the metadata loader does.
@@ -255,7 +335,18 @@ PYBIND11_MODULE(_bayesrace_core, m) {
            py::arg("compute_atomic_virial") = false,
            "Run all members and aggregate. Returns a dict of float64 numpy arrays: raw member outputs, "
            "driving energy/forces/virial (driving='mean' or a member index), and calibrated uncertainties "
-           "over atoms 0..n_local-1 (rows beyond n_local are not folded back onto their owners).");
+           "over atoms 0..n_local-1 (rows beyond n_local are not folded back onto their owners).")
+      .def("evaluate_layered", &evaluate_layered, py::arg(keys::POSITIONS), py::arg(keys::SPECIES),
+           py::arg(keys::EDGE_INDEX), py::arg("n_local"), py::arg("ghost_owner"), py::arg("driving") = "mean",
+           py::arg("compute_atomic_virial") = false,
+           "Layer mode (what pair_style bayesrace ... halo layer runs): rows 0..n_local-1 local, ghost row "
+           "n_local+g a periodic image of local row ghost_owner[g] (positions carry the image shift); every edge "
+           "centre < n_local. Node features are copied to the ghost rows after every layer and their gradients "
+           "added back onto the owners. Returns the dict of evaluate(): member and driving arrays with N rows "
+           "(ghost rows of the forces and atomic virial not folded), uncertainties over the local atoms with the "
+           "ghost member forces folded onto their owners.")
+      .def_property_readonly("layer_widths", &Engine::layer_widths,
+                             "[d_0..d_K] of the deployable's node features (empty: no layer mode)");
 
   m.def("aggregate", &aggregate_py, py::arg(keys::MEMBER_FORCES), py::arg(keys::FORCE_COVARIANCE),
         py::arg(keys::MEMBER_ATOMIC_ENERGY), py::arg("member_total_energy"), py::arg("log_var_sum"),

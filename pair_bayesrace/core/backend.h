@@ -35,11 +35,37 @@ struct MemberOutputs {
   std::vector<double> force_cov;      // [M, N, 3, 3]
 };
 
+// Moves per-atom rows between the atoms of a domain and their copies (ghosts). Layer mode
+// (see evaluate_layered) calls it between message-passing layers. The LAMMPS pair style
+// implements it with forward_comm / reverse_comm, the binding from a ghost -> owner map.
+// Every call is collective in LAMMPS: all ranks make the same calls in the same order.
+struct HaloExchange {
+  virtual ~HaloExchange() = default;
+  // features [n_atoms, width] row-major; rows < n_local are set: fill the ghost rows with
+  // copies of their owners' rows
+  virtual void forward(double *features, int64_t width) = 0;
+  // grads [n_atoms, width]: add every ghost row onto its owner's row (rows < n_local)
+  virtual void reverse(double *grads, int64_t width) = 0;
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
   // Fills `out` (resizing its vectors); throws std::runtime_error on failure.
   virtual void evaluate(const ModelInputs &in, MemberOutputs &out) = 0;
+  // Layer mode: every edge centre < n_local (neighbours local or ghost), ghosts one cutoff
+  // deep; node features go forward through `halo` after every layer but the last and their
+  // gradients come back in reverse. Fills `out` like evaluate(): energy = local sum,
+  // atomic_energy / log_var / force_cov with ghost rows zero, forces on local and ghost
+  // rows (ghost rows still to be added onto their owners), virial, atomic virial.
+  // Makes exactly M * (n_layers - 1) forward and as many reverse calls on `halo`, also
+  // when n_local == 0 (those calls are collective in LAMMPS).
+  virtual void evaluate_layered(const ModelInputs &in, HaloExchange &halo, MemberOutputs &out) = 0;
+  // [d_0, ..., d_K] from the deployable's layer_widths(); empty if it has no per-layer
+  // methods (a deployable exported before layer mode existed).
+  virtual std::vector<int64_t> layer_widths() const = 0;
+  // why layer_widths() is empty (a sentence for an error message), else ""
+  virtual std::string layer_mode_problem() const = 0;
   virtual std::string describe() const = 0;
 };
 

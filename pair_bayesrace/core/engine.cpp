@@ -40,6 +40,11 @@ Engine::Engine(const std::string &path, const EngineOptions &opts) : path_(path)
   meta_ = parse_metadata(text, path);
   configure_torchscript(*backend_, opts.device, meta_.dtype, meta_.n_members, opts.local_rank);
   warnings_ = meta_.warnings;
+  layer_widths_ = backend_->layer_widths();
+  if (!layer_widths_.empty() && static_cast<int64_t>(layer_widths_.size()) != meta_.n_layers + 1)
+    throw std::runtime_error(path + ": layer_widths() lists " + std::to_string(layer_widths_.size()) +
+                             " widths, expected n_layers + 1 = " + std::to_string(meta_.n_layers + 1) +
+                             " (metadata field 'n_layers' is " + std::to_string(meta_.n_layers) + ")");
   if (major_minor(meta_.torch_version) != major_minor(torch_build_version()))
     warnings_.push_back(path + " was exported with torch " + meta_.torch_version + ", this build uses torch " +
                         torch_build_version());
@@ -55,7 +60,9 @@ std::string Engine::describe() const {
   return os.str();
 }
 
-void Engine::evaluate(const ModelInputs &in, MemberOutputs &out) const {
+std::string Engine::layer_mode_problem() const { return backend_->layer_mode_problem(); }
+
+void Engine::check_inputs(const ModelInputs &in) const {
   const int64_t nt = static_cast<int64_t>(meta_.type_names.size());
   if (in.n_atoms < 0 || in.n_edges < 0) throw std::invalid_argument("negative atom or edge count");
   if (in.n_local < 0 || in.n_local > in.n_atoms)
@@ -69,7 +76,22 @@ void Engine::evaluate(const ModelInputs &in, MemberOutputs &out) const {
     if (in.edge_index[e] < 0 || in.edge_index[e] >= in.n_atoms)
       throw std::invalid_argument("edge_index holds atom " + std::to_string(in.edge_index[e]) +
                                   ", outside [0, " + std::to_string(in.n_atoms) + ")");
+}
+
+void Engine::evaluate(const ModelInputs &in, MemberOutputs &out) const {
+  check_inputs(in);
   backend_->evaluate(in, out);
+}
+
+void Engine::evaluate_layered(const ModelInputs &in, HaloExchange &halo, MemberOutputs &out) const {
+  if (layer_widths_.empty()) throw std::runtime_error(path_ + " cannot run layer mode: " + layer_mode_problem());
+  check_inputs(in);
+  for (int64_t e = 0; e < in.n_edges; ++e)
+    if (in.edge_index[e] >= in.n_local)
+      throw std::invalid_argument("layer mode: edge " + std::to_string(e) + " has centre " +
+                                  std::to_string(in.edge_index[e]) + ", not a local atom (n_local = " +
+                                  std::to_string(in.n_local) + ")");
+  backend_->evaluate_layered(in, halo, out);
 }
 
 }  // namespace bayesrace

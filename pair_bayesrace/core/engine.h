@@ -35,6 +35,13 @@ class Engine {
 
   // Checks the inputs (species range, edge indices, n_local) and runs the model.
   void evaluate(const ModelInputs &in, MemberOutputs &out) const;
+  // Layer mode (the deployable's per-layer methods, features exchanged through `halo`
+  // between layers); the same checks, plus every edge centre < n_local. See backend.h.
+  void evaluate_layered(const ModelInputs &in, HaloExchange &halo, MemberOutputs &out) const;
+  // [d_0..d_K] of the deployable's node features; empty when it cannot run layer mode
+  const std::vector<int64_t> &layer_widths() const { return layer_widths_; }
+  // why layer_widths() is empty, e.g. "it has no per-layer methods (...): export it again ..."
+  std::string layer_mode_problem() const;
 
  private:
   std::string path_;
@@ -42,6 +49,9 @@ class Engine {
   Metadata meta_;
   std::unique_ptr<Backend> backend_;
   std::vector<std::string> warnings_;
+  std::vector<int64_t> layer_widths_;
+
+  void check_inputs(const ModelInputs &in) const;
 };
 
 // One intra-op and one inter-op torch thread (call once per process; safe to repeat).

@@ -1,6 +1,7 @@
 // TorchScript backend: the only translation unit of the core that includes libtorch.
-#include <torch/cuda.h>
+#include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/jit/runtime/graph_executor.h>
+#include <torch/cuda.h>
 #include <torch/script.h>
 
 #include <cstring>
@@ -55,7 +56,11 @@ class TorchScriptBackend : public Backend {
     n_members_ = n_members;
     module_.to(device_);
     module_.eval();
+    read_layer_structure();
   }
+
+  std::vector<int64_t> layer_widths() const override { return widths_; }
+  std::string layer_mode_problem() const override { return layer_problem_; }
 
   std::string describe() const override {
     return "TorchScript " + path_ + " on " + device_.str() + (dtype_ == torch::kFloat32 ? " float32" : " float64");
@@ -119,13 +124,225 @@ class TorchScriptBackend : public Backend {
     }
   }
 
+  void evaluate_layered(const ModelInputs &in, HaloExchange &halo, MemberOutputs &out) override;
+
  private:
+  void read_layer_structure();
+  void exchange_only(HaloExchange &halo);
+  void copy_out(const torch::Tensor &t, std::vector<int64_t> shape, double *dst, const char *what);
+  torch::Tensor from_buffer(std::vector<double> &buf, int64_t rows, int64_t width);
+
   torch::jit::Module module_;
   std::string path_;
   torch::Device device_{torch::kCPU};
   torch::ScalarType dtype_ = torch::kFloat64;
   int64_t n_members_ = 0;
+  // layer mode: [d_0..d_K] and n_out from the deployable (empty: no per-layer methods)
+  std::vector<int64_t> widths_;
+  int64_t n_readout_ = 0;
+  std::string layer_problem_;  // why layer mode is unavailable (widths_ empty)
+  // exchange buffers, float64 whatever the model's dtype, kept across calls:
+  // features_[k] holds h_k [N, d_k] (k = 1..K-1), grads_[k] dE/dh_k [N, d_k]
+  std::vector<std::vector<double>> features_, grads_;
+  int64_t n_rows_ = 0;
 };
+
+
+// ---- layer mode ----------------------------------------------------------------------------
+
+const char *const kLayerMethods[] = {"layer_widths", "n_readout", "embed", "layer", "head"};
+
+void TorchScriptBackend::read_layer_structure() {
+  widths_.clear();
+  n_readout_ = 0;
+  layer_problem_.clear();
+  for (const char *name : kLayerMethods)
+    if (!module_.find_method(name)) {
+      layer_problem_ = "it has no per-layer methods (layer_widths, n_readout, embed, layer, head): export it "
+                       "again with this version of bayesrace";
+      return;  // exported before layer mode: shell mode only
+    }
+  try {
+    for (const auto &w : module_.run_method("layer_widths").toIntList()) widths_.push_back(w);
+    n_readout_ = module_.run_method("n_readout").toInt();
+  } catch (const std::exception &e) {  // e.g. members of different widths: shell mode only
+    widths_.clear();
+    layer_problem_ = "layer_widths() failed: " + first_line(e.what());
+    return;
+  }
+  if (widths_.size() < 2 || n_readout_ < 1)
+    throw std::runtime_error(path_ + ": layer_widths() must list at least 2 widths and n_readout() be >= 1");
+  features_.resize(widths_.size());
+  grads_.resize(widths_.size());
+}
+
+// A [rows, width] tensor of the model's dtype and device over rows 0.. of `buf` (no copy on
+// a float64 CPU model: the buffer must stay untouched while the tensor is in use).
+torch::Tensor TorchScriptBackend::from_buffer(std::vector<double> &buf, int64_t rows, int64_t width) {
+  auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
+  return torch::from_blob(buf.data(), {rows, width}, f64).to(device_, dtype_);
+}
+
+// t (any dtype/device) -> float64 host memory at dst, after checking its shape.
+void TorchScriptBackend::copy_out(const torch::Tensor &t, std::vector<int64_t> shape, double *dst,
+                                  const char *what) {
+  if (t.sizes() != c10::IntArrayRef(shape)) {
+    std::ostringstream os;
+    os << path_ << ": " << what << " has shape " << shape_str(t) << ", expected " << c10::IntArrayRef(shape);
+    throw std::runtime_error(os.str());
+  }
+  torch::Tensor c = t.detach().to(torch::kCPU, torch::kFloat64).contiguous();
+  if (c.numel()) std::memcpy(dst, c.data_ptr<double>(), sizeof(double) * static_cast<size_t>(c.numel()));
+}
+
+// A domain with no local atoms still takes part in every (collective) exchange.
+void TorchScriptBackend::exchange_only(HaloExchange &halo) {
+  const int64_t K = static_cast<int64_t>(widths_.size()) - 1;
+  for (int64_t k = 1; k < K; ++k) {
+    features_[k].assign(static_cast<size_t>(n_rows_ * widths_[k]), 0.0);
+    halo.forward(features_[k].data(), widths_[k]);
+  }
+  for (int64_t k = K - 1; k >= 1; --k) {
+    grads_[k].assign(static_cast<size_t>(n_rows_ * widths_[k]), 0.0);
+    halo.reverse(grads_[k].data(), widths_[k]);
+  }
+}
+
+void TorchScriptBackend::evaluate_layered(const ModelInputs &in, HaloExchange &halo, MemberOutputs &out) {
+  if (widths_.empty()) throw std::runtime_error(path_ + " cannot run layer mode: " + layer_problem_);
+  const int64_t N = in.n_atoms, nl = in.n_local, E = in.n_edges, M = n_members_;
+  const int64_t K = static_cast<int64_t>(widths_.size()) - 1;
+  n_rows_ = N;
+  out.n_members = M;
+  out.n_atoms = N;
+  const size_t MN = static_cast<size_t>(M * N);
+  out.energy.assign(static_cast<size_t>(M), 0.0);
+  out.atomic_energy.assign(MN, 0.0);
+  out.log_var.assign(MN, 0.0);
+  out.force_cov.assign(9 * MN, 0.0);
+  out.forces.assign(3 * MN, 0.0);
+  out.virial.assign(9 * static_cast<size_t>(M), 0.0);
+  if (in.compute_atomic_virial)
+    out.atomic_virial.assign(9 * MN, 0.0);
+  else
+    out.atomic_virial.clear();
+  for (int64_t k = 1; k < K; ++k) {
+    features_[k].resize(static_cast<size_t>(N * widths_[k]));
+    grads_[k].resize(static_cast<size_t>(N * widths_[k]));
+  }
+  if (nl == 0) {
+    for (int64_t m = 0; m < M; ++m) exchange_only(halo);
+    return;
+  }
+
+  auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
+  auto i64 = torch::TensorOptions().dtype(torch::kInt64);
+  // edge vectors x_j - x_i (+ shift) in float64 on the host: the virial is formed from them
+  std::vector<double> vec(static_cast<size_t>(3 * E));
+  const int64_t *ci = in.edge_index, *cj = in.edge_index + E;
+  for (int64_t e = 0; e < E; ++e)
+    for (int a = 0; a < 3; ++a)
+      vec[3 * e + a] = in.positions[3 * cj[e] + a] - in.positions[3 * ci[e] + a] +
+                       (in.edge_shifts ? in.edge_shifts[3 * e + a] : 0.0);
+  torch::Tensor base = E ? torch::from_blob(vec.data(), {E, 3}, f64).to(device_, dtype_, false, true)
+                        : torch::zeros({0, 3}, f64.dtype(dtype_).device(device_));
+  torch::Tensor spec = torch::from_blob(const_cast<int64_t *>(in.species), {N}, i64).to(device_, torch::kInt64, false, true);
+  torch::Tensor ei = E ? torch::from_blob(const_cast<int64_t *>(in.edge_index), {2, E}, i64).to(device_, torch::kInt64, false, true)
+                       : torch::zeros({2, 0}, i64.device(device_));
+  torch::Tensor spec_local = spec.slice(0, 0, nl);
+
+  torch::AutoGradMode grad_on(true);
+  torch::jit::Method embed = module_.get_method("embed"), layer = module_.get_method("layer"),
+                     head = module_.get_method("head");
+  std::vector<torch::Tensor> h_in(K), h_loc(K), r(K);
+  std::vector<double> edge_grad(static_cast<size_t>(3 * E));
+  for (int64_t m = 0; m < M; ++m) {
+    torch::Tensor vectors = base.clone().requires_grad_(true);  // one leaf for all layers
+    torch::Tensor h = embed({m, spec}).toTensor().detach();
+    if (h.sizes() != c10::IntArrayRef({N, widths_[0]}))
+      throw std::runtime_error(path_ + ": embed() returned shape " + shape_str(h) + ", expected [" +
+                               std::to_string(N) + ", " + std::to_string(widths_[0]) + "]");
+    // forward, layer by layer: local rows computed here, ghost rows from their owners
+    for (int64_t k = 0; k < K; ++k) {
+      h_in[k] = k == 0 ? h : h.requires_grad_(true);
+      auto res = layer({m, k, h_in[k], spec, ei, vectors, nl}).toTuple();
+      h_loc[k] = res->elements().at(0).toTensor();
+      r[k] = res->elements().at(1).toTensor();
+      if (r[k].sizes() != c10::IntArrayRef({nl, n_readout_}))
+        throw std::runtime_error(path_ + ": layer(" + std::to_string(k) + ") returned a readout of shape " +
+                                 shape_str(r[k]) + ", expected [" + std::to_string(nl) + ", " +
+                                 std::to_string(n_readout_) + "]");
+      if (k + 1 < K) {
+        const int64_t w = widths_[k + 1];
+        copy_out(h_loc[k], {nl, w}, features_[k + 1].data(), "layer() features");
+        halo.forward(features_[k + 1].data(), w);
+        h = from_buffer(features_[k + 1], N, w);
+      }
+    }
+    auto heads = head({m, torch::stack(r), spec_local}).toTuple();
+    torch::Tensor e = heads->elements().at(0).toTensor();
+    const size_t row = static_cast<size_t>(m * N);
+    copy_out(e, {nl}, &out.atomic_energy[row], "head() atomic energy");
+    copy_out(heads->elements().at(1).toTensor(), {nl}, &out.log_var[row], "head() log-variance");
+    copy_out(heads->elements().at(2).toTensor(), {nl, 3, 3}, &out.force_cov[9 * row], "head() force covariance");
+    torch::Tensor energy = e.sum();
+    out.energy[m] = energy.detach().to(torch::kCPU, torch::kFloat64).item<double>();
+
+    // backward, layer by layer: dE/dh_k of ghost rows goes back to the owners in between
+    std::fill(edge_grad.begin(), edge_grad.end(), 0.0);
+    std::vector<torch::Tensor> g_r(K);
+    if (energy.requires_grad()) g_r = torch::autograd::grad({energy}, r, {}, false, false, true);
+    torch::Tensor G;  // dE/dh_{k+1} of the local rows; none for h_K (only r_{K-1} reads it)
+    for (int64_t k = K - 1; k >= 0; --k) {
+      std::vector<torch::Tensor> outputs, seeds, inputs{vectors};
+      if (g_r[k].defined() && r[k].requires_grad()) {
+        outputs.push_back(r[k]);
+        seeds.push_back(g_r[k]);
+      }
+      if (G.defined() && h_loc[k].requires_grad()) {
+        outputs.push_back(h_loc[k]);
+        seeds.push_back(G);
+      }
+      if (k > 0) inputs.push_back(h_in[k]);
+      std::vector<torch::Tensor> d(inputs.size());
+      if (!outputs.empty()) d = torch::autograd::grad(outputs, inputs, seeds, false, false, true);
+      if (d[0].defined()) {
+        torch::Tensor g = d[0].detach().to(torch::kCPU, torch::kFloat64).contiguous();
+        const double *gp = g.data_ptr<double>();
+        for (int64_t x = 0; x < 3 * E; ++x) edge_grad[x] += gp[x];
+      }
+      if (k > 0) {
+        const int64_t w = widths_[k];
+        if (d[1].defined())
+          copy_out(d[1], {N, w}, grads_[k].data(), "the gradient of a layer's features");
+        else
+          std::fill(grads_[k].begin(), grads_[k].end(), 0.0);
+        halo.reverse(grads_[k].data(), w);
+        G = from_buffer(grads_[k], nl, w);
+      }
+    }
+    // r_ij = x_j - x_i: F_i += dE/dr_ij, F_j -= dE/dr_ij; W = -sum r (x) dE/dr, half to each end
+    double *F = &out.forces[3 * row], *W = &out.virial[9 * static_cast<size_t>(m)];
+    double *AW = in.compute_atomic_virial ? &out.atomic_virial[9 * row] : nullptr;
+    for (int64_t x = 0; x < E; ++x) {
+      const double *g = &edge_grad[3 * x], *v = &vec[3 * x];
+      for (int a = 0; a < 3; ++a) {
+        F[3 * ci[x] + a] += g[a];
+        F[3 * cj[x] + a] -= g[a];
+      }
+      for (int a = 0; a < 3; ++a)
+        for (int b = 0; b < 3; ++b) {
+          const double t = -v[a] * g[b];
+          W[3 * a + b] += t;
+          if (AW) {
+            AW[9 * ci[x] + 3 * a + b] += 0.5 * t;
+            AW[9 * cj[x] + 3 * a + b] += 0.5 * t;
+          }
+        }
+    }
+    for (int64_t k = 0; k < K; ++k) h_in[k] = h_loc[k] = r[k] = torch::Tensor();  // free the graphs
+  }
+}
 
 }  // namespace
 

@@ -41,8 +41,8 @@ int node_local_rank(MPI_Comm world) {
 
 PairBayesRace::PairBayesRace(LAMMPS *lmp) :
     Pair(lmp), device("cpu"), driving_member(-1), uq_every(0), n_members(0), econv(1.0), cut_model(0.0),
-    cutsq_model(0.0), uq(nullptr), uq_nmax(0), uq_step(-1), energy_sigma(0.0), energy_var_epi(0.0),
-    energy_var_ale(0.0)
+    cutsq_model(0.0), halo_layer(false), halo_auto(true), moving(Moving::NOTHING), comm_rows(nullptr), comm_width(0), uq(nullptr),
+    uq_nmax(0), uq_step(-1), energy_sigma(0.0), energy_var_epi(0.0), energy_var_ale(0.0), halo(this)
 {
   single_enable = 0;
   restartinfo = 0;
@@ -81,6 +81,7 @@ void PairBayesRace::allocate()
 
 /* ----------------------------------------------------------------------
    pair_style bayesrace [device cpu|cuda|cuda:K] [dynamics mean|member K] [uncertainty every N]
+                        [halo shell|layer]
 ------------------------------------------------------------------------- */
 
 void PairBayesRace::settings(int narg, char **arg)
@@ -88,6 +89,8 @@ void PairBayesRace::settings(int narg, char **arg)
   device = "cpu";
   driving_member = -1;
   uq_every = 0;
+  halo_layer = false;
+  halo_auto = true;  // layer mode when the model has per-layer methods, else shell
   int iarg = 0;
   while (iarg < narg) {
     const std::string key = arg[iarg];
@@ -118,9 +121,16 @@ void PairBayesRace::settings(int narg, char **arg)
       uq_every = utils::inumeric(FLERR, arg[iarg + 2], false, lmp);
       if (uq_every < 1) error->all(FLERR, "pair_style bayesrace: 'uncertainty every N' needs N >= 1");
       iarg += 3;
+    } else if (key == "halo") {
+      const std::string mode = iarg + 1 < narg ? arg[iarg + 1] : "";
+      if (mode != "shell" && mode != "layer")
+        error->all(FLERR, "pair_style bayesrace: 'halo' needs 'shell' or 'layer', got '{}'", mode);
+      halo_layer = mode == "layer";
+      halo_auto = false;
+      iarg += 2;
     } else {
-      error->all(FLERR,
-                 "pair_style bayesrace: unknown keyword '" + key + "' (expected device, dynamics or uncertainty)");
+      error->all(FLERR, "pair_style bayesrace: unknown keyword '" + key +
+                            "' (expected device, dynamics, uncertainty or halo)");
     }
   }
 }
@@ -210,16 +220,7 @@ void PairBayesRace::init_style()
                units);
   }
 
-  neighbor->add_request(this, NeighConst::REQ_FULL | NeighConst::REQ_GHOST);
-
-  // exact ghost shell: an atom's energy depends on atoms up to n_layers * cutoff away
-  const double range = engine->metadata().interaction_range() + neighbor->skin;
-  if (comm->cutghostuser < range) {
-    comm->cutghostuser = range;
-    if (comm->me == 0)
-      utils::logmesg(lmp, "pair bayesrace: communication cutoff set to {:.6g} (n_layers {} x cutoff {:.6g} + skin)\n",
-                     range, engine->metadata().n_layers, cut_model);
-  }
+  init_halo();
 }
 
 double PairBayesRace::init_one(int i, int j)
@@ -282,7 +283,8 @@ void PairBayesRace::compute(int eflag, int vflag)
     spec[k] = type_map[type[i]];
   }
 
-  // directed edges among local and ghost atoms (explicit images: zero shifts)
+  // directed edges among local and ghost atoms (explicit images: zero shifts); in layer
+  // mode the list has no ghost centres (gnum = 0)
   edges.clear();
   edges_j.clear();
   const int ntot = list->inum + list->gnum;
@@ -306,8 +308,9 @@ void PairBayesRace::compute(int eflag, int vflag)
   const int64_t E = static_cast<int64_t>(edges.size());
   edges.insert(edges.end(), edges_j.begin(), edges_j.end());
 
-  bayesrace::MemberOutputs mo;
-  const bool evaluated = nl > 0;    // no local atoms: no local energy, nothing to add
+  bayesrace::MemberOutputs &mo = member_out;
+  // no local atoms: no local energy, nothing to add; but layer mode's exchanges are collective
+  const bool evaluated = nl > 0 || halo_layer;
   if (evaluated) {
     bayesrace::ModelInputs in;
     in.n_atoms = N;
@@ -320,7 +323,10 @@ void PairBayesRace::compute(int eflag, int vflag)
     in.compute_atomic_virial = vflag_atom != 0;
     bayesrace::DrivingOutputs drive;
     try {
-      engine->evaluate(in, mo);
+      if (halo_layer)
+        engine->evaluate_layered(in, halo, mo);
+      else
+        engine->evaluate(in, mo);
       bayesrace::select_driving(mo, driving_member, drive);
     } catch (std::exception &e) {
       error->one(FLERR, std::string("pair_style bayesrace: model evaluation failed: ") + e.what());
@@ -369,7 +375,7 @@ void PairBayesRace::compute(int eflag, int vflag)
       for (int m = 0; m < M; m++)
         for (int a = 0; a < 3; a++) dst[3 * m + a] = mo.forces[(static_cast<size_t>(m) * N + k) * 3 + a];
     }
-  comm->reverse_comm(this);
+  communicate(Moving::MEMBER_FORCES, member_f.data(), 3 * M, true);
 
   std::vector<double> red(2 * M + 1, 0.0);
   if (evaluated) {
@@ -431,27 +437,6 @@ void PairBayesRace::compute(int eflag, int vflag)
 
 /* ---------------------------------------------------------------------- */
 
-int PairBayesRace::pack_reverse_comm(int n, int first, double *buf)
-{
-  const size_t stride = 3 * static_cast<size_t>(n_members);
-  int m = 0;
-  for (int i = first; i < first + n; i++) {
-    const double *src = &member_f[i * stride];
-    for (size_t k = 0; k < stride; k++) buf[m++] = src[k];
-  }
-  return m;
-}
-
-void PairBayesRace::unpack_reverse_comm(int n, int *list, double *buf)
-{
-  const size_t stride = 3 * static_cast<size_t>(n_members);
-  int m = 0;
-  for (int i = 0; i < n; i++) {
-    double *dst = &member_f[list[i] * stride];
-    for (size_t k = 0; k < stride; k++) dst[k] += buf[m++];
-  }
-}
-
 void *PairBayesRace::extract_peratom(const char *str, int &ncol)
 {
   if (std::strcmp(str, "uncertainty") == 0) {
@@ -464,7 +449,7 @@ void *PairBayesRace::extract_peratom(const char *str, int &ncol)
 double PairBayesRace::memory_usage()
 {
   double bytes = Pair::memory_usage();
-  bytes += sizeof(double) * (member_f.capacity() + agg_forces.capacity() + pos.capacity());
+  bytes += sizeof(double) * (member_f.capacity() + agg_forces.capacity() + pos.capacity() + halo_rows.capacity());
   bytes += sizeof(int64_t) * (edges.capacity() + edges_j.capacity() + spec.capacity());
   bytes += sizeof(double) * NCOLS * static_cast<double>(uq_nmax);
   return bytes;

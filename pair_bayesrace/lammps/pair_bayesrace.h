@@ -2,18 +2,24 @@
    bayesrace LAMMPS plugin: pair_style bayesrace (GPL-2.0, as LAMMPS)
 
    pair_style bayesrace [device cpu|cuda|cuda:K] [dynamics mean|member K] [uncertainty every N]
+                        [halo shell|layer]
    pair_coeff * * model.pt E1 E2 ... (one element or NULL per LAMMPS type)
 
-   Exact ghost-shell design: ghosts reach n_layers*cutoff (+ skin), the model sees every
-   local and ghost atom with the edges of a full neighbour list including ghosts, and only
-   local atoms' energies are summed; ghost forces (driving and per-member) are reverse-
-   communicated to their owners.
+   halo shell (default): exact ghost shell. Ghosts reach n_layers*cutoff (+ skin), the model
+   sees every local and ghost atom with the edges of a full neighbour list including ghosts,
+   and only local atoms' energies are summed.
+   halo layer: ghosts reach one cutoff (+ skin), edges only from local centres; node
+   features go to the ghosts after every message-passing layer (forward_comm) and their
+   gradients back to the owners (reverse_comm): methods in pair_bayesrace_halo.cpp.
+   Both: ghost forces (driving and per-member) are reverse-communicated to their owners.
 ------------------------------------------------------------------------- */
 
 #ifndef LMP_PAIR_BAYESRACE_H
 #define LMP_PAIR_BAYESRACE_H
 
 #include "pair.h"
+
+#include "core/backend.h"
 
 #include <cstdint>
 #include <memory>
@@ -36,6 +42,8 @@ class PairBayesRace : public Pair {
   void coeff(int, char **) override;
   void init_style() override;
   double init_one(int, int) override;
+  int pack_forward_comm(int, int *, double *, int, int *) override;
+  void unpack_forward_comm(int, int, double *) override;
   int pack_reverse_comm(int, int, double *) override;
   void unpack_reverse_comm(int, int *, double *) override;
   void *extract_peratom(const char *, int &) override;
@@ -63,12 +71,22 @@ class PairBayesRace : public Pair {
   double econv;  // model energy unit (eV) -> run energy unit
   double cut_model, cutsq_model;
   std::vector<int> type_map;  // LAMMPS type -> species, -1 = NULL
+  bool halo_layer;            // halo layer (true) or halo shell
+  bool halo_auto;             // no 'halo' keyword: layer if the model can, else shell
+
+  // what pack/unpack_*_comm move: rows [nall][comm_width] of comm_rows, by LAMMPS index
+  enum class Moving { NOTHING, FEATURES, FEATURE_GRADIENTS, MEMBER_FORCES };
+  Moving moving;
+  double *comm_rows;
+  int comm_width;
+  std::vector<double> halo_rows;  // [nall][width] features or their gradients, kept across steps
 
   // per-step buffers
   std::vector<int> lmp2model, model2lmp;
   std::vector<double> pos;
   std::vector<int64_t> spec, edges, edges_j;
   std::vector<double> member_f;  // [nall][3M]
+  bayesrace::MemberOutputs member_out;
   std::vector<double> agg_forces;
   std::vector<char> mapped_local;
   double **uq;
@@ -76,7 +94,20 @@ class PairBayesRace : public Pair {
   bigint uq_step;
   double energy_sigma, energy_var_epi, energy_var_ale;
 
+  // layer mode: the core's bayesrace::HaloExchange is this pair's forward/reverse_comm
+  struct Halo : bayesrace::HaloExchange {
+    PairBayesRace *pair;
+    explicit Halo(PairBayesRace *p) : pair(p) {}
+    void forward(double *features, int64_t width) override { pair->halo_forward(features, width); }
+    void reverse(double *grads, int64_t width) override { pair->halo_reverse(grads, width); }
+  } halo;
+  // rows indexed by model atom (mapped local atoms first, then mapped ghosts)
+  void halo_forward(double *features, int64_t width);
+  void halo_reverse(double *grads, int64_t width);
+
   void allocate();
+  void init_halo();  // neighbour request, comm sizes, cutoff for the halo mode
+  void communicate(Moving what, double *rows, int width, bool reverse_direction);
   bool uncertainty_wanted(int eflag_atom_now) const;
 };
 

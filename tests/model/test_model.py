@@ -196,3 +196,30 @@ def test_untrained_heads_report_zero_variance_and_still_script():
         assert float(out[keys.ENERGY_VARIANCE].abs().max()) == 0.0
         assert float(out[keys.FORCE_COVARIANCE].abs().max()) == 0.0
     assert model.trained_heads == []
+
+
+@pytest.mark.parametrize("covariance", ["cholesky", "equivariant"])
+def test_layer_pieces_compose_to_atomic_outputs(covariance):
+    """embed_species → layer_step per layer → combine_readouts is atomic_outputs exactly, and
+    a layer step of the first n atoms (edges of those centres only) gives their rows."""
+    model = tiny_model(covariance=covariance, preset="medium", channels=4).eval()
+    batch = batch_of([random_molecule(9, seed=5)], TYPES, model.cutoff)
+    species, edge_index = batch[keys.SPECIES], batch[keys.EDGE_INDEX]
+    vectors = batch[keys.POSITIONS][edge_index[1]] - batch[keys.POSITIONS][edge_index[0]]
+    want = model.atomic_outputs(species, edge_index, vectors)
+    _, h, _ = model.embed_species(species, vectors.dtype)
+    assert model.feature_widths() == [h.shape[1]] + [model.layers[0].linear_out.irreps_out.dim] * model.n_layers
+    readouts = []
+    n_first = 4
+    first = edge_index[0] < n_first
+    for index in range(model.n_layers):
+        h_first, r_first = model.layer_step(index, h, species, edge_index[:, first], vectors[first], n_first)
+        h, readout = model.layer_step(index, h, species, edge_index, vectors, len(species))
+        assert readout.shape[1] == model.readout_width()
+        assert relative_error(h_first, h[:n_first]) < 1e-12 and relative_error(r_first, readout[:n_first]) < 1e-12
+        readouts.append(readout)
+    got = model.combine_readouts(torch.stack(readouts), species)
+    for value, key in zip(got, (keys.ATOMIC_ENERGY, keys.ATOMIC_ENERGY_LOG_VAR, keys.FORCE_COVARIANCE)):
+        assert torch.equal(value, want[key]), key
+    with pytest.raises(IndexError, match="layer 4 out of range"):
+        model.layer_step(model.n_layers, h, species, edge_index, vectors, len(species))

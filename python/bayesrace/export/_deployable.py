@@ -33,7 +33,7 @@ import copy
 import json
 import math
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -56,12 +56,91 @@ class ExportError(ValueError):
 
 
 class DeployedPosterior(torch.nn.Module):
-    """M RACE members behind the deployable's forward(); see the module docstring."""
+    """M RACE members behind the deployable's forward() (shell mode) and its layer-mode
+    methods ``layer_widths``, ``n_readout``, ``embed``, ``layer``, ``head`` (issue 11: the
+    per-layer halo exchange; ``bayesrace.export.layered_evaluate`` is their reference use)."""
 
     def __init__(self, members: List[torch.nn.Module]):
         super().__init__()
         self.members = torch.nn.ModuleList(members)
         self.n_members = len(members)
+        # the layer-by-layer methods need one set of widths for every member; members of
+        # different widths keep shell mode only (empty list: layer_widths() refuses)
+        widths = [member.feature_widths() for member in members]
+        readouts = [member.readout_width() for member in members]
+        same = all(w == widths[0] for w in widths) and all(r == readouts[0] for r in readouts)
+        self.feature_widths: List[int] = list(widths[0]) if same else []
+        self.readout_width: int = int(readouts[0]) if same else 0
+
+    # -- layer mode (HALO_SPEC.md): one layer at a time, the caller exchanges ghost rows --
+    @torch.jit.export
+    def layer_widths(self) -> List[int]:
+        """[d_0, ..., d_K]: the width of the flattened node features h_k."""
+        if len(self.feature_widths) == 0:
+            raise RuntimeError("the members of this deployable differ in feature widths: layer mode is unavailable")
+        return self.feature_widths
+
+    @torch.jit.export
+    def n_readout(self) -> int:
+        """n_out: the width of one layer's readout r_k."""
+        self.layer_widths()  # the same refusal
+        return self.readout_width
+
+    @torch.jit.export
+    def embed(self, member: int, species: torch.Tensor) -> torch.Tensor:
+        """h_0 [N, d_0] of every atom of member ``member`` (species only: ghosts too)."""
+        result: Optional[torch.Tensor] = None
+        for m, module in enumerate(self.members):
+            if m == member:
+                # every floating buffer was converted to the deployable's dtype on export
+                result = module.embed_species(species, module.energy_scale.dtype)[1]
+        if result is None:
+            raise IndexError(f"member {member} out of range (the deployable has {self.n_members})")
+        return result
+
+    @torch.jit.export
+    def layer(
+        self,
+        member: int,
+        index: int,
+        h: torch.Tensor,
+        species: torch.Tensor,
+        edge_index: torch.Tensor,
+        edge_vectors: torch.Tensor,
+        n_local: int,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(h_{index+1} [n_local, d_{index+1}], r_index [n_local, n_out]) of the local atoms
+        from h_index of every atom [N, d_index]; every edge centre must be < n_local.
+        The edge geometry is computed here from ``edge_vectors``, so autograd reaches them
+        from every layer."""
+        widths = self.layer_widths()
+        if index < 0 or index >= len(widths) - 1:
+            raise IndexError(f"layer {index} out of range (the deployable has {len(widths) - 1})")
+        if h.dim() != 2 or h.shape[1] != widths[index] or h.shape[0] != species.shape[0]:
+            raise ValueError(f"layer {index} needs h of shape [{species.shape[0]}, {widths[index]}], got {list(h.shape)}")
+        if edge_index.shape[1] > 0 and int(edge_index[0].max()) >= n_local:
+            raise ValueError("layer mode needs every edge centre < n_local (edges of local atoms only)")
+        result: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        for m, module in enumerate(self.members):
+            if m == member:
+                result = module.layer_step(index, h, species, edge_index, edge_vectors, n_local)
+        if result is None:
+            raise IndexError(f"member {member} out of range (the deployable has {self.n_members})")
+        return result
+
+    @torch.jit.export
+    def head(
+        self, member: int, readouts: torch.Tensor, species: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(atomic energy, atomic_energy_log_var, force_covariance) of the local atoms from
+        the stacked readouts [K, n_local, n_out], exactly as ``RACE.atomic_outputs``."""
+        result: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
+        for m, module in enumerate(self.members):
+            if m == member:
+                result = module.combine_readouts(readouts, species)
+        if result is None:
+            raise IndexError(f"member {member} out of range (the deployable has {self.n_members})")
+        return result
 
     def forward(
         self,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from e3nn import nn as e3nn_nn
@@ -164,14 +164,18 @@ class RaceLayer(torch.nn.Module):
         sh: torch.Tensor,
         centre: torch.Tensor,
         neighbour: torch.Tensor,
+        n_centres: int = -1,
     ) -> torch.Tensor:
-        skip = self.skip(h, species_one_hot)
+        """The new h of the first ``n_centres`` atoms (all when -1) from h of every atom:
+        every edge centre must be one of them, neighbours may be any atom (a ghost)."""
+        n = h.shape[0] if n_centres < 0 else n_centres
+        skip = self.skip(h[:n], species_one_hot[:n])
         h_up = self.linear_up(h)
         messages = self.message_product(h_up[neighbour], sh, self.radial_mlp(radial))
-        summed = torch.zeros(h.shape[0], messages.shape[1], dtype=messages.dtype, device=messages.device)
+        summed = torch.zeros(n, messages.shape[1], dtype=messages.dtype, device=messages.device)
         summed = summed.index_add(0, centre, messages) * self.inv_sqrt_neighbors
         h_new = self.linear_down(summed)
-        return self.linear_out(self.restratify(initial, h_new)) + skip
+        return self.linear_out(self.restratify(initial[:n], h_new)) + skip
 
 
 class _ScalarActivation(torch.nn.Module):
@@ -280,26 +284,70 @@ class RACE(torch.nn.Module):
     def trained_heads(self) -> List[str]:
         return [name for name, on in (("energy", self.energy_head_trained), ("forces", self.force_head_trained)) if on]
 
-    # -- the atom-wise network -------------------------------------------------------
-    def atomic_outputs(
-        self, species: torch.Tensor, edge_index: torch.Tensor, edge_vectors: torch.Tensor
-    ) -> Dict[str, torch.Tensor]:
-        """Per-atom energy, log-variance and force covariance from species and edge vectors."""
-        centre = edge_index[0]
-        neighbour = edge_index[1]
-        n_atoms = species.shape[0]
-        lengths = torch.sqrt(torch.sum(edge_vectors * edge_vectors, dim=1))
-        sh = self.spherical_harmonics(edge_vectors)
-        radial = self.radial_basis(lengths)
-        dtype = edge_vectors.dtype
+    # -- the atom-wise network, in the pieces a layer-by-layer evaluation calls ----------
+    @torch.jit.unused
+    def feature_widths(self) -> List[int]:
+        """[d_0, ..., d_K]: the width of the flattened node features h_0 (the embedding) and
+        of h_k after each layer k."""
+        return [self.embedding.irreps_out.dim] + [layer.linear_out.irreps_out.dim for layer in self.layers]
+
+    @torch.jit.unused
+    def readout_width(self) -> int:
+        """n_out: the width of one layer's readout (energy, log-variance, covariance heads)."""
+        return self.readouts[0].linear_out.irreps_out.dim
+
+    def embed_species(self, species: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(one-hot species, h_0, the initial feature a⁽¹⁾) of every atom: species only."""
         one_hot = torch.nn.functional.one_hot(species, len(self.type_names)).to(dtype)
         h = self.embedding(one_hot)
-        initial = self.initial_feature(h)
-        per_layer: List[torch.Tensor] = []
-        for layer, readout in zip(self.layers, self.readouts):
-            h = layer(h, one_hot, initial, radial, sh, centre, neighbour)
-            per_layer.append(readout(h))
-        outputs = torch.stack(per_layer, dim=0)  # [layers, N, n_out]
+        return one_hot, h, self.initial_feature(h)
+
+    def edge_geometry(self, edge_vectors: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(radial basis, spherical harmonics) of every edge."""
+        lengths = torch.sqrt(torch.sum(edge_vectors * edge_vectors, dim=1))
+        sh = self.spherical_harmonics(edge_vectors)
+        return self.radial_basis(lengths), sh
+
+    def interaction(
+        self,
+        index: int,
+        h: torch.Tensor,
+        one_hot: torch.Tensor,
+        initial: torch.Tensor,
+        radial: torch.Tensor,
+        sh: torch.Tensor,
+        edge_index: torch.Tensor,
+        n_centres: int,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``index`` and its readout: (h_{index+1}, r_index) of the first ``n_centres``
+        atoms (every edge centre is one of them)."""
+        result: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        # a runtime index into a ModuleList: TorchScript unrolls the loop and compares
+        for k, (layer, readout) in enumerate(zip(self.layers, self.readouts)):
+            if k == index:
+                h_new = layer(h, one_hot, initial, radial, sh, edge_index[0], edge_index[1], n_centres)
+                result = (h_new, readout(h_new))
+        if result is None:
+            raise IndexError(f"layer {index} out of range")
+        return result
+
+    def layer_step(
+        self, index: int, h: torch.Tensor, species: torch.Tensor, edge_index: torch.Tensor,
+        edge_vectors: torch.Tensor, n_centres: int,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``interaction`` with the species features and edge geometry computed here: what a
+        layer-by-layer evaluation (the deployable's ``layer``) calls."""
+        one_hot, _, initial = self.embed_species(species, h.dtype)
+        radial, sh = self.edge_geometry(edge_vectors)
+        return self.interaction(index, h, one_hot, initial, radial, sh, edge_index, n_centres)
+
+    def combine_readouts(
+        self, outputs: torch.Tensor, species: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(atomic energy, log-variance, force covariance) from the readouts of every layer,
+        ``outputs`` [layers, N, n_out], and the species of those N atoms."""
+        n_atoms = species.shape[0]
+        dtype = outputs.dtype
         scale = self.energy_scale.to(dtype)
         atomic_energy = (
             scale * outputs[:, :, 0].sum(dim=0)
@@ -310,7 +358,7 @@ class RACE(torch.nn.Module):
         log_var = heads[:, 0] + 2.0 * torch.log(scale)
         if not self.energy_head_trained:
             log_var = torch.full_like(log_var, -math.inf)
-        eye = torch.eye(3, dtype=dtype, device=edge_vectors.device)
+        eye = torch.eye(3, dtype=dtype, device=outputs.device)
         if self.equivariant_covariance:
             # exp(a) I + sum_k v_k v_k^T: positive definite, and R Σ R^T under any rotation
             # or reflection because each v_k is a polar vector (1o)
@@ -333,6 +381,20 @@ class RACE(torch.nn.Module):
         covariance = covariance + self.covariance_floor * eye
         if not self.force_head_trained:
             covariance = torch.zeros_like(covariance)
+        return atomic_energy, log_var, covariance
+
+    def atomic_outputs(
+        self, species: torch.Tensor, edge_index: torch.Tensor, edge_vectors: torch.Tensor
+    ) -> Dict[str, torch.Tensor]:
+        """Per-atom energy, log-variance and force covariance from species and edge vectors."""
+        n_atoms = species.shape[0]
+        radial, sh = self.edge_geometry(edge_vectors)
+        one_hot, h, initial = self.embed_species(species, edge_vectors.dtype)
+        per_layer: List[torch.Tensor] = []
+        for index in range(self.n_layers):
+            h, readout = self.interaction(index, h, one_hot, initial, radial, sh, edge_index, n_atoms)
+            per_layer.append(readout)
+        atomic_energy, log_var, covariance = self.combine_readouts(torch.stack(per_layer, dim=0), species)
         return {
             keys.ATOMIC_ENERGY: atomic_energy,
             keys.ATOMIC_ENERGY_LOG_VAR: log_var,
