@@ -55,6 +55,9 @@ void keep_large_blocks_on_the_heap()
 #endif
 }
 
+// closer than this (Å, as bayesrace.data) two atoms count as one position
+constexpr double MIN_DISTANCE = 1e-8;
+
 }    // namespace
 
 /* ---------------------------------------------------------------------- */
@@ -320,7 +323,13 @@ void PairBayesRace::compute(int eflag, int vflag)
       const int mj = lmp2model[j];
       if (mj < 0) continue;
       const double dx = x[j][0] - x[i][0], dy = x[j][1] - x[i][1], dz = x[j][2] - x[i][2];
-      if (dx * dx + dy * dy + dz * dz < cutsq_model) {
+      const double rsq = dx * dx + dy * dy + dz * dz;
+      if (rsq < cutsq_model) {
+        // the edge direction is undefined: the model would return NaN, with zero σ
+        if (rsq < MIN_DISTANCE * MIN_DISTANCE)
+          error->one(FLERR, "pair_style bayesrace: atoms {} and {} are {:.3g} Å apart (at least {:.0e} expected): "
+                     "atoms on one position give NaN energies and forces", atom->tag[i], atom->tag[j],
+                     std::sqrt(rsq), MIN_DISTANCE);
         edges.push_back(mi);
         edges_j.push_back(mj);
       }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -227,6 +228,15 @@ def test_fix_halt_on_count_over_threshold(plugin_path, toy_model, tmp_path):
     rc, out = run_lmp(lammps_input(plugin_path, toy_model, s, dump=False, extra=extra, run="run 6"), tmp_path)
     assert rc == 0, out[-3000:]
     assert "Fix halt condition for fix-id stop met on step 2" in out, out[-3000:]
+
+
+def test_error_atoms_on_one_position(tmp_path, plugin_path, toy_model):
+    """Two atoms on one position: an error naming both (the model would give NaN, σ 0)."""
+    post = ("variable cx equal x[7]\nvariable cy equal y[7]\nvariable cz equal z[7]\n"
+            "set atom 12 x ${cx} y ${cy} z ${cz}\nrun 0")
+    err = _error_case(tmp_path, plugin_path, toy_model, pre="atom_modify map yes", post=post)
+    found = re.search(r"atoms (7 and 12|12 and 7) are (\S+) Å apart", err)
+    assert found and float(found.group(2)) < 1e-8, err
 
 
 def test_error_during_evaluation_is_an_error_not_a_crash(tmp_path, plugin_path, toy_model):
