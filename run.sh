@@ -43,7 +43,9 @@ case "${1:-}" in
     test)
         setup
         shift
-        python -m pytest -q "$@"
+        # two workers (the two cores of the reference machine); each test file stays on one
+        # worker so its module fixtures are built once. BAYESRACE_TEST_WORKERS=0: in process
+        python -m pytest -q -n "${BAYESRACE_TEST_WORKERS:-2}" --dist loadfile "$@"
         ;;
     *)
         echo "usage: ./run.sh main | ./run.sh test [pytest args]" >&2
