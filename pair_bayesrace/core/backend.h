@@ -58,11 +58,13 @@ class Backend {
   // gradients come back in reverse. Fills `out` like evaluate(): energy = local sum,
   // atomic_energy / log_var / force_cov with ghost rows zero, forces on local and ghost
   // rows (ghost rows still to be added onto their owners), virial, atomic virial.
-  // Makes exactly M * (n_layers - 1) forward and as many reverse calls on `halo`, also
-  // when n_local == 0 (those calls are collective in LAMMPS).
+  // Makes exactly G * (n_layers - 1) forward and as many reverse calls on `halo`, also
+  // when n_local == 0 (those calls are collective in LAMMPS): G = 1 when the deployable
+  // evaluates all members in one pass (embed_all, layer_all, head_all), else G = M.
   virtual void evaluate_layered(const ModelInputs &in, HaloExchange &halo, MemberOutputs &out) = 0;
-  // [d_0, ..., d_K] from the deployable's layer_widths(); empty if it has no per-layer
-  // methods (a deployable exported before layer mode existed).
+  // The widths of the node-feature rows exchanged, [w_0, ..., w_K]: M * [d_0, ..., d_K] when
+  // all members go together, else the deployable's layer_widths(); empty if it has no
+  // per-layer methods (a deployable exported before layer mode existed).
   virtual std::vector<int64_t> layer_widths() const = 0;
   // why layer_widths() is empty (a sentence for an error message), else ""
   virtual std::string layer_mode_problem() const = 0;

@@ -137,8 +137,11 @@ class TorchScriptBackend : public Backend {
   torch::Device device_{torch::kCPU};
   torch::ScalarType dtype_ = torch::kFloat64;
   int64_t n_members_ = 0;
-  // layer mode: [d_0..d_K] and n_out from the deployable (empty: no per-layer methods)
+  // layer mode: the widths of the rows exchanged, [d_0..d_K] of one member or, when the
+  // deployable evaluates all members in one pass (together_), M * [d_0..d_K]; and n_out
+  // (widths_ empty: no per-layer methods)
   std::vector<int64_t> widths_;
+  bool together_ = false;
   int64_t n_readout_ = 0;
   std::string layer_problem_;  // why layer mode is unavailable (widths_ empty)
   // exchange buffers, float64 whatever the model's dtype, kept across calls:
@@ -151,11 +154,14 @@ class TorchScriptBackend : public Backend {
 // ---- layer mode ----------------------------------------------------------------------------
 
 const char *const kLayerMethods[] = {"layer_widths", "n_readout", "embed", "layer", "head"};
+// the same methods for all members at once (deployables exported since members go in one pass)
+const char *const kTogetherMethods[] = {"embed_all", "layer_all", "head_all"};
 
 void TorchScriptBackend::read_layer_structure() {
   widths_.clear();
   n_readout_ = 0;
   layer_problem_.clear();
+  together_ = false;
   for (const char *name : kLayerMethods)
     if (!module_.find_method(name)) {
       layer_problem_ = "it has no per-layer methods (layer_widths, n_readout, embed, layer, head): export it "
@@ -172,6 +178,10 @@ void TorchScriptBackend::read_layer_structure() {
   }
   if (widths_.size() < 2 || n_readout_ < 1)
     throw std::runtime_error(path_ + ": layer_widths() must list at least 2 widths and n_readout() be >= 1");
+  together_ = true;
+  for (const char *name : kTogetherMethods) together_ = together_ && module_.find_method(name).has_value();
+  if (together_)
+    for (auto &w : widths_) w *= n_members_;  // one row carries every member's features
   features_.resize(widths_.size());
   grads_.resize(widths_.size());
 }
@@ -212,6 +222,8 @@ void TorchScriptBackend::evaluate_layered(const ModelInputs &in, HaloExchange &h
   if (widths_.empty()) throw std::runtime_error(path_ + " cannot run layer mode: " + layer_problem_);
   const int64_t N = in.n_atoms, nl = in.n_local, E = in.n_edges, M = n_members_;
   const int64_t K = static_cast<int64_t>(widths_.size()) - 1;
+  // members go through the layers in groups: all M together, or one at a time (older deployables)
+  const int64_t G = together_ ? 1 : M, Mg = together_ ? M : 1;
   n_rows_ = N;
   out.n_members = M;
   out.n_atoms = N;
@@ -231,7 +243,7 @@ void TorchScriptBackend::evaluate_layered(const ModelInputs &in, HaloExchange &h
     grads_[k].resize(static_cast<size_t>(N * widths_[k]));
   }
   if (nl == 0) {
-    for (int64_t m = 0; m < M; ++m) exchange_only(halo);
+    for (int64_t g = 0; g < G; ++g) exchange_only(halo);
     return;
   }
 
@@ -252,26 +264,30 @@ void TorchScriptBackend::evaluate_layered(const ModelInputs &in, HaloExchange &h
   torch::Tensor spec_local = spec.slice(0, 0, nl);
 
   torch::AutoGradMode grad_on(true);
-  torch::jit::Method embed = module_.get_method("embed"), layer = module_.get_method("layer"),
-                     head = module_.get_method("head");
+  torch::jit::Method embed = module_.get_method(together_ ? "embed_all" : "embed"),
+                     layer = module_.get_method(together_ ? "layer_all" : "layer"),
+                     head = module_.get_method(together_ ? "head_all" : "head");
+  std::vector<int64_t> readout_shape{nl, n_readout_};
+  if (together_) readout_shape.insert(readout_shape.begin(), M);
   std::vector<torch::Tensor> h_in(K), h_loc(K), r(K);
-  std::vector<double> edge_grad(static_cast<size_t>(3 * E));
-  for (int64_t m = 0; m < M; ++m) {
-    torch::Tensor vectors = base.clone().requires_grad_(true);  // one leaf for all layers
-    torch::Tensor h = embed({m, spec}).toTensor().detach();
+  std::vector<double> edge_grad(static_cast<size_t>(3 * E * Mg));
+  for (int64_t g = 0; g < G; ++g) {
+    // one leaf for all layers; a copy per member, so that the gradient keeps them apart
+    torch::Tensor vectors = (together_ ? base.unsqueeze(0).expand({M, E, 3}) : base).clone().requires_grad_(true);
+    torch::Tensor h = (together_ ? embed({spec}) : embed({g, spec})).toTensor().detach();
     if (h.sizes() != c10::IntArrayRef({N, widths_[0]}))
       throw std::runtime_error(path_ + ": embed() returned shape " + shape_str(h) + ", expected [" +
                                std::to_string(N) + ", " + std::to_string(widths_[0]) + "]");
     // forward, layer by layer: local rows computed here, ghost rows from their owners
     for (int64_t k = 0; k < K; ++k) {
       h_in[k] = k == 0 ? h : h.requires_grad_(true);
-      auto res = layer({m, k, h_in[k], spec, ei, vectors, nl}).toTuple();
+      auto res = (together_ ? layer({k, h_in[k], spec, ei, vectors, nl}) : layer({g, k, h_in[k], spec, ei, vectors, nl}))
+                     .toTuple();
       h_loc[k] = res->elements().at(0).toTensor();
       r[k] = res->elements().at(1).toTensor();
-      if (r[k].sizes() != c10::IntArrayRef({nl, n_readout_}))
+      if (r[k].sizes() != c10::IntArrayRef(readout_shape))
         throw std::runtime_error(path_ + ": layer(" + std::to_string(k) + ") returned a readout of shape " +
-                                 shape_str(r[k]) + ", expected [" + std::to_string(nl) + ", " +
-                                 std::to_string(n_readout_) + "]");
+                                 shape_str(r[k]) + ", expected " + shape_str(torch::empty(readout_shape)));
       if (k + 1 < K) {
         const int64_t w = widths_[k + 1];
         copy_out(h_loc[k], {nl, w}, features_[k + 1].data(), "layer() features");
@@ -279,37 +295,43 @@ void TorchScriptBackend::evaluate_layered(const ModelInputs &in, HaloExchange &h
         h = from_buffer(features_[k + 1], N, w);
       }
     }
-    auto heads = head({m, torch::stack(r), spec_local}).toTuple();
-    torch::Tensor e = heads->elements().at(0).toTensor();
-    const size_t row = static_cast<size_t>(m * N);
-    copy_out(e, {nl}, &out.atomic_energy[row], "head() atomic energy");
-    copy_out(heads->elements().at(1).toTensor(), {nl}, &out.log_var[row], "head() log-variance");
-    copy_out(heads->elements().at(2).toTensor(), {nl, 3, 3}, &out.force_cov[9 * row], "head() force covariance");
-    torch::Tensor energy = e.sum();
-    out.energy[m] = energy.detach().to(torch::kCPU, torch::kFloat64).item<double>();
+    auto heads = (together_ ? head({torch::stack(r), spec_local}) : head({g, torch::stack(r), spec_local})).toTuple();
+    // [Mg, ...] whichever way the members went
+    torch::Tensor e = heads->elements().at(0).toTensor().reshape({Mg, nl});
+    torch::Tensor lv = heads->elements().at(1).toTensor(), cov = heads->elements().at(2).toTensor();
+    for (int64_t mm = 0; mm < Mg; ++mm) {
+      const size_t row = static_cast<size_t>((g + mm) * N);
+      copy_out(e[mm], {nl}, &out.atomic_energy[row], "head() atomic energy");
+      copy_out(together_ ? lv[mm] : lv, {nl}, &out.log_var[row], "head() log-variance");
+      copy_out(together_ ? cov[mm] : cov, {nl, 3, 3}, &out.force_cov[9 * row], "head() force covariance");
+    }
+    torch::Tensor member_energy = e.sum(1);
+    torch::Tensor energy = member_energy.sum();  // members are independent: one backward for all
+    torch::Tensor energies = member_energy.detach().to(torch::kCPU, torch::kFloat64).contiguous();
+    for (int64_t mm = 0; mm < Mg; ++mm) out.energy[g + mm] = energies.data_ptr<double>()[mm];
 
     // backward, layer by layer: dE/dh_k of ghost rows goes back to the owners in between
     std::fill(edge_grad.begin(), edge_grad.end(), 0.0);
     std::vector<torch::Tensor> g_r(K);
     if (energy.requires_grad()) g_r = torch::autograd::grad({energy}, r, {}, false, false, true);
-    torch::Tensor G;  // dE/dh_{k+1} of the local rows; none for h_K (only r_{K-1} reads it)
+    torch::Tensor Gk;  // dE/dh_{k+1} of the local rows; none for h_K (only r_{K-1} reads it)
     for (int64_t k = K - 1; k >= 0; --k) {
       std::vector<torch::Tensor> outputs, seeds, inputs{vectors};
       if (g_r[k].defined() && r[k].requires_grad()) {
         outputs.push_back(r[k]);
         seeds.push_back(g_r[k]);
       }
-      if (G.defined() && h_loc[k].requires_grad()) {
+      if (Gk.defined() && h_loc[k].requires_grad()) {
         outputs.push_back(h_loc[k]);
-        seeds.push_back(G);
+        seeds.push_back(Gk);
       }
       if (k > 0) inputs.push_back(h_in[k]);
       std::vector<torch::Tensor> d(inputs.size());
       if (!outputs.empty()) d = torch::autograd::grad(outputs, inputs, seeds, false, false, true);
       if (d[0].defined()) {
-        torch::Tensor g = d[0].detach().to(torch::kCPU, torch::kFloat64).contiguous();
-        const double *gp = g.data_ptr<double>();
-        for (int64_t x = 0; x < 3 * E; ++x) edge_grad[x] += gp[x];
+        torch::Tensor gt = d[0].detach().to(torch::kCPU, torch::kFloat64).contiguous();
+        const double *gp = gt.data_ptr<double>();
+        for (size_t x = 0; x < edge_grad.size(); ++x) edge_grad[x] += gp[x];
       }
       if (k > 0) {
         const int64_t w = widths_[k];
@@ -318,27 +340,31 @@ void TorchScriptBackend::evaluate_layered(const ModelInputs &in, HaloExchange &h
         else
           std::fill(grads_[k].begin(), grads_[k].end(), 0.0);
         halo.reverse(grads_[k].data(), w);
-        G = from_buffer(grads_[k], nl, w);
+        Gk = from_buffer(grads_[k], nl, w);
       }
     }
     // r_ij = x_j - x_i: F_i += dE/dr_ij, F_j -= dE/dr_ij; W = -sum r (x) dE/dr, half to each end
-    double *F = &out.forces[3 * row], *W = &out.virial[9 * static_cast<size_t>(m)];
-    double *AW = in.compute_atomic_virial ? &out.atomic_virial[9 * row] : nullptr;
-    for (int64_t x = 0; x < E; ++x) {
-      const double *g = &edge_grad[3 * x], *v = &vec[3 * x];
-      for (int a = 0; a < 3; ++a) {
-        F[3 * ci[x] + a] += g[a];
-        F[3 * cj[x] + a] -= g[a];
-      }
-      for (int a = 0; a < 3; ++a)
-        for (int b = 0; b < 3; ++b) {
-          const double t = -v[a] * g[b];
-          W[3 * a + b] += t;
-          if (AW) {
-            AW[9 * ci[x] + 3 * a + b] += 0.5 * t;
-            AW[9 * cj[x] + 3 * a + b] += 0.5 * t;
-          }
+    for (int64_t mm = 0; mm < Mg; ++mm) {
+      const size_t row = static_cast<size_t>((g + mm) * N);
+      double *F = &out.forces[3 * row], *W = &out.virial[9 * static_cast<size_t>(g + mm)];
+      double *AW = in.compute_atomic_virial ? &out.atomic_virial[9 * row] : nullptr;
+      const double *member_grad = &edge_grad[static_cast<size_t>(3 * E * mm)];
+      for (int64_t x = 0; x < E; ++x) {
+        const double *gx = &member_grad[3 * x], *v = &vec[3 * x];
+        for (int a = 0; a < 3; ++a) {
+          F[3 * ci[x] + a] += gx[a];
+          F[3 * cj[x] + a] -= gx[a];
         }
+        for (int a = 0; a < 3; ++a)
+          for (int b = 0; b < 3; ++b) {
+            const double t = -v[a] * gx[b];
+            W[3 * a + b] += t;
+            if (AW) {
+              AW[9 * ci[x] + 3 * a + b] += 0.5 * t;
+              AW[9 * cj[x] + 3 * a + b] += 0.5 * t;
+            }
+          }
+      }
     }
     for (int64_t k = 0; k < K; ++k) h_in[k] = h_loc[k] = r[k] = torch::Tensor();  // free the graphs
   }

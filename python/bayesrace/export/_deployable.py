@@ -3,9 +3,10 @@
 The deployable follows the contract of ``pair_bayesrace/README.md`` (format_version 1):
 ``forward(positions, species, edge_index, edge_shifts, n_local, compute_atomic_virial)``
 returns the raw outputs of every member (energies, forces, virials, aleatoric heads);
-the C++ core aggregates them. The network code is the model's own
-(``RACE.atomic_outputs``); this module only adds the autograd for forces and virials
-over the M members and the metadata.
+the C++ core aggregates them. The network code is the model's own: the members' weights
+stacked by ``bayesrace.model.StackedRace`` (all members in one pass, equal to
+``RACE.atomic_outputs`` member by member); this module adds the autograd for forces and
+virials and the metadata.
 
 The command line (``bayesrace export``, alias ``bayesrace-export``) lives in
 ``bayesrace.cli``; see ``export/README.md``.
@@ -56,34 +57,88 @@ class ExportError(ValueError):
 
 
 class DeployedPosterior(torch.nn.Module):
-    """M RACE members behind the deployable's forward() (shell mode) and its layer-mode
-    methods ``layer_widths``, ``n_readout``, ``embed``, ``layer``, ``head`` (issue 11: the
-    per-layer halo exchange; ``bayesrace.export.layered_evaluate`` is their reference use)."""
+    """M RACE members behind the deployable's forward() (shell mode), its per-member
+    layer-mode methods ``layer_widths``, ``n_readout``, ``embed``, ``layer``, ``head``
+    (issue 11: the per-layer halo exchange; ``bayesrace.export.layered_evaluate`` is
+    their reference use) and the same methods for all members at once, ``embed_all``,
+    ``layer_all``, ``head_all`` (``bayesrace.model.StackedRace``), which forward() and the
+    C++ core use: one pass evaluates every member."""
 
     def __init__(self, members: List[torch.nn.Module]):
         super().__init__()
+        from ..model import StackedRace
+
         self.members = torch.nn.ModuleList(members)
         self.n_members = len(members)
-        # the layer-by-layer methods need one set of widths for every member; members of
-        # different widths keep shell mode only (empty list: layer_widths() refuses)
-        widths = [member.feature_widths() for member in members]
-        readouts = [member.readout_width() for member in members]
-        same = all(w == widths[0] for w in widths) and all(r == readouts[0] for r in readouts)
-        self.feature_widths: List[int] = list(widths[0]) if same else []
-        self.readout_width: int = int(readouts[0]) if same else 0
+        try:
+            self.stacked = StackedRace(members)
+        except ValueError as error:
+            raise ExportError(f"the members cannot be evaluated together: {error}") from None
+        self.feature_widths: List[int] = list(self.stacked.widths)
+        self.readout_width: int = int(members[0].readout_width())
+
+    # -- all members in one pass: features [N, M * d_k], member-major within a row --------
+    @torch.jit.export
+    def embed_all(self, species: torch.Tensor) -> torch.Tensor:
+        """h_0 of every atom and member, [N, M * d_0] (species only: ghosts too)."""
+        h = self.stacked.embed(species)[0]
+        return h.transpose(0, 1).reshape(species.shape[0], self.n_members * self.feature_widths[0])
+
+    @torch.jit.export
+    def layer_all(
+        self,
+        index: int,
+        h: torch.Tensor,
+        species: torch.Tensor,
+        edge_index: torch.Tensor,
+        edge_vectors: torch.Tensor,
+        n_local: int,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``layer`` for all members: h_index [N, M * d_index] and edge vectors [M, E, 3]
+        (one copy per member, so that autograd keeps the members' forces apart) →
+        (h_{index+1} [n_local, M * d_{index+1}], r_index [M, n_local, n_out])."""
+        widths = self.feature_widths
+        m = self.n_members
+        n_atoms = species.shape[0]
+        if index < 0 or index >= len(widths) - 1:
+            raise IndexError(f"layer {index} out of range (the deployable has {len(widths) - 1})")
+        if h.dim() != 2 or h.shape[0] != n_atoms or h.shape[1] != m * widths[index]:
+            raise ValueError(f"layer_all {index} needs h of shape [{n_atoms}, {m * widths[index]}], got {list(h.shape)}")
+        if edge_vectors.dim() != 3 or edge_vectors.shape[0] != m or edge_vectors.shape[1] != edge_index.shape[1]:
+            raise ValueError(f"layer_all needs edge vectors of shape [{m}, {edge_index.shape[1]}, 3]")
+        if edge_index.shape[1] > 0 and int(edge_index[0].max()) >= n_local:
+            raise ValueError("layer mode needs every edge centre < n_local (edges of local atoms only)")
+        features = h.reshape(n_atoms, m, widths[index]).transpose(0, 1)
+        initial = self.stacked.embed(species)[1]
+        radial, sh = self.stacked.edge_geometry(edge_vectors)
+        h_next, readout = self.stacked.interaction(index, features, species, initial, radial, sh, edge_index, n_local)
+        return h_next.transpose(0, 1).reshape(n_local, m * widths[index + 1]), readout
+
+    @torch.jit.export
+    def head_all(
+        self, readouts: torch.Tensor, species: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``head`` for all members: readouts [K, M, n_local, n_out] → (atomic energy [M, n_local],
+        log-variance [M, n_local], force covariance [M, n_local, 3, 3])."""
+        energies: List[torch.Tensor] = []
+        log_vars: List[torch.Tensor] = []
+        covariances: List[torch.Tensor] = []
+        for m, module in enumerate(self.members):
+            energy, log_var, covariance = module.combine_readouts(readouts[:, m], species)
+            energies.append(energy)
+            log_vars.append(log_var)
+            covariances.append(covariance)
+        return torch.stack(energies), torch.stack(log_vars), torch.stack(covariances)
 
     # -- layer mode (HALO_SPEC.md): one layer at a time, the caller exchanges ghost rows --
     @torch.jit.export
     def layer_widths(self) -> List[int]:
-        """[d_0, ..., d_K]: the width of the flattened node features h_k."""
-        if len(self.feature_widths) == 0:
-            raise RuntimeError("the members of this deployable differ in feature widths: layer mode is unavailable")
+        """[d_0, ..., d_K]: the width of the flattened node features h_k of one member."""
         return self.feature_widths
 
     @torch.jit.export
     def n_readout(self) -> int:
         """n_out: the width of one layer's readout r_k."""
-        self.layer_widths()  # the same refusal
         return self.readout_width
 
     @torch.jit.export
@@ -160,33 +215,27 @@ class DeployedPosterior(torch.nn.Module):
         if not torch.is_grad_enabled():
             # forces come from autograd: under no_grad they would silently be zero
             raise RuntimeError("the bayesrace deployable needs autograd enabled (do not call it under torch.no_grad)")
-        member_energies: List[torch.Tensor] = []
-        atomic_energies: List[torch.Tensor] = []
-        log_vars: List[torch.Tensor] = []
-        covariances: List[torch.Tensor] = []
+        m = self.n_members
+        # one copy of the edge vectors per member: the gradient of the summed energies then
+        # holds each member's own dE/dr
+        vectors = base.unsqueeze(0).expand(m, base.shape[0], 3).clone().requires_grad_(True)
+        readouts = self.stacked(species, edge_index, vectors)  # [K, M, N, n_out]
+        atomic_energy, log_var, covariance = self.head_all(readouts, species)
+        # only local atoms count: ghosts are copies owned by another domain
+        member_energy = atomic_energy[:, :n_local].sum(dim=1)
+        g: Optional[torch.Tensor] = None
+        if member_energy.requires_grad:
+            g = torch.autograd.grad([member_energy.sum()], [vectors], allow_unused=True)[0]
+        if g is None:
+            g = torch.zeros_like(vectors)
         forces: List[torch.Tensor] = []
         virials: List[torch.Tensor] = []
         atomic_virials: List[torch.Tensor] = []
-        for member in self.members:
-            # one member at a time, its graph freed before the next: peak memory is that
-            # of one member, not M (a 10 000-atom cell with its ghost shell needs GBs each)
-            vectors = base.clone().requires_grad_(True)
-            out = member.atomic_outputs(species, edge_index, vectors)
-            atomic_energy = out[keys.ATOMIC_ENERGY]
-            # only local atoms count: ghosts are copies owned by another domain
-            energy = atomic_energy[:n_local].sum()
-            g: Optional[torch.Tensor] = None
-            if energy.requires_grad:
-                g = torch.autograd.grad([energy], [vectors], allow_unused=True)[0]
-            if g is None:
-                g = torch.zeros_like(base)
-            member_energies.append(energy.detach())
-            atomic_energies.append(atomic_energy.detach())
-            log_vars.append(out[keys.ATOMIC_ENERGY_LOG_VAR].detach())
-            covariances.append(out[keys.FORCE_COVARIANCE].detach())
+        for member in range(m):
+            gm = g[member]
             # r_ij = x_j - x_i + shift: dE/dx_i = -g and dE/dx_j = +g, F = -dE/dx
-            forces.append(torch.zeros_like(positions).index_add(0, centre, g).index_add(0, neighbour, -g))
-            edge_virial = -base.unsqueeze(2) * g.unsqueeze(1)  # [E, 3, 3], LAMMPS sign
+            forces.append(torch.zeros_like(positions).index_add(0, centre, gm).index_add(0, neighbour, -gm))
+            edge_virial = -base.unsqueeze(2) * gm.unsqueeze(1)  # [E, 3, 3], LAMMPS sign
             virials.append(edge_virial.sum(dim=0))
             if compute_atomic_virial:
                 half = 0.5 * edge_virial
@@ -197,13 +246,13 @@ class DeployedPosterior(torch.nn.Module):
         else:
             member_atomic_virial = torch.empty(0, dtype=positions.dtype, device=positions.device)
         return {
-            keys.MEMBER_ENERGY: torch.stack(member_energies),
-            keys.MEMBER_ATOMIC_ENERGY: torch.stack(atomic_energies),
+            keys.MEMBER_ENERGY: member_energy.detach(),
+            keys.MEMBER_ATOMIC_ENERGY: atomic_energy.detach(),
             keys.MEMBER_FORCES: torch.stack(forces),
             keys.MEMBER_VIRIAL: torch.stack(virials),
             keys.MEMBER_ATOMIC_VIRIAL: member_atomic_virial,
-            keys.ATOMIC_ENERGY_LOG_VAR: torch.stack(log_vars),
-            keys.FORCE_COVARIANCE: torch.stack(covariances),
+            keys.ATOMIC_ENERGY_LOG_VAR: log_var.detach(),
+            keys.FORCE_COVARIANCE: covariance.detach(),
         }
 
 

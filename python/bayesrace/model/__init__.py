@@ -8,12 +8,14 @@ from ._race import (
     build_model,
     model_config_from,
 )
+from ._stacked import StackedRace
 
 __all__ = [
     "COVARIANCE_KINDS",
     "ModelConfig",
     "PRESETS",
     "RACE",
+    "StackedRace",
     "build_model",
     "model_config_from",
 ]

@@ -1,0 +1,332 @@
+"""M RACE members evaluated in one pass: weights stacked along a member axis.
+
+A posterior's members (deep-ensemble members, SWAG/IVON/Laplace draws) share one
+architecture and differ only in their weights, so every step of the network can run for
+all of them at once: node features are [M, N, d], edge tensors [M, E, ...], and each
+linear map is one batched matrix product instead of M small ones. The code is plain torch
+(no e3nn at run time): the exact coefficients of the e3nn modules — the dense matrix of
+each linear map, the Clebsch–Gordan blocks and path weights of each tensor-product path,
+the activation's normalisation — are read off the members once, by evaluating them on
+unit inputs, so the result equals ``RACE.atomic_outputs`` member by member to round-off
+(tests/model/test_stacked.py). Channel-wise ("uvu") message paths become elementwise
+products, which also makes one member cheaper than e3nn's generic code.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+
+from ._race import RACE
+
+
+def _dense(linear: torch.nn.Module, width_in: int, dtype: torch.dtype) -> torch.Tensor:
+    """The [d_in, d_out] matrix of a linear module without bias: its image of the identity."""
+    with torch.no_grad():
+        return linear(torch.eye(width_in, dtype=dtype)).detach().clone()
+
+
+def _stack(tensors: List[torch.Tensor]) -> torch.Tensor:
+    return torch.stack(tensors).contiguous()
+
+
+def _activation_constant(act: torch.nn.Module) -> float:
+    """c with act(x) = c·silu(x) (e3nn's normalize2mom of SiLU); refuses anything else."""
+    x = torch.linspace(-4.0, 4.0, 33, dtype=torch.float64)
+    with torch.no_grad():
+        c = float(getattr(act, "cst", 1.0)) if not getattr(act, "_is_id", False) else 1.0
+        if not torch.allclose(act(x), c * torch.nn.functional.silu(x), rtol=1e-12, atol=1e-14):
+            raise ValueError("stacked evaluation supports SiLU radial MLPs only")
+    return c
+
+
+def _component_major(irreps) -> torch.Tensor:
+    """perm with x_cm = x[..., perm]: each block [mul, 2l+1] (e3nn's order) as [2l+1, mul]."""
+    order: List[int] = []
+    for (mul, ir), block in zip(irreps, irreps.slices()):
+        for k in range(ir.dim):
+            order.extend(block.start + u * ir.dim + k for u in range(mul))
+    return torch.tensor(order, dtype=torch.int64)
+
+
+class _MessagePaths(torch.nn.Module):
+    """The channel-wise paths of one layer's message tensor product.
+
+    Path p takes block a of the node features (rotation order l1), block b of the spherical
+    harmonics (l2) and writes block o (l3): msg_o[k, u] = w_p[u] Σ_ij C_p[i, j, k] x_a[i, u] Y_b[j],
+    with C_p the Clebsch–Gordan block times e3nn's normalisation, read off the module.
+    Blocks are held component-major ([2l+1, channels]): every broadcast then runs along
+    the contiguous channel axis, and so do the reductions of the backward pass."""
+
+    def __init__(self, product: torch.nn.Module, dtype: torch.dtype):
+        super().__init__()
+        in1 = product.irreps_in1
+        in2 = product.irreps_in2
+        out = product.irreps_out
+        s1, s2, so = in1.slices(), in2.slices(), out.slices()
+        self.channels = int(in1[0].mul)
+        self.weight_numel = int(product.weight_numel)
+        self.block_start: List[int] = [s.start for s in s1]
+        self.block_dim: List[int] = [ir.dim for _, ir in in1]
+        self.path_block: List[int] = []
+        self.y_start: List[int] = []
+        self.out_dim: List[int] = []
+        self.w_start: List[int] = []
+        self.kind: List[int] = []  # 0: scalar input, 1: Y0 (C ∝ identity), 2: scalar output, 3: general
+        out_start: List[int] = []
+        blocks: List[torch.Tensor] = []
+        offset = 0
+        for ins in product.instructions:
+            if ins.connection_mode != "uvu" or not ins.has_weight or in2[ins.i_in2].mul != 1:
+                raise ValueError("stacked evaluation needs weighted channel-wise (uvu) paths")
+            mul, ir1 = in1[ins.i_in1]
+            if mul != self.channels or out[ins.i_out].mul != mul:
+                raise ValueError("stacked evaluation needs one channel count for every irrep")
+            d1, d2, d3 = ir1.dim, in2[ins.i_in2].ir.dim, out[ins.i_out].ir.dim
+            # probe channel 0 with unit vectors x1 = e_i, Y = e_j and the path's first weight
+            x1 = torch.zeros(d1 * d2, in1.dim, dtype=dtype)
+            x2 = torch.zeros(d1 * d2, in2.dim, dtype=dtype)
+            w = torch.zeros(d1 * d2, self.weight_numel, dtype=dtype)
+            for i in range(d1):
+                for j in range(d2):
+                    x1[i * d2 + j, s1[ins.i_in1].start + i] = 1.0  # channel 0: the block's first d1 entries
+                    x2[i * d2 + j, s2[ins.i_in2].start + j] = 1.0
+            w[:, offset] = 1.0
+            with torch.no_grad():
+                y = product(x1, x2, w)
+            block = y[:, so[ins.i_out].start:so[ins.i_out].start + d3].reshape(d1, d2, d3).detach().clone()
+            if d1 == 1:
+                kind = 0
+            elif d2 == 1 and d1 == d3 and torch.equal(block[:, 0, :], block[0, 0, 0] * torch.eye(d1, dtype=dtype)):
+                kind = 1
+            elif d3 == 1:
+                kind = 2
+            else:
+                kind = 3
+            blocks.append(block)
+            self.kind.append(kind)
+            self.path_block.append(int(ins.i_in1))
+            self.y_start.append(s2[ins.i_in2].start)
+            self.out_dim.append(d3)
+            self.w_start.append(offset)
+            out_start.append(so[ins.i_out].start)
+            offset += mul
+        if offset != self.weight_numel:
+            raise ValueError("unexpected weight layout of the message tensor product")
+        # blocks [n_paths] of [d1, d2, d3], padded into one buffer for TorchScript
+        pad = max(max(b.shape) for b in blocks)
+        padded = torch.zeros(len(blocks), pad, pad, pad, dtype=dtype)
+        for p, b in enumerate(blocks):
+            padded[p, : b.shape[0], : b.shape[1], : b.shape[2]] = b
+        self.register_buffer("coefficients", padded)
+        self.y_dim: List[int] = [in2[ins.i_in2].ir.dim for ins in product.instructions]
+        # messages are concatenated in the order of the module's output blocks
+        self.out_order: List[int] = sorted(range(len(blocks)), key=lambda p: out_start[p])
+        self.register_buffer("message_order", _component_major(out))  # the rows of linear_down
+
+    def forward(self, h_up: torch.Tensor, sh: torch.Tensor, weights: torch.Tensor, centre: torch.Tensor,
+                neighbour: torch.Tensor, n: int) -> torch.Tensor:
+        """Node features h_up [M, N, d_in] (component-major blocks), sh [M, E, d_sh], radial
+        weights [M, E, n_weights] → the messages summed over each centre's edges,
+        [M, n, d_msg] (component-major blocks, in the module's output order)."""
+        m, e = sh.shape[0], sh.shape[1]
+        u = self.channels
+        gathered: List[torch.Tensor] = []
+        for start, dim in zip(self.block_start, self.block_dim):
+            block = h_up[:, :, start:start + u * dim].reshape(m, h_up.shape[1], dim, u)
+            gathered.append(block[:, neighbour])  # [M, E, dim, u]
+        # split, not slices: the backward of a split is one cat, of a slice a zero-filled copy
+        path_weights = weights.split(u, dim=2)
+        summed: List[torch.Tensor] = []
+        for p in self.out_order:
+            xa = gathered[self.path_block[p]]
+            d1, d2, d3 = xa.shape[2], self.y_dim[p], self.out_dim[p]
+            w = path_weights[self.w_start[p] // u].unsqueeze(2)  # [M, E, 1, u]
+            yb = sh[:, :, self.y_start[p]:self.y_start[p] + d2]
+            c = self.coefficients[p, :d1, :d2, :d3]
+            kind = self.kind[p]
+            if kind == 1:
+                msg = xa * (w * (yb * c[0, 0, 0]).unsqueeze(3))
+            else:
+                # YC[m, e, i, k] = Σ_j Y[j] C[i, j, k]: small, shared by the channels
+                yc = torch.matmul(yb, c.transpose(0, 1).reshape(d2, d1 * d3)).reshape(m, e, d1, d3)
+                if kind == 0:
+                    msg = (xa * w) * yc.reshape(m, e, d3, 1)
+                elif kind == 2:
+                    msg = (xa * yc).sum(dim=2, keepdim=True) * w
+                else:
+                    msg = torch.matmul(yc.transpose(2, 3), xa) * w
+            total = torch.zeros(m, n, d3, u, dtype=msg.dtype, device=msg.device).index_add(1, centre, msg)
+            summed.append(total.reshape(m, n, d3 * u))
+        return torch.cat(summed, dim=2)
+
+
+class StackedLayer(torch.nn.Module):
+    """One RACE layer and its readout for M members (see ``RaceLayer`` and ``Readout``)."""
+
+    def __init__(self, layers: List[torch.nn.Module], readouts: List[torch.nn.Module], n_species: int,
+                 dtype: torch.dtype):
+        super().__init__()
+        first = layers[0]
+        d_in = first.linear_up.irreps_in.dim
+        self.width_in = d_in
+        self.width_out = first.linear_out.irreps_out.dim
+        # skip: bilinear in (h, one-hot species) → one [d_in, d_out] matrix per species
+        skips = []
+        for layer in layers:
+            per_species = []
+            for s in range(n_species):
+                one_hot = torch.zeros(d_in, n_species, dtype=dtype)
+                one_hot[:, s] = 1.0
+                with torch.no_grad():
+                    per_species.append(layer.skip(torch.eye(d_in, dtype=dtype), one_hot))
+            skips.append(torch.cat(per_species, dim=1))  # [d_in, S * d_out]
+        self.register_buffer("skip", _stack(skips))
+        self.n_species = n_species
+        self.messages = _MessagePaths(first.message_product, dtype)
+        up_order = _component_major(first.linear_up.irreps_out)
+        self.register_buffer("linear_up", _stack([_dense(l.linear_up, d_in, dtype)[:, up_order] for l in layers]))
+        mlps = [list(l.radial_mlp.children()) for l in layers]
+        self.n_mlp = len(mlps[0])
+        weights = []
+        for k in range(self.n_mlp):
+            # e3nn divides by sqrt(fan-in · var_in / var_out) in the last layer, sqrt(fan-in · var_in) before
+            scale = []
+            for mlp in mlps:
+                lay = mlp[k]
+                denom = lay.h_in * lay.var_in if lay.act is not None else lay.h_in * lay.var_in / lay.var_out
+                scale.append((lay.weight / denom ** 0.5).detach().to(dtype))
+            weights.append(_stack(scale))
+        self.mlp_weights = torch.nn.ParameterList(
+            [torch.nn.Parameter(w, requires_grad=False) for w in weights])
+        activations = [mlp[k] for mlp in mlps for k in range(self.n_mlp - 1)]
+        constants = {_activation_constant(lay.act) for lay in activations}
+        out_scales = {float(lay.var_out) ** 0.5 for lay in activations}
+        if len(constants) > 1 or len(out_scales) > 1:
+            raise ValueError("stacked evaluation needs the same radial activation in every member")
+        self.act_scale = (constants.pop() if constants else 1.0) * (out_scales.pop() if out_scales else 1.0)
+        d_msg = first.message_product.irreps_out.dim
+        self.register_buffer("linear_down", _stack(
+            [_dense(l.linear_down, d_msg, dtype)[self.messages.message_order] for l in layers]))
+        # restratification: out[k] = a⁽¹⁾[channel(k)] · h[k] · c[k] (channel-wise, no weights)
+        d_hidden = self.width_out
+        n_channels = first.restratify.irreps_in1.dim
+        channel = torch.zeros(d_hidden, dtype=torch.int64)
+        coefficient = torch.zeros(d_hidden, dtype=dtype)
+        with torch.no_grad():
+            probe = first.restratify(torch.eye(n_channels, dtype=dtype), torch.ones(n_channels, d_hidden, dtype=dtype))
+        for k in range(d_hidden):
+            nonzero = torch.nonzero(probe[:, k]).reshape(-1)
+            if nonzero.numel() > 1:
+                raise ValueError("restratification mixes channels: stacked evaluation does not apply")
+            if nonzero.numel() == 1:
+                channel[k] = nonzero[0]
+                coefficient[k] = probe[nonzero[0], k]
+        self.register_buffer("restratify_channel", channel)
+        self.register_buffer("restratify_coefficient", coefficient)
+        self.register_buffer("linear_out", _stack([_dense(l.linear_out, d_hidden, dtype) for l in layers]))
+        self.inv_sqrt_neighbors = float(first.inv_sqrt_neighbors)
+        if any(float(l.inv_sqrt_neighbors) != self.inv_sqrt_neighbors for l in layers):
+            raise ValueError("members differ in avg_num_neighbors: stacked evaluation needs one")
+        # readout: linear → (parameter-free) gate → linear
+        self.register_buffer("readout_in", _stack([_dense(r.linear_in, d_hidden, dtype) for r in readouts]))
+        self.gate = readouts[0].gate
+        mid = readouts[0].linear_out.irreps_in.dim
+        self.register_buffer("readout_out", _stack([_dense(r.linear_out, mid, dtype) for r in readouts]))
+
+    def radial_weights(self, radial: torch.Tensor) -> torch.Tensor:
+        x = radial
+        for k, weight in enumerate(self.mlp_weights):
+            x = torch.matmul(x, weight)
+            if k < self.n_mlp - 1:
+                x = torch.nn.functional.silu(x) * self.act_scale
+        return x
+
+    def forward(self, h: torch.Tensor, species: torch.Tensor, initial: torch.Tensor, radial: torch.Tensor,
+                sh: torch.Tensor, centre: torch.Tensor, neighbour: torch.Tensor,
+                n_centres: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """h [M, N, d_in] of every atom → (h' [M, n, d_out], readout [M, n, n_out]) of the
+        first n = n_centres atoms; radial [M, E, n_radial], sh [M, E, d_sh]."""
+        m = h.shape[0]
+        n = n_centres
+        d_out = self.width_out
+        h_local = h[:, :n]
+        by_species = torch.matmul(h_local, self.skip).reshape(m, n, self.n_species, d_out)
+        index = species[:n].reshape(1, n, 1, 1).expand(m, n, 1, d_out)
+        skip = torch.gather(by_species, 2, index).squeeze(2)
+        h_up = torch.matmul(h, self.linear_up)
+        summed = self.messages(h_up, sh, self.radial_weights(radial), centre, neighbour, n)
+        h_new = torch.matmul(summed * self.inv_sqrt_neighbors, self.linear_down)
+        stratified = initial[:, :n][:, :, self.restratify_channel] * h_new * self.restratify_coefficient
+        h_next = torch.matmul(stratified, self.linear_out) + skip
+        mid = torch.matmul(h_next, self.readout_in)
+        gated = self.gate(mid.reshape(m * n, mid.shape[2]))
+        gated = gated.reshape(m, n, gated.shape[1])
+        return h_next, torch.matmul(gated, self.readout_out)
+
+
+class StackedRace(torch.nn.Module):
+    """Every member of a posterior in one network (read the module docstring)."""
+
+    def __init__(self, members: List[RACE]):
+        super().__init__()
+        if not members:
+            raise ValueError("stacked evaluation needs at least one member")
+        first = members[0]
+        for k, member in enumerate(members):
+            if member.feature_widths() != first.feature_widths() or member.readout_width() != first.readout_width() \
+                    or member.type_names != first.type_names or member.config.cutoff != first.config.cutoff:
+                raise ValueError(f"member {k} differs in architecture from member 0: members cannot be stacked")
+        dtype = first.energy_scale.dtype
+        n_species = len(first.type_names)
+        self.n_members = len(members)
+        self.n_layers = int(first.n_layers)
+        self.spherical_harmonics = first.spherical_harmonics  # parameter-free, shared
+        self.radial_basis = first.radial_basis
+        eye = torch.eye(n_species, dtype=dtype)
+        with torch.no_grad():
+            self.register_buffer("embedding", _stack([m.embedding(eye) for m in members]))  # [M, S, d0]
+        d0 = first.embedding.irreps_out.dim
+        self.register_buffer("initial_feature", _stack([_dense(m.initial_feature, d0, dtype) for m in members]))
+        self.layers = torch.nn.ModuleList([
+            StackedLayer([m.layers[k] for m in members], [m.readouts[k] for m in members], n_species, dtype)
+            for k in range(self.n_layers)])
+        self.widths: List[int] = list(first.feature_widths())
+
+    def embed(self, species: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(h_0, a⁽¹⁾), each [M, N, d_0]: species only."""
+        h = self.embedding[:, species]
+        return h, torch.matmul(h, self.initial_feature)
+
+    def edge_geometry(self, edge_vectors: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(radial basis [M, E, n_radial], spherical harmonics [M, E, d_sh]) of edge vectors [M, E, 3]."""
+        m, e = edge_vectors.shape[0], edge_vectors.shape[1]
+        flat = edge_vectors.reshape(m * e, 3)
+        lengths = torch.sqrt(torch.sum(flat * flat, dim=1))
+        radial = self.radial_basis(lengths)
+        sh = self.spherical_harmonics(flat)
+        return radial.reshape(m, e, radial.shape[1]), sh.reshape(m, e, sh.shape[1])
+
+    def interaction(self, index: int, h: torch.Tensor, species: torch.Tensor, initial: torch.Tensor,
+                    radial: torch.Tensor, sh: torch.Tensor, edge_index: torch.Tensor,
+                    n_centres: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        result: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        for k, layer in enumerate(self.layers):
+            if k == index:
+                result = layer(h, species, initial, radial, sh, edge_index[0], edge_index[1], n_centres)
+        if result is None:
+            raise IndexError(f"layer {index} out of range")
+        return result
+
+    def forward(self, species: torch.Tensor, edge_index: torch.Tensor, edge_vectors: torch.Tensor) -> torch.Tensor:
+        """The readouts of every layer [K, M, N, n_out] of all N atoms (every atom a centre)."""
+        radial, sh = self.edge_geometry(edge_vectors)
+        h, initial = self.embed(species)
+        n = species.shape[0]
+        per_layer: List[torch.Tensor] = []
+        for index in range(self.n_layers):
+            h, readout = self.interaction(index, h, species, initial, radial, sh, edge_index, n)
+            per_layer.append(readout)
+        return torch.stack(per_layer)
+
