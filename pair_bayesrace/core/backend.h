@@ -20,6 +20,9 @@ struct ModelInputs {
   const int64_t *edge_index = nullptr;  // [2, E]: E centres i, then E neighbours j
   const double *edge_shifts = nullptr;  // [E, 3] Cartesian Å, or nullptr for zeros
   bool compute_atomic_virial = false;
+  // layer mode: keep no layer's autograd graph during the forward pass and run each layer
+  // again in the backward pass (peak memory of one layer instead of all, one more forward)
+  bool recompute_layers = false;
 };
 
 // Raw per-member outputs, float64, member-major (C order).

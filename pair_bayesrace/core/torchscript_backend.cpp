@@ -278,13 +278,23 @@ void TorchScriptBackend::evaluate_layered(const ModelInputs &in, HaloExchange &h
     if (h.sizes() != c10::IntArrayRef({N, widths_[0]}))
       throw std::runtime_error(path_ + ": embed() returned shape " + shape_str(h) + ", expected [" +
                                std::to_string(N) + ", " + std::to_string(widths_[0]) + "]");
-    // forward, layer by layer: local rows computed here, ghost rows from their owners
-    for (int64_t k = 0; k < K; ++k) {
-      h_in[k] = k == 0 ? h : h.requires_grad_(true);
+    auto run_layer = [&](int64_t k) {
       auto res = (together_ ? layer({k, h_in[k], spec, ei, vectors, nl}) : layer({g, k, h_in[k], spec, ei, vectors, nl}))
                      .toTuple();
       h_loc[k] = res->elements().at(0).toTensor();
       r[k] = res->elements().at(1).toTensor();
+    };
+    // forward, layer by layer: local rows computed here, ghost rows from their owners. With
+    // recompute_layers no graph is kept here: each layer runs again, with autograd, below
+    for (int64_t k = 0; k < K; ++k) {
+      h_in[k] = k == 0 ? h : h.requires_grad_(!in.recompute_layers);
+      if (in.recompute_layers) {
+        torch::NoGradGuard no_graph;
+        run_layer(k);
+        r[k] = r[k].detach().requires_grad_(true);  // a leaf: dE/dr_k comes from head() alone
+      } else {
+        run_layer(k);
+      }
       if (r[k].sizes() != c10::IntArrayRef(readout_shape))
         throw std::runtime_error(path_ + ": layer(" + std::to_string(k) + ") returned a readout of shape " +
                                  shape_str(r[k]) + ", expected " + shape_str(torch::empty(readout_shape)));
@@ -316,6 +326,10 @@ void TorchScriptBackend::evaluate_layered(const ModelInputs &in, HaloExchange &h
     if (energy.requires_grad()) g_r = torch::autograd::grad({energy}, r, {}, false, false, true);
     torch::Tensor Gk;  // dE/dh_{k+1} of the local rows; none for h_K (only r_{K-1} reads it)
     for (int64_t k = K - 1; k >= 0; --k) {
+      if (in.recompute_layers) {
+        if (k > 0) h_in[k].requires_grad_(true);
+        run_layer(k);  // this layer's graph only
+      }
       std::vector<torch::Tensor> outputs, seeds, inputs{vectors};
       if (g_r[k].defined() && r[k].requires_grad()) {
         outputs.push_back(r[k]);
@@ -342,6 +356,7 @@ void TorchScriptBackend::evaluate_layered(const ModelInputs &in, HaloExchange &h
         halo.reverse(grads_[k].data(), w);
         Gk = from_buffer(grads_[k], nl, w);
       }
+      if (in.recompute_layers) h_loc[k] = r[k] = torch::Tensor();  // free it before the next
     }
     // r_ij = x_j - x_i: F_i += dE/dr_ij, F_j -= dE/dr_ij; W = -sum r (x) dE/dr, half to each end
     for (int64_t mm = 0; mm < Mg; ++mm) {

@@ -64,7 +64,7 @@ constexpr double MIN_DISTANCE = 1e-8;
 
 PairBayesRace::PairBayesRace(LAMMPS *lmp) :
     Pair(lmp), device("cpu"), driving_member(-1), uq_every(0), n_members(0), econv(1.0), cut_model(0.0),
-    cutsq_model(0.0), halo_layer(false), halo_auto(true), moving(Moving::NOTHING), comm_rows(nullptr), comm_width(0), uq(nullptr),
+    cutsq_model(0.0), halo_layer(false), halo_auto(true), recompute_layers(false), moving(Moving::NOTHING), comm_rows(nullptr), comm_width(0), uq(nullptr),
     uq_nmax(0), uq_step(-1), energy_sigma(0.0), energy_var_epi(0.0), energy_var_ale(0.0), halo(this)
 {
   single_enable = 0;
@@ -105,7 +105,7 @@ void PairBayesRace::allocate()
 
 /* ----------------------------------------------------------------------
    pair_style bayesrace [device cpu|cuda|cuda:K] [dynamics mean|member K] [uncertainty every N]
-                        [halo shell|layer]
+                        [halo shell|layer] [recompute yes|no]
 ------------------------------------------------------------------------- */
 
 void PairBayesRace::settings(int narg, char **arg)
@@ -115,6 +115,8 @@ void PairBayesRace::settings(int narg, char **arg)
   uq_every = 0;
   halo_layer = false;
   halo_auto = true;  // layer mode when the model has per-layer methods, else shell
+  recompute_layers = false;
+  bool recompute_given = false;
   int iarg = 0;
   while (iarg < narg) {
     const std::string key = arg[iarg];
@@ -152,11 +154,21 @@ void PairBayesRace::settings(int narg, char **arg)
       halo_layer = mode == "layer";
       halo_auto = false;
       iarg += 2;
+    } else if (key == "recompute") {
+      const std::string value = iarg + 1 < narg ? arg[iarg + 1] : "";
+      if (value != "yes" && value != "no")
+        error->all(FLERR, "pair_style bayesrace: 'recompute' needs 'yes' or 'no', got '{}'", value);
+      recompute_layers = value == "yes";
+      recompute_given = true;
+      iarg += 2;
     } else {
       error->all(FLERR, "pair_style bayesrace: unknown keyword '" + key +
-                            "' (expected device, dynamics, uncertainty or halo)");
+                            "' (expected device, dynamics, uncertainty, halo or recompute)");
     }
   }
+  if (recompute_given && !halo_auto && !halo_layer)
+    error->all(FLERR, "pair_style bayesrace: 'recompute' applies to 'halo layer' only (halo shell evaluates the "
+                      "model in one piece)");
 }
 
 /* ----------------------------------------------------------------------
@@ -351,6 +363,7 @@ void PairBayesRace::compute(int eflag, int vflag)
     in.edge_index = edges.data();
     in.edge_shifts = nullptr;
     in.compute_atomic_virial = vflag_atom != 0;
+    in.recompute_layers = recompute_layers;
     bayesrace::DrivingOutputs drive;
     try {
       if (halo_layer)

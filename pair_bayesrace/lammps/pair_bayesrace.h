@@ -2,15 +2,17 @@
    bayesrace LAMMPS plugin: pair_style bayesrace (GPL-2.0, as LAMMPS)
 
    pair_style bayesrace [device cpu|cuda|cuda:K] [dynamics mean|member K] [uncertainty every N]
-                        [halo shell|layer]
+                        [halo shell|layer] [recompute yes|no]
    pair_coeff * * model.pt E1 E2 ... (one element or NULL per LAMMPS type)
 
-   halo shell (default): exact ghost shell. Ghosts reach n_layers*cutoff (+ skin), the model
+   halo layer (the default when the model has per-layer methods) or shell. halo shell: exact ghost shell. Ghosts reach n_layers*cutoff (+ skin), the model
    sees every local and ghost atom with the edges of a full neighbour list including ghosts,
    and only local atoms' energies are summed.
    halo layer: ghosts reach one cutoff (+ skin), edges only from local centres; node
    features go to the ghosts after every message-passing layer (forward_comm) and their
    gradients back to the owners (reverse_comm): methods in pair_bayesrace_halo.cpp.
+   recompute yes (halo layer): no layer's autograd graph is kept through the forward pass;
+   each layer runs again in the backward pass (peak memory of one layer, one more forward).
    Both: ghost forces (driving and per-member) are reverse-communicated to their owners.
 ------------------------------------------------------------------------- */
 
@@ -73,6 +75,7 @@ class PairBayesRace : public Pair {
   std::vector<int> type_map;  // LAMMPS type -> species, -1 = NULL
   bool halo_layer;            // halo layer (true) or halo shell
   bool halo_auto;             // no 'halo' keyword: layer if the model can, else shell
+  bool recompute_layers;      // recompute yes: layer mode keeps one layer's graph at a time
 
   // what pack/unpack_*_comm move: rows [nall][comm_width] of comm_rows, by LAMMPS index
   enum class Moving { NOTHING, FEATURES, FEATURE_GRADIENTS, MEMBER_FORCES };

@@ -38,6 +38,9 @@ void PairBayesRace::init_halo()
       utils::logmesg(lmp, "pair bayesrace: halo shell, because the model cannot run layer mode: {}\n",
                      engine->layer_mode_problem());
   }
+  if (recompute_layers && !halo_layer)
+    error->all(FLERR, "pair_style bayesrace: 'recompute yes' needs halo layer, and the model {} cannot run it: {}",
+               engine->path(), engine->layer_mode_problem());
   ghostneigh = halo_layer ? 0 : 1;  // layer mode: neighbours of local atoms only; read by comm->init()
   if (!halo_layer) {
     neighbor->add_request(this, NeighConst::REQ_FULL | NeighConst::REQ_GHOST);

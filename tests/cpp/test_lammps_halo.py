@@ -74,15 +74,17 @@ def _md_block(plugin: str, model: str, halo: str) -> str:
     return text.replace("data.lmp", "data_cell.lmp").replace("global.txt", "global_md.txt")
 
 
-def _run_all(plugin: str, model: str, work: Path, halo: str, nprocs: int, md: bool):
-    """One launch: every structure (and the MD when asked); returns (output by structure, MD rows, MD dumps)."""
+def _run_all(plugin: str, model: str, work: Path, halo: str, nprocs: int, md: bool, recompute: bool = False):
+    """One launch: every structure (and the MD when asked); returns (output by structure, MD rows, MD dumps).
+    ``recompute``: layer mode with ``recompute yes`` (each layer run again in the backward pass)."""
     work.mkdir(parents=True, exist_ok=True)
     blocks = []
     for kind, make in STRUCTURES.items():
         s = make()
         write_data(s, work / f"data_{kind}.lmp")
         processors = "processors 4 1 1" if kind == "empty_rank" and nprocs == 4 else ""
-        text = lammps_input(plugin, model, s, settings=f"halo {halo}", processors=processors)
+        settings = f"halo {halo}" + (" recompute yes" if recompute else "")
+        text = lammps_input(plugin, model, s, settings=settings, processors=processors)
         text = (text.replace("data.lmp", f"data_{kind}.lmp").replace("dump.txt", f"dump_{kind}.txt")
                 .replace("global.txt", f"global_{kind}.txt"))
         blocks.append(f'print "BEGIN {kind}"\n' + text)
@@ -106,13 +108,15 @@ def _run_all(plugin: str, model: str, work: Path, halo: str, nprocs: int, md: bo
 
 @pytest.fixture(scope="module")
 def runs(plugin_path, model, tmp_path_factory):
-    """{(halo, nprocs): (results by structure, output by structure, MD rows)}: 4 launches."""
+    """{(halo, nprocs): (results by structure, output by structure, MD rows)}: 4 launches; the 4-rank
+    one recomputes each layer in the backward pass (``recompute yes``), so every comparison of it
+    checks that mode too."""
     root = tmp_path_factory.mktemp("halo_runs")
     return {
         ("shell", 1): _run_all(plugin_path, model, root / "shell1", "shell", 1, md=False),
         ("layer", 1): _run_all(plugin_path, model, root / "layer1", "layer", 1, md=True),
         ("layer", 2): _run_all(plugin_path, model, root / "layer2", "layer", 2, md=True),
-        ("layer", 4): _run_all(plugin_path, model, root / "layer4", "layer", 4, md=False),
+        ("layer", 4): _run_all(plugin_path, model, root / "layer4", "layer", 4, md=False, recompute=True),
     } | {"root": root}
 
 
@@ -171,6 +175,10 @@ def test_halo_keyword_errors(plugin_path, toy_model, tmp_path):
         lmp.command(f"plugin load {plugin_path}")
     with pytest.raises(Exception, match="'halo' needs 'shell' or 'layer', got 'deep'"):
         lmp.command("pair_style bayesrace halo deep")
+    with pytest.raises(Exception, match="'recompute' needs 'yes' or 'no', got 'maybe'"):
+        lmp.command("pair_style bayesrace recompute maybe")
+    with pytest.raises(Exception, match="'recompute' applies to 'halo layer' only"):
+        lmp.command("pair_style bayesrace halo shell recompute yes")
     lmp.close()
     s = psb3_structure()
     write_data(s, tmp_path / "data.lmp")

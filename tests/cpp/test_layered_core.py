@@ -154,6 +154,17 @@ def test_layered_repeated_calls_reuse_buffers(core, models):
         np.testing.assert_array_equal(again[key], first[key], err_msg=key)
 
 
+def test_layered_recompute_equals_kept_graphs(core, models):
+    """recompute_layers (each layer run again in the backward pass) gives the same numbers."""
+    engine = core.Engine(models["3 layers"])
+    g = layered_inputs(cell_structure(seed=3, n=20, triclinic=True))
+    args = (g["positions"], g["species"], g["edge_index"], g["n_local"], g["ghost_owner"], "mean", True)
+    kept = engine.evaluate_layered(*args)
+    again = engine.evaluate_layered(*args, recompute_layers=True)
+    for key in MEMBER_KEYS + SIGMA_KEYS:
+        close(again[key], kept[key], 1e-12, key + " with recompute_layers")
+
+
 def test_layered_input_errors(core, models, toy_model):
     engine = core.Engine(models["2 layers"])
     g = layered_inputs(cell_structure())
