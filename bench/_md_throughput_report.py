@@ -88,7 +88,7 @@ def write_markdown(meta: Dict, rows: List[Dict], snap_rows: List[Dict]) -> str:
         f"Commit `{meta['commit']}`; {_changes(meta['uncommitted_changes'])}.",
         f"Plugin `{plugin.get('path')}` (sha256 {plugin.get('sha256')}, built {plugin.get('modified')}); "
         f"LAMMPS reported: loaded {meta.get('lammps_plugins_loaded')}.",
-        f"Model preset `{meta['preset']}` (float64, cutoff {meta['model']['cutoff']} Å, "
+        f"Model preset `{meta['preset']}` ({meta.get('dtype', 'float64')}, cutoff {meta['model']['cutoff']} Å, "
         f"{meta['model']['n_layers']} layers); {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}.",
         f"Load before: `{meta['uptime_before']}`; after: `{meta['uptime_after']}`"
         + (f"; 1-minute load during the run {load['load1_mean']} (min {load['load1_min']}, max {load['load1_max']})."

@@ -1,11 +1,14 @@
 """MD throughput of pair_style bayesrace in LAMMPS: atom-steps/s and ms/step, halo layer vs shell.
 
 Systems: one PSB3 molecule (14 atoms, non-periodic) and a periodic lattice of PSB3
-molecules at about 100, 1 000 and 10 000 atoms; 1 and 2 MPI ranks; ensembles of M = 1,
-4 and 8 members (untrained weights: the cost does not depend on their values). Every case
-runs in each halo mode of ``--halo``: ``layer`` (ghosts one cutoff + skin deep, node features
-exchanged between ranks after every message-passing layer) and ``shell`` (ghosts
-n_layers × cutoff + skin deep, the model a black box). Each system and rank count also runs
+molecules at about 100, 1 000, 10 000 and 100 000 atoms; 1 and 2 MPI ranks; ensembles of
+M = 1, 4 and 8 members, all evaluated in one pass (untrained weights: the cost does not
+depend on their values), float64 or float32 (``--dtype``). Every case runs in each halo
+mode of ``--halo``: ``layer`` (ghosts one cutoff + skin deep, node features exchanged
+between ranks after every message-passing layer), ``layer-recompute`` (the same with
+``recompute yes``: each layer runs again in the backward pass, in pieces, so memory follows
+a piece, not the domain) and ``shell`` (ghosts n_layers × cutoff + skin deep, the model a
+black box). Cases that would need tens of GB are skipped (``too_big``). Each system and rank count also runs
 LAMMPS' own SNAP (twojmax 6, the same 5 Å cutoff, random linear coefficients) as the
 baseline of a local potential in the same invocation.
 
@@ -49,7 +52,8 @@ from bayesrace.lammps import run_lmp
 from bayesrace.data import build_psb3
 
 TYPES = ["H", "C", "N"]
-HALOS = ("layer", "shell")
+# layer-recompute: halo layer with `recompute yes` (one piece of one layer's graph in memory)
+HALOS = ("layer", "shell", "layer-recompute")
 # a PSB3 molecule (planar, about 8.5 Å long) per orthorhombic cell; images stay > 2 Å apart
 CELL = np.array([11.0, 7.0, 5.0])
 # (name, replicate, periodic, steps); step counts keep each case to tens of seconds
@@ -58,6 +62,7 @@ SYSTEMS = [
     ("psb3_lattice_112", (2, 2, 2), True, 5),
     ("psb3_lattice_1120", (5, 4, 4), True, 2),
     ("psb3_lattice_10206", (9, 9, 9), True, 1),
+    ("psb3_lattice_101080", (20, 19, 19), True, 1),
 ]
 # SNAP is about three orders of magnitude cheaper per atom-step: more steps for a loop
 # time well above the timer's resolution
@@ -78,10 +83,10 @@ STAT_BEFORE = 'shell "cat /proc/$PPID/stat > rank0_before.stat"'
 STAT_AFTER = 'shell "cat /proc/$PPID/stat > rank0_after.stat; grep VmHWM /proc/$PPID/status >> rank0_after.stat"'
 
 
-def make_deployable(members: int, preset: str, path: Path) -> None:
+def make_deployable(members: int, preset: str, path: Path, dtype: str = "float64") -> None:
     config = model_config_from(preset, avg_num_neighbors=12.0)
     models = [build_model(config, TYPES, seed=seed).eval() for seed in range(members)]
-    export_posterior(Posterior(models).eval(), path, training_data_sha256="untrained-benchmark-weights")
+    export_posterior(Posterior(models).eval(), path, training_data_sha256="untrained-benchmark-weights", dtype=dtype)
 
 
 def bispectrum_count(twojmax: int) -> int:
@@ -132,7 +137,8 @@ def write_data(path: Path, replicate, periodic: bool) -> int:
 
 def bayesrace_pair(model: Path, halo: Optional[str]) -> str:
     """pair_style bayesrace (with ``halo`` when given) and its global uncertainty on the thermo line."""
-    style = "pair_style bayesrace" + (f" halo {halo}" if halo else "")
+    settings = {None: "", "layer-recompute": " halo layer recompute yes"}.get(halo, f" halo {halo}")
+    style = "pair_style bayesrace" + settings
     return f"""{style}
 pair_coeff * * {model} {' '.join(TYPES)}
 compute ug all bayesrace
@@ -229,12 +235,20 @@ def run_case(workdir: Path, pair: str, periodic: bool, steps: int, ranks: int, t
     }
 
 
+def too_big(system: str, members: int, halo: str) -> bool:
+    """Cases that would need tens of GB on this machine: the 3-layer ghost shell beyond 10^3
+    atoms with M > 1 or at 10^5 atoms, and layer mode keeping every layer's graph at 10^5."""
+    if system.endswith("101080"):
+        return halo != "layer-recompute"
+    return system.endswith("10206") and members > 1 and halo == "shell"
+
+
 def measure(rows: list, key: dict, workdir: Path, pair: str, replicate, periodic: bool, steps: int,
             ranks: int, thermal: bool = True) -> None:
     """Run one case in a new ``workdir``, append its row (or its failure) to ``rows`` and print it."""
     workdir.mkdir()
     write_data(workdir / "data.lmp", replicate, periodic)
-    label = f"{key['system']:22s} {key['pair']:9s} M={key['members'] or '-'} {key['halo'] or '-':5s} np={ranks}"
+    label = f"{key['system']:22s} {key['pair']:9s} M={key['members'] or '-'} {key['halo'] or '-':15s} np={ranks}"
     try:
         row = {**key, **run_case(workdir, pair, periodic, steps, ranks, thermal)}
     except RuntimeError as error:
@@ -252,6 +266,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(RESULTS_DIR / "md_throughput"))
     parser.add_argument("--preset", default="small")
+    parser.add_argument("--dtype", choices=["float64", "float32"], default="float64", help="the deployables' dtype")
     parser.add_argument("--quick", action="store_true", help="fewer cases and steps (a smoke run)")
     parser.add_argument("--halo", nargs="+", choices=HALOS, default=list(HALOS),
                         help="halo modes of pair_style bayesrace, each case runs in every one (default: both)")
@@ -279,6 +294,7 @@ def main(argv=None) -> int:
         "uptime_before": uptime(),
         "preset": args.preset,
         "model": model_config_from(args.preset, avg_num_neighbors=12.0).__dict__,
+        "dtype": args.dtype,
         "machine": machine_info(),
         "plugin": plugin_info(),
         "snap": None if args.no_snap else {"twojmax": SNAP_TWOJMAX, "cutoff": SNAP_CUTOFF,
@@ -293,7 +309,7 @@ def main(argv=None) -> int:
         models = {}
         for members in member_counts:
             models[members] = tmp / f"model_M{members}.pt"
-            make_deployable(members, args.preset, models[members])
+            make_deployable(members, args.preset, models[members], args.dtype)
         write_snap(tmp)
         for name, replicate, periodic, steps in systems:
             steps = args.steps or steps
@@ -304,11 +320,11 @@ def main(argv=None) -> int:
                 measure(snap_rows, key, workdir, snap_pair(tmp), replicate, periodic, steps * SNAP_STEPS_PER_STEP,
                         ranks, thermal=False)
             for members in member_counts:
-                if name.endswith("10206") and members > 1:
-                    continue  # tens of GB with the ghost shell of 3 layers; M=1 shows the scaling
                 for ranks in args.ranks:
                     # halo modes innermost: the runs compared with each other are neighbours in time
                     for halo in args.halo:
+                        if too_big(name, members, halo):
+                            continue
                         workdir = tmp / f"{name}_M{members}_{halo}_np{ranks}"
                         key = {"system": name, "pair": "bayesrace", "members": members, "halo": halo}
                         pair = bayesrace_pair(models[members], halo)

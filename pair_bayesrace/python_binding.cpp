@@ -199,7 +199,8 @@ struct OwnerMapHalo : HaloExchange {
 };
 
 py::dict evaluate_layered(const Engine &engine, DArr positions, IArr species, IArr edge_index, int64_t n_local,
-                          IArr ghost_owner, py::object driving, bool compute_atomic_virial, bool recompute_layers) {
+                          IArr ghost_owner, py::object driving, bool compute_atomic_virial, bool recompute_layers,
+                          int64_t recompute_chunk) {
   namespace K = keys;
   require_shape(positions, K::POSITIONS, {-1, 3});
   const int64_t N = positions.shape(0);
@@ -226,6 +227,8 @@ py::dict evaluate_layered(const Engine &engine, DArr positions, IArr species, IA
   in.edge_index = edge_index.data();
   in.compute_atomic_virial = compute_atomic_virial;
   in.recompute_layers = recompute_layers;
+  if (recompute_chunk < 0) throw py::value_error("recompute_chunk must be >= 0 (0: the default)");
+  in.recompute_chunk = recompute_chunk;
   OwnerMapHalo halo;
   halo.n_local = n_local;
   halo.n_ghost = N - n_local;
@@ -339,14 +342,15 @@ PYBIND11_MODULE(_bayesrace_core, m) {
            "over atoms 0..n_local-1 (rows beyond n_local are not folded back onto their owners).")
       .def("evaluate_layered", &evaluate_layered, py::arg(keys::POSITIONS), py::arg(keys::SPECIES),
            py::arg(keys::EDGE_INDEX), py::arg("n_local"), py::arg("ghost_owner"), py::arg("driving") = "mean",
-           py::arg("compute_atomic_virial") = false, py::arg("recompute_layers") = false,
+           py::arg("compute_atomic_virial") = false, py::arg("recompute_layers") = false, py::arg("recompute_chunk") = 0,
            "Layer mode (what pair_style bayesrace ... halo layer runs): rows 0..n_local-1 local, ghost row "
            "n_local+g a periodic image of local row ghost_owner[g] (positions carry the image shift); every edge "
            "centre < n_local. Node features are copied to the ghost rows after every layer and their gradients "
            "added back onto the owners. Returns the dict of evaluate(): member and driving arrays with N rows "
            "(ghost rows of the forces and atomic virial not folded), uncertainties over the local atoms with the "
            "ghost member forces folded onto their owners. recompute_layers: keep no layer's graph in the forward "
-           "pass, run each layer again in the backward pass (less memory, one more forward).")
+           "pass, run each layer again in the backward pass, in pieces of at most recompute_chunk (edge, member) "
+           "pairs (0: the default), so memory follows a piece, not the domain; one more forward pass.")
       .def_property_readonly("layer_widths", &Engine::layer_widths,
                              "[w_0..w_K]: the widths of the node-feature rows exchanged (M * d_k when the "
                              "deployable evaluates its members together; empty: no layer mode)");

@@ -23,7 +23,12 @@ struct ModelInputs {
   // layer mode: keep no layer's autograd graph during the forward pass and run each layer
   // again in the backward pass (peak memory of one layer instead of all, one more forward)
   bool recompute_layers = false;
+  // with recompute_layers: at most this many (edge, member) pairs per piece of a layer
+  // (0: the default, kRecomputeChunk); the pieces are groups of consecutive local centres
+  int64_t recompute_chunk = 0;
 };
+
+constexpr int64_t kRecomputeChunk = int64_t(1) << 18;
 
 // Raw per-member outputs, float64, member-major (C order).
 struct MemberOutputs {

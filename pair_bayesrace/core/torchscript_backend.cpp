@@ -1,155 +1,15 @@
-// TorchScript backend: the only translation unit of the core that includes libtorch.
-#include <torch/csrc/autograd/autograd.h>
+// TorchScript backend: loading, shell mode, layer mode (the core's libtorch code lives here,
+// in torchscript_recompute.cpp and in torchscript_backend.h).
 #include <torch/csrc/jit/runtime/graph_executor.h>
 #include <torch/cuda.h>
-#include <torch/script.h>
 
-#include <cstring>
 #include <fstream>
-#include <sstream>
-#include <stdexcept>
 
-#include "../keys.h"
-#include "backend.h"
+#include "torchscript_backend.h"
 
 namespace bayesrace {
 
-namespace {
-
-std::string first_line(const std::string &s) {
-  auto p = s.find('\n');
-  return p == std::string::npos ? s : s.substr(0, p);
-}
-
-std::string shape_str(const torch::Tensor &t) {
-  std::ostringstream os;
-  os << t.sizes();
-  return os.str();
-}
-
-class TorchScriptBackend : public Backend {
- public:
-  TorchScriptBackend(torch::jit::Module module, std::string path)
-      : module_(std::move(module)), path_(std::move(path)) {}
-
-  void configure(const std::string &device, const std::string &dtype, int64_t n_members, int local_rank) {
-    if (device.rfind("cuda", 0) == 0) {
-      // CUDA path: compiles against any libtorch; untested on CPU-only machines.
-      if (!torch::cuda::is_available())
-        throw std::runtime_error("device '" + device +
-                                 "' requested but this libtorch has no CUDA support or no GPU is visible");
-    } else if (device != "cpu") {
-      throw std::runtime_error("unknown device '" + device + "' (expected cpu, cuda or cuda:K)");
-    }
-    try {
-      if (device == "cuda") {
-        // one GPU per rank on a node: round-robin over the visible devices
-        const int64_t count = static_cast<int64_t>(torch::cuda::device_count());
-        device_ = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(local_rank % count));
-      } else {
-        device_ = torch::Device(device);
-      }
-    } catch (const std::exception &e) {
-      throw std::runtime_error("bad device '" + device + "': " + first_line(e.what()));
-    }
-    dtype_ = dtype == "float32" ? torch::kFloat32 : torch::kFloat64;
-    n_members_ = n_members;
-    module_.to(device_);
-    module_.eval();
-    read_layer_structure();
-  }
-
-  std::vector<int64_t> layer_widths() const override { return widths_; }
-  std::string layer_mode_problem() const override { return layer_problem_; }
-
-  std::string describe() const override {
-    return "TorchScript " + path_ + " on " + device_.str() + (dtype_ == torch::kFloat32 ? " float32" : " float64");
-  }
-
-  void evaluate(const ModelInputs &in, MemberOutputs &out) override {
-    const int64_t N = in.n_atoms, E = in.n_edges, M = n_members_;
-    auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
-    auto i64 = torch::TensorOptions().dtype(torch::kInt64);
-    auto to_dev = [&](torch::Tensor t, torch::ScalarType st) {
-      return t.to(device_, st, /*non_blocking=*/false, /*copy=*/true);
-    };
-    torch::Tensor pos = N ? to_dev(torch::from_blob(const_cast<double *>(in.positions), {N, 3}, f64), dtype_)
-                          : torch::zeros({0, 3}, f64.dtype(dtype_).device(device_));
-    torch::Tensor spec = N ? to_dev(torch::from_blob(const_cast<int64_t *>(in.species), {N}, i64), torch::kInt64)
-                           : torch::zeros({0}, i64.device(device_));
-    torch::Tensor ei = E ? to_dev(torch::from_blob(const_cast<int64_t *>(in.edge_index), {2, E}, i64), torch::kInt64)
-                         : torch::zeros({2, 0}, i64.device(device_));
-    torch::Tensor sh = (E && in.edge_shifts)
-                           ? to_dev(torch::from_blob(const_cast<double *>(in.edge_shifts), {E, 3}, f64), dtype_)
-                           : torch::zeros({E, 3}, f64.dtype(dtype_).device(device_));
-
-    torch::AutoGradMode grad_on(true);  // the deployable differentiates inside forward()
-    std::vector<torch::jit::IValue> args{pos, spec, ei, sh, in.n_local, in.compute_atomic_virial};
-    c10::impl::GenericDict dict = module_.forward(args).toGenericDict();
-
-    auto fetch = [&](const char *key, std::vector<int64_t> shape, std::vector<double> &dst, bool may_be_empty) {
-      auto it = dict.find(c10::IValue(std::string(key)));
-      if (it == dict.end())
-        throw std::runtime_error(path_ + ": forward() returned no '" + key + "'");
-      torch::Tensor t = it->value().toTensor().detach();
-      if (may_be_empty && t.numel() == 0) {
-        dst.clear();
-        return;
-      }
-      if (t.sizes() != c10::IntArrayRef(shape)) {
-        std::ostringstream os;
-        os << path_ << ": forward() returned '" << key << "' of shape " << shape_str(t) << ", expected "
-           << c10::IntArrayRef(shape) << " (M=" << M << " members, N=" << N << " atoms)";
-        throw std::runtime_error(os.str());
-      }
-      t = t.to(torch::kCPU, torch::kFloat64).contiguous();
-      dst.resize(static_cast<size_t>(t.numel()));
-      if (t.numel()) std::memcpy(dst.data(), t.data_ptr<double>(), sizeof(double) * dst.size());
-    };
-    out.n_members = M;
-    out.n_atoms = N;
-    fetch(keys::MEMBER_ENERGY, {M}, out.energy, false);
-    fetch(keys::MEMBER_ATOMIC_ENERGY, {M, N}, out.atomic_energy, false);
-    fetch(keys::MEMBER_FORCES, {M, N, 3}, out.forces, false);
-    fetch(keys::MEMBER_VIRIAL, {M, 3, 3}, out.virial, false);
-    fetch(keys::ATOMIC_ENERGY_LOG_VAR, {M, N}, out.log_var, false);
-    fetch(keys::FORCE_COVARIANCE, {M, N, 3, 3}, out.force_cov, false);
-    if (in.compute_atomic_virial) {
-      fetch(keys::MEMBER_ATOMIC_VIRIAL, {M, N, 3, 3}, out.atomic_virial, N == 0);
-      if (N && out.atomic_virial.empty())
-        throw std::runtime_error(path_ + ": forward() returned an empty '" + std::string(keys::MEMBER_ATOMIC_VIRIAL) +
-                                 "' although compute_atomic_virial was true");
-    } else {
-      out.atomic_virial.clear();
-    }
-  }
-
-  void evaluate_layered(const ModelInputs &in, HaloExchange &halo, MemberOutputs &out) override;
-
- private:
-  void read_layer_structure();
-  void exchange_only(HaloExchange &halo);
-  void copy_out(const torch::Tensor &t, std::vector<int64_t> shape, double *dst, const char *what);
-  torch::Tensor from_buffer(std::vector<double> &buf, int64_t rows, int64_t width);
-
-  torch::jit::Module module_;
-  std::string path_;
-  torch::Device device_{torch::kCPU};
-  torch::ScalarType dtype_ = torch::kFloat64;
-  int64_t n_members_ = 0;
-  // layer mode: the widths of the rows exchanged, [d_0..d_K] of one member or, when the
-  // deployable evaluates all members in one pass (together_), M * [d_0..d_K]; and n_out
-  // (widths_ empty: no per-layer methods)
-  std::vector<int64_t> widths_;
-  bool together_ = false;
-  int64_t n_readout_ = 0;
-  std::string layer_problem_;  // why layer mode is unavailable (widths_ empty)
-  // exchange buffers, float64 whatever the model's dtype, kept across calls:
-  // features_[k] holds h_k [N, d_k] (k = 1..K-1), grads_[k] dE/dh_k [N, d_k]
-  std::vector<std::vector<double>> features_, grads_;
-  int64_t n_rows_ = 0;
-};
-
+namespace torchscript_detail {
 
 // ---- layer mode ----------------------------------------------------------------------------
 
@@ -205,25 +65,9 @@ void TorchScriptBackend::copy_out(const torch::Tensor &t, std::vector<int64_t> s
   if (c.numel()) std::memcpy(dst, c.data_ptr<double>(), sizeof(double) * static_cast<size_t>(c.numel()));
 }
 
-// A domain with no local atoms still takes part in every (collective) exchange.
-void TorchScriptBackend::exchange_only(HaloExchange &halo) {
-  const int64_t K = static_cast<int64_t>(widths_.size()) - 1;
-  for (int64_t k = 1; k < K; ++k) {
-    features_[k].assign(static_cast<size_t>(n_rows_ * widths_[k]), 0.0);
-    halo.forward(features_[k].data(), widths_[k]);
-  }
-  for (int64_t k = K - 1; k >= 1; --k) {
-    grads_[k].assign(static_cast<size_t>(n_rows_ * widths_[k]), 0.0);
-    halo.reverse(grads_[k].data(), widths_[k]);
-  }
-}
-
-void TorchScriptBackend::evaluate_layered(const ModelInputs &in, HaloExchange &halo, MemberOutputs &out) {
-  if (widths_.empty()) throw std::runtime_error(path_ + " cannot run layer mode: " + layer_problem_);
-  const int64_t N = in.n_atoms, nl = in.n_local, E = in.n_edges, M = n_members_;
-  const int64_t K = static_cast<int64_t>(widths_.size()) - 1;
-  // members go through the layers in groups: all M together, or one at a time (older deployables)
-  const int64_t G = together_ ? 1 : M, Mg = together_ ? M : 1;
+// Sizes and zeroes the outputs and the exchange buffers of a layer-mode evaluation.
+void TorchScriptBackend::prepare_layered(const ModelInputs &in, MemberOutputs &out) {
+  const int64_t N = in.n_atoms, M = n_members_, K = static_cast<int64_t>(widths_.size()) - 1;
   n_rows_ = N;
   out.n_members = M;
   out.n_atoms = N;
@@ -242,6 +86,68 @@ void TorchScriptBackend::evaluate_layered(const ModelInputs &in, HaloExchange &h
     features_[k].resize(static_cast<size_t>(N * widths_[k]));
     grads_[k].resize(static_cast<size_t>(N * widths_[k]));
   }
+}
+
+// Edge vectors x_j - x_i (+ shift), [E, 3] float64 on the host: the virial is formed from them.
+std::vector<double> host_edge_vectors(const ModelInputs &in) {
+  const int64_t E = in.n_edges;
+  std::vector<double> vec(static_cast<size_t>(3 * E));
+  const int64_t *ci = in.edge_index, *cj = in.edge_index + E;
+  for (int64_t e = 0; e < E; ++e)
+    for (int a = 0; a < 3; ++a)
+      vec[3 * e + a] = in.positions[3 * cj[e] + a] - in.positions[3 * ci[e] + a] +
+                       (in.edge_shifts ? in.edge_shifts[3 * e + a] : 0.0);
+  return vec;
+}
+
+// Member `member`'s forces, virial and atomic virial from its dE/dr of every edge [E, 3]:
+// r_ij = x_j - x_i, so F_i += dE/dr_ij, F_j -= dE/dr_ij; W = -sum r (x) dE/dr, half to each end.
+void TorchScriptBackend::add_edge_terms(const ModelInputs &in, const std::vector<double> &vec, const double *edge_grad,
+                                        int64_t member, MemberOutputs &out) {
+  const int64_t E = in.n_edges, N = in.n_atoms;
+  const int64_t *ci = in.edge_index, *cj = in.edge_index + E;
+  const size_t row = static_cast<size_t>(member * N);
+  double *F = &out.forces[3 * row], *W = &out.virial[9 * static_cast<size_t>(member)];
+  double *AW = in.compute_atomic_virial ? &out.atomic_virial[9 * row] : nullptr;
+  for (int64_t x = 0; x < E; ++x) {
+    const double *gx = &edge_grad[3 * x], *v = &vec[3 * x];
+    for (int a = 0; a < 3; ++a) {
+      F[3 * ci[x] + a] += gx[a];
+      F[3 * cj[x] + a] -= gx[a];
+    }
+    for (int a = 0; a < 3; ++a)
+      for (int b = 0; b < 3; ++b) {
+        const double t = -v[a] * gx[b];
+        W[3 * a + b] += t;
+        if (AW) {
+          AW[9 * ci[x] + 3 * a + b] += 0.5 * t;
+          AW[9 * cj[x] + 3 * a + b] += 0.5 * t;
+        }
+      }
+  }
+}
+
+// A domain with no local atoms still takes part in every (collective) exchange.
+void TorchScriptBackend::exchange_only(HaloExchange &halo) {
+  const int64_t K = static_cast<int64_t>(widths_.size()) - 1;
+  for (int64_t k = 1; k < K; ++k) {
+    features_[k].assign(static_cast<size_t>(n_rows_ * widths_[k]), 0.0);
+    halo.forward(features_[k].data(), widths_[k]);
+  }
+  for (int64_t k = K - 1; k >= 1; --k) {
+    grads_[k].assign(static_cast<size_t>(n_rows_ * widths_[k]), 0.0);
+    halo.reverse(grads_[k].data(), widths_[k]);
+  }
+}
+
+void TorchScriptBackend::evaluate_layered(const ModelInputs &in, HaloExchange &halo, MemberOutputs &out) {
+  if (widths_.empty()) throw std::runtime_error(path_ + " cannot run layer mode: " + layer_problem_);
+  if (in.recompute_layers) return evaluate_recomputing(in, halo, out);
+  const int64_t N = in.n_atoms, nl = in.n_local, E = in.n_edges, M = n_members_;
+  const int64_t K = static_cast<int64_t>(widths_.size()) - 1;
+  // members go through the layers in groups: all M together, or one at a time (older deployables)
+  const int64_t G = together_ ? 1 : M, Mg = together_ ? M : 1;
+  prepare_layered(in, out);
   if (nl == 0) {
     for (int64_t g = 0; g < G; ++g) exchange_only(halo);
     return;
@@ -249,14 +155,8 @@ void TorchScriptBackend::evaluate_layered(const ModelInputs &in, HaloExchange &h
 
   auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
   auto i64 = torch::TensorOptions().dtype(torch::kInt64);
-  // edge vectors x_j - x_i (+ shift) in float64 on the host: the virial is formed from them
-  std::vector<double> vec(static_cast<size_t>(3 * E));
-  const int64_t *ci = in.edge_index, *cj = in.edge_index + E;
-  for (int64_t e = 0; e < E; ++e)
-    for (int a = 0; a < 3; ++a)
-      vec[3 * e + a] = in.positions[3 * cj[e] + a] - in.positions[3 * ci[e] + a] +
-                       (in.edge_shifts ? in.edge_shifts[3 * e + a] : 0.0);
-  torch::Tensor base = E ? torch::from_blob(vec.data(), {E, 3}, f64).to(device_, dtype_, false, true)
+  const std::vector<double> vec = host_edge_vectors(in);
+  torch::Tensor base = E ? torch::from_blob(const_cast<double *>(vec.data()), {E, 3}, f64).to(device_, dtype_, false, true)
                         : torch::zeros({0, 3}, f64.dtype(dtype_).device(device_));
   torch::Tensor spec = torch::from_blob(const_cast<int64_t *>(in.species), {N}, i64).to(device_, torch::kInt64, false, true);
   torch::Tensor ei = E ? torch::from_blob(const_cast<int64_t *>(in.edge_index), {2, E}, i64).to(device_, torch::kInt64, false, true)
@@ -284,17 +184,10 @@ void TorchScriptBackend::evaluate_layered(const ModelInputs &in, HaloExchange &h
       h_loc[k] = res->elements().at(0).toTensor();
       r[k] = res->elements().at(1).toTensor();
     };
-    // forward, layer by layer: local rows computed here, ghost rows from their owners. With
-    // recompute_layers no graph is kept here: each layer runs again, with autograd, below
+    // forward, layer by layer: local rows computed here, ghost rows from their owners
     for (int64_t k = 0; k < K; ++k) {
-      h_in[k] = k == 0 ? h : h.requires_grad_(!in.recompute_layers);
-      if (in.recompute_layers) {
-        torch::NoGradGuard no_graph;
-        run_layer(k);
-        r[k] = r[k].detach().requires_grad_(true);  // a leaf: dE/dr_k comes from head() alone
-      } else {
-        run_layer(k);
-      }
+      h_in[k] = k == 0 ? h : h.requires_grad_(true);
+      run_layer(k);
       if (r[k].sizes() != c10::IntArrayRef(readout_shape))
         throw std::runtime_error(path_ + ": layer(" + std::to_string(k) + ") returned a readout of shape " +
                                  shape_str(r[k]) + ", expected " + shape_str(torch::empty(readout_shape)));
@@ -326,10 +219,6 @@ void TorchScriptBackend::evaluate_layered(const ModelInputs &in, HaloExchange &h
     if (energy.requires_grad()) g_r = torch::autograd::grad({energy}, r, {}, false, false, true);
     torch::Tensor Gk;  // dE/dh_{k+1} of the local rows; none for h_K (only r_{K-1} reads it)
     for (int64_t k = K - 1; k >= 0; --k) {
-      if (in.recompute_layers) {
-        if (k > 0) h_in[k].requires_grad_(true);
-        run_layer(k);  // this layer's graph only
-      }
       std::vector<torch::Tensor> outputs, seeds, inputs{vectors};
       if (g_r[k].defined() && r[k].requires_grad()) {
         outputs.push_back(r[k]);
@@ -356,36 +245,16 @@ void TorchScriptBackend::evaluate_layered(const ModelInputs &in, HaloExchange &h
         halo.reverse(grads_[k].data(), w);
         Gk = from_buffer(grads_[k], nl, w);
       }
-      if (in.recompute_layers) h_loc[k] = r[k] = torch::Tensor();  // free it before the next
     }
-    // r_ij = x_j - x_i: F_i += dE/dr_ij, F_j -= dE/dr_ij; W = -sum r (x) dE/dr, half to each end
-    for (int64_t mm = 0; mm < Mg; ++mm) {
-      const size_t row = static_cast<size_t>((g + mm) * N);
-      double *F = &out.forces[3 * row], *W = &out.virial[9 * static_cast<size_t>(g + mm)];
-      double *AW = in.compute_atomic_virial ? &out.atomic_virial[9 * row] : nullptr;
-      const double *member_grad = &edge_grad[static_cast<size_t>(3 * E * mm)];
-      for (int64_t x = 0; x < E; ++x) {
-        const double *gx = &member_grad[3 * x], *v = &vec[3 * x];
-        for (int a = 0; a < 3; ++a) {
-          F[3 * ci[x] + a] += gx[a];
-          F[3 * cj[x] + a] -= gx[a];
-        }
-        for (int a = 0; a < 3; ++a)
-          for (int b = 0; b < 3; ++b) {
-            const double t = -v[a] * gx[b];
-            W[3 * a + b] += t;
-            if (AW) {
-              AW[9 * ci[x] + 3 * a + b] += 0.5 * t;
-              AW[9 * cj[x] + 3 * a + b] += 0.5 * t;
-            }
-          }
-      }
-    }
+    for (int64_t mm = 0; mm < Mg; ++mm) add_edge_terms(in, vec, &edge_grad[static_cast<size_t>(3 * E * mm)], g + mm, out);
     for (int64_t k = 0; k < K; ++k) h_in[k] = h_loc[k] = r[k] = torch::Tensor();  // free the graphs
   }
 }
 
-}  // namespace
+}  // namespace torchscript_detail
+
+using torchscript_detail::first_line;
+using torchscript_detail::TorchScriptBackend;
 
 std::unique_ptr<Backend> load_torchscript(const std::string &path, std::string &metadata_json) {
   {

@@ -155,14 +155,19 @@ def test_layered_repeated_calls_reuse_buffers(core, models):
 
 
 def test_layered_recompute_equals_kept_graphs(core, models):
-    """recompute_layers (each layer run again in the backward pass) gives the same numbers."""
+    """recompute_layers (each layer run again in the backward pass, piece by piece) gives the same numbers."""
     engine = core.Engine(models["3 layers"])
     g = layered_inputs(cell_structure(seed=3, n=20, triclinic=True))
     args = (g["positions"], g["species"], g["edge_index"], g["n_local"], g["ghost_owner"], "mean", True)
     kept = engine.evaluate_layered(*args)
-    again = engine.evaluate_layered(*args, recompute_layers=True)
-    for key in MEMBER_KEYS + SIGMA_KEYS:
-        close(again[key], kept[key], 1e-12, key + " with recompute_layers")
+    n_edges = g["edge_index"].shape[1]
+    # one piece, and pieces of a few centres (a centre with more edges than a piece is one piece)
+    for chunk in (0, 3 * n_edges // 7, 5):
+        again = engine.evaluate_layered(*args, recompute_layers=True, recompute_chunk=chunk)
+        for key in MEMBER_KEYS + SIGMA_KEYS:
+            close(again[key], kept[key], 1e-12, f"{key} with recompute_layers, chunk {chunk}")
+    with pytest.raises(ValueError, match="recompute_chunk must be >= 0"):
+        engine.evaluate_layered(*args, recompute_layers=True, recompute_chunk=-1)
 
 
 def test_layered_input_errors(core, models, toy_model):
