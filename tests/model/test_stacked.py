@@ -1,4 +1,5 @@
-"""All members in one pass (``StackedRace``) equal the members evaluated one by one."""
+"""Plain-torch message paths equal e3nn's tensor product, and all members in one pass
+(``StackedRace``) equal the members evaluated one by one."""
 
 from __future__ import annotations
 
@@ -11,6 +12,23 @@ from bayesrace.model import StackedRace
 from conftest import batch_of, random_molecule, tiny_model
 
 TYPES = ["H", "C", "N"]
+
+
+@pytest.mark.parametrize("preset,overrides", [("small", {}), ("tiny", {"l_max": 2}), ("tiny", {"l_max": 3})])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_message_paths_equal_e3nn_tensor_product(preset, overrides, dtype):
+    model = tiny_model(seed=1, preset=preset, dtype=dtype, **overrides).eval()
+    species, ei, vectors = inputs(seed=4)
+    radial, sh = model.edge_geometry(vectors.to(dtype))
+    n = species.shape[0]
+    for layer in model.layers:
+        h = torch.randn(n, layer.linear_up.irreps_in.dim, dtype=dtype)
+        h_up = layer.linear_up(h)
+        weights = layer.radial_mlp(radial)
+        want = torch.zeros(n, layer.message_product.irreps_out.dim, dtype=dtype).index_add(
+            0, ei[0], layer.message_product(h_up[ei[1]], sh, weights))
+        have = layer.paths(h_up[:, layer.up_order].unsqueeze(0), sh.unsqueeze(0), weights.unsqueeze(0), ei[0], ei[1], n)
+        assert relative(have[0][:, layer.message_layout], want) < (1e-13 if dtype == torch.float64 else 1e-5)
 
 
 def member_by_member(members, species, edge_index, vectors):

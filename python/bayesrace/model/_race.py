@@ -4,7 +4,8 @@ Per layer (see docs/design.md): a species-dependent self-interaction of h as the
 lifted by a linear map; each edge carries the message TP(h_j, Y(r̂_ij)) weighted by a
 bias-free radial MLP of the Bessel basis (the l=0 spherical harmonic makes h_j itself one
 of the paths, i.e. the concatenation [h_j, TP(h_j, Y)] of the paper); messages are summed
-over neighbours and divided by √N_avg; a linear map brings them back to the hidden
+over neighbours and divided by √N_avg (the product runs as plain torch, ``_paths``, with
+the coefficients of e3nn's module); a linear map brings them back to the hidden
 irreps; the channel-wise tensor product with the fixed initial feature a⁽¹⁾ (the
 "restratification") and a linear map give the new h, to which the skip is added. Every
 layer reads out per-atom energy and aleatoric heads; energies are summed over layers,
@@ -14,6 +15,7 @@ which serves periodic cells and LAMMPS ghost atoms alike.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from typing import Dict, List, Optional, Tuple
@@ -23,6 +25,7 @@ from e3nn import nn as e3nn_nn
 from e3nn import o3
 
 from .. import keys
+from ._paths import MessagePaths, component_major
 
 COVARIANCE_KINDS = ("cholesky", "equivariant")
 
@@ -144,6 +147,11 @@ class RaceLayer(torch.nn.Module):
             [config.n_radial] + [config.radial_hidden] * config.radial_layers + [self.message_product.weight_numel],
             torch.nn.functional.silu,
         )
+        # the same products in plain torch (what forward runs), coefficients read off a float64
+        # copy of the e3nn module so they keep float64 precision when the model is converted
+        self.paths = MessagePaths(copy.deepcopy(self.message_product).to(torch.float64), torch.float64)
+        self.register_buffer("up_order", component_major(irreps_in), persistent=False)
+        self.register_buffer("message_layout", torch.argsort(self.paths.message_order), persistent=False)
         self.linear_down = o3.Linear(irreps_messages, irreps_hidden)
         n_channels = irreps_initial.num_irreps
         self.restratify = o3.TensorProduct(
@@ -170,11 +178,10 @@ class RaceLayer(torch.nn.Module):
         every edge centre must be one of them, neighbours may be any atom (a ghost)."""
         n = h.shape[0] if n_centres < 0 else n_centres
         skip = self.skip(h[:n], species_one_hot[:n])
-        h_up = self.linear_up(h)
-        messages = self.message_product(h_up[neighbour], sh, self.radial_mlp(radial))
-        summed = torch.zeros(n, messages.shape[1], dtype=messages.dtype, device=messages.device)
-        summed = summed.index_add(0, centre, messages) * self.inv_sqrt_neighbors
-        h_new = self.linear_down(summed)
+        h_up = self.linear_up(h)[:, self.up_order]
+        summed = self.paths(h_up.unsqueeze(0), sh.unsqueeze(0), self.radial_mlp(radial).unsqueeze(0), centre,
+                            neighbour, n)[0]
+        h_new = self.linear_down(summed[:, self.message_layout] * self.inv_sqrt_neighbors)
         return self.linear_out(self.restratify(initial[:n], h_new)) + skip
 
 
