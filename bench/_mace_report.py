@@ -148,7 +148,7 @@ def write_markdown(results: Dict, path: Path) -> None:
         f"- MACE: mace-torch {env.get('versions', {}).get('mace-torch')} in its own venv "
         f"(`{results['mace_venv']}`, torch {env.get('versions', {}).get('torch')}, e3nn "
         f"{env.get('versions', {}).get('e3nn')}; "
-        + (f"reused" if env.get("reused") else f"created in {env.get('created_s')} s") + "). Options: `"
+        + ("reused" if env.get("reused") else f"created in {env.get('created_s')} s") + "). Options: `"
         + " ".join(f"--{k}" if v is True else f"--{k} {v}" for k, v in results["mace_settings"].items())
         + (" " + " ".join(results["mace_extra"]) if results.get("mace_extra") else "") + "`.",
         f"- RACE: `bayesrace train` with preset `{b['preset']}` ({results['race_model_config']}), float64, "

@@ -199,7 +199,7 @@ def tree_cpu_seconds(pid: int) -> Optional[float]:
             stats[int(entry)] = (int(fields[1]), int(fields[11]) + int(fields[12]))  # ppid, utime+stime
     if pid not in stats:
         return None
-    family, total, grew = {pid}, 0, True
+    family, grew = {pid}, True
     while grew:
         grew = False
         for p, (ppid, _) in stats.items():
@@ -355,10 +355,12 @@ def _checkpoints(work_dir: Path) -> List[Path]:
 def finish_mace(command: List[str], work_dir: Path, log: Path) -> Dict:
     """``mace_run_train --restart_latest --max_num_epochs 0``: loads the newest checkpoint (MACE
     writes one, with the EMA weights, whenever the validation loss improves), trains no further
-    epoch and saves ``mace.model``; stopped once the model is saved (MACE then computes its own
-    error tables, which this benchmark does not use). A checkpoint that was being written when
-    training was stopped is removed and the one before it used."""
-    model = work_dir / "mace.model"
+    epoch and saves ``mace.model`` (and ``mace_stagetwo.model`` with --swa, which is then used);
+    without --swa it is stopped once the model is saved (MACE then computes its own error tables,
+    which this benchmark does not use). A checkpoint that was being written when training was
+    stopped is removed and the one before it used."""
+    swa = "--swa" in command or "--stage_two" in command
+    models = [work_dir / "mace.model", work_dir / "mace_stagetwo.model"]
     finish = list(command) + ["--max_num_epochs", "0", "--restart_latest"]  # later options win
     env = {**os.environ, **SINGLE_THREAD_ENV}
     removed = []
@@ -366,7 +368,8 @@ def finish_mace(command: List[str], work_dir: Path, log: Path) -> Dict:
         if not _checkpoints(work_dir):
             return {"model": None, "problem": "MACE wrote no checkpoint (no epoch finished within the budget)",
                     "removed_checkpoints": removed}
-        model.unlink(missing_ok=True)
+        for model in models:
+            model.unlink(missing_ok=True)
         started = time.time()
         with open(log, "a") as out:
             out.write(f"\n# attempt {attempt}: " + " ".join(finish) + "\n")
@@ -374,15 +377,17 @@ def finish_mace(command: List[str], work_dir: Path, log: Path) -> Dict:
             process = subprocess.Popen(finish, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
             while process.poll() is None:
                 time.sleep(1.0)
-                text = log.read_text()
-                if model.exists() and "Computing metrics" in text.split("# attempt")[-1]:
+                text = log.read_text().split("# attempt")[-1]
+                if not swa and models[0].exists() and "Computing metrics" in text:
                     process.terminate()
                     process.wait()
                     break
         text = log.read_text().split("# attempt")[-1]
-        epoch = re.search(r"Loaded Stage one model from epoch (\d+)", text)
-        if model.exists() and epoch:
-            return {"model": str(model), "checkpoint_epoch": int(epoch.group(1)) + 1, "finish_command": finish,
+        epochs = re.findall(r"Loaded Stage (one|two) model from epoch (\d+)", text)
+        model = models[1] if swa and models[1].exists() else models[0]
+        if model.exists() and epochs:
+            return {"model": str(model), "stage": "two" if model == models[1] else "one",
+                    "checkpoint_epoch": int(epochs[-1][1]) + 1, "finish_command": finish,
                     "finish_s": round(time.time() - started, 1), "removed_checkpoints": removed}
         newest = _checkpoints(work_dir)[-1]
         removed.append(newest.name)

@@ -206,7 +206,8 @@ def main(argv=None) -> int:
     race_values = race_config(runs / "race", split, references, args)
     race_path = write_config(race_values, runs / "race" / "config.yaml")
     race_cmd = [sys.executable, "-m", "bayesrace.cli", "train", str(race_path)]
-    results.update(mace_settings=settings, mace_extra=mace_extra, mace_command=mace_cmd, race_config=race_values, race_command=race_cmd)
+    results.update(mace_settings=settings, mace_extra=mace_extra, mace_command=mace_cmd, race_config=race_values,
+                   race_command=race_cmd)
     mace = Job("MACE", mace_cmd, runs / "mace" / "train.log", lambda: mace_rows(runs / "mace"))
     race = Job("RACE", race_cmd, runs / "race" / "train.log", lambda: race_rows(runs / "race"))
 
