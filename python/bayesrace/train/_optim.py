@@ -20,6 +20,10 @@ def ema_update(decay: float):
     average is not dominated by the random initial weights in short runs."""
 
     def update(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
+        # constants (index buffers, the model's derived coefficients) stay exactly as they are:
+        # rate·a + (1 − rate)·a is not always a in floating point, and truncates integers
+        if not averaged.is_floating_point() or torch.equal(averaged, current):
+            return averaged
         n = float(num_averaged)
         rate = min(decay, (1.0 + n) / (10.0 + n))
         return rate * averaged + (1.0 - rate) * current
