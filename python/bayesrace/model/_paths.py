@@ -45,18 +45,19 @@ class MessagePaths(torch.nn.Module):
         self.block_dim: List[int] = [ir.dim for _, ir in in1]
         self.path_block: List[int] = []
         self.y_start: List[int] = []
+        self.y_dim: List[int] = []
         self.out_dim: List[int] = []
-        self.w_start: List[int] = []
+        self.w_index: List[int] = []  # the path's chunk of `channels` radial weights
         self.kind: List[int] = []  # 0: scalar input, 1: Y0 (C ∝ identity), 2: scalar output, 3: general
         out_start: List[int] = []
         blocks: List[torch.Tensor] = []
         offset = 0
         for ins in product.instructions:
             if ins.connection_mode != "uvu" or not ins.has_weight or in2[ins.i_in2].mul != 1:
-                raise ValueError("stacked evaluation needs weighted channel-wise (uvu) paths")
+                raise ValueError("the message paths need weighted channel-wise (uvu) tensor-product paths")
             mul, ir1 = in1[ins.i_in1]
             if mul != self.channels or out[ins.i_out].mul != mul:
-                raise ValueError("stacked evaluation needs one channel count for every irrep")
+                raise ValueError("the message paths need one channel count for every irrep")
             d1, d2, d3 = ir1.dim, in2[ins.i_in2].ir.dim, out[ins.i_out].ir.dim
             # probe channel 0 with unit vectors x1 = e_i, Y = e_j and the path's first weight
             x1 = torch.zeros(d1 * d2, in1.dim, dtype=dtype)
@@ -82,8 +83,9 @@ class MessagePaths(torch.nn.Module):
             self.kind.append(kind)
             self.path_block.append(int(ins.i_in1))
             self.y_start.append(s2[ins.i_in2].start)
+            self.y_dim.append(d2)
             self.out_dim.append(d3)
-            self.w_start.append(offset)
+            self.w_index.append(offset // mul)
             out_start.append(so[ins.i_out].start)
             offset += mul
         if offset != self.weight_numel:
@@ -95,7 +97,6 @@ class MessagePaths(torch.nn.Module):
             padded[p, : b.shape[0], : b.shape[1], : b.shape[2]] = b
         # not in state dicts: derived from the architecture, so checkpoints stay as they were
         self.register_buffer("coefficients", padded, persistent=False)
-        self.y_dim: List[int] = [in2[ins.i_in2].ir.dim for ins in product.instructions]
         # messages are concatenated in the order of the module's output blocks
         self.out_order: List[int] = sorted(range(len(blocks)), key=lambda p: out_start[p])
         self.register_buffer("message_order", component_major(out), persistent=False)  # rows of linear_down
@@ -117,7 +118,7 @@ class MessagePaths(torch.nn.Module):
         for p in self.out_order:
             xa = gathered[self.path_block[p]]
             d1, d2, d3 = xa.shape[2], self.y_dim[p], self.out_dim[p]
-            w = path_weights[self.w_start[p] // u].unsqueeze(2)  # [M, E, 1, u]
+            w = path_weights[self.w_index[p]].unsqueeze(2)  # [M, E, 1, u]
             yb = sh[:, :, self.y_start[p]:self.y_start[p] + d2]
             c = self.coefficients[p, :d1, :d2, :d3]
             kind = self.kind[p]

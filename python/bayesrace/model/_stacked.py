@@ -5,11 +5,10 @@ architecture and differ only in their weights, so every step of the network can 
 all of them at once: node features are [M, N, d], edge tensors [M, E, ...], and each
 linear map is one batched matrix product instead of M small ones. The code is plain torch
 (no e3nn at run time): the exact coefficients of the e3nn modules — the dense matrix of
-each linear map, the Clebsch–Gordan blocks and path weights of each tensor-product path,
-the activation's normalisation — are read off the members once, by evaluating them on
-unit inputs, so the result equals ``RACE.atomic_outputs`` member by member to round-off
-(tests/model/test_stacked.py). Channel-wise ("uvu") message paths become elementwise
-products, which also makes one member cheaper than e3nn's generic code.
+each linear map, the restratification constants, the activation's normalisation — are
+read off the members once, by evaluating them on unit inputs, and the message products
+are the members' own ``MessagePaths`` (``_paths``), so the result equals
+``RACE.atomic_outputs`` member by member to round-off (tests/model/test_stacked.py).
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from ._paths import MessagePaths, component_major
 from ._race import RACE
 
 
@@ -50,7 +48,6 @@ class StackedLayer(torch.nn.Module):
         super().__init__()
         first = layers[0]
         d_in = first.linear_up.irreps_in.dim
-        self.width_in = d_in
         self.width_out = first.linear_out.irreps_out.dim
         # skip: bilinear in (h, one-hot species) → one [d_in, d_out] matrix per species
         skips = []
@@ -64,9 +61,10 @@ class StackedLayer(torch.nn.Module):
             skips.append(torch.cat(per_species, dim=1))  # [d_in, S * d_out]
         self.register_buffer("skip", _stack(skips))
         self.n_species = n_species
-        self.messages = MessagePaths(first.message_product, dtype)
-        up_order = component_major(first.linear_up.irreps_out)
-        self.register_buffer("linear_up", _stack([_dense(l.linear_up, d_in, dtype)[:, up_order] for l in layers]))
+        # the members' own message paths (parameter-free, the same for every member); linear_up
+        # writes and linear_down reads their component-major layout
+        self.messages = first.paths
+        self.register_buffer("linear_up", _stack([_dense(l.linear_up, d_in, dtype)[:, first.up_order] for l in layers]))
         mlps = [list(l.radial_mlp.children()) for l in layers]
         self.n_mlp = len(mlps[0])
         weights = []
