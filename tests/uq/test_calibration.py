@@ -264,6 +264,28 @@ def test_isotonic_fit_lowers_miscalibration_on_held_out_data():
     assert ence(error, sigma_after) < 0.1
 
 
+def test_isotonic_map_keeps_the_order_of_the_raw_sigmas():
+    # the calibrated σ's of fix halt and BALD must rank atoms and structures as the model did:
+    # no two different raw σ's may share a calibrated value (isotonic regression alone has
+    # flat blocks that would tie them), and σ's beyond the fitted range keep growing
+    fit_set = synthetic_prediction(7, lambda sigma: 3.0 * sigma**1.5 + 0.01)
+    held_out = synthetic_prediction(8, lambda sigma: 3.0 * sigma**1.5 + 0.01)
+    calibration = fit_calibration(fit_set, "isotonic")
+    for part in (keys.META_FORCE_STD_MAP, keys.META_ENERGY_STD_MAP):
+        assert np.all(np.diff(calibration[part][CALIBRATED]) > 0), part
+    raw = held_out[keys.ATOMIC_FORCE_STD]
+    calibrated = calibrate_prediction(held_out, calibration)[keys.ATOMIC_FORCE_STD]
+    order = np.argsort(raw, kind="stable")
+    assert np.all(np.diff(calibrated[order]) > 0)
+    assert np.unique(calibrated).size == np.unique(raw).size
+    _, raw_energy = energy_error_and_sigma(held_out)
+    _, calibrated_energy = energy_error_and_sigma(calibrate_prediction(held_out, calibration))
+    energy_order = np.argsort(raw_energy / held_out[keys.NUM_ATOMS], kind="stable")
+    assert np.all(np.diff((calibrated_energy / held_out[keys.NUM_ATOMS])[energy_order]) > 0)
+    far = np.array([2.0, 4.0, 8.0]) * float(raw.max())  # out of distribution
+    assert np.all(np.diff(calibrated_std(far, 1.0, calibration[keys.META_FORCE_STD_MAP])) > 0)
+
+
 def test_uncertainty_metrics_of_a_prediction():
     from bayesrace.uq import uncertainty_metrics
 

@@ -44,26 +44,39 @@ def _require_positive_sigma(sigma: np.ndarray, what: str) -> None:
 
 
 def fit_std_map(sigma: np.ndarray, squared_error: np.ndarray, max_knots: int = MAX_MAP_KNOTS) -> Dict[str, list]:
-    """Isotonic map g(x) = sqrt(iso(x)) where iso is the increasing least-squares fit of
-    the squared errors on σ (both arrays 1-D, paired); at most ``max_knots`` knots."""
+    """A strictly increasing map g from isotonic regression of the squared errors on σ (both
+    arrays 1-D, paired), at most ``max_knots`` knots.
+
+    Isotonic regression is a step function: its flat blocks would give many σ's one
+    calibrated value and lose the order the model had (fix halt and BALD would see ties).
+    The map's knots are therefore the blocks' centres — mean σ of each block, g = sqrt of its
+    fitted mean squared error — and g interpolates between them. Block values strictly
+    increase, so g does, and the calibrated σ's keep the raw σ's order. With more blocks
+    than ``max_knots``, neighbouring blocks are pooled (counts as weights), which keeps that."""
     from sklearn.isotonic import IsotonicRegression
 
     sigma = np.asarray(sigma, dtype=np.float64).ravel()
     squared_error = np.asarray(squared_error, dtype=np.float64).ravel()
-    iso = IsotonicRegression(increasing=True, out_of_bounds="clip").fit(sigma, squared_error)
-    # the fitted function is linear between its thresholds, which sklearn already
-    # de-duplicates in x and prunes to the ends of each flat block
-    x = np.asarray(iso.X_thresholds_, dtype=np.float64)
-    y = np.asarray(iso.y_thresholds_, dtype=np.float64)
-    x, first = np.unique(x, return_index=True)
-    y = y[first]
-    if x.size > max_knots:
-        chosen = np.unique(np.round(np.linspace(0, x.size - 1, max_knots)).astype(np.int64))
-        x, y = x[chosen], y[chosen]
-    calibrated = np.sqrt(np.maximum(y, 0.0))
-    calibrated = np.maximum(calibrated, MAP_VALUE_FLOOR_FRACTION * x[0])
-    calibrated = np.maximum.accumulate(calibrated)  # guard against round-off dips
-    return validate_std_map({keys.META_MAP_SIGMA: x, keys.META_MAP_CALIBRATED: calibrated}, "fitted std map")
+    order = np.argsort(sigma, kind="stable")
+    sigma, squared_error = sigma[order], squared_error[order]
+    fitted = IsotonicRegression(increasing=True).fit_transform(sigma, squared_error)
+    # blocks: runs of equal fitted value (tied σ's share one value, so never straddle a block)
+    starts = np.flatnonzero(np.r_[True, np.diff(fitted) > 0.0])
+    counts = np.diff(np.r_[starts, sigma.size])
+    sigma_sums = np.add.reduceat(sigma, starts)
+    values = fitted[starts]
+    if starts.size > max_knots:
+        # pool contiguous blocks into max_knots groups of about equal numbers of points
+        group = np.minimum((np.cumsum(counts) - counts) * max_knots // sigma.size, max_knots - 1)
+        first = np.flatnonzero(np.r_[True, np.diff(group) > 0])
+        group_counts = np.add.reduceat(counts, first)
+        values = np.add.reduceat(values * counts, first) / group_counts
+        sigma_sums, counts = np.add.reduceat(sigma_sums, first), group_counts
+    x = sigma_sums / counts
+    y = np.maximum(np.sqrt(np.maximum(values, 0.0)), MAP_VALUE_FLOOR_FRACTION * x[0])
+    # the floor (and round-off in pooled means) may leave equal neighbours: keep the first of each run
+    keep = np.r_[True, (np.diff(y) > 0.0) & (np.diff(x) > 0.0)]
+    return validate_std_map({keys.META_MAP_SIGMA: x[keep], keys.META_MAP_CALIBRATED: y[keep]}, "fitted std map")
 
 
 def fit_calibration(prediction: Mapping[str, np.ndarray], method: str = "isotonic") -> Dict[str, object]:
@@ -71,8 +84,8 @@ def fit_calibration(prediction: Mapping[str, np.ndarray], method: str = "isotoni
 
     ``scalar``: the NLL-optimal scales s² = mean((e/σ)²), over force components
     (e = ΔF_i,a, σ = σ_F,i) and over structures (e = ΔE_b, σ = σ_E,b); no maps.
-    ``isotonic``: scales 1 and maps fitted by increasing isotonic regression of the squared
-    error on σ: forces x = σ_F,i, y = |ΔF_i|²/3; energies x = σ_E,b/N_b, y = (ΔE_b/N_b)².
+    ``isotonic``: scales 1 and strictly increasing maps (``fit_std_map``) from isotonic
+    regression of the squared error on σ: forces x = σ_F,i, y = |ΔF_i|²/3; energies x = σ_E,b/N_b, y = (ΔE_b/N_b)².
     Only the parts with references are fitted (the other stays the identity); with neither
     reference, or a σ of zero, it raises ``CalibrationError``.
     """
