@@ -294,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--members", type=int, default=4)
     p.add_argument("--minutes", type=float, default=2.0, help="training budget per member")
     p.add_argument("--np", type=int, default=1, help="train members on this many MPI ranks")
-    p.add_argument("--al-rounds", type=int, default=2,
+    p.add_argument("--al-rounds", type=int, default=3,
                    help="rounds of on-the-fly active learning after the MD (0: none)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=cmd_demo)

@@ -68,6 +68,9 @@ PRESETS: Dict[str, Dict[str, object]] = {
     "tiny": dict(n_layers=2, channels=8, l_max=1, radial_hidden=16, readout_hidden=8),
     # the default: a few minutes of CPU training on PSB3 (l_max=2 costs ~4x on CPU)
     "small": dict(n_layers=3, channels=16, l_max=1, radial_hidden=32, readout_hidden=16),
+    # twice small's channels: on acac (450 structures, one core, float64) 76.7 against small's 83.0
+    # meV/Å validation force RMSE after 12 minutes, although each step costs ~1.4x
+    "base": dict(n_layers=3, channels=32, l_max=1, radial_hidden=32, readout_hidden=16),
     "medium": dict(n_layers=4, channels=32, l_max=2, radial_hidden=64, readout_hidden=16),
     # the seed paper's size
     "paper": dict(n_layers=5, channels=64, l_max=3, cutoff=5.5, radial_hidden=64, readout_hidden=32),
