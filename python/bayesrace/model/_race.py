@@ -15,6 +15,7 @@ which serves periodic cells and LAMMPS ghost atoms alike.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -83,6 +84,16 @@ def model_config_from(preset: str = "small", **overrides) -> ModelConfig:
     config = ModelConfig(**{**PRESETS[preset], **overrides})
     config.validate()
     return config
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 class BesselBasis(torch.nn.Module):
@@ -255,23 +266,27 @@ class RACE(torch.nn.Module):
         irreps_scalar = o3.Irreps(f"{channels}x0e")
         irreps_hidden = o3.Irreps([(channels, (l, (-1) ** l)) for l in range(config.l_max + 1)])
 
-        self.spherical_harmonics = o3.SphericalHarmonics(irreps_sh, normalize=True, normalization="component")
-        self.radial_basis = BesselBasis(config.cutoff, config.n_radial, config.envelope_p)
-        self.embedding = o3.Linear(o3.Irreps(f"{n_species}x0e"), irreps_scalar)
-        self.initial_feature = o3.Linear(irreps_scalar, irreps_scalar)
-        layers = []
-        readouts = []
-        irreps_in = irreps_scalar
-        # outputs per atom and layer: energy, log-variance s, and either l1..l6 of the
-        # Cholesky factor (invariant) or a log-isotropic part plus three vectors
-        n_scalars = 2 + (1 if self.equivariant_covariance else 6)
-        n_vectors = 3 if self.equivariant_covariance else 0
-        for _ in range(config.n_layers):
-            layers.append(RaceLayer(irreps_in, irreps_hidden, irreps_sh, irreps_scalar, n_species, config))
-            readouts.append(Readout(irreps_hidden, n_scalars, n_vectors, config.readout_hidden))
-            irreps_in = irreps_hidden
-        self.layers = torch.nn.ModuleList(layers)
-        self.readouts = torch.nn.ModuleList(readouts)
+        # e3nn computes its Clebsch–Gordan and normalisation constants in the default dtype:
+        # built under float32 they carry float32 error into a float64 model, and the paper
+        # preset (l_max 3, 5 layers) was equivariant to 5e-10 instead of 1e-15
+        with _default_dtype(torch.float64):
+            self.spherical_harmonics = o3.SphericalHarmonics(irreps_sh, normalize=True, normalization="component")
+            self.radial_basis = BesselBasis(config.cutoff, config.n_radial, config.envelope_p)
+            self.embedding = o3.Linear(o3.Irreps(f"{n_species}x0e"), irreps_scalar)
+            self.initial_feature = o3.Linear(irreps_scalar, irreps_scalar)
+            layers = []
+            readouts = []
+            irreps_in = irreps_scalar
+            # outputs per atom and layer: energy, log-variance s, and either l1..l6 of the
+            # Cholesky factor (invariant) or a log-isotropic part plus three vectors
+            n_scalars = 2 + (1 if self.equivariant_covariance else 6)
+            n_vectors = 3 if self.equivariant_covariance else 0
+            for _ in range(config.n_layers):
+                layers.append(RaceLayer(irreps_in, irreps_hidden, irreps_sh, irreps_scalar, n_species, config))
+                readouts.append(Readout(irreps_hidden, n_scalars, n_vectors, config.readout_hidden))
+                irreps_in = irreps_hidden
+            self.layers = torch.nn.ModuleList(layers)
+            self.readouts = torch.nn.ModuleList(readouts)
 
         if reference_energies is None:
             reference_energies = [0.0] * n_species
