@@ -60,6 +60,19 @@ inline constexpr const char *META_BAYESRACE_VERSION = "bayesrace_version";  // s
 inline constexpr const char *META_TORCH_VERSION = "torch_version";  // str
 inline constexpr const char *META_TRAINING_DATA_SHA256 = "training_data_sha256";  // str
 inline constexpr const char *META_POSTERIOR = "posterior";  // str, kind of posterior (ensemble, swag, ivon, laplace...)
+inline constexpr const char *META_FORMAT = "deployable_format";  // str, FORMAT_TORCHSCRIPT (also when absent) or FORMAT_AOTI
+inline constexpr const char *FORMAT_TORCHSCRIPT = "torchscript";  // a TorchScript archive (torch.jit.save): shell and layer mode
+inline constexpr const char *FORMAT_AOTI = "aoti";  // an AOTInductor package (.pt2): compiled code, shell mode only
+inline constexpr const char *META_INPUT_KEYS = "input_keys";  // list of str, .pt2: order of the compiled models' inputs
+inline constexpr const char *META_OUTPUT_KEYS = "output_keys";  // list of str, .pt2: order of the compiled models' outputs
+inline constexpr const char *META_AOTI_MODELS = "aoti_models";  // list of str, .pt2: the compiled models in the package (names below)
+inline constexpr const char *AOTI_MODEL_PLAIN = "without_atomic_virial";  // .pt2 model: compute_atomic_virial false
+inline constexpr const char *AOTI_MODEL_ATOMIC_VIRIAL = "with_atomic_virial";  // .pt2 model: compute_atomic_virial true
+inline constexpr const char *LOCAL_ATOMS = "local_atoms";  // [n_local] int64, .pt2 input: its length is n_local (values unused)
+inline constexpr const char *META_MACHINE = "machine";  // str, .pt2: architecture it was compiled for (platform.machine(), e.g. x86_64)
+inline constexpr const char *META_CPU_ISA = "cpu_isa";  // str, .pt2: vector ISA of the compiled kernels (e.g. avx2, avx512; "" none)
+inline constexpr const char *META_COMPILED_ON = "compiled_on";  // str, .pt2: CPU model that compiled it (kernels use its -march=native)
+inline constexpr const char *ARCHIVE_METADATA_RECORD = "extra/metadata.json";  // where either archive keeps the metadata (zip record)
 
 }  // namespace keys
 }  // namespace bayesrace

@@ -1,6 +1,6 @@
-// The one small interface between the engine and the code that runs a deployable.
-// Today: TorchScript (torch::jit). A .pt2 (AOTInductor) backend can sit beside it by
-// implementing Backend and being chosen in make_backend().
+// The one small interface between the engine and the code that runs a deployable:
+// TorchScript (torch::jit; shell and layer mode) and AOTInductor packages (.pt2, compiled
+// code; shell mode only). The engine picks one by the file's content (deployable_format).
 #pragma once
 
 #include <cstdint>
@@ -88,5 +88,20 @@ std::unique_ptr<Backend> load_torchscript(const std::string &path, std::string &
 // members expected in the outputs.
 void configure_torchscript(Backend &backend, const std::string &device, const std::string &dtype,
                            int64_t n_members, int local_rank);
+
+struct Metadata;
+
+// keys::FORMAT_AOTI when `path` is an AOTInductor package (a zip archive holding the record
+// archive_format = "pt2"), else keys::FORMAT_TORCHSCRIPT (also for unreadable files: the
+// TorchScript loader then says what is wrong).
+std::string deployable_format(const std::string &path);
+
+// Reads the metadata of a .pt2 (no compiled code is loaded yet). Throws std::runtime_error.
+std::unique_ptr<Backend> load_aoti(const std::string &path, std::string &metadata_json);
+
+// Called once the metadata has been validated: checks what the compiled code needs (device
+// cpu, the torch version it was compiled with, machine and CPU ISA, input and output keys,
+// models) and only then loads the compiled code.
+void configure_aoti(Backend &backend, const Metadata &meta, const std::string &device);
 
 }  // namespace bayesrace

@@ -7,6 +7,8 @@
 #include <sstream>
 #include <stdexcept>
 
+#include "../keys.h"
+
 namespace bayesrace {
 
 std::string torch_build_version() { return TORCH_VERSION; }
@@ -36,9 +38,14 @@ std::string major_minor(const std::string &v) {
 Engine::Engine(const std::string &path, const EngineOptions &opts) : path_(path), opts_(opts) {
   set_torch_threads(opts.num_threads);
   std::string text;
-  backend_ = load_torchscript(path, text);
-  meta_ = parse_metadata(text, path);
-  configure_torchscript(*backend_, opts.device, meta_.dtype, meta_.n_members, opts.local_rank);
+  const std::string format = deployable_format(path);
+  const bool aoti = format == keys::FORMAT_AOTI;
+  backend_ = aoti ? load_aoti(path, text) : load_torchscript(path, text);
+  meta_ = parse_metadata(text, path, format);
+  if (aoti)
+    configure_aoti(*backend_, meta_, opts.device);
+  else
+    configure_torchscript(*backend_, opts.device, meta_.dtype, meta_.n_members, opts.local_rank);
   warnings_ = meta_.warnings;
   layer_widths_ = backend_->layer_widths();
   if (!layer_widths_.empty() && static_cast<int64_t>(layer_widths_.size()) != meta_.n_layers + 1)

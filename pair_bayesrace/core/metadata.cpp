@@ -98,6 +98,13 @@ struct Checker {
     if (!v.is_string()) fail(path, std::string("must be a string, got ") + json_kind_name(v));
     return v.get<std::string>();
   }
+
+  std::vector<std::string> strings(const Json &v, const std::string &path) const {
+    if (!v.is_array() || v.empty()) fail(path, std::string("must be a non-empty list of strings, got ") + json_kind_name(v));
+    std::vector<std::string> out;
+    for (const auto &e : v) out.push_back(string(e, path));
+    return out;
+  }
 };
 
 // "MAJOR.MINOR[anything]" -> both numbers (covers PEP 440 forms such as 0.2.0.dev1+g12ab)
@@ -136,7 +143,7 @@ void check_exporter_version(const Checker &c, const std::string &file_version, s
 
 }  // namespace
 
-Metadata parse_metadata(const std::string &text, const std::string &source) {
+Metadata parse_metadata(const std::string &text, const std::string &source, const std::string &container) {
   namespace K = keys;
   Checker c{source};
   Metadata m;
@@ -224,6 +231,23 @@ Metadata parse_metadata(const std::string &text, const std::string &source) {
   if (m.bayesrace_version.empty()) c.fail(K::META_BAYESRACE_VERSION, "must not be empty");
   if (m.torch_version.empty()) c.fail(K::META_TORCH_VERSION, "must not be empty");
   if (m.posterior.empty()) c.fail(K::META_POSTERIOR, "must not be empty");
+
+  m.format = K::FORMAT_TORCHSCRIPT;  // files written before the field existed are TorchScript
+  if (const Json *v = Checker::find(root, K::META_FORMAT)) m.format = c.string(*v, K::META_FORMAT);
+  if (!container.empty() && m.format != container)
+    c.fail(K::META_FORMAT, "says \"" + m.format + "\" but the file is " +
+                               (container == K::FORMAT_AOTI ? "an AOTInductor package (.pt2)" : "a TorchScript archive"));
+  if (m.format == K::FORMAT_AOTI) {
+    m.input_keys = c.strings(c.require(root, K::META_INPUT_KEYS, K::META_INPUT_KEYS), K::META_INPUT_KEYS);
+    m.output_keys = c.strings(c.require(root, K::META_OUTPUT_KEYS, K::META_OUTPUT_KEYS), K::META_OUTPUT_KEYS);
+    m.aoti_models = c.strings(c.require(root, K::META_AOTI_MODELS, K::META_AOTI_MODELS), K::META_AOTI_MODELS);
+    m.machine = c.string(c.require(root, K::META_MACHINE, K::META_MACHINE), K::META_MACHINE);
+    m.cpu_isa = c.string(c.require(root, K::META_CPU_ISA, K::META_CPU_ISA), K::META_CPU_ISA);
+    m.compiled_on = c.string(c.require(root, K::META_COMPILED_ON, K::META_COMPILED_ON), K::META_COMPILED_ON);
+  } else if (m.format != K::FORMAT_TORCHSCRIPT) {
+    c.fail(K::META_FORMAT, "is \"" + m.format + "\", expected \"" + K::FORMAT_TORCHSCRIPT + "\" or \"" +
+                               K::FORMAT_AOTI + "\" (a newer bayesrace may read it)");
+  }
   return m;
 }
 

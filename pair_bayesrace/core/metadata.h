@@ -24,6 +24,11 @@ struct Metadata {
   std::string torch_version;
   std::string training_data_sha256;
   std::string posterior;
+  // the container: keys::FORMAT_TORCHSCRIPT (also when the field is absent) or FORMAT_AOTI;
+  // an AOTInductor package (.pt2) adds the fields below (required then, empty otherwise)
+  std::string format;
+  std::vector<std::string> input_keys, output_keys, aoti_models;
+  std::string machine, cpu_isa, compiled_on;
 
   std::string raw_json;  // the text as stored in the archive (the binding's .metadata parses it)
   // non-fatal remarks on the file, e.g. written by a newer minor version of bayesrace
@@ -37,7 +42,9 @@ struct Metadata {
 // Parse and validate; throws std::runtime_error whose message names the field and what
 // was expected. `source` (the file name) prefixes every message. A file written by a newer
 // MAJOR version of bayesrace is refused; a newer MINOR version adds a warning.
-Metadata parse_metadata(const std::string &json_text, const std::string &source);
+// `container` (keys::FORMAT_TORCHSCRIPT or FORMAT_AOTI, if given): what the file is; the
+// field META_FORMAT must say the same.
+Metadata parse_metadata(const std::string &json_text, const std::string &source, const std::string &container = "");
 
 // The bayesrace version this core was built as, e.g. "0.1.0" (python/bayesrace/_version.py).
 std::string bayesrace_build_version();

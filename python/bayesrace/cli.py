@@ -280,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_laplace)
 
     # listed for --help; main() hands its arguments to the export parser (_export_command)
-    sub.add_parser("export", help="freeze a posterior into one TorchScript deployable for LAMMPS (bayesrace-export)")
+    sub.add_parser("export", help="freeze a posterior into one deployable for LAMMPS, TorchScript or AOTInductor "
+                   ".pt2 (bayesrace-export)")
 
     p = sub.add_parser("al", help="active learning from a YAML config (mode: pool: train, pick by BALD from a "
                                   "pool, label, repeat; mode: on_the_fly: LAMMPS MD halts at high σ, label, "
@@ -345,11 +346,16 @@ def _export_command(argv: List[str], prog: str) -> int:
 
 
 def _export_parser(prog: str) -> argparse.ArgumentParser:
+    from . import keys
     from .export import DEFAULT_THRESHOLD_FACTOR, DTYPES
 
     parser = argparse.ArgumentParser(prog=prog, description="Freeze a bayesrace posterior into a LAMMPS deployable.")
     parser.add_argument("posterior", help="posterior.pt written by 'bayesrace train'")
-    parser.add_argument("out", help="deployable to write (TorchScript .pt for pair_style bayesrace)")
+    parser.add_argument("out", help="deployable to write for pair_style bayesrace (.pt; .pt2 with --format aoti)")
+    parser.add_argument("--format", choices=[keys.FORMAT_TORCHSCRIPT, keys.FORMAT_AOTI], default=keys.FORMAT_TORCHSCRIPT,
+                        help="torchscript (default: shell and layer mode, any CPU or GPU) or aoti: an AOTInductor "
+                        "package compiled here (about a minute per model; shell mode only; runs only with this "
+                        "torch version on CPUs with this machine's instruction set)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float64",
                         help="precision of the deployable (default float64)")
     parser.add_argument("--force-std-scale", type=float, default=None,
@@ -377,7 +383,11 @@ def _run_export(args) -> dict:
 
     from . import keys
     from .bayes import load_posterior
-    from .export import export_posterior, resolve_calibration, threshold_from_structures
+    from .export import (check_aoti_toolchain, export_posterior, export_posterior_aoti, resolve_calibration,
+                         threshold_from_structures)
+
+    if args.format == keys.FORMAT_AOTI:
+        check_aoti_toolchain()  # before loading anything
 
     calibration = {}
     if args.force_std_scale is not None:
@@ -399,11 +409,16 @@ def _run_export(args) -> dict:
             posterior, ase.io.read(path, ":"), args.threshold_quantile, args.threshold_factor,
             calibration=resolve_calibration(posterior, calibration),
         )
-    meta = export_posterior(posterior, args.out, calibration=calibration, thresholds=thresholds, dtype=args.dtype)
+    if args.format == keys.FORMAT_AOTI:
+        meta = export_posterior_aoti(posterior, args.out, calibration=calibration, thresholds=thresholds,
+                                     dtype=args.dtype, log=lambda line: print(f"{args.out}: {line}", flush=True))
+    else:
+        meta = export_posterior(posterior, args.out, calibration=calibration, thresholds=thresholds,
+                                dtype=args.dtype)
     print(
         f"{args.out}: {meta[keys.META_N_MEMBERS]} members ({meta[keys.META_POSTERIOR]}), "
         f"elements {' '.join(meta[keys.META_TYPE_NAMES])}, cutoff {meta[keys.META_CUTOFF]} Å x "
-        f"{meta[keys.META_N_LAYERS]} layers, {meta[keys.META_DTYPE]}, force σ threshold "
+        f"{meta[keys.META_N_LAYERS]} layers, {meta[keys.META_DTYPE]}, {args.format}, force σ threshold "
         f"{meta[keys.META_THRESHOLDS][keys.ATOMIC_FORCE_STD]:.4g} eV/Å"
     )
     return meta

@@ -70,6 +70,21 @@ META_TORCH_VERSION = "torch_version"  # str
 META_TRAINING_DATA_SHA256 = "training_data_sha256"  # str
 META_POSTERIOR = "posterior"  # str, kind of posterior (ensemble, swag, ivon, laplace...)
 
+# --- the AOTInductor deployable (.pt2, shell mode only): metadata fields and names inside -----
+META_FORMAT = "deployable_format"  # str, FORMAT_TORCHSCRIPT (also when absent) or FORMAT_AOTI
+FORMAT_TORCHSCRIPT = "torchscript"  # a TorchScript archive (torch.jit.save): shell and layer mode
+FORMAT_AOTI = "aoti"  # an AOTInductor package (.pt2): compiled code, shell mode only
+META_INPUT_KEYS = "input_keys"  # list of str, .pt2: order of the compiled models' inputs
+META_OUTPUT_KEYS = "output_keys"  # list of str, .pt2: order of the compiled models' outputs
+META_AOTI_MODELS = "aoti_models"  # list of str, .pt2: the compiled models in the package (names below)
+AOTI_MODEL_PLAIN = "without_atomic_virial"  # .pt2 model: compute_atomic_virial false
+AOTI_MODEL_ATOMIC_VIRIAL = "with_atomic_virial"  # .pt2 model: compute_atomic_virial true
+LOCAL_ATOMS = "local_atoms"  # [n_local] int64, .pt2 input: its length is n_local (values unused)
+META_MACHINE = "machine"  # str, .pt2: architecture it was compiled for (platform.machine(), e.g. x86_64)
+META_CPU_ISA = "cpu_isa"  # str, .pt2: vector ISA of the compiled kernels (e.g. avx2, avx512; "" none)
+META_COMPILED_ON = "compiled_on"  # str, .pt2: CPU model that compiled it (kernels use its -march=native)
+ARCHIVE_METADATA_RECORD = "extra/metadata.json"  # where either archive keeps the metadata (zip record)
+
 ALL_KEYS = tuple(
     value for name, value in sorted(globals().items()) if name.isupper() and isinstance(value, str)
 )

@@ -413,10 +413,9 @@ def _check_posterior(posterior) -> None:
                                   f"{getattr(first, name)!r}: members must share one architecture")
 
 
-def script_posterior(posterior: Posterior, dtype: torch.dtype) -> torch.jit.ScriptModule:
-    """A scripted DeployedPosterior over copies of the members (the posterior is not touched)."""
-    from e3nn.util import jit as e3nn_jit
-
+def deployed_posterior(posterior: Posterior, dtype: torch.dtype) -> DeployedPosterior:
+    """A DeployedPosterior (eager) over frozen copies of the members in ``dtype`` (the
+    posterior is not touched): what both deployable formats are made of."""
     members = []
     for member in posterior.members:
         copied = copy.deepcopy(member).to(dtype).eval()
@@ -424,9 +423,24 @@ def script_posterior(posterior: Posterior, dtype: torch.dtype) -> torch.jit.Scri
         for parameter in copied.parameters():
             parameter.requires_grad_(False)
         members.append(copied)
+    return DeployedPosterior(members).eval()
+
+
+def script_posterior(posterior: Posterior, dtype: torch.dtype) -> torch.jit.ScriptModule:
+    """A scripted DeployedPosterior over copies of the members (the posterior is not touched)."""
+    from e3nn.util import jit as e3nn_jit
+
     # e3nn's script compiles its code-generated modules first (plain torch.jit.script
     # fails on e.g. Gate)
-    return e3nn_jit.script(DeployedPosterior(members))
+    return e3nn_jit.script(deployed_posterior(posterior, dtype))
+
+
+def checked_metadata(posterior: Posterior, dtype, calibration, thresholds,
+                     training_data_sha256) -> Tuple[str, Dict[str, object]]:
+    """(dtype name, metadata) of a posterior fit for export (ExportError otherwise)."""
+    _check_posterior(posterior)
+    dtype_name = _dtype_name(_posterior_dtype(posterior) if dtype is None else dtype)
+    return dtype_name, build_metadata(posterior, dtype_name, calibration, thresholds, training_data_sha256)
 
 
 def export_posterior(
@@ -446,9 +460,7 @@ def export_posterior(
     ``dtype``: torch dtype or "float64"/"float32" (default: the posterior's);
     ``training_data_sha256``: overrides the hash of the posterior record;
     """
-    _check_posterior(posterior)
-    dtype_name = _dtype_name(_posterior_dtype(posterior) if dtype is None else dtype)
-    metadata = build_metadata(posterior, dtype_name, calibration, thresholds, training_data_sha256)
+    dtype_name, metadata = checked_metadata(posterior, dtype, calibration, thresholds, training_data_sha256)
     module = script_posterior(posterior, DTYPES[dtype_name])
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -457,11 +469,3 @@ def export_posterior(
         torch.jit.save(module, str(tmp), _extra_files={keys.METADATA_FILE: json.dumps(metadata, indent=1)})
     return metadata
 
-
-def read_metadata(path) -> Dict[str, object]:
-    """The metadata of a deployable, without running it."""
-    extra = {keys.METADATA_FILE: ""}
-    torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-    if not extra[keys.METADATA_FILE]:
-        raise ExportError(f"{path}: no {keys.METADATA_FILE} inside")
-    return json.loads(extra[keys.METADATA_FILE])
