@@ -85,7 +85,8 @@ def make_config(
             "isolated_atoms": _rel(ISOLATED_FILE, config_dir),
         },
         "model": {"preset": args.preset},
-        "loss": {"kind": loss, "energy_weight": 1.0, "force_weight": 1.0, "mse_warmup_epochs": warmup_epochs},
+        "loss": {"kind": loss, "energy_weight": 1.0, "force_weight": 1.0, "mse_warmup_epochs": warmup_epochs,
+                 **({"means": args.means} if loss != "mse" else {})},
         "training": {
             "optimizer": "adamw",
             "lr": args.lr,
@@ -233,6 +234,9 @@ def parse_args(argv=None):
     parser.add_argument("--warmup-epochs", type=int, default=None,
                         help="MSE epochs of the ensemble (default: from --warmup-fraction and the single "
                              "model's measured epoch time)")
+    parser.add_argument("--means", choices=("nll", "mse"), default="nll",
+                        help="the ensemble's loss.means: nll (joint NLL_JEF) or mse (means by MSE, the NLL trains "
+                             "the variance heads; no MSE warm-up unless --warmup-epochs)")
     parser.add_argument("--out", default=str(BENCH_DIR / "results" / "accuracy"), help="results folder")
     parser.add_argument("--runs", default=str(BENCH_DIR / "runs" / "accuracy"),
                         help="run directories (checkpoints): keep out of the results")
@@ -282,7 +286,9 @@ def main(argv=None) -> int:
 
     plan = {
         "single": dict(members=1, loss="mse", warmup_epochs=0, ranks=1, skip=args.skip_single),
-        "ensemble": dict(members=args.members, loss="nll_jef", warmup_epochs=None, ranks=args.ranks,
+        "ensemble": dict(members=args.members, loss="nll_jef",
+                         warmup_epochs=0 if args.means == "mse" and args.warmup_epochs is None else None,
+                         ranks=args.ranks,
                          skip=args.skip_ensemble),
     }
     results: Dict = {
@@ -301,6 +307,7 @@ def main(argv=None) -> int:
             "ranks": args.ranks,
             "preset": args.preset,
             "lr": args.lr,
+            "ensemble_means": args.means,
             "ensemble_mse_warmup_epochs": None,
             "ensemble_warmup_basis": None,
             "threads_per_process": 1,

@@ -68,3 +68,28 @@ def test_unknown_loss_lists_choices():
     with pytest.raises(ValueError, match="nll_jef"):
         loss_function("nll-jef")
 
+
+
+def test_mse_means_train_the_means_by_mse_and_the_heads_by_the_nll():
+    import pytest
+
+    pred, batch = random_prediction(seed=3)
+    leaves = {name: value.clone().requires_grad_(True) for name, value in pred.items()}
+    combined = loss_function("nll_jef", means="mse")(leaves, batch, 1.0, 2.0)
+    nll = loss_function("nll_jef")(pred, batch, 1.0, 2.0)
+    mse = loss_function("mse")(pred, batch, 1.0, 2.0)
+    # its value is the sum of both; its gradient on the means is MSE's, on the variances the NLL's
+    assert torch.allclose(combined, mse + nll, rtol=1e-12)
+    combined.backward()
+    expected = {name: value.clone().requires_grad_(True) for name, value in pred.items()}
+    loss_function("mse")(expected, batch, 1.0, 2.0).backward()
+    for name in (keys.ENERGY, keys.FORCES):
+        assert torch.allclose(leaves[name].grad, expected[name].grad, rtol=1e-12), name
+    variances = {name: value.clone().requires_grad_(True) for name, value in pred.items()}
+    loss_function("nll_jef")(variances, batch, 1.0, 2.0).backward()
+    for name in (keys.ENERGY_VARIANCE, keys.FORCE_COVARIANCE):
+        assert torch.allclose(leaves[name].grad, variances[name].grad, rtol=1e-12), name
+    # the MSE kind is unchanged by the option, and unknown values name the choices
+    assert torch.allclose(loss_function("mse", means="mse")(pred, batch, 1.0, 2.0), mse)
+    with pytest.raises(ValueError, match="loss.means"):
+        loss_function("nll_jef", means="joint")

@@ -85,6 +85,10 @@ class LossSection:
     energy_weight: NonNegative = 1.0  # λ_E
     force_weight: NonNegative = 1.0  # λ_F
     mse_warmup_epochs: NonNegativeInt = 0  # train with MSE first: the variance heads start from sane means (none with init_from)
+    # what trains the predicted energies and forces under an NLL kind: "nll" (the joint NLL, as
+    # in the paper) or "mse" (the MSE term; the NLL then trains the variance heads on the
+    # detached residuals, so each member's means learn as a single MSE model's do)
+    means: Literal["nll", "mse"] = "nll"
 
 
 @section

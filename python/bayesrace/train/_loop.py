@@ -70,7 +70,7 @@ def evaluate_loss(model: torch.nn.Module, graphs: List[Graph], config: Config, l
     """Mean loss and energy/force RMSE of a model on graphs (in eval mode)."""
     was_training = model.training
     model.eval()
-    loss_fn = loss_function(loss_kind)
+    loss_fn = loss_function(loss_kind, config.loss.means)
     total_loss, n_structures = 0.0, 0
     energy_sq, n_energy, force_sq, n_force = 0.0, 0, 0.0, 0
     for batch in iterate_batches(graphs, config.training.batch_size, shuffle=False, dtype=config.torch_dtype):
@@ -206,7 +206,7 @@ def train_member(
             while state["epoch"] < training.max_epochs:
                 epoch = state["epoch"]
                 loss_kind = "mse" if epoch < mse_warmup_epochs(config) else config.loss.kind
-                loss_fn = loss_function(loss_kind)
+                loss_fn = loss_function(loss_kind, config.loss.means)
                 if epoch == mse_warmup_epochs(config) and mse_warmup_epochs(config) > 0:
                     # the loss changes meaning: restart the plateau and early-stopping clocks
                     state["best_loss"], state["stale_epochs"] = math.inf, 0

@@ -77,7 +77,31 @@ TRAINED_HEADS: Dict[str, List[str]] = {
 }
 
 
-def loss_function(name: str) -> Callable[[Batch, Batch, float, float], torch.Tensor]:
+MEAN_LOSSES = ("nll", "mse")
+
+
+def _with_mse_means(nll: Callable[[Batch, Batch, float, float], torch.Tensor]):
+    """MSE for the predicted energies and forces, plus ``nll`` evaluated on them detached: the
+    means learn exactly as an MSE model's do, and the variance heads (and, through them, the
+    shared layers) learn the distribution of the means' residuals. The joint NLL weights every
+    residual by its predicted 1/σ², which lets the means neglect what they predict as noisy."""
+
+    def loss(pred: Batch, batch: Batch, energy_weight: float, force_weight: float) -> torch.Tensor:
+        detached = dict(pred)
+        detached[keys.ENERGY] = pred[keys.ENERGY].detach()
+        detached[keys.FORCES] = pred[keys.FORCES].detach()
+        return mse_loss(pred, batch, energy_weight, force_weight) + nll(detached, batch, energy_weight, force_weight)
+
+    return loss
+
+
+def loss_function(name: str, means: str = "nll") -> Callable[[Batch, Batch, float, float], torch.Tensor]:
+    """The loss ``name``; with ``means="mse"`` (``loss.means``) an NLL loss trains the means by
+    MSE and only the variance heads by the NLL (``_with_mse_means``)."""
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; expected one of {sorted(LOSSES)}")
+    if means not in MEAN_LOSSES:
+        raise ValueError(f"unknown loss.means {means!r}; expected one of {list(MEAN_LOSSES)}")
+    if means == "mse" and name != "mse":
+        return _with_mse_means(LOSSES[name])
     return LOSSES[name]
