@@ -37,7 +37,7 @@ variable        threshold index 0
 variable        steps index 2000
 variable        t_start index 300
 variable        t_stop index 3000
-variable        every index 20
+variable        every index 10
 
 units           metal
 # an isolated molecule: periodic images 40 Å away do not interact (range n_layers x cutoff),
