@@ -276,7 +276,7 @@ def test_forces_are_finite_differences_of_lammps_energy(plugin_path, race, tmp_p
     finally:
         os.chdir(old)
     print(f"finite differences (h = 1e-4 Å): max |F_fd - F| {worst:.2e} eV/Å, max |F| {scale:.3g} eV/Å")
-    assert scale > 0.05
+    assert scale > 0.01  # forces far from zero, so the comparison means something
     assert worst < 1e-6 * max(scale, 1.0), (worst, scale)
 
 
@@ -432,7 +432,7 @@ def test_psb3_example_runs_under_mpi_and_halts(plugin_path, trained, tmp_path, m
         monkeypatch.setenv("LAMMPS_PLUGIN_PATH", str(Path(plugin_path).parent))
     _, model, _ = trained
     result = run_psb3_example(model, tmp_path, nprocs=2, steps=200)
-    assert result["halted"] and result["halt_step"] == 20, result
+    assert result["halted"] and result["halt_step"] == 10, result
     assert result["max_force_std"] > 3.0 * 1e-3**0.5
     dump = result["dump"].read_text()
-    assert dump.count("ITEM: ATOMS id type x y z c_u[1] c_u[2] c_u[3] c_u[4]") == 2  # steps 0 and 20
+    assert dump.count("ITEM: ATOMS id type x y z c_u[1] c_u[2] c_u[3] c_u[4]") == 2  # steps 0 and 10
