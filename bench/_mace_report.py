@@ -154,7 +154,11 @@ def write_markdown(results: Dict, path: Path) -> None:
         f"- RACE: `bayesrace train` with preset `{b['preset']}` ({results['race_model_config']}), float64, "
         f"one member, MSE loss (λ_E {results['race_config']['loss']['energy_weight']}, λ_F "
         f"{results['race_config']['loss']['force_weight']}), AdamW lr {results['race_config']['training']['lr']}, "
-        "batch 8, ReduceLROnPlateau(0.5, 5), EMA 0.99, as bench/accuracy.py's single model.",
+        "batch 8, " + (
+            f"lr constant, then a half cosine to 1e-5 over the last "
+            f"{results['race_config']['training'].get('decay_fraction', 0.25):g} of the budget (`schedule: cosine`)"
+            if results['race_config']['training'].get('schedule') == "cosine" else "ReduceLROnPlateau(0.5, 5)")
+        + ", EMA 0.99, as bench/accuracy.py's single model otherwise.",
         "", "## Machine and load", "",
         f"- {m['cpu']}, {m['cores']} cores (shared), torch {m['torch']}, Python {m['python']}.",
         f"- Load averages before: {results['load']['before']}; after: {results['load'].get('after')}.",

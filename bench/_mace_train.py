@@ -146,7 +146,8 @@ def race_config(run_dir: Path, split: Dict, references: Dict[str, float], args) 
             "optimizer": "adamw", "lr": args.race_lr, "weight_decay": 0.0, "batch_size": 8,
             "max_epochs": 100000, "max_minutes": args.minutes, "early_stopping_patience": 100000,
             "lr_factor": 0.5, "lr_patience": 5, "min_lr": 1e-5, "ema_decay": 0.99, "grad_clip": 10.0,
-            "threads": 1,
+            "threads": 1, "schedule": args.race_schedule,
+            **({"decay_fraction": args.race_decay_fraction} if args.race_schedule == "cosine" else {}),
         },
         "ensemble": {"members": 1},
     }

@@ -76,6 +76,10 @@ def parse_args(argv=None):
                              "(default: max(2, budget / 4))")
     parser.add_argument("--preset", default="small", help="bayesrace model preset")
     parser.add_argument("--race-lr", type=float, default=5e-3)
+    parser.add_argument("--race-schedule", choices=("plateau", "cosine"), default="plateau",
+                        help="bayesrace training.schedule (cosine: constant, then decay over the budget's last "
+                             "--race-decay-fraction)")
+    parser.add_argument("--race-decay-fraction", type=float, default=0.25)
     parser.add_argument("--race-energy-weight", type=float, default=1.0)
     parser.add_argument("--race-force-weight", type=float, default=1.0)
     parser.add_argument("--box", type=float, default=30.0, help="cubic periodic cell [Å] of the 960-atom speed box")

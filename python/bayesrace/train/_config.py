@@ -100,6 +100,11 @@ class TrainingSection:
     max_epochs: AtLeastOne = 200
     max_minutes: Optional[Positive] = None  # wall-clock budget per member
     early_stopping_patience: NonNegativeInt = 30  # epochs without validation improvement
+    # "plateau": ReduceLROnPlateau on the validation loss (lr_factor, lr_patience, min_lr);
+    # "cosine": lr constant, then half a cosine down to min_lr over the last decay_fraction of
+    # the budget (max_epochs or max_minutes, whichever runs out first), set at every step
+    schedule: Literal["plateau", "cosine"] = "plateau"
+    decay_fraction: Annotated[Float, Field(gt=0, le=1)] = 0.25
     lr_factor: Annotated[Float, Field(gt=0, lt=1)] = 0.5  # ReduceLROnPlateau on the validation loss
     lr_patience: NonNegativeInt = 8
     min_lr: NonNegative = 1e-5

@@ -50,6 +50,7 @@ from ._members import (
     new_member_model,
 )
 from ._optim import (
+    CosineToBudget,
     ema_update,
     ivon_training_step,
     make_ivon_optimizer,
@@ -223,9 +224,13 @@ def train_member(
                     bar.say(f"member {member}: SWAG collection starts at epoch {epoch} "
                             f"(lr {state['swag_lr']:.3g}, rank {swag.rank})")
                 train_loss, n_batches = 0.0, 0
+                steps_per_epoch = max(1, math.ceil(len(data.train) / training.batch_size))
+                follows_budget = isinstance(scheduler, CosineToBudget) and swag is None and not ivon_phase
                 for batch in iterate_batches(
                     data.train, training.batch_size, shuffle=True, seed=seed, epoch=epoch, dtype=config.torch_dtype
                 ):
+                    if follows_budget:
+                        scheduler.at(epoch + n_batches / steps_per_epoch, time.time() - started)
                     hint = "posterior.ivon.lr or raise posterior.ivon.hess_init" if ivon_phase else "training.lr"
                     try:
                         if ivon_phase:

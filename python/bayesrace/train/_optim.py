@@ -1,6 +1,7 @@
 """The optimisers of a member and their schedules: Adam/AdamW with an exponential moving
 average (EMA) of the weights, IVON (a diagonal Gaussian over the weights, posterior kind
-ivon) and its training step, and the ReduceLROnPlateau schedule both use."""
+ivon) and its training step, and the learning-rate schedules they use (ReduceLROnPlateau,
+or a cosine decay at the end of the training budget)."""
 
 from __future__ import annotations
 
@@ -62,8 +63,49 @@ def make_ivon_optimizer(config: Config, model: RACE, data: TrainingData):
     )
 
 
-def make_scheduler(config: Config, optimizer) -> torch.optim.lr_scheduler.ReduceLROnPlateau:
+class CosineToBudget:
+    """lr constant at ``training.lr``, then min_lr + (lr − min_lr)·(1 + cos πg)/2 over the last
+    ``decay_fraction`` of the budget (g runs 0 → 1 there), where the fraction f of the budget
+    used is the larger of epochs/max_epochs and elapsed/max_minutes. Under a wall-clock budget
+    the plateau schedule never decays while the EMA-validated loss keeps falling (acac, 40 min:
+    152 epochs at the initial lr): the weights then end at the noise level of that lr. ``at`` is
+    called before every step; f comes from the training state, so a resumed run continues on the
+    same curve and the schedule itself holds nothing."""
+
+    def __init__(self, optimizer, config: Config):
+        self.optimizer = optimizer
+        self.training = config.training
+
+    def fraction(self, epochs: float, elapsed_s: float) -> float:
+        training = self.training
+        used = epochs / training.max_epochs
+        if training.max_minutes is not None:
+            used = max(used, elapsed_s / (60.0 * training.max_minutes))
+        return min(max(used, 0.0), 1.0)
+
+    def at(self, epochs: float, elapsed_s: float) -> None:
+        training = self.training
+        start = 1.0 - training.decay_fraction
+        decayed = max(0.0, self.fraction(epochs, elapsed_s) - start) / training.decay_fraction
+        lr = training.min_lr + 0.5 * (training.lr - training.min_lr) * (1.0 + math.cos(math.pi * decayed))
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def step(self, valid_loss=None) -> None:  # the plateau schedule's interface: nothing to do
+        pass
+
+    def state_dict(self) -> Dict:
+        return {}
+
+    def load_state_dict(self, state: Dict) -> None:
+        pass
+
+
+def make_scheduler(config: Config, optimizer):
+    """The Adam phase's schedule (``training.schedule``); IVON's phase always uses the plateau."""
     training = config.training
+    if training.schedule == "cosine" and not hasattr(optimizer, "sampled_params"):
+        return CosineToBudget(optimizer, config)
     return torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, factor=training.lr_factor, patience=training.lr_patience, min_lr=training.min_lr
     )
