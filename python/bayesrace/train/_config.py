@@ -49,7 +49,9 @@ class DataSection:
 class ModelSection:
     """Overrides of the preset; ModelConfig.validate checks the architecture as a whole."""
 
-    preset: Preset = "small"
+    # base: ahead of small on acac at 12 and 40 minutes of one core (bench/results/
+    # accuracy_vs_mace); small is ahead below ~5 minutes (the main job uses it)
+    preset: Preset = "base"
     cutoff: Optional[Float] = None
     n_layers: Optional[Int] = None
     channels: Optional[Int] = None
