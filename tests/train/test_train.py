@@ -137,3 +137,30 @@ def test_warm_start_skips_the_mse_warm_up():
     assert mse_warmup_epochs(config_from_dict(values)) == 3
     values["training"] = {"init_from": "posterior.pt"}
     assert mse_warmup_epochs(config_from_dict(values)) == 0
+
+
+def test_n_valid_writes_the_held_out_frames_and_the_split(psb3_small, tmp_path):
+    import ase.io
+    import numpy as np
+
+    from bayesrace.train import prepare_data
+
+    config = write_training_config(tmp_path / "c.yaml", psb3_small, tmp_path / "run", training={"max_epochs": 1})
+    values = load_config(config)
+    values.data.valid = None
+    values.data.n_valid = 7
+    train(values, progress=False)
+    run = tmp_path / "run"
+    split = json.loads((run / "split.json").read_text())
+    source = ase.io.read(psb3_small / "train.xyz", ":")
+    assert len(split["valid"]) == 7 and not set(split["valid"]) & set(split["train"])
+    assert sorted(split["valid"] + split["train"]) == list(range(len(source)))
+    held_out = ase.io.read(run / "valid_held_out.xyz", ":")
+    assert len(held_out) == 7
+    for atoms, index in zip(held_out, split["valid"]):
+        np.testing.assert_array_equal(atoms.positions, source[index].positions)
+        assert atoms.get_potential_energy() == source[index].get_potential_energy()
+    # they are exactly the frames training validated on
+    data = prepare_data(values)
+    assert [len(g.species) for g in data.valid] == [len(a) for a in held_out]
+    np.testing.assert_allclose([g.energy for g in data.valid], [a.get_potential_energy() for a in held_out])

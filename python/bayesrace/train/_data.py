@@ -33,6 +33,10 @@ class TrainingData:
     energy_scale: float
     avg_num_neighbors: float
     data_sha256: str
+    # with data.n_valid: positions in data.train's file of the frames split off for validation
+    # and of those trained on (None when data.valid names a file)
+    valid_indices: Optional[List[int]] = None
+    train_indices: Optional[List[int]] = None
 
 
 def _sha256_files(paths: List[Optional[str]]) -> str:
@@ -47,19 +51,21 @@ def prepare_data(config: Config, progress: bool = False) -> TrainingData:
     """Read, validate and featurise the training and validation sets (deterministic)."""
     data = config.data
     read = dict(energy_key=data.energy_key, forces_key=data.forces_key, stress_key=data.stress_key)
-    frames = read_frames(data.train, **read)
     # single-atom frames (e.g. isolated atoms shipped with a data set) carry no forces to learn
-    frames = [f for f in frames if len(f.numbers) > 1]
+    indexed = [(k, f) for k, f in enumerate(read_frames(data.train, **read)) if len(f.numbers) > 1]
     if data.max_train is not None:
-        frames = frames[: data.max_train]
+        indexed = indexed[: data.max_train]
+    train_indices = valid_indices = None
     if data.valid:
-        train_frames, valid_frames = frames, read_frames(data.valid, **read)
+        train_frames, valid_frames = [f for _, f in indexed], read_frames(data.valid, **read)
     else:
-        if data.n_valid >= len(frames):
+        if data.n_valid >= len(indexed):
             raise DataError(
-                f"{data.train}: {len(frames)} frames, cannot split off n_valid={data.n_valid} for validation"
+                f"{data.train}: {len(indexed)} frames, cannot split off n_valid={data.n_valid} for validation"
             )
-        train_frames, valid_frames = split(frames, data.n_valid, config.seed)
+        train_pairs, valid_pairs = split(indexed, data.n_valid, config.seed)
+        train_frames, valid_frames = [f for _, f in train_pairs], [f for _, f in valid_pairs]
+        train_indices, valid_indices = [k for k, _ in train_pairs], [k for k, _ in valid_pairs]
     type_map = TypeMap.from_frames(train_frames)
     if isinstance(data.reference_energies, dict):
         references = data.reference_energies
@@ -92,4 +98,30 @@ def prepare_data(config: Config, progress: bool = False) -> TrainingData:
         energy_scale=energy_scale if energy_scale > 0 else 1.0,
         avg_num_neighbors=avg_neighbors,
         data_sha256=_sha256_files([data.train, data.valid]),
+        valid_indices=valid_indices,
+        train_indices=train_indices,
     )
+
+
+HELD_OUT_FILE = "valid_held_out.xyz"
+SPLIT_FILE = "split.json"
+
+
+def write_held_out(config: Config, data: TrainingData, out: Path) -> Optional[Path]:
+    """With ``data.n_valid``: the validation frames split off ``data.train``, copied as they
+    are in that file to ``out/valid_held_out.xyz`` (what ``bayesrace calibrate`` and
+    ``evaluate`` need), and both index lists to ``out/split.json``. Returns the file's path."""
+    if data.valid_indices is None:
+        return None
+    import ase.io
+
+    from .._files import atomic_path, write_json_atomic
+
+    source = config.data.train
+    frames = ase.io.read(source, index=":")
+    path = out / HELD_OUT_FILE
+    with atomic_path(path) as tmp:
+        ase.io.write(tmp, [frames[k] for k in data.valid_indices], format="extxyz")
+    write_json_atomic(out / SPLIT_FILE, {"source": str(source), "seed": config.seed,
+                                         "valid": data.valid_indices, "train": data.train_indices})
+    return path

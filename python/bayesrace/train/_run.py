@@ -19,7 +19,7 @@ import torch
 from .._mpi import mpi_world, mpirun_executable
 from ..bayes import save_posterior
 from ._config import Config, config_to_dict
-from ._data import prepare_data
+from ._data import prepare_data, write_held_out
 from ._kinds import posterior_members
 from ._loop import train_member
 
@@ -59,13 +59,15 @@ def train(config: Config, progress: bool = True) -> Path:
     if rank == 0:
         (out / "config.json").write_text(json.dumps(config_to_dict(config), indent=2))
     data = prepare_data(config, progress=False)
+    held_out = write_held_out(config, data, out) if rank == 0 else None
     kind = config.posterior.kind
     if rank == 0 and progress:
         what = f"{config.n_members} member(s)" if kind == "ensemble" else "one model"
         print(
             f"bayesrace train: posterior {kind}, {len(data.train)} training / {len(data.valid)} validation "
             f"structures, types {data.type_names}, {what} on {size} process(es), "
-            f"avg neighbours {data.avg_num_neighbors:.1f}",
+            f"avg neighbours {data.avg_num_neighbors:.1f}"
+            + (f"; the {len(data.valid)} held-out structures are in {held_out}" if held_out else ""),
             file=sys.stderr,
             flush=True,
         )
