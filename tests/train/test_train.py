@@ -164,3 +164,21 @@ def test_n_valid_writes_the_held_out_frames_and_the_split(psb3_small, tmp_path):
     data = prepare_data(values)
     assert [len(g.species) for g in data.valid] == [len(a) for a in held_out]
     np.testing.assert_allclose([g.energy for g in data.valid], [a.get_potential_energy() for a in held_out])
+
+
+def test_a_member_says_why_it_stopped_and_which_epoch_it_keeps(psb3_small, tmp_path, capsys):
+    config = write_training_config(tmp_path / "c.yaml", psb3_small, tmp_path / "run", training={"max_epochs": 2},
+                                   loss={"kind": "mse", "mse_warmup_epochs": 0})
+    train(load_config(config), progress=True)
+    best = min(history(tmp_path / "run"), key=lambda entry: entry["valid_loss"])
+    err = capsys.readouterr().err
+    assert f"member 0: stopped after epoch 2: max_epochs (2) reached; keeps epoch {best['epoch']}" in err, err
+
+    values = load_config(config)
+    values.out = str(tmp_path / "timed")
+    values.training.max_epochs = 50
+    values.training.max_minutes = 1e-4  # past after the first epoch
+    train(values, progress=True)
+    err = capsys.readouterr().err
+    assert "member 0: stopped after epoch 1: its wall-clock budget of 0.0001 min is used" in err, err
+    assert "/50" not in err  # no epoch total (and ETA) that the budget makes meaningless

@@ -103,6 +103,21 @@ def _finished(state: Dict, config: Config) -> bool:
     return out_of_time or early_stop or state["epoch"] >= training.max_epochs
 
 
+def _stop_reason(state: Dict, config: Config) -> str:
+    """Why ``_finished`` ended the member (or the epoch limit), and which epoch it keeps."""
+    training = config.training
+    if training.max_minutes is not None and state["elapsed"] > 60.0 * training.max_minutes:
+        why = f"its wall-clock budget of {training.max_minutes:g} min is used ({state['elapsed'] / 60.0:.1f} min)"
+    elif state["epoch"] >= training.max_epochs:
+        why = f"max_epochs ({training.max_epochs}) reached"
+    else:
+        why = (f"no validation improvement for {state['stale_epochs']} epochs "
+               f"(early_stopping_patience {training.early_stopping_patience})")
+    kept = state.get("best_epoch")
+    kept_text = f"; keeps epoch {kept} (best validation loss {state['best_loss']:.4g})" if kept else ""
+    return f"stopped after epoch {state['epoch']}: {why}{kept_text}"
+
+
 def _swag_should_start(state: Dict, config: Config) -> bool:
     if config.posterior.kind != "swag" or state.get("swag") is not None:
         return False
@@ -193,7 +208,9 @@ def train_member(
     if _finished(state, config):
         return checkpoint_path
 
-    bar = EpochProgress(member, training.max_epochs, state["epoch"], progress, use_bar)
+    # under a wall-clock budget the epoch count is unknown: no total, so no invented ETA
+    bar = EpochProgress(member, None if training.max_minutes is not None else training.max_epochs,
+                        state["epoch"], progress, use_bar, budget_minutes=training.max_minutes)
     started = time.time() - state["elapsed"]
     swag = SwagCollector.from_state_dict(state["swag"]) if state.get("swag") is not None else None
     # IVON samples weights from torch's global generator: seeded per member, saved with every
@@ -275,6 +292,7 @@ def train_member(
                     improved = valid["loss"] < state["best_loss"]
                     if improved:
                         state["best_loss"] = valid["loss"]
+                        state["best_epoch"] = epoch + 1
                         state["best_state"] = {k: v.detach().clone() for k, v in evaluated.state_dict().items()}
                         if ivon_phase:
                             state["best_ivon_hess"] = [group["hess"].clone() for group in optimizer.param_groups]
@@ -304,6 +322,7 @@ def train_member(
                 bar.update(entry)
                 if _finished(state, config):
                     break
+            bar.say(f"member {member}: {_stop_reason(state, config)}")
         finally:
             bar.close()
     return checkpoint_path

@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Dict
+from typing import Dict, Optional
 
 
 class EpochProgress:
     """A tqdm bar when one process trains; a line per epoch (at most every 10 s) under MPI."""
 
-    def __init__(self, member: int, total: int, start: int, enabled: bool, use_bar: bool):
+    def __init__(self, member: int, total: Optional[int], start: int, enabled: bool, use_bar: bool,
+                 budget_minutes: Optional[float] = None):
+        """``total`` None: the number of epochs is not known (a wall-clock budget,
+        ``budget_minutes``, shown with the minutes used instead)."""
         self.enabled = enabled
         self.member = member
+        self.budget_minutes = budget_minutes
         self.bar = None
         self.last_line = 0.0
         if enabled and use_bar:
@@ -30,6 +34,8 @@ class EpochProgress:
             E=f"{1000 * entry['valid_energy_rmse_per_atom']:.2f}meV/at",
             F=f"{1000 * entry['valid_force_rmse']:.1f}meV/Å",
         )
+        if self.budget_minutes is not None:
+            summary["budget"] = f"{entry['elapsed_s'] / 60.0:.1f}/{self.budget_minutes:g}min"
         if self.bar is not None:
             self.bar.set_postfix(summary, refresh=False)
             self.bar.update(1)
