@@ -149,9 +149,14 @@ def test_on_the_fly_restart_from_halt_keeps_round_0_threshold(otf_run, psb3_smal
     values = _otf_values(psb3_small, tmp_path / "run", structure, posterior=str(posterior), threshold=None,
                          n_rounds=2)
     values["md"]["restart_from"] = "halt"
+    values["acquired_repeats"] = 3
     del values["valid"]  # no recalibration: round 0's threshold is the posterior's own
     log = run_on_the_fly(active_config_from_dict(values), progress=False)
     first, second, third = log["rounds"]
+    # each acquired frame three times in the fine-tuning data; n_labels counts distinct structures
+    import ase.io
+
+    assert len(ase.io.read(tmp_path / "run" / "round_2" / "train.xyz", ":")) == first["n_labels"] + 2 * 3
     assert first["threshold"] == second["threshold"] == third["threshold"] == pytest.approx(1e-4)
     # round 1 picks among its own new frame (step 8) and round 0's candidate left unlabelled
     assert first["n_pooled_candidates"] == 2 and second["n_candidates"] == 1 and second["n_pooled_candidates"] == 2

@@ -28,7 +28,8 @@ THERMOSTATS = ("langevin", "nve")
 CALIBRATION_METHODS = ("isotonic", "scalar")
 RESTART_FROM = ("last_trusted", "halt")
 # top-level keys that only mode on_the_fly reads, and the ones only mode pool reads
-ON_THE_FLY_KEYS = ("md", "posterior", "valid", "calibration_method", "threshold", "candidate_fraction")
+ON_THE_FLY_KEYS = ("md", "posterior", "valid", "calibration_method", "threshold", "candidate_fraction",
+                   "acquired_repeats")
 POOL_KEYS = ("pool", "n_initial", "test")
 
 
@@ -94,6 +95,9 @@ class ActiveConfig:
     threshold: Optional[Positive] = None  # eV/Å halting max force σ; null: round 0's deployable's own, kept fixed
     # dumped frames with max σ > this × threshold are candidates
     candidate_fraction: Annotated[Float, Field(gt=0, le=1)] = 0.5
+    # each acquired frame appears this many times in later rounds' training files: a few new
+    # frames among hundreds barely move a short warm-started fine-tune
+    acquired_repeats: AtLeastOne = 1
     md: Section[MDSection] = dataclasses.field(default_factory=MDSection)
 
     @model_validator(mode="after")

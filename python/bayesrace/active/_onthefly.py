@@ -149,8 +149,8 @@ def run_on_the_fly(config: ActiveConfig, progress: bool = True, oracle: Optional
         round_dir = out / f"round_{round_index}"
         round_dir.mkdir(exist_ok=True)
         acquired = [s for r in state["rounds"][:round_index] for s in r.get("selected", [])]
-        training_atoms = initial_atoms + [labelled[s] for s in acquired]
-        record["n_labels"] = len(training_atoms)
+        training_atoms = initial_atoms + [labelled[s] for s in acquired for _ in range(config.acquired_repeats)]
+        record["n_labels"] = len(initial_atoms) + len(acquired)  # distinct labelled structures
         train_file = round_dir / "train.xyz"
         training_config = round_training_config(config, round_index, str(train_file))
         training_config.validate()
@@ -166,7 +166,8 @@ def run_on_the_fly(config: ActiveConfig, progress: bool = True, oracle: Optional
             else:
                 write_training_file(train_file, training_atoms, training_config.data.energy_key,
                                      training_config.data.forces_key)
-                say(f"round {round_index}/{config.n_rounds}: training on {len(training_atoms)} structures"
+                repeats = f", the {len(acquired)} acquired ×{config.acquired_repeats}" if config.acquired_repeats > 1 else ""
+                say(f"round {round_index}/{config.n_rounds}: training on {record['n_labels']} structures{repeats}"
                     f"{' (warm start)' if training_config.training.init_from else ''} -> {round_dir}")
                 train_round(training_config, config.training_ranks, progress)
             times["train"] += time.perf_counter() - started
