@@ -70,7 +70,7 @@ def test_missing_posterior_is_a_clear_error(tmp_path):
 
 
 def test_unknown_dataset(tmp_path):
-    result = run("data", "qm9", "--out", tmp_path)
+    result = run("data", "qm7", "--out", tmp_path)
     assert result.returncode == 2 and "psb3" in result.stderr
 
 

@@ -29,16 +29,6 @@ def _parse_sets(items: List[str]) -> dict:
     return sets
 
 
-def cmd_data(args) -> None:
-    from .data import generate_psb3
-
-    if args.dataset != "psb3":
-        raise UsageError(f"unknown data set {args.dataset!r}; available: psb3")
-    manifest = generate_psb3(args.out, seed=args.seed, scale=args.scale, progress=not args.quiet)
-    for name, entry in manifest["files"].items():
-        print(f"{Path(args.out) / name}: {entry['frames']} frames")
-
-
 def cmd_train(args) -> None:
     from .train import load_config, train
 
@@ -214,17 +204,13 @@ def cmd_demo(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ._data_cli import add_data_parser
+
     parser = argparse.ArgumentParser(prog="bayesrace", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("data", help="generate a built-in data set (psb3: the PSB3 cation with GFN2-xTB labels)")
-    p.add_argument("dataset", help="psb3")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--scale", type=float, default=1.0, help="multiplies the number of frames")
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(run=cmd_data)
+    add_data_parser(sub)
 
     p = sub.add_parser("train", help="train a RACE posterior (ensemble, mve, swag, ivon, laplace) from a YAML config (mpirun -np K runs ensemble members in parallel)")
     p.add_argument("config")
