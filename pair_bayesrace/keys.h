@@ -40,6 +40,14 @@ inline constexpr const char *MEMBER_VIRIAL = "member_virial";  // [M, 3, 3] eV, 
 inline constexpr const char *MEMBER_ATOMIC_VIRIAL = "member_atomic_virial";  // [M, N, 3, 3] eV, edge term split half/half; empty unless requested
 inline constexpr const char *ATOMIC_VIRIAL = "atomic_virial";  // [N, 3, 3] eV, per-atom virial of the driving model
 inline constexpr const char *ENERGY_STD = "energy_std";  // [B] eV, calibrated sqrt(energy_var_epistemic + energy_var_aleatoric)
+inline constexpr const char *PROPERTIES = "properties";  // [B, T] scalar targets in their own units (model.targets gives order and units)
+inline constexpr const char *PROPERTY_VARIANCE = "property_variance";  // [B, T] aleatoric variance of each scalar target
+inline constexpr const char *DIPOLE = "dipole";  // [B, 3] Debye, predicted dipole vector (its norm is the dipole target)
+inline constexpr const char *ATOMIC_CHARGES = "atomic_charges";  // [N] e, the dipole readout's charges (summing to 0 per structure)
+inline constexpr const char *STATE_ENERGIES = "state_energies";  // [B, S] eV, energy of each electronic state
+inline constexpr const char *STATE_FORCES = "state_forces";  // [N, S, 3] eV/Å, -dE_s/dr
+inline constexpr const char *STATE_ENERGY_VARIANCE = "state_energy_variance";  // [B, S] eV^2, aleatoric
+inline constexpr const char *STATE_FORCE_VARIANCE = "state_force_variance";  // [N, S] eV^2/Å^2, aleatoric, per Cartesian component
 inline constexpr const char *METADATA_FILE = "metadata.json";  // name of the extra file that holds the metadata
 inline constexpr const char *META_FORMAT_VERSION = "format_version";  // int, = 1
 inline constexpr const char *META_TYPE_NAMES = "type_names";  // list of element symbols, species index = position

@@ -48,6 +48,16 @@ MEMBER_ATOMIC_VIRIAL = "member_atomic_virial"  # [M, N, 3, 3] eV, edge term spli
 ATOMIC_VIRIAL = "atomic_virial"  # [N, 3, 3] eV, per-atom virial of the driving model
 ENERGY_STD = "energy_std"  # [B] eV, calibrated sqrt(energy_var_epistemic + energy_var_aleatoric)
 
+# --- property and multi-state models (Python only: bayesrace.properties) ----------------
+PROPERTIES = "properties"  # [B, T] scalar targets in their own units (model.targets gives order and units)
+PROPERTY_VARIANCE = "property_variance"  # [B, T] aleatoric variance of each scalar target
+DIPOLE = "dipole"  # [B, 3] Debye, predicted dipole vector (its norm is the dipole target)
+ATOMIC_CHARGES = "atomic_charges"  # [N] e, the dipole readout's charges (summing to 0 per structure)
+STATE_ENERGIES = "state_energies"  # [B, S] eV, energy of each electronic state
+STATE_FORCES = "state_forces"  # [N, S, 3] eV/Å, -dE_s/dr
+STATE_ENERGY_VARIANCE = "state_energy_variance"  # [B, S] eV^2, aleatoric
+STATE_FORCE_VARIANCE = "state_force_variance"  # [N, S] eV^2/Å^2, aleatoric, per Cartesian component
+
 # --- metadata.json inside the deployable (checked by the C++ loader) --------------------
 METADATA_FILE = "metadata.json"  # name of the extra file that holds the metadata
 META_FORMAT_VERSION = "format_version"  # int, = 1
