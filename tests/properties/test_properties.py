@@ -25,7 +25,8 @@ from bayesrace.properties import (
     train_property_ensemble,
 )
 
-SCALARS = [Target("U0", "sum", "eV"), Target("gap", "mean", "eV"), Target("mu", "dipole", "D")]
+SCALARS = [Target("U0", "sum", "eV"), Target("gap", "mean", "eV"), Target("R2", "extent", "bohr^2"),
+           Target("mu", "dipole", "D")]
 TYPES = ["H", "C", "O"]
 
 
@@ -44,6 +45,7 @@ def _molecules(n: int, seed: int):
             atoms.positions = positions
         energy_pairs = float(np.sum(np.exp(-atoms.get_all_distances()[np.triu_indices(len(atoms), 1)])))
         atoms.info["U0"] = -10.0 * symbols.count("C") - 7.0 * symbols.count("O") - 1.0 * symbols.count("H") + energy_pairs
+        atoms.info["R2"] = float(np.sum((1.0 + 0.5 * (np.array(symbols) != "H")) * np.sum((positions - positions.mean(0)) ** 2, 1)))
         atoms.info["gap"] = 5.0 + 0.3 * float(np.mean(np.abs(positions[:, 0])))
         charges = np.array([0.3 if s == "O" else (-0.1 if s == "C" else 0.05) for s in symbols])
         charges -= charges.mean()
@@ -121,6 +123,7 @@ def test_training_learns_and_survives_save_load(files, tmp_path):
     ensemble = train_property_ensemble(config, TYPES, SCALARS, train, valid, settings, n_members=2, progress=False)
     after = evaluate(ensemble, valid)
     assert after["U0"]["mae"] < before["U0"]["mae"]  # a sum target with per-element references
+    assert after["R2"]["mae"] < 0.2 * np.mean(np.abs(valid.values[:, 2]))  # the extent readout fits ⟨R²⟩
     assert ensemble.records[0]["history"][-1]["loss"] == "nll"
     pred = ensemble.predict(valid)
     assert np.all(pred["mean_var_epistemic"] > 0) and np.all(pred["mean_var_aleatoric"] > 0)

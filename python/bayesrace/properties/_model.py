@@ -115,14 +115,20 @@ class PropertyRACE(torch.nn.Module):
 
         out: Dict[str, torch.Tensor] = {}
         means, variances = [], []
+        centroid = torch.zeros(n_structures, 3, dtype=dtype, device=positions.device).index_add(
+            0, structure, positions) / n_atoms[:, None]
+        squared_extent = torch.sum((positions - centroid[structure]) ** 2, dim=1)  # |r_i − r̄|², Å²
         for k, pooling in enumerate(self.poolings):
             value, log_var = per_atom[:, 2 * k], per_atom[:, 2 * k + 1]
             if pooling == "sum":
                 mean = pool_sum(scale[k] * value + self.references[k].to(dtype)[species])
+            elif pooling == "extent":
+                mean = pool_sum((scale[k] * value + self.references[k].to(dtype)[species]) * squared_extent)
             elif pooling == "mean":
                 mean = self.shift[k].to(dtype) + scale[k] * pool_sum(value) / n_atoms
             else:
-                mean = self._dipole(out, scale[k] * value, scale[k] * vectors, positions, structure, n_atoms, pool_sum)
+                mean = self._dipole(out, scale[k] * value, scale[k] * vectors, positions - centroid[structure],
+                                    structure, n_atoms, pool_sum)
             means.append(mean)
             variances.append(torch.exp(pool_sum(log_var) / n_atoms) * scale[k] ** 2)
         if self.n_scalars:
@@ -144,14 +150,12 @@ class PropertyRACE(torch.nn.Module):
                 out[keys.STATE_FORCES] = self._state_forces(energies, edge_vectors, centre, neighbour, positions)
         return out
 
-    def _dipole(self, out, charges, atomic_dipoles, positions, structure, n_atoms, pool_sum):
+    def _dipole(self, out, charges, atomic_dipoles, relative_positions, structure, n_atoms, pool_sum):
         """|Σ q_i (r_i − r̄) + Σ μ_i| in Debye, the charges shifted to sum to zero per structure."""
         charges = charges - (pool_sum(charges) / n_atoms)[structure]
         n_structures = n_atoms.shape[0]
-        centroid = torch.zeros(n_structures, 3, dtype=positions.dtype, device=positions.device).index_add(
-            0, structure, positions) / n_atoms[:, None]
-        per_atom = charges[:, None] * (positions - centroid[structure]) + atomic_dipoles
-        dipole = torch.zeros(n_structures, 3, dtype=positions.dtype, device=positions.device).index_add(
+        per_atom = charges[:, None] * relative_positions + atomic_dipoles
+        dipole = torch.zeros(n_structures, 3, dtype=relative_positions.dtype, device=relative_positions.device).index_add(
             0, structure, per_atom) * E_ANGSTROM_IN_DEBYE
         out[keys.DIPOLE] = dipole
         out[keys.ATOMIC_CHARGES] = charges

@@ -4,6 +4,9 @@ A ``Target`` names one quantity of a structure and how per-atom readouts pool in
 
 - ``sum``     extensive: Σ_i (per-atom term + a per-element reference) — U0, ZPVE, Cv, α …
 - ``mean``    intensive: the mean of per-atom terms — HOMO, LUMO, gap;
+- ``extent``  a spatial extent such as ⟨R²⟩: Σ_i (per-atom term + a per-element reference)·|r_i − r̄|²,
+              r̄ the centroid of the atoms — it grows with the square of the molecule's size, which
+              a plain sum of local terms cannot follow;
 - ``dipole``  |μ| from per-atom charges and dipoles, μ = Σ_i q_i (r_i − r̄) + Σ_i μ_i, with the
               charges made to sum to zero (QM9 molecules are neutral), in Debye;
 - ``state``   an electronic state's potential energy surface: E_s = Σ_i ε_i,s plus references,
@@ -23,7 +26,7 @@ import numpy as np
 from .. import keys
 from ..data import DataError, TypeMap, collate, frames_to_graphs, read_frames
 
-POOLINGS = ("sum", "mean", "dipole", "state")
+POOLINGS = ("sum", "mean", "extent", "dipole", "state")
 E_ANGSTROM_IN_DEBYE = 4.803204  # 1 e·Å in Debye
 
 
@@ -131,6 +134,15 @@ def element_counts(graphs, n_types: int) -> np.ndarray:
     return np.stack([np.bincount(g.species, minlength=n_types) for g in graphs]).astype(np.float64)
 
 
+def squared_extent_by_element(graphs, n_types: int) -> np.ndarray:
+    """[B, n_types] Σ over the atoms of each species of |r_i − r̄|² (Å²), r̄ the centroid."""
+    rows = []
+    for g in graphs:
+        d2 = np.sum((g.positions - g.positions.mean(axis=0)) ** 2, axis=1)
+        rows.append(np.bincount(g.species, weights=d2, minlength=n_types))
+    return np.stack(rows)
+
+
 def fit_per_element(counts: np.ndarray, values: np.ndarray) -> np.ndarray:
     """Least-squares per-element contributions c with counts @ c ≈ values (ridge 1e-8 for
     elements that always come together)."""
@@ -156,9 +168,12 @@ class TargetStatistics:
         columns += [(t, data.state_energies[:, k]) for k, t in enumerate(states)]
         for target, column in columns:
             reference = np.zeros(n_types)
-            if target.pooling in ("sum", "state"):
-                reference = fit_per_element(counts, column)
-                residual = (column - counts @ reference) / n_atoms
+            if target.pooling in ("sum", "state", "extent"):
+                design = squared_extent_by_element(data.graphs, n_types) if target.pooling == "extent" else counts
+                reference = fit_per_element(design, column)
+                # per atom, and for an extent per unit of Σ|r_i − r̄|²
+                size = design.sum(axis=1) if target.pooling == "extent" else n_atoms
+                residual = (column - design @ reference) / np.maximum(size, 1e-12)
                 spread, centre = residual.std(), 0.0
             elif target.pooling == "mean":
                 spread, centre = column.std(), column.mean()
