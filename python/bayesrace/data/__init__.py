@@ -27,12 +27,24 @@ from ._psb3 import (
     import_tblite,
     one_openmp_thread,
 )
+from ._qm9 import (
+    QM9_TARGETS,
+    QM9_UNITS,
+    Qm9Table,
+    Qm9Target,
+    read_qm9_table,
+    write_qm9,
+)
 
 __all__ = [
     "DataError",
     "Frame",
     "Graph",
     "PSB3_FILES",
+    "QM9_TARGETS",
+    "QM9_UNITS",
+    "Qm9Table",
+    "Qm9Target",
     "TORSION_DIHEDRAL",
     "TypeMap",
     "build_psb3",
@@ -46,5 +58,7 @@ __all__ = [
     "neighbour_list",
     "one_openmp_thread",
     "read_frames",
+    "read_qm9_table",
     "split",
+    "write_qm9",
 ]
