@@ -33,7 +33,7 @@ EXPECTED = {
     "gap": ("HOMO_LUMO_gap_au", Hartree, "eV", "mean"),
     "ZPVE": ("ZPVE_au", Hartree, "eV", "sum"),
     "Cv": ("Heatcapacity_Cv_cal_mol_K", 1.0, "cal/(mol K)", "sum"),
-    "R2": ("R2_bohr2", 1.0, "bohr^2", "sum"),
+    "R2": ("R2_bohr2", 1.0, "bohr^2", "extent"),
     "alpha": ("Polarizability_bohr3", 1.0, "bohr^3", "sum"),
     "mu": ("Dipole_debye", 1.0, "Debye", "dipole"),
 }

@@ -48,8 +48,8 @@ class Qm9Target:
     """One QM9 property: where it is in the table and how it is converted.
 
     ``value = factor * table value``, in ``unit``. ``pooling`` says how a per-atom readout
-    becomes the molecular value: ``"sum"`` (extensive), ``"mean"`` (intensive) or
-    ``"dipole"`` (a vector readout whose norm is compared with |μ|; the table has |μ| only).
+    becomes the molecular value: ``"sum"`` (extensive), ``"mean"`` (intensive), ``"extent"``
+    (⟨R²⟩: per-atom terms weighted by |r_i − r̄|², see ``bayesrace.properties``) or ``"dipole"`` (a vector readout whose norm is compared with |μ|; the table has |μ| only).
     """
 
     name: str
@@ -82,7 +82,7 @@ QM9_TARGETS: dict[str, Qm9Target] = dict(
         _target("ZPVE", "ZPVE_au", "Ha", Hartree, "eV", "sum", "zero-point vibrational energy"),
         _target("Cv", "Heatcapacity_Cv_cal_mol_K", "cal/(mol K)", 1.0, "cal/(mol K)", "sum",
                 "heat capacity at 298.15 K"),
-        _target("R2", "R2_bohr2", "bohr^2", 1.0, "bohr^2", "sum", "electronic spatial extent <R^2>"),
+        _target("R2", "R2_bohr2", "bohr^2", 1.0, "bohr^2", "extent", "electronic spatial extent <R^2>"),
         _target("alpha", "Polarizability_bohr3", "bohr^3", 1.0, "bohr^3", "sum", "isotropic polarizability"),
         _target("mu", "Dipole_debye", "Debye", 1.0, "Debye", "dipole", "norm of the dipole moment |mu|"),
     ]
