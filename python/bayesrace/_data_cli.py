@@ -64,7 +64,8 @@ def add_data_parser(sub) -> None:
                             "energies and forces (PySCF); resumes where a killed run stopped")
     p.add_argument("--out", required=True, help="output directory (labels so far are kept there)")
     p.add_argument("--n", type=int, default=200, help="geometries to label")
-    p.add_argument("--basis", default="6-31g", help="Gaussian basis set (PySCF name)")
+    p.add_argument("--basis", default="sto-3g", help="Gaussian basis set (PySCF name); sto-3g by default: "
+                   "one frame takes ~14 s on one core, vs ~37 s with 3-21g and ~55 s with 6-31g")
     p.add_argument("--workers", type=int, default=1, help="labelling processes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")

@@ -11,6 +11,11 @@ from ._frames import (
     isolated_atom_energies,
     read_frames,
 )
+from ._casscf import (
+    CASSCFFailure,
+    generate_psb3_casscf,
+    label_casscf,
+)
 from ._graphs import (
     Graph,
     collate,
@@ -37,6 +42,7 @@ from ._qm9 import (
 )
 
 __all__ = [
+    "CASSCFFailure",
     "DataError",
     "Frame",
     "Graph",
@@ -52,9 +58,11 @@ __all__ = [
     "fit_reference_energies",
     "frames_to_graphs",
     "generate_psb3",
+    "generate_psb3_casscf",
     "import_tblite",
     "isolated_atom_energies",
     "iterate_batches",
+    "label_casscf",
     "neighbour_list",
     "one_openmp_thread",
     "read_frames",
