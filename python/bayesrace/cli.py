@@ -205,12 +205,14 @@ def cmd_demo(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from ._data_cli import add_data_parser
+    from ._properties_cli import add_properties_parser
 
     parser = argparse.ArgumentParser(prog="bayesrace", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
 
     add_data_parser(sub)
+    add_properties_parser(sub)
 
     p = sub.add_parser("train", help="train a RACE posterior (ensemble, mve, swag, ivon, laplace) from a YAML config (mpirun -np K runs ensemble members in parallel)")
     p.add_argument("config")
@@ -297,6 +299,7 @@ def _version() -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     from .train import ConfigError
     from .data import DataError
+    from ._properties_cli import PropertyUsageError
 
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["export"]:
@@ -304,7 +307,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (UsageError, ConfigError, DataError, FileNotFoundError, RuntimeError) as error:
+    except (UsageError, ConfigError, DataError, PropertyUsageError, FileNotFoundError, RuntimeError) as error:
         print(f"bayesrace {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0

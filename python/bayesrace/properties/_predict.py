@@ -99,7 +99,11 @@ class PropertyEnsemble:
     def load(cls, path) -> "PropertyEnsemble":
         if not Path(path).is_file():
             raise FileNotFoundError(f"{path}: no such property ensemble")
-        record = torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            record = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as error:  # truncated, not a torch file, ...: say which file and why
+            raise ValueError(f"{path}: cannot be read as a bayesrace property ensemble "
+                             f"({type(error).__name__}: {error})") from None
         if not isinstance(record, dict) or record.get("format") != FORMAT:
             raise ValueError(f"{path}: not a bayesrace property ensemble (format {FORMAT!r} expected)")
         config = ModelConfig(**record["model_config"])
