@@ -70,6 +70,8 @@ class PropertyRACE(torch.nn.Module):
             raise ValueError(f"statistics for {len(statistics.scale)} targets, the model has {n_columns}")
         self.register_buffer("shift", torch.tensor(statistics.shift, dtype=torch.float64))
         self.register_buffer("scale", torch.tensor(statistics.scale, dtype=torch.float64))
+        loss_scale = statistics.loss_scale or statistics.scale
+        self.register_buffer("loss_scale", torch.tensor(loss_scale, dtype=torch.float64))
         self.register_buffer("references", torch.tensor(statistics.references, dtype=torch.float64).reshape(n_columns, n_species))
 
     def per_atom_outputs(self, batch: Dict[str, torch.Tensor], edge_vectors: torch.Tensor):

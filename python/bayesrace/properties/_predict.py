@@ -90,7 +90,7 @@ class PropertyEnsemble:
             "type_names": self.type_names,
             "targets": [dataclasses.asdict(t) for t in self.targets],
             "statistics": {"shift": first.shift.tolist(), "scale": first.scale.tolist(),
-                           "references": first.references.tolist()},
+                           "references": first.references.tolist(), "loss_scale": first.loss_scale.tolist()},
             "members": [m.state_dict() for m in self.members],
             "records": self.records,
         }, path)

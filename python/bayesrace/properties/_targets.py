@@ -157,13 +157,16 @@ class TargetStatistics:
     shift: List[float]  # mean of intensive targets; 0 otherwise
     scale: List[float]  # spread of what the network must learn per atom (or per structure)
     references: List[List[float]]  # [T + S][n_types] per-element terms of sum and state targets
+    # spread over structures of what is left after the references: the loss divides each scalar
+    # target's error by it, so extensive and intensive targets weigh alike
+    loss_scale: List[float] = dataclasses.field(default_factory=list)
 
     @classmethod
     def measure(cls, data: PropertySet, targets: Sequence[Target], n_types: int) -> "TargetStatistics":
         scalars, states = split_targets(targets)
         counts = element_counts(data.graphs, n_types)
         n_atoms = counts.sum(axis=1)
-        shift, scale, references = [], [], []
+        shift, scale, references, loss_scale = [], [], [], []
         columns = [(t, data.values[:, k]) for k, t in enumerate(scalars)]
         columns += [(t, data.state_energies[:, k]) for k, t in enumerate(states)]
         for target, column in columns:
@@ -175,17 +178,23 @@ class TargetStatistics:
                 size = design.sum(axis=1) if target.pooling == "extent" else n_atoms
                 residual = (column - design @ reference) / np.maximum(size, 1e-12)
                 spread, centre = residual.std(), 0.0
+                structure_spread = (column - design @ reference).std()
             elif target.pooling == "mean":
                 spread, centre = column.std(), column.mean()
+                structure_spread = spread
             else:  # dipole: per-atom charges of a few tenths of e
                 spread, centre = 0.1, 0.0
+                structure_spread = column.std()
             if target.pooling == "state":  # forces set the scale of an energy surface
                 all_forces = np.concatenate([f[:, states.index(target)].ravel() for f in data.state_forces])
                 spread = float(np.sqrt(np.mean(all_forces**2)))
+            if target.pooling == "state":
+                structure_spread = spread  # the state loss has its own per-atom normalisation
             shift.append(float(centre))
             scale.append(float(spread) if spread > 1e-12 else 1.0)
+            loss_scale.append(float(structure_spread) if structure_spread > 1e-12 else 1.0)
             references.append([float(x) for x in reference])
-        return cls(shift, scale, references)
+        return cls(shift, scale, references, loss_scale)
 
 
 def average_neighbours(graphs) -> float:

@@ -67,11 +67,13 @@ def property_loss(model: PropertyRACE, pred, batch, loss: str, force_weight: flo
 
     if model.n_scalars:
         error = pred[keys.PROPERTIES] - batch[keys.PROPERTIES]
+        loss_scale = model.loss_scale.to(scale.dtype)
         for k in range(model.n_scalars):
             if loss == "mse":
-                total = total + (error[:, k] / scale[k]).pow(2).mean()
+                total = total + (error[:, k] / loss_scale[k]).pow(2).mean()
             else:  # normalised so the NLL is on the same footing as the MSE: log(σ²/scale²)
-                total = total + gaussian(error[:, k] / scale[k], pred[keys.PROPERTY_VARIANCE][:, k] / scale[k] ** 2)
+                variance = pred[keys.PROPERTY_VARIANCE][:, k] / loss_scale[k] ** 2
+                total = total + gaussian(error[:, k] / loss_scale[k], variance)
     if model.n_states:
         n_atoms = batch[keys.NUM_ATOMS].to(scale.dtype)
         energy_error = pred[keys.STATE_ENERGIES] - batch[keys.STATE_ENERGIES]
