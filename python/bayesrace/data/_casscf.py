@@ -41,7 +41,7 @@ import numpy as np
 
 from ._casscf_geometry import FRAME_PATTERN, NOISE_SIGMA, frame_geometry, geometry_hash
 
-__all__ = ["generate_psb3_casscf", "label_casscf", "pi_active_space", "CASSCFFailure"]
+__all__ = ["CASSCFFailure", "generate_psb3_casscf", "label_casscf", "pi_active_space"]
 
 CHARGE = 1
 SPIN = 0
@@ -85,9 +85,10 @@ def _local_normals(atoms, centres):
     normals = []
     for i in centres:
         distance = np.linalg.norm(x - x[i], axis=1)
-        bonded = [j for j in range(len(atoms)) if j != i and distance[j] < 1.25 * (covalent_radii[z[i]] + covalent_radii[z[j]])]
+        reach = 1.25 * (covalent_radii[z[i]] + covalent_radii[z])
+        bonded = [j for j in range(len(atoms)) if j != i and distance[j] < reach[j]]
         if len(bonded) < 2:
-            raise CASSCFFailure(f"π space: atom {i} has {len(bonded)} bonded neighbours, cannot define its local plane")
+            raise CASSCFFailure(f"π space: atom {i} has {len(bonded)} bonded neighbours, no local plane")
         points = x[[i] + bonded]
         normals.append(np.linalg.svd(points - points.mean(axis=0))[2][-1])
     return normals
@@ -126,7 +127,8 @@ def pi_active_space(mf, atoms, n_orbitals: int = N_ACTIVE_ORBITALS, n_electrons:
     if (n_pi_occ, n_pi_vir) != (half, n_orbitals - half):
         raise CASSCFFailure(
             f"π space: found {n_pi_occ} occupied + {n_pi_vir} virtual orbitals with π weight > {PI_THRESHOLD} "
-            f"(occupied {np.round(w_occ[:half + 2], 3).tolist()}, virtual {np.round(w_vir[:n_orbitals - half + 2], 3).tolist()}), "
+            f"(occupied {np.round(w_occ[:half + 2], 3).tolist()}, "
+            f"virtual {np.round(w_vir[:n_orbitals - half + 2], 3).tolist()}), "
             f"expected {half} + {n_orbitals - half} for CAS({n_electrons},{n_orbitals})"
         )
     mo = np.hstack([c_occ[:, half:], c_occ[:, :half], c_vir[:, : n_orbitals - half], c_vir[:, n_orbitals - half :]])
@@ -284,7 +286,7 @@ def _label_and_store(task) -> dict:
     started = time.process_time()
     try:
         record.update(status="ok", labels=label_casscf(atoms, basis))
-    except Exception as error:  # recorded as failed, never written as NaN
+    except Exception as error:  # noqa: BLE001 - recorded as failed, never written as NaN
         record.update(status="failed", reason=f"{type(error).__name__}: {error}")
     record["cpu_seconds"] = time.process_time() - started
     _write_json_atomic(_label_path(Path(labels), index), record)
@@ -297,8 +299,9 @@ def _check_settings(labels: Path, settings: dict) -> None:
         stored = json.loads(path.read_text())
         changed = {k: (stored.get(k), v) for k, v in settings.items() if stored.get(k) != v}
         if changed:
+            listed = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in changed.items())
             raise ValueError(
-                f"{labels} holds labels made with different settings ({', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in changed.items())}); "
+                f"{labels} holds labels made with different settings ({listed}); "
                 "use another --out directory or the same settings"
             )
     else:
@@ -338,10 +341,12 @@ def generate_psb3_casscf(out_dir, n_frames: int = 200, basis: str = "sto-3g", wo
 
     Every labelled frame is kept as ``OUT/labels/frame_NNNNN.json`` (written atomically),
     so a killed run resumes where it stopped; a directory labelled with another seed or
-    basis is an error. Then writes extxyz files ``train.xyz``, ``valid.xyz``, ``test.xyz``
-    (equilibrium, bla and torsion frames within ``TORSION_OOD_DEG`` of trans, split
-    70/15/15 under the seed) and ``test_torsion.xyz`` (torsion frames twisted further),
-    plus ``manifest.json``. Per frame: ``info`` ``energy`` (= S0), ``energy_s0``,
+    basis is an error. A failed frame is recorded too (with its reason) and not retried:
+    delete its file to retry it. A larger ``n_frames`` later appends frames. Then writes
+    extxyz files ``train.xyz``, ``valid.xyz``, ``test.xyz`` (equilibrium, bla and torsion
+    frames within ``TORSION_OOD_DEG`` of trans, split 70/15/15 under the seed) and
+    ``test_torsion.xyz`` (torsion frames twisted further), plus ``manifest.json``.
+    Per frame: ``info`` ``energy`` (= S0), ``energy_s0``,
     ``energy_s1``, ``gap_s1_s0`` (eV), ``casscf_converged``, ``natocc_s0``/``natocc_s1``,
     ``ci_leading_weight_s0``/``_s1``, ``config_type``, ``torsion_deg``, ``bla`` (Å),
     ``frame_index``; arrays ``forces`` (= S0), ``forces_s0``, ``forces_s1`` (eV/Å).
@@ -377,7 +382,8 @@ def generate_psb3_casscf(out_dir, n_frames: int = 200, basis: str = "sto-3g", wo
     started, labelled, done = time.perf_counter(), 0, n_frames - len(tasks)
     failed_now = 0
     if progress:
-        print(f"psb3-casscf: {done}/{n_frames} frames labelled already, {len(tasks)} to go ({basis}, {workers} worker(s))",
+        print(f"psb3-casscf: {done}/{n_frames} frames labelled already, {len(tasks)} to go "
+              f"({basis}, {workers} worker(s))",
               file=sys.stderr, flush=True)
     if tasks:
         if workers == 1:
@@ -410,12 +416,14 @@ def generate_psb3_casscf(out_dir, n_frames: int = 200, basis: str = "sto-3g", wo
     failed = [{"index": r["index"], "config_type": r["info"]["config_type"], "reason": r["reason"]}
               for r in records if r["status"] != "ok"]
     frames = [_frame_from_record(r) for r in ok]
-    twisted = [f for f in frames if f.info["config_type"] == "torsion" and f.info["torsion_deg"] < 180.0 - TORSION_OOD_DEG]
-    in_distribution = [f for f in frames if not (f.info["config_type"] == "torsion"
-                                                 and f.info["torsion_deg"] < 180.0 - TORSION_OOD_DEG)]
+    def is_twisted(f):
+        return f.info["config_type"] == "torsion" and f.info["torsion_deg"] < 180.0 - TORSION_OOD_DEG
+
+    twisted = [f for f in frames if is_twisted(f)]
+    in_distribution = [f for f in frames if not is_twisted(f)]
     order = np.random.default_rng([int(seed), 2**31]).permutation(len(in_distribution))
-    n_valid = int(round(SPLIT[1] * len(in_distribution)))
-    n_test = int(round(SPLIT[2] * len(in_distribution)))
+    n_valid = round(SPLIT[1] * len(in_distribution))
+    n_test = round(SPLIT[2] * len(in_distribution))
     part = np.zeros(len(in_distribution), dtype=np.int64)
     part[order[:n_valid]] = 1
     part[order[n_valid:n_valid + n_test]] = 2
@@ -454,7 +462,8 @@ def _manifest(out, settings, n_frames, workers, records, failed, files, labelled
         "geometries": {"pattern": list(FRAME_PATTERN), "noise_sigma_A": NOISE_SIGMA,
                        "minimum": "GFN2-xTB (tblite) relaxation of build_psb3()",
                        "torsion": "C2-C3=C4-C5 set uniformly in [0, 180] deg, C4 side rotated rigidly",
-                       "bla": "double bonds stretched, single bonds shortened equally, BLA uniform in [-0.12, minimum's]"},
+                       "bla": "double bonds stretched, single bonds shortened equally, "
+                              "BLA uniform in [-0.12, minimum's]"},
         "split": f"in distribution (equilibrium, bla, torsion within {TORSION_OOD_DEG} deg of trans) "
                  f"{SPLIT[0]:.2f}/{SPLIT[1]:.2f}/{SPLIT[2]:.2f} train/valid/test; test_torsion: twisted further",
         "n_frames": n_frames, "counts": counts, "labelled": n_frames - len(failed), "failed": failed,
