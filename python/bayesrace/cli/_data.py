@@ -17,13 +17,13 @@ def _print_manifest(out, manifest: dict) -> None:
 
 
 def _run_psb3(args) -> None:
-    from .data import generate_psb3
+    from ..data import generate_psb3
 
     _print_manifest(args.out, generate_psb3(args.out, seed=args.seed, scale=args.scale, progress=not args.quiet))
 
 
 def _run_qm9(args) -> None:
-    from .data import write_qm9
+    from ..data import write_qm9
 
     manifest = write_qm9(args.out, n=args.n, targets=args.targets, seed=args.seed, source=args.source,
                          progress=not args.quiet)
@@ -31,7 +31,7 @@ def _run_qm9(args) -> None:
 
 
 def _run_psb3_casscf(args) -> None:
-    from .data import generate_psb3_casscf
+    from ..data import generate_psb3_casscf
 
     manifest = generate_psb3_casscf(args.out, n_frames=args.n, basis=args.basis, workers=args.workers,
                                     seed=args.seed, progress=not args.quiet)

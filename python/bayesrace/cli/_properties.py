@@ -23,8 +23,8 @@ class PropertyUsageError(ValueError):
 
 
 def parse_targets(specs: List[str], n_states: int):
-    from .data import QM9_TARGETS
-    from .properties._targets import POOLINGS, Target, state_targets
+    from ..data import QM9_TARGETS
+    from ..properties import POOLINGS, Target, state_targets
 
     targets = []
     for spec in specs or []:
@@ -49,10 +49,10 @@ def parse_targets(specs: List[str], n_states: int):
 def _run_train(args) -> None:
     import torch
 
-    from .data import TypeMap
-    from .model import model_config_from
-    from .properties._targets import read_property_set, type_map_of
-    from .properties._train import PropertyTraining, train_property_ensemble
+    from ..data import TypeMap
+    from ..model import model_config_from
+    from ..properties import read_property_set, type_map_of
+    from ..properties import PropertyTraining, train_property_ensemble
 
     torch.set_num_threads(1)
     targets = parse_targets(args.targets, args.states)
@@ -71,9 +71,9 @@ def _run_train(args) -> None:
 
 
 def _run_evaluate(args) -> None:
-    from .data import TypeMap
-    from .properties._predict import PropertyEnsemble, evaluate
-    from .properties._targets import read_property_set
+    from ..data import TypeMap
+    from ..properties import PropertyEnsemble, evaluate
+    from ..properties import read_property_set
 
     try:
         ensemble = PropertyEnsemble.load(args.ensemble)
