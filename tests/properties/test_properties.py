@@ -88,7 +88,7 @@ def test_state_forces_are_minus_gradient(files):
 def test_training_learns_and_survives_save_load(files, tmp_path):
     train, valid = _read(files, "train.xyz", SCALARS), _read(files, "valid.xyz", SCALARS)
     config = model_config_from("tiny", cutoff=4.0)
-    settings = PropertyTraining(loss="nll", minutes=0.15, batch_size=8, mse_fraction=0.5, seed=0)
+    settings = PropertyTraining(loss="nll", minutes=0.08, batch_size=8, mse_fraction=0.5, seed=0)
     untrained = _model(train, SCALARS)
     before = evaluate(PropertyEnsemble([untrained]), valid)
     ensemble = train_property_ensemble(config, TYPES, SCALARS, train, valid, settings, n_members=2, progress=False)
@@ -110,7 +110,7 @@ def test_multistate_training_gap_and_calculator(files):
     targets = state_targets(2)
     train, valid = _read(files, "train.xyz", targets), _read(files, "valid.xyz", targets)
     config = model_config_from("tiny", cutoff=4.0)
-    settings = PropertyTraining(loss="nll_jef", minutes=0.15, batch_size=8, mse_fraction=0.5, seed=1)
+    settings = PropertyTraining(loss="nll_jef", minutes=0.08, batch_size=8, mse_fraction=0.5, seed=1)
     ensemble = train_property_ensemble(config, TYPES, targets, train, valid, settings, n_members=2, progress=False)
     metrics = evaluate(ensemble, valid)
     assert {"S0 energy", "S0 forces", "S1 energy", "S1 forces", "gap"} <= set(metrics)
