@@ -47,6 +47,7 @@ def parse_args(argv=None):
     parser.add_argument("--preset", default="small")
     parser.add_argument("--loss", default="nll", choices=["mse", "nll"])
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--posterior", default="ensemble", choices=["ensemble", "swag"])
     parser.add_argument("--out", type=Path, default=Path("bench/results/qm9/run"))
     parser.add_argument("--keep", type=Path, default=RUNS_DIR / "qm9")
     parser.add_argument("--seed", type=int, default=0)
@@ -59,7 +60,7 @@ def _table(results) -> str:
         f"`{results['command']}` at commit {results['git_commit']}; {results['n_train']} training, "
         f"{results['n_valid']} validation, {results['n_test']} test molecules; {results['members']} members × "
         f"{results['minutes']} min (one core each, one after another), preset {results['preset']}, loss "
-        f"{results['loss']}; load at start {results['machine']['load_at_start']}.\n",
+        f"{results['loss']}, posterior {results['posterior']}; load at start {results['machine']['load_at_start']}.\n",
         "MAE on the test molecules (energies in meV, μ in D, α in bohr³, ⟨R²⟩ in bohr², Cv in cal/(mol K)). "
         "Published: SchNet / PaiNN trained on 110k molecules (no published number at this training-set size "
         "could be checked offline). UQ: ensemble σ = √(epistemic + aleatoric); ρ = Spearman(|error|, σ); "
@@ -104,15 +105,18 @@ def main(argv=None) -> int:
         "command": command_line("qm9.py", argv), "git_commit": git_commit(), "machine": machine_info(),
         "data": str(args.data), "n_train": len(sets["train"]), "n_valid": len(sets["valid"]),
         "n_test": len(sets["test"]), "members": args.members, "minutes": args.minutes,
-        "preset": args.preset, "loss": args.loss, "targets": {},
+        "preset": args.preset, "loss": args.loss, "posterior": args.posterior, "targets": {},
     }
-    settings = PropertyTraining(loss=args.loss, minutes=args.minutes, batch_size=args.batch_size, seed=args.seed)
+    settings = PropertyTraining(loss=args.loss, minutes=args.minutes, batch_size=args.batch_size, seed=args.seed,
+                                posterior=args.posterior)
     ensemble = train_property_ensemble(config, type_map.type_names, targets, sets["train"], sets["valid"],
                                        settings, n_members=args.members)
     args.keep.mkdir(parents=True, exist_ok=True)
     ensemble.save(args.keep / "ensemble.pt")
     on_test = evaluate(ensemble, sets["test"])
-    member0 = evaluate(PropertyEnsemble(ensemble.members[:1]), sets["test"])
+    # the first trained network alone: for swag, the first member's samples
+    per_member = len(ensemble.members) // args.members
+    member0 = evaluate(PropertyEnsemble(ensemble.members[:per_member]), sets["test"])
     for target in targets:
         results["targets"][target.name] = {"unit": target.unit, "pooling": target.pooling,
                                            "ensemble": on_test[target.name], "member0": member0[target.name]}

@@ -22,7 +22,7 @@ def molecules(n: int, seed: int):
         energy_pairs = float(np.sum(np.exp(-atoms.get_all_distances()[np.triu_indices(len(atoms), 1)])))
         atoms.info["U0"] = -10.0 * symbols.count("C") - 7.0 * symbols.count("O") - 1.0 * symbols.count("H") + energy_pairs
         atoms.info["R2"] = float(np.sum((1.0 + 0.5 * (np.array(symbols) != "H")) * np.sum((positions - positions.mean(0)) ** 2, 1)))
-        atoms.info["gap"] = 5.0 + 0.3 * float(np.mean(np.abs(positions[:, 0])))
+        atoms.info["gap"] = 5.0 + 0.3 * float(np.mean(np.linalg.norm(positions - positions.mean(0), axis=1)))
         charges = np.array([0.3 if s == "O" else (-0.1 if s == "C" else 0.05) for s in symbols])
         charges -= charges.mean()
         atoms.info["mu"] = float(np.linalg.norm((charges[:, None] * positions).sum(0)) * 4.803204)

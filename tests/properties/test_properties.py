@@ -88,12 +88,13 @@ def test_state_forces_are_minus_gradient(files):
 def test_training_learns_and_survives_save_load(files, tmp_path):
     train, valid = _read(files, "train.xyz", SCALARS), _read(files, "valid.xyz", SCALARS)
     config = model_config_from("tiny", cutoff=4.0)
-    settings = PropertyTraining(loss="nll", minutes=0.08, batch_size=8, mse_fraction=0.5, seed=0)
-    untrained = _model(train, SCALARS)
-    before = evaluate(PropertyEnsemble([untrained]), valid)
+    settings = PropertyTraining(loss="nll", minutes=5, max_epochs=60, lr=0.01, batch_size=8, mse_fraction=0.7, seed=0)
+    before = evaluate(PropertyEnsemble([_model(train, SCALARS)]), train)
     ensemble = train_property_ensemble(config, TYPES, SCALARS, train, valid, settings, n_members=2, progress=False)
-    after = evaluate(ensemble, valid)
-    assert after["U0"]["mae"] < before["U0"]["mae"]  # a sum target with per-element references
+    after = evaluate(ensemble, train)
+    # every pooling learns its target on the training molecules (24 are too few to ask it of valid)
+    for name in ("U0", "gap", "mu"):
+        assert after[name]["mae"] < 0.6 * before[name]["mae"], name  # measured 0.02-0.37 over 3 seeds
     assert after["R2"]["mae"] < 0.2 * np.mean(np.abs(valid.values[:, 2]))  # the extent readout fits ⟨R²⟩
     assert ensemble.records[0]["history"][-1]["loss"] == "nll"
     pred = ensemble.predict(valid)
@@ -110,7 +111,7 @@ def test_multistate_training_gap_and_calculator(files):
     targets = state_targets(2)
     train, valid = _read(files, "train.xyz", targets), _read(files, "valid.xyz", targets)
     config = model_config_from("tiny", cutoff=4.0)
-    settings = PropertyTraining(loss="nll_jef", minutes=0.08, batch_size=8, mse_fraction=0.5, seed=1)
+    settings = PropertyTraining(loss="nll_jef", minutes=5, max_epochs=20, batch_size=8, mse_fraction=0.5, seed=1)
     ensemble = train_property_ensemble(config, TYPES, targets, train, valid, settings, n_members=2, progress=False)
     metrics = evaluate(ensemble, valid)
     assert {"S0 energy", "S0 forces", "S1 energy", "S1 forces", "gap"} <= set(metrics)
@@ -142,3 +143,16 @@ def test_missing_label_names_file_frame_and_field(tmp_path):
     ase.io.write(tmp_path / "broken.xyz", frames)
     with pytest.raises(DataError, match=r"broken.xyz, frame 1: field 'gap' is missing"):
         read_property_set(tmp_path / "broken.xyz", SCALARS, TypeMap(TYPES), cutoff=4.0)
+
+
+def test_swag_posterior_samples_members(files):
+    train, valid = _read(files, "train.xyz", SCALARS[:2]), _read(files, "valid.xyz", SCALARS[:2])
+    config = model_config_from("tiny", cutoff=4.0)
+    settings = PropertyTraining(loss="nll", minutes=5, max_epochs=12, batch_size=8, mse_fraction=0.3, posterior="swag",
+                                swag_fraction=0.5, swag_samples=3, seed=0)
+    ensemble = train_property_ensemble(config, TYPES, SCALARS[:2], train, valid, settings, n_members=1, progress=False)
+    assert len(ensemble.members) == 3 and ensemble.records[0]["swag_snapshots"] >= 2
+    pred = ensemble.predict(valid)
+    assert np.all(pred["mean_var_epistemic"] > 0)  # the sampled weight sets disagree
+    with pytest.raises(ValueError, match="swag_fraction"):
+        PropertyTraining(posterior="swag", swag_fraction=0.9, mse_fraction=0.3).validate()

@@ -61,7 +61,11 @@ def _run_train(args) -> None:
     train = read_property_set(args.train, targets, type_map, config.cutoff)
     valid = read_property_set(args.valid, targets, type_map, config.cutoff)
     settings = PropertyTraining(loss=args.loss, minutes=args.minutes, batch_size=args.batch_size, lr=args.lr,
-                                seed=args.seed)
+                                seed=args.seed, posterior=args.posterior)
+    try:
+        settings.validate()
+    except ValueError as error:
+        raise PropertyUsageError(str(error)) from None
     ensemble = train_property_ensemble(config, type_map.type_names, targets, train, valid, settings,
                                        n_members=args.members, progress=not args.quiet)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -105,6 +109,8 @@ def add_properties_parser(sub) -> None:
     p.add_argument("--cutoff", type=float, default=None, help="Å (default: the preset's)")
     p.add_argument("--elements", nargs="+", default=None, help="element symbols (default: those in the files)")
     p.add_argument("--loss", default="nll_jef", choices=["mse", "nll", "nll_jef"])
+    p.add_argument("--posterior", default="ensemble", choices=["ensemble", "swag"],
+                   help="swag: 8 weight sets drawn per member from SWAG moments of its last quarter")
     p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)

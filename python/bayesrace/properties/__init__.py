@@ -19,11 +19,12 @@ from ._targets import (
     state_targets,
     type_map_of,
 )
-from ._train import LOSS_NAMES, PropertyTraining, train_member, train_property_ensemble
+from ._train import LOSS_NAMES, POSTERIOR_KINDS, PropertyTraining, train_member, train_property_ensemble
 
 __all__ = [
     "LOSS_NAMES",
     "POOLINGS",
+    "POSTERIOR_KINDS",
     "PropertyEnsemble",
     "PropertyRACE",
     "PropertySet",

@@ -13,6 +13,11 @@ different units weigh alike):
 A member trains by MSE for the first ``mse_fraction`` of its budget (the means settle before
 the variances take over), then by the chosen loss; an exponential moving average of the weights
 is validated after every epoch and the best one kept.
+
+Posterior kinds: ``ensemble`` (M members from different seeds; M = 1 is a mean–variance model)
+and ``swag`` (each member collects SWAG moments of its weights over the last ``swag_fraction`` of
+its budget, one snapshot per epoch at constant learning rate, and ``swag_samples`` weight sets
+drawn from them become the members; M > 1 is MultiSWAG).
 """
 
 from __future__ import annotations
@@ -29,31 +34,41 @@ import torch
 from torch.optim.swa_utils import AveragedModel
 
 from .. import keys
+from ..bayes import SwagCollector
 from ..model import ModelConfig
 from ..train._optim import ema_update
 from ._model import PropertyRACE, build_property_model
 from ._targets import PropertySet, Target, TargetStatistics, average_neighbours
 
 LOSS_NAMES = ("mse", "nll", "nll_jef")
+POSTERIOR_KINDS = ("ensemble", "swag")
 
 
 @dataclasses.dataclass
 class PropertyTraining:
     loss: str = "nll_jef"
     minutes: float = 5.0  # wall-clock budget of one member
-    max_epochs: int = 10_000
+    max_epochs: int = 10_000  # the budget is whichever of the two ends first (fractions below apply to it)
     batch_size: int = 16
     lr: float = 5e-3
     ema_decay: float = 0.99
     mse_fraction: float = 0.3  # of the budget trained by MSE before the loss above
     force_weight: float = 10.0  # state forces against state energies
     seed: int = 0
+    posterior: str = "ensemble"
+    swag_fraction: float = 0.25  # of the budget collecting SWAG snapshots (posterior swag)
+    swag_samples: int = 8  # weight sets drawn per member
+    swag_rank: int = 10  # deviation columns of the low-rank part
 
     def validate(self) -> None:
         if self.loss not in LOSS_NAMES:
             raise ValueError(f"loss {self.loss!r}; expected one of {list(LOSS_NAMES)}")
         if not 0.0 <= self.mse_fraction <= 1.0:
             raise ValueError(f"mse_fraction must lie in [0, 1], got {self.mse_fraction}")
+        if self.posterior not in POSTERIOR_KINDS:
+            raise ValueError(f"posterior {self.posterior!r}; expected one of {list(POSTERIOR_KINDS)}")
+        if self.posterior == "swag" and not 0.0 < self.swag_fraction < 1.0 - self.mse_fraction:
+            raise ValueError(f"swag_fraction must lie in (0, 1 - mse_fraction), got {self.swag_fraction}")
         if self.minutes <= 0 or self.batch_size < 1:
             raise ValueError("minutes must be positive and batch_size at least 1")
 
@@ -127,12 +142,16 @@ def train_member(model: PropertyRACE, train: PropertySet, valid: PropertySet, se
     best = (math.inf, copy.deepcopy(model.state_dict()), -1)
     phase = "mse" if settings.mse_fraction > 0 else settings.loss
     history: List[Dict[str, float]] = []
+    swag = SwagCollector(sum(p.numel() for p in model.parameters()), settings.swag_rank) \
+        if settings.posterior == "swag" else None
     model.train()
     for epoch in range(settings.max_epochs):
-        elapsed = time.perf_counter() - start
-        if elapsed >= budget:
+        # how far through the budget: time or epochs, whichever binds first
+        progress_made = max((time.perf_counter() - start) / budget, epoch / settings.max_epochs)
+        if progress_made >= 1.0:
             break
-        loss_name = "mse" if elapsed < settings.mse_fraction * budget else settings.loss
+        collecting = swag is not None and progress_made >= 1.0 - settings.swag_fraction
+        loss_name = "mse" if progress_made < settings.mse_fraction else settings.loss
         losses = []
         for batch in _batches(train, settings.batch_size, rng, model.scale.dtype):
             optimizer.zero_grad(set_to_none=True)
@@ -143,7 +162,9 @@ def train_member(model: PropertyRACE, train: PropertySet, valid: PropertySet, se
             ema.update_parameters(model)
             losses.append(float(loss.detach()))
         error = validation_error(ema, valid)
-        if loss_name == settings.loss:
+        if collecting:  # SWAG samples around the iterates of a constant learning rate
+            swag.collect(torch.nn.utils.parameters_to_vector(model.parameters()))
+        elif loss_name == settings.loss:
             scheduler.step(error)
         if loss_name != phase:  # the kept weights come from the last phase: trained variance heads
             phase, best = loss_name, (math.inf, None, -1)
@@ -156,13 +177,32 @@ def train_member(model: PropertyRACE, train: PropertySet, valid: PropertySet, se
                   f"[{history[-1]['minutes']:.1f}/{settings.minutes:g} min]", file=sys.stderr, flush=True)
     model.load_state_dict(best[1])
     model.eval()
-    return {"history": history, "best_epoch": best[2], "best_valid": best[0], "epochs": len(history)}
+    record = {"history": history, "best_epoch": best[2], "best_valid": best[0], "epochs": len(history)}
+    if swag is not None:
+        record["swag"] = swag
+        record["swag_snapshots"] = swag.count
+    return record
+
+
+def swag_members(model: PropertyRACE, swag, n_samples: int, seed: int) -> List[PropertyRACE]:
+    """``n_samples`` copies of ``model`` with weights drawn from its SWAG moments."""
+    if swag.count < 2:
+        raise RuntimeError(f"SWAG collected {swag.count} snapshot(s); give the member more minutes or a larger "
+                           "swag_fraction (at least two epochs must fall in the SWAG phase)")
+    generator = torch.Generator().manual_seed(seed)
+    members = []
+    for _ in range(n_samples):
+        member = copy.deepcopy(model)
+        torch.nn.utils.vector_to_parameters(swag.sample(generator).to(model.scale.dtype), member.parameters())
+        members.append(member.eval())
+    return members
 
 
 def train_property_ensemble(config: ModelConfig, type_names: Sequence[str], targets: Sequence[Target],
                             train: PropertySet, valid: PropertySet, settings: PropertyTraining,
                             n_members: int = 4, progress: bool = True) -> "PropertyEnsemble":
-    """``n_members`` members from different seeds (a deep ensemble; one member: a mean–variance model)."""
+    """``n_members`` members from different seeds (a deep ensemble; one member: a mean–variance
+    model); with ``settings.posterior == "swag"``, ``swag_samples`` weight sets of each."""
     from ._predict import PropertyEnsemble
 
     config = dataclasses.replace(config)
@@ -173,6 +213,10 @@ def train_property_ensemble(config: ModelConfig, type_names: Sequence[str], targ
     for m in range(n_members):
         model = build_property_model(config, type_names, targets, statistics, seed=settings.seed + m)
         member_settings = dataclasses.replace(settings, seed=settings.seed + m)
-        records.append(train_member(model, train, valid, member_settings, progress, label=f"member {m}"))
-        members.append(model)
+        record = train_member(model, train, valid, member_settings, progress, label=f"member {m}")
+        if settings.posterior == "swag":
+            members += swag_members(model, record.pop("swag"), settings.swag_samples, settings.seed + m)
+        else:
+            members.append(model)
+        records.append(record)
     return PropertyEnsemble(members, records=records)
