@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     from bayesrace.data import TypeMap
     from bayesrace.model import model_config_from
     from bayesrace.properties import PropertyTraining, evaluate, read_property_set, state_targets, train_property_ensemble
-    from bayesrace.uq._metrics import auroc
+    from bayesrace.uq import auroc
 
     manifest = json.loads((args.data / "manifest.json").read_text())
     targets = state_targets(2)

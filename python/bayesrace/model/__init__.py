@@ -4,18 +4,26 @@ from ._race import (
     COVARIANCE_KINDS,
     PRESETS,
     RACE,
+    BesselBasis,
     ModelConfig,
+    RaceLayer,
+    Readout,
     build_model,
     model_config_from,
 )
+from ._race import _default_dtype as default_dtype
 from ._stacked import StackedRace
 
 __all__ = [
+    "BesselBasis",
     "COVARIANCE_KINDS",
     "ModelConfig",
     "PRESETS",
     "RACE",
+    "RaceLayer",
+    "Readout",
     "StackedRace",
     "build_model",
+    "default_dtype",
     "model_config_from",
 ]

@@ -17,7 +17,7 @@ import torch
 from e3nn import o3
 
 from .. import keys
-from ..model._race import BesselBasis, ModelConfig, RaceLayer, Readout, _default_dtype
+from ..model import BesselBasis, ModelConfig, RaceLayer, Readout, default_dtype
 from ._targets import E_ANGSTROM_IN_DEBYE, Target, TargetStatistics, split_targets
 
 STATE_FORCE_VARIANCE_FLOOR = 1e-4  # (eV/Å)² added to every state's force variance
@@ -53,7 +53,7 @@ class PropertyRACE(torch.nn.Module):
         irreps_hidden = o3.Irreps([(channels, (l, (-1) ** l)) for l in range(config.l_max + 1)])
         n_out = 2 * self.n_scalars + 3 * self.n_states
         n_vectors = 1 if self.dipole_column >= 0 else 0
-        with _default_dtype(torch.float64):  # e3nn's constants in float64 (see RACE)
+        with default_dtype(torch.float64):  # e3nn's constants in float64 (see RACE)
             self.spherical_harmonics = o3.SphericalHarmonics(irreps_sh, normalize=True, normalization="component")
             self.radial_basis = BesselBasis(config.cutoff, config.n_radial, config.envelope_p)
             self.embedding = o3.Linear(o3.Irreps(f"{n_species}x0e"), irreps_scalar)

@@ -18,7 +18,7 @@ import torch
 
 from .. import keys
 from ..model import ModelConfig
-from ..uq._metrics import gaussian_nll, miscalibration_area, spearman
+from ..uq import gaussian_nll, miscalibration_area, spearman
 from ._model import PropertyRACE
 from ._targets import PropertySet, Target, TargetStatistics
 

@@ -36,7 +36,7 @@ from torch.optim.swa_utils import AveragedModel
 from .. import keys
 from ..bayes import SwagCollector
 from ..model import ModelConfig
-from ..train._optim import ema_update
+from ..train import ema_update
 from ._model import PropertyRACE, build_property_model
 from ._targets import PropertySet, Target, TargetStatistics, average_neighbours
 

@@ -17,6 +17,7 @@ from ._losses import (
     loss_function,
 )
 from ._members import initial_member_model
+from ._optim import ema_update
 from ._run import (
     train,
     train_config_file,
@@ -24,6 +25,7 @@ from ._run import (
 )
 
 __all__ = [
+    "ema_update",
     "CHECKPOINT",
     "LOSSES",
     "Config",
