@@ -1,9 +1,10 @@
 """Multi-state PSB3 (S0 and S1 from SA-2-CASSCF) with a two-state Bayesian RACE (issue 15).
 
-Trains a deep ensemble of two-state models (shared layers, per-state energy and force readouts
-with mean–variance heads) twice on the same split and budget — with the conventional NLL
+Trains two-state models (shared layers, per-state energy and force readouts with mean–variance
+heads) on the same split and budget per member: deep ensembles with the conventional NLL
 (energies by NLL, forces by MSE) and with NLL_JEF (energies and forces by their joint NLL, per
-state) — and reports for each: test errors of both states' energies and forces and of the gap
+state), each ensemble's first member alone (a mean–variance model), and a SWAG posterior
+(NLL_JEF) — and reports for each: test errors of both states' energies and forces and of the gap
 S1−S0, their uncertainty metrics (Spearman ρ(|error|, σ), miscalibration area, NLL), and how
 well σ flags the twisted geometries (``test_torsion.xyz``) against the in-distribution test set
 (AUROC of the per-structure max force σ of S1, of the gap σ and of the energy σ of each state).
@@ -28,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RUNS_DIR, command_line, git_commit, machine_info, write_json  # noqa: E402
 
-LOSSES = ("nll", "nll_jef")
+RUNS = ("nll:ensemble", "nll_jef:ensemble", "nll_jef:swag")
 NEAR_CROSSING_EV = 2.0  # a twisted frame with an S1−S0 gap below this counts as near the crossing
 
 
@@ -38,7 +39,8 @@ def parse_args(argv=None):
     parser.add_argument("--minutes", type=float, default=4.0, help="wall budget of each member")
     parser.add_argument("--members", type=int, default=3)
     parser.add_argument("--preset", default="small")
-    parser.add_argument("--losses", nargs="+", default=list(LOSSES), choices=LOSSES)
+    parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=RUNS,
+                        help="LOSS:POSTERIOR; an ensemble run also reports its first member alone (MVE)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/psb3_multistate"))
     parser.add_argument("--keep", type=Path, default=RUNS_DIR / "psb3_multistate")
     parser.add_argument("--seed", type=int, default=0)
@@ -65,18 +67,18 @@ def _markdown(results) -> str:
     lines = [
         "# Two-state PSB3 (SA-2-CASSCF) with Bayesian RACE\n",
         f"`{results['command']}` at commit {results['git_commit']}; data {results['data_method']}; "
-        f"{results['sizes']}; {results['members']} members × {results['minutes']} min each (one core, one after "
-        f"another), preset {results['preset']}; load at start {results['machine']['load_at_start']}.\n",
+        f"{results['sizes']}; ensembles of {results['members']} members, SWAG from one, {results['minutes']} min "
+        f"per member (one core, one after another), preset {results['preset']}; load at start {results['machine']['load_at_start']}.\n",
         "Errors on the in-distribution test set (energies meV, forces meV/Å); ρ = Spearman(|error|, σ); "
         "area = miscalibration area (0 perfect, 0.5 worst); σ = √(epistemic + aleatoric).\n",
-        "| loss | quantity | MAE | RMSE | ρ | area | NLL |", "|---|---|---|---|---|---|---|",
+        "| run | quantity | MAE | RMSE | ρ | area | NLL |", "|---|---|---|---|---|---|---|",
     ]
     for loss, run in results["runs"].items():
         for name, m in run["test"].items():
             lines.append(f"| {loss} | {name} | {m['mae'] * 1000:.1f} | {m['rmse'] * 1000:.1f} | {m['spearman']:.2f} | "
                          f"{m['miscalibration_area']:.3f} | {m['nll']:.2f} |")
     lines += ["", "OOD: AUROC of each score for telling `test_torsion.xyz` from `test.xyz` (1 = perfect, 0.5 = chance).\n",
-              "| loss | " + " | ".join(next(iter(results["runs"].values()))["auroc"]) + " |",
+              "| run | " + " | ".join(next(iter(results["runs"].values()))["auroc"]) + " |",
               "|---|" + "---|" * len(next(iter(results["runs"].values()))["auroc"])]
     for loss, run in results["runs"].items():
         lines.append(f"| {loss} | " + " | ".join(f"{v:.2f}" for v in run["auroc"].values()) + " |")
@@ -92,7 +94,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     from bayesrace.data import TypeMap
     from bayesrace.model import model_config_from
-    from bayesrace.properties import PropertyTraining, evaluate, read_property_set, state_targets, train_property_ensemble
+    from bayesrace.properties import (PropertyEnsemble, PropertyTraining, evaluate, read_property_set, state_targets,
+                                      train_property_ensemble)
     from bayesrace.uq import auroc
 
     manifest = json.loads((args.data / "manifest.json").read_text())
@@ -107,29 +110,36 @@ def main(argv=None) -> int:
         "sizes": ", ".join(f"{k} {len(v)}" for k, v in sets.items()), "members": args.members,
         "minutes": args.minutes, "preset": args.preset, "runs": {},
     }
-    for loss in args.losses:
-        started = time.time()
-        settings = PropertyTraining(loss=loss, minutes=args.minutes, seed=args.seed, batch_size=8)
-        ensemble = train_property_ensemble(config, type_map.type_names, targets, sets["train"], sets["valid"],
-                                           settings, n_members=args.members)
-        (args.keep / loss).mkdir(parents=True, exist_ok=True)
-        ensemble.save(args.keep / loss / "ensemble.pt")
+    torsion_gap = sets["test_torsion"].state_energies[:, 1] - sets["test_torsion"].state_energies[:, 0]
+    near = torsion_gap < NEAR_CROSSING_EV  # the twisted frames nearest the S1/S0 crossing
+
+    def record(ensemble, started=None):
         scores_in, scores_out = ood_scores(ensemble, sets["test"]), ood_scores(ensemble, sets["test_torsion"])
-        torsion_gap = sets["test_torsion"].state_energies[:, 1] - sets["test_torsion"].state_energies[:, 0]
-        near = torsion_gap < NEAR_CROSSING_EV
-        results["runs"][loss] = {
+        return {
             "test": evaluate(ensemble, sets["test"]),
             "test_torsion": evaluate(ensemble, sets["test_torsion"]),
             "auroc": {name: auroc(scores_in[name], scores_out[name]) for name in scores_in},
-            # the twisted frames nearest the S1/S0 crossing: reference gap below NEAR_CROSSING_EV
             "auroc_near_crossing": {name: auroc(scores_in[name], scores_out[name][near]) for name in scores_in}
             if near.any() else {},
             "near_crossing_frames": int(near.sum()),
-            "epochs": [r["epochs"] for r in ensemble.records],
-            "wall_minutes": (time.time() - started) / 60.0,
+            "epochs": [r.get("epochs") for r in ensemble.records],
+            "wall_minutes": (time.time() - started) / 60.0 if started else None,
         }
+
+    for run in args.runs:
+        loss, _, kind = run.partition(":")
+        started = time.time()
+        settings = PropertyTraining(loss=loss, minutes=args.minutes, seed=args.seed, batch_size=8, posterior=kind)
+        members = args.members if kind == "ensemble" else 1
+        ensemble = train_property_ensemble(config, type_map.type_names, targets, sets["train"], sets["valid"],
+                                           settings, n_members=members)
+        (args.keep / run.replace(":", "_")).mkdir(parents=True, exist_ok=True)
+        ensemble.save(args.keep / run.replace(":", "_") / "ensemble.pt")
+        results["runs"][f"{loss}, {kind}"] = record(ensemble, started)
+        if kind == "ensemble":  # its first member alone: a mean–variance model (aleatoric σ only)
+            results["runs"][f"{loss}, one member (MVE)"] = record(PropertyEnsemble(ensemble.members[:1], ensemble.records[:1]))
         args.out.mkdir(parents=True, exist_ok=True)
-        write_json(args.out / "results.json", results)  # partial results as each loss finishes
+        write_json(args.out / "results.json", results)  # partial results as each run finishes
         (args.out / "results.md").write_text(_markdown(results))
     print(_markdown(results))
     return 0
