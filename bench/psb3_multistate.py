@@ -63,6 +63,37 @@ def ood_scores(ensemble, data):
     return scores
 
 
+def torsion_figure(ensemble, data, angles, path) -> None:
+    """Both states' energies along the twist (reference points, prediction ± 2σ) and the σ's."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    pred = ensemble.predict(data)
+    order = np.argsort(angles)
+    origin = data.state_energies[:, 0].min()
+    figure = Figure(figsize=(11, 4.2), layout="constrained")
+    FigureCanvasAgg(figure)
+    left, right = figure.subplots(1, 2)
+    for s, name in enumerate(ensemble.state_names):
+        sigma = np.sqrt(pred["energy_var_epistemic"][:, s] + pred["energy_var_aleatoric"][:, s])
+        left.plot(angles[order], data.state_energies[order, s] - origin, "o", ms=4, color=f"C{s}",
+                  label=f"{name} SA-CASSCF")
+        left.errorbar(angles[order], pred["energy"][order, s] - origin, yerr=2 * sigma[order], fmt="x", ms=4,
+                      color=f"C{s}", alpha=0.6, label=f"{name} RACE ± 2σ")
+    left.set_xlabel("C2-C3=C4-C5 torsion (deg, 180 = trans)")
+    left.set_ylabel("energy − min S0 (eV)")
+    left.legend(fontsize=8)
+    gap_sigma = np.sqrt(pred["gap_var_epistemic"] + pred["gap_var_aleatoric"])
+    gap_error = np.abs(pred["gap"] - (data.state_energies[:, 1] - data.state_energies[:, 0]))
+    right.semilogy(angles[order], gap_sigma[order], "o-", ms=3, label="gap σ (ensemble)")
+    right.semilogy(angles[order], np.sqrt(pred["gap_var_epistemic"][order]), "s-", ms=3, label="gap σ epistemic")
+    right.semilogy(angles[order], gap_error[order], "k.", label="|gap error|")
+    right.set_xlabel("C2-C3=C4-C5 torsion (deg)")
+    right.set_ylabel("eV")
+    right.legend(fontsize=8)
+    figure.savefig(path, dpi=110)
+
+
 def _markdown(results) -> str:
     lines = [
         "# Two-state PSB3 (SA-2-CASSCF) with Bayesian RACE\n",
@@ -94,8 +125,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     from bayesrace.data import TypeMap
     from bayesrace.model import model_config_from
-    from bayesrace.properties import (PropertyEnsemble, PropertyTraining, evaluate, read_property_set, state_targets,
-                                      train_property_ensemble)
+    from bayesrace.properties import (PropertyEnsemble, PropertySet, PropertyTraining, evaluate, read_property_set,
+                                      state_targets, train_property_ensemble)
     from bayesrace.uq import auroc
 
     manifest = json.loads((args.data / "manifest.json").read_text())
@@ -136,6 +167,21 @@ def main(argv=None) -> int:
         (args.keep / run.replace(":", "_")).mkdir(parents=True, exist_ok=True)
         ensemble.save(args.keep / run.replace(":", "_") / "ensemble.pt")
         results["runs"][f"{loss}, {kind}"] = record(ensemble, started)
+        if run == "nll_jef:ensemble":  # every frame of the torsion kind, in and out of distribution
+            import ase.io
+
+            twisted = [(name, k) for name in ("test", "test_torsion")
+                       for k, atoms in enumerate(ase.io.read(args.data / f"{name}.xyz", ":"))
+                       if atoms.info.get("config_type") == "torsion"]
+            angles = np.array([ase.io.read(args.data / f"{name}.xyz", k).info["torsion_deg"] for name, k in twisted])
+            along = [sets[name].subset([k]) for name, k in twisted]
+            merged = along[0]
+            for part in along[1:]:
+                merged = PropertySet(merged.graphs + part.graphs, np.concatenate([merged.values, part.values]),
+                                     np.concatenate([merged.state_energies, part.state_energies]),
+                                     merged.state_forces + part.state_forces)
+            args.out.mkdir(parents=True, exist_ok=True)
+            torsion_figure(ensemble, merged, angles, args.out / "torsion.png")
         if kind == "ensemble":  # its first member alone: a mean–variance model (aleatoric σ only)
             results["runs"][f"{loss}, one member (MVE)"] = record(PropertyEnsemble(ensemble.members[:1], ensemble.records[:1]))
         args.out.mkdir(parents=True, exist_ok=True)
