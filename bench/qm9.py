@@ -40,7 +40,10 @@ ENERGY_TARGETS = {"U0", "U", "H", "G", "ZPVE", "HOMO", "LUMO", "gap"}  # eV in t
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True, type=Path, help="a 'bayesrace data qm9' output folder")
+    parser.add_argument("--data", type=Path, help="a 'bayesrace data qm9' output folder")
+    parser.add_argument("--compare", nargs="+", type=Path, default=None,
+                        help="instead of training: result folders of earlier runs, tabulated side by side in "
+                             "--out/summary.md with a plot of MAE against training molecules")
     parser.add_argument("--targets", nargs="+", default=None, help="default: every target in the manifest")
     parser.add_argument("--minutes", type=float, default=10.0, help="wall budget of each member")
     parser.add_argument("--members", type=int, default=2)
@@ -81,8 +84,50 @@ def _table(results) -> str:
     return "\n".join(lines) + "\n"
 
 
+def compare(folders, out: Path, argv) -> int:
+    """summary.md and learning_curve.png from the results.json of earlier runs."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    runs = [json.loads((folder / "results.json").read_text()) for folder in folders]
+    names = list(runs[0]["targets"])
+    labels = [f"{f.name}: {r['n_train']} train, {r['members']}×{r['minutes']:g} min, {r.get('posterior', 'ensemble')}"
+              for f, r in zip(folders, runs)]
+    lines = [f"# QM9: runs side by side\n", f"`{command_line('qm9.py', argv)}` at commit {git_commit()}.\n",
+             "Test MAE (energies meV; other units as in each run's results.md); in brackets Spearman "
+             "ρ(|error|, σ) and miscalibration area.\n",
+             "| target | " + " | ".join(labels) + " | PaiNN 110k |", "|---|" + "---|" * (len(runs) + 1)]
+    for name in names:
+        factor = 1000.0 if name in ENERGY_TARGETS else 1.0
+        cells = [f"{r['targets'][name]['ensemble']['mae'] * factor:.4g} ({r['targets'][name]['ensemble']['spearman']:.2f}, "
+                 f"{r['targets'][name]['ensemble']['miscalibration_area']:.3f})" for r in runs]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {PUBLISHED_110K.get(name, ('', ''))[1]} |")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    ensembles = [r for r in runs if r.get("posterior", "ensemble") == "ensemble"]
+    figure = Figure(figsize=(6.5, 4.5), layout="constrained")
+    FigureCanvasAgg(figure)
+    axis = figure.subplots()
+    sizes = [r["n_train"] for r in ensembles]
+    for k, name in enumerate(names):
+        first = ensembles[0]["targets"][name]["ensemble"]["mae"]
+        axis.plot(sizes, [r["targets"][name]["ensemble"]["mae"] / first for r in ensembles], "o-", color=f"C{k % 10}",
+                  label=name)
+    axis.set_xscale("log")
+    axis.set_xlabel("training molecules (same wall budget per member)")
+    axis.set_ylabel(f"test MAE / MAE at {sizes[0]}")
+    axis.legend(fontsize=7, ncol=3)
+    figure.savefig(out / "learning_curve.png", dpi=110)
+    print("\n".join(lines))
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.compare:
+        return compare(args.compare, args.out, argv)
+    if args.data is None:
+        raise SystemExit("qm9.py: --data is required (or --compare)")
     torch.set_num_threads(1)
     from bayesrace.data import QM9_TARGETS, TypeMap
     from bayesrace.model import model_config_from
