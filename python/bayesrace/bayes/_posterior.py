@@ -29,7 +29,7 @@ import torch
 
 from .. import keys
 from .._files import atomic_path
-from ..model import RACE, ModelConfig
+from ..model import RACE, model_config_from_record
 from ._calibration_maps import (
     calibrate_prediction,
     validate_calibration,
@@ -216,7 +216,7 @@ def update_posterior_file(path, out_path=None, calibration: Optional[Mapping] = 
 
 def load_posterior(path, dtype: torch.dtype = torch.float64) -> Posterior:
     record = read_posterior_record(path)
-    config = ModelConfig(**record["model_config"])
+    config = model_config_from_record(record["model_config"])
     members = []
     for state in record["members"]:
         member = RACE(

@@ -10,8 +10,10 @@ from ._race import (
     Readout,
     build_model,
     model_config_from,
+    model_config_from_record,
 )
-from ._race import _default_dtype as default_dtype
+from ._radial import _default_dtype as default_dtype
+from ._radial import isolation_gate
 from ._stacked import StackedRace
 
 __all__ = [
@@ -25,5 +27,7 @@ __all__ = [
     "StackedRace",
     "build_model",
     "default_dtype",
+    "isolation_gate",
     "model_config_from",
+    "model_config_from_record",
 ]

@@ -15,7 +15,6 @@ which serves periodic cells and LAMMPS ghost atoms alike.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import math
@@ -27,6 +26,7 @@ from e3nn import o3
 
 from .. import keys
 from ._paths import MessagePaths, component_major
+from ._radial import BesselBasis, _default_dtype, isolation_gate
 
 COVARIANCE_KINDS = ("cholesky", "equivariant")
 
@@ -47,6 +47,10 @@ class ModelConfig:
     avg_num_neighbors: float = 0.0  # 0: measured on the training data
     covariance: str = "cholesky"  # "cholesky" (invariant, as in the paper) | "equivariant"
     covariance_floor: float = 1e-3  # (eV/Å)^2 added to every force covariance
+    # the learned part of E_i (readouts and shift) is multiplied by a gate that is 0 for an atom
+    # without neighbours (``isolation_gate``): an isolated atom has exactly its reference energy.
+    # Models saved before this existed load with False (``model_config_from_record``).
+    isolated_atom_limit: bool = True
 
     def validate(self) -> None:
         if self.covariance not in COVARIANCE_KINDS:
@@ -78,47 +82,22 @@ PRESETS: Dict[str, Dict[str, object]] = {
 }
 
 
+# fields added after models were first saved, with the value that reproduces those models
+LEGACY_MODEL_FIELDS: Dict[str, object] = {"isolated_atom_limit": False}
+
+
+def model_config_from_record(fields: Dict[str, object]) -> ModelConfig:
+    """The ModelConfig of a saved model (posterior or checkpoint record): a field it predates
+    takes the value that reproduces what was trained."""
+    return ModelConfig(**{**LEGACY_MODEL_FIELDS, **fields})
+
+
 def model_config_from(preset: str = "small", **overrides) -> ModelConfig:
     if preset not in PRESETS:
         raise ValueError(f"unknown model preset {preset!r}; expected one of {sorted(PRESETS)}")
     config = ModelConfig(**{**PRESETS[preset], **overrides})
     config.validate()
     return config
-
-
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype):
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
-class BesselBasis(torch.nn.Module):
-    """sqrt(2/rc) sin(nπr/rc)/r times the polynomial envelope: zero with its first p
-    derivatives at the cutoff, so energies and forces are smooth as atoms cross it."""
-
-    def __init__(self, cutoff: float, n_radial: int, p: int):
-        super().__init__()
-        self.cutoff = float(cutoff)
-        self.p = float(p)
-        self.register_buffer("frequencies", math.pi * torch.arange(1, n_radial + 1) / cutoff)
-        self.prefactor = math.sqrt(2.0 / cutoff)
-
-    def forward(self, r: torch.Tensor) -> torch.Tensor:
-        p = self.p
-        d = r / self.cutoff
-        envelope = (
-            1.0
-            - (p + 1.0) * (p + 2.0) / 2.0 * torch.pow(d, p)
-            + p * (p + 2.0) * torch.pow(d, p + 1.0)
-            - p * (p + 1.0) / 2.0 * torch.pow(d, p + 2.0)
-        )
-        envelope = envelope * (d < 1.0).to(r.dtype)
-        bessel = self.prefactor * torch.sin(self.frequencies * r.unsqueeze(-1)) / r.unsqueeze(-1)
-        return bessel * envelope.unsqueeze(-1)
 
 
 def _message_tensor_product(irreps_node: o3.Irreps, irreps_sh: o3.Irreps, l_max: int):
@@ -254,6 +233,7 @@ class RACE(torch.nn.Module):
         self.n_layers = int(config.n_layers)
         self.equivariant_covariance = config.covariance == "equivariant"
         self.covariance_floor = float(config.covariance_floor)
+        self.isolated_atom_limit = bool(config.isolated_atom_limit)
         # Which aleatoric heads the loss trained (an MSE-trained member has none): an
         # untrained head reports zero variance instead of noise from its random weights.
         self.energy_head_trained = True
@@ -351,10 +331,23 @@ class RACE(torch.nn.Module):
         for k, (layer, readout) in enumerate(zip(self.layers, self.readouts)):
             if k == index:
                 h_new = layer(h, one_hot, initial, radial, sh, edge_index[0], edge_index[1], n_centres)
-                result = (h_new, readout(h_new))
+                out = readout(h_new)
+                if self.isolated_atom_limit:
+                    out = self.gate_energy(out, radial, edge_index[0], n_centres, k == 0)
+                result = (h_new, out)
         if result is None:
             raise IndexError(f"layer {index} out of range")
         return result
+
+    def gate_energy(self, readout: torch.Tensor, radial: torch.Tensor, centre: torch.Tensor, n_centres: int,
+                    first_layer: bool) -> torch.Tensor:
+        """The readout with its energy column times the isolation gate; the first layer's also
+        carries the energy shift (in units of the scale), so the shift vanishes with the gate."""
+        energy = readout[:, 0]
+        if first_layer:
+            energy = energy + self.energy_shift.to(readout.dtype) / self.energy_scale.to(readout.dtype)
+        gated = energy * isolation_gate(radial, centre, n_centres)
+        return torch.cat([gated.unsqueeze(1), readout[:, 1:]], dim=1)
 
     def layer_step(
         self, index: int, h: torch.Tensor, species: torch.Tensor, edge_index: torch.Tensor,
@@ -374,9 +367,11 @@ class RACE(torch.nn.Module):
         n_atoms = species.shape[0]
         dtype = outputs.dtype
         scale = self.energy_scale.to(dtype)
+        # with the isolated-atom limit the shift is inside the (gated) first readout
+        shift = torch.zeros_like(self.energy_shift) if self.isolated_atom_limit else self.energy_shift
         atomic_energy = (
             scale * outputs[:, :, 0].sum(dim=0)
-            + self.energy_shift.to(dtype)
+            + shift.to(dtype)
             + self.reference_energies.to(dtype)[species]
         )
         heads = outputs[:, :, 1:].mean(dim=0)  # uncertainty heads are averaged over layers

@@ -18,6 +18,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from ._race import RACE
+from ._radial import isolation_gate
 
 
 def _dense(linear: torch.nn.Module, width_in: int, dtype: torch.dtype) -> torch.Tensor:
@@ -171,6 +172,12 @@ class StackedRace(torch.nn.Module):
             StackedLayer([m.layers[k] for m in members], [m.readouts[k] for m in members], n_species, dtype)
             for k in range(self.n_layers)])
         self.widths: List[int] = list(first.feature_widths())
+        if any(m.isolated_atom_limit != first.isolated_atom_limit for m in members):
+            raise ValueError("members differ in isolated_atom_limit: members cannot be stacked")
+        self.isolated_atom_limit = bool(first.isolated_atom_limit)
+        # each member's energy shift in units of its scale: the first readout carries it (see RACE.gate_energy)
+        self.register_buffer("shift_over_scale", torch.stack(
+            [(m.energy_shift / m.energy_scale).to(dtype) for m in members]).reshape(len(members), 1))
 
     def embed(self, species: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """(h_0, a⁽¹⁾), each [M, N, d_0]: species only."""
@@ -195,6 +202,13 @@ class StackedRace(torch.nn.Module):
                 result = layer(h, species, initial, radial, sh, edge_index[0], edge_index[1], n_centres)
         if result is None:
             raise IndexError(f"layer {index} out of range")
+        if self.isolated_atom_limit:  # as RACE.gate_energy, for [M, n, n_out] readouts
+            h_next, readout = result
+            energy = readout[:, :, 0]
+            if index == 0:
+                energy = energy + self.shift_over_scale.to(readout.dtype)
+            gated = energy * isolation_gate(radial, edge_index[0], n_centres)
+            result = (h_next, torch.cat([gated.unsqueeze(2), readout[:, :, 1:]], dim=2))
         return result
 
     def forward(self, species: torch.Tensor, edge_index: torch.Tensor, edge_vectors: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Dict, Literal, Optional, Union
 from pydantic import Field, model_validator
 
 from .._schema import (
-    AtLeastOne, ConfigError, Float, Int, NonNegative, NonNegativeInt, Positive, Section, Str, UnitInterval,
+    AtLeastOne, Bool, ConfigError, Float, Int, NonNegative, NonNegativeInt, Positive, Section, Str, UnitInterval,
     load_yaml_config, parse_section, resolve_path, section,
 )
 from ._losses import LOSSES
@@ -64,6 +64,7 @@ class ModelSection:
     avg_num_neighbors: Optional[Float] = None  # <= 0: computed from the training set
     covariance: Optional[Str] = None
     covariance_floor: Optional[Float] = None
+    isolated_atom_limit: Optional[Bool] = None  # default true: an isolated atom has its reference energy
 
     def model_config(self) -> ModelConfig:
         if self.preset not in PRESETS:

@@ -12,7 +12,7 @@ import torch
 from torch.nn.utils import vector_to_parameters
 
 from ..bayes import read_posterior_record
-from ..model import RACE, ModelConfig, build_model
+from ..model import RACE, build_model, model_config_from_record
 from ._config import Config
 from ._data import TrainingData
 
@@ -46,7 +46,7 @@ def _warm_start_record(config: Config, data: TrainingData) -> Dict:
             f"{data.type_names}; a warm start needs the same elements"
         )
     wanted = dataclasses.asdict(config.model.model_config())
-    saved = dataclasses.asdict(ModelConfig(**record["model_config"]))
+    saved = dataclasses.asdict(model_config_from_record(record["model_config"]))
     differing = [name for name in wanted if name != "avg_num_neighbors" and wanted[name] != saved[name]]
     if wanted["avg_num_neighbors"] > 0 and wanted["avg_num_neighbors"] != saved["avg_num_neighbors"]:
         differing.append("avg_num_neighbors")
