@@ -206,6 +206,32 @@ class Readout(torch.nn.Module):
         return self.linear_out(self.gate(self.linear_in(h)))
 
 
+def add_trunk(module: torch.nn.Module, config: ModelConfig, n_species: int, n_scalars_out: int,
+              n_vectors_out: int) -> None:
+    """Gives ``module`` RACE's trunk: ``spherical_harmonics``, ``radial_basis``, ``embedding``,
+    ``initial_feature``, and ``layers`` with one ``Readout`` per layer in ``readouts``, each
+    reading out ``n_scalars_out`` scalars and ``n_vectors_out`` vectors per atom (RACE's heads,
+    or the property models' targets)."""
+    irreps_sh = o3.Irreps.spherical_harmonics(config.l_max)
+    irreps_scalar = o3.Irreps(f"{config.channels}x0e")
+    irreps_hidden = o3.Irreps([(config.channels, (l, (-1) ** l)) for l in range(config.l_max + 1)])
+    # e3nn computes its Clebsch–Gordan and normalisation constants in the default dtype:
+    # built under float32 they carry float32 error into a float64 model, and the paper
+    # preset (l_max 3, 5 layers) was equivariant to 5e-10 instead of 1e-15
+    with _default_dtype(torch.float64):
+        module.spherical_harmonics = o3.SphericalHarmonics(irreps_sh, normalize=True, normalization="component")
+        module.radial_basis = BesselBasis(config.cutoff, config.n_radial, config.envelope_p)
+        module.embedding = o3.Linear(o3.Irreps(f"{n_species}x0e"), irreps_scalar)
+        module.initial_feature = o3.Linear(irreps_scalar, irreps_scalar)
+        layers, readouts, irreps_in = [], [], irreps_scalar
+        for _ in range(config.n_layers):
+            layers.append(RaceLayer(irreps_in, irreps_hidden, irreps_sh, irreps_scalar, n_species, config))
+            readouts.append(Readout(irreps_hidden, n_scalars_out, n_vectors_out, config.readout_hidden))
+            irreps_in = irreps_hidden
+        module.layers = torch.nn.ModuleList(layers)
+        module.readouts = torch.nn.ModuleList(readouts)
+
+
 class RACE(torch.nn.Module):
     """One RACE network with NLL_JEF heads.
 
@@ -240,33 +266,12 @@ class RACE(torch.nn.Module):
         self.force_head_trained = True
         self.set_trained_heads(["energy", "forces"] if trained_heads is None else trained_heads)
         n_species = len(type_names)
-        channels = config.channels
 
-        irreps_sh = o3.Irreps.spherical_harmonics(config.l_max)
-        irreps_scalar = o3.Irreps(f"{channels}x0e")
-        irreps_hidden = o3.Irreps([(channels, (l, (-1) ** l)) for l in range(config.l_max + 1)])
-
-        # e3nn computes its Clebsch–Gordan and normalisation constants in the default dtype:
-        # built under float32 they carry float32 error into a float64 model, and the paper
-        # preset (l_max 3, 5 layers) was equivariant to 5e-10 instead of 1e-15
-        with _default_dtype(torch.float64):
-            self.spherical_harmonics = o3.SphericalHarmonics(irreps_sh, normalize=True, normalization="component")
-            self.radial_basis = BesselBasis(config.cutoff, config.n_radial, config.envelope_p)
-            self.embedding = o3.Linear(o3.Irreps(f"{n_species}x0e"), irreps_scalar)
-            self.initial_feature = o3.Linear(irreps_scalar, irreps_scalar)
-            layers = []
-            readouts = []
-            irreps_in = irreps_scalar
-            # outputs per atom and layer: energy, log-variance s, and either l1..l6 of the
-            # Cholesky factor (invariant) or a log-isotropic part plus three vectors
-            n_scalars = 2 + (1 if self.equivariant_covariance else 6)
-            n_vectors = 3 if self.equivariant_covariance else 0
-            for _ in range(config.n_layers):
-                layers.append(RaceLayer(irreps_in, irreps_hidden, irreps_sh, irreps_scalar, n_species, config))
-                readouts.append(Readout(irreps_hidden, n_scalars, n_vectors, config.readout_hidden))
-                irreps_in = irreps_hidden
-            self.layers = torch.nn.ModuleList(layers)
-            self.readouts = torch.nn.ModuleList(readouts)
+        # outputs per atom and layer: energy, log-variance s, and either l1..l6 of the
+        # Cholesky factor (invariant) or a log-isotropic part plus three vectors
+        n_scalars = 2 + (1 if self.equivariant_covariance else 6)
+        n_vectors = 3 if self.equivariant_covariance else 0
+        add_trunk(self, config, n_species, n_scalars, n_vectors)
 
         if reference_energies is None:
             reference_energies = [0.0] * n_species

@@ -14,10 +14,9 @@ from __future__ import annotations
 from typing import Dict, List, Sequence
 
 import torch
-from e3nn import o3
 
 from .. import keys
-from ..model import BesselBasis, ModelConfig, RaceLayer, Readout, default_dtype
+from ..model import ModelConfig, add_trunk
 from ._targets import E_ANGSTROM_IN_DEBYE, Target, TargetStatistics, split_targets
 
 STATE_FORCE_VARIANCE_FLOOR = 1e-4  # (eV/Å)² added to every state's force variance
@@ -47,24 +46,9 @@ class PropertyRACE(torch.nn.Module):
         self.poolings = [t.pooling for t in scalars]
         self.dipole_column = next((k for k, t in enumerate(scalars) if t.pooling == "dipole"), -1)
         self.cutoff = float(config.cutoff)
-        n_species, channels = len(type_names), config.channels
-        irreps_sh = o3.Irreps.spherical_harmonics(config.l_max)
-        irreps_scalar = o3.Irreps(f"{channels}x0e")
-        irreps_hidden = o3.Irreps([(channels, (l, (-1) ** l)) for l in range(config.l_max + 1)])
+        n_species = len(type_names)
         n_out = 2 * self.n_scalars + 3 * self.n_states
-        n_vectors = 1 if self.dipole_column >= 0 else 0
-        with default_dtype(torch.float64):  # e3nn's constants in float64 (see RACE)
-            self.spherical_harmonics = o3.SphericalHarmonics(irreps_sh, normalize=True, normalization="component")
-            self.radial_basis = BesselBasis(config.cutoff, config.n_radial, config.envelope_p)
-            self.embedding = o3.Linear(o3.Irreps(f"{n_species}x0e"), irreps_scalar)
-            self.initial_feature = o3.Linear(irreps_scalar, irreps_scalar)
-            layers, readouts, irreps_in = [], [], irreps_scalar
-            for _ in range(config.n_layers):
-                layers.append(RaceLayer(irreps_in, irreps_hidden, irreps_sh, irreps_scalar, n_species, config))
-                readouts.append(Readout(irreps_hidden, n_out, n_vectors, config.readout_hidden))
-                irreps_in = irreps_hidden
-            self.layers = torch.nn.ModuleList(layers)
-            self.readouts = torch.nn.ModuleList(readouts)
+        add_trunk(self, config, n_species, n_out, 1 if self.dipole_column >= 0 else 0)
         n_columns = self.n_scalars + self.n_states
         if len(statistics.scale) != n_columns:
             raise ValueError(f"statistics for {len(statistics.scale)} targets, the model has {n_columns}")
