@@ -130,6 +130,22 @@ def mace_command(venv: Path, work_dir: Path, split: Dict, e0s: Dict[int, float],
     return command + list(extra or [])
 
 
+def race_model_overrides(args) -> Dict[str, object]:
+    """``--race-model KEY=VALUE`` options as config values (ints, floats or strings)."""
+    overrides: Dict[str, object] = {}
+    for item in args.race_model or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--race-model expects KEY=VALUE (e.g. l_max=2), got {item!r}")
+        for cast in (int, float, str):
+            try:
+                overrides[key] = cast(text)
+                break
+            except ValueError:
+                continue
+    return overrides
+
+
 def race_config(run_dir: Path, split: Dict, references: Dict[str, float], args) -> Dict:
     """``bayesrace train`` config: one member, pure MSE, the wall budget, as bench/accuracy.py's
     single model (paths relative to ``run_dir``, where the config is written)."""
@@ -140,7 +156,7 @@ def race_config(run_dir: Path, split: Dict, references: Dict[str, float], args) 
         "dtype": "float64",
         "data": {"train": rel(split["train"]), "valid": rel(split["valid"]), "energy_key": ENERGY_KEY,
                  "forces_key": FORCES_KEY, "reference_energies": dict(references)},
-        "model": {"preset": args.preset},
+        "model": {"preset": args.preset, **race_model_overrides(args)},
         "loss": {"kind": "mse", "energy_weight": args.race_energy_weight, "force_weight": args.race_force_weight},
         "training": {
             "optimizer": "adamw", "lr": args.race_lr, "weight_decay": 0.0, "batch_size": 8,

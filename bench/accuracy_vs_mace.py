@@ -47,7 +47,8 @@ from _common import (  # noqa: E402
 from _mace_env import ensure_mace_venv, venv_python  # noqa: E402
 from _mace_report import comparisons, curve_table, errors, plot, reference, write_markdown  # noqa: E402
 from _mace_train import (  # noqa: E402
-    Job, finish_mace, isolated_energies, mace_command, mace_rows, mace_settings, race_config, race_rows,
+    Job, finish_mace, isolated_energies, mace_command, mace_rows, mace_settings, race_config, race_model_overrides,
+    race_rows,
     train_side_by_side, write_split,
 )
 
@@ -75,6 +76,8 @@ def parse_args(argv=None):
                         help="MACE is stopped at budget + this at the latest, even inside an epoch "
                              "(default: max(2, budget / 4))")
     parser.add_argument("--preset", default="small", help="bayesrace model preset")
+    parser.add_argument("--race-model", action="append", metavar="KEY=VALUE",
+                        help="override one field of the preset (repeatable), e.g. l_max=2")
     parser.add_argument("--race-lr", type=float, default=5e-3)
     parser.add_argument("--race-schedule", choices=("plateau", "cosine"), default="plateau",
                         help="bayesrace training.schedule (cosine: constant, then decay over the budget's last "
@@ -180,7 +183,8 @@ def main(argv=None) -> int:
         "runs_dir": os.path.relpath(runs, REPO) if REPO in runs.parents else str(runs),
         "mace_venv": os.path.relpath(Path(args.mace_venv).resolve(), REPO)
         if REPO in Path(args.mace_venv).resolve().parents else args.mace_venv,
-        "race_model_config": ", ".join(f"{k}={v}" for k, v in PRESETS[args.preset].items()),
+        "race_model_config": ", ".join(f"{k}={v}" for k, v in {**PRESETS[args.preset],
+                                                                  **race_model_overrides(args)}.items()),
         "test_sets": list(TEST_SETS), "speed_structures": list(SPEED_STRUCTURES),
         "training": {}, "evaluation": {}, "test": {}, "speed": {}, "problems": [],
     }
