@@ -61,6 +61,10 @@ inline constexpr const char *META_FORCE_STD_SCALE = "force_std_scale";  // float
 inline constexpr const char *META_ENERGY_STD_SCALE = "energy_std_scale";  // float s_E: calibrated energy sigma per atom = s_E * g_E(sigma/N)
 inline constexpr const char *META_FORCE_STD_MAP = "force_std_map";  // optional object {sigma: [...], calibrated: [...]}: g_F, monotone knots
 inline constexpr const char *META_ENERGY_STD_MAP = "energy_std_map";  // optional, g_E on the per-atom energy sigma (sigma_E / N)
+inline constexpr const char *META_FORCE_EPISTEMIC_STD_MAP = "force_epistemic_std_map";  // optional map of sqrt(tr Sigma_epi / 3)
+inline constexpr const char *META_FORCE_ALEATORIC_STD_MAP = "force_aleatoric_std_map";  // optional map of sqrt(tr Sigma_ale / 3)
+inline constexpr const char *META_ENERGY_EPISTEMIC_STD_MAP = "energy_epistemic_std_map";  // optional map of sqrt(var_epi) / N
+inline constexpr const char *META_ENERGY_ALEATORIC_STD_MAP = "energy_aleatoric_std_map";  // optional map of sqrt(var_ale) / N
 inline constexpr const char *META_MAP_SIGMA = "sigma";  // knots x_k of a map: strictly increasing, > 0
 inline constexpr const char *META_MAP_CALIBRATED = "calibrated";  // values y_k: non-decreasing, > 0; outside [x_1, x_K] g is proportional
 inline constexpr const char *META_THRESHOLDS = "thresholds";  // object: atomic_force_std

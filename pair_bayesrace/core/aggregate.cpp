@@ -64,11 +64,21 @@ void aggregate(const AggregateInput &in, AggregateOutput &out) {
   var_a *= invM;
   const double energy_sigma = std::sqrt(var_e + var_a);
   // per-atom energy σ, so that a map fitted on small molecules transfers to large cells
-  const double es = cal.energy.ratio(in.n_atoms_total > 0 ? energy_sigma / in.n_atoms_total : 0.0);
-  const double es2 = es * es;
-  out.energy_var_epistemic = es2 * var_e;
-  out.energy_var_aleatoric = es2 * var_a;
-  out.energy_std = es * energy_sigma;
+  const double per_atom = in.n_atoms_total > 0 ? 1.0 / in.n_atoms_total : 0.0;
+  double es = 1.0;  // the ratio of the atomic energy σ's (the members' spread: epistemic)
+  if (cal.energy_by_parts) {
+    const double re = cal.energy_epistemic.ratio(std::sqrt(var_e) * per_atom);
+    const double ra = cal.energy_aleatoric.ratio(std::sqrt(var_a) * per_atom);
+    out.energy_var_epistemic = re * re * var_e;
+    out.energy_var_aleatoric = ra * ra * var_a;
+    out.energy_std = std::sqrt(out.energy_var_epistemic + out.energy_var_aleatoric);
+    es = re;
+  } else {
+    es = cal.energy.ratio(energy_sigma * per_atom);
+    out.energy_var_epistemic = es * es * var_e;
+    out.energy_var_aleatoric = es * es * var_a;
+    out.energy_std = es * energy_sigma;
+  }
 
   out.force_std.assign(n, 0.0);
   out.force_std_epistemic.assign(n, 0.0);
@@ -99,16 +109,22 @@ void aggregate(const AggregateInput &in, AggregateOutput &out) {
     }
     const double tr_e = (epi[0] + epi[4] + epi[8]) / 3.0;
     const double tr_a = (ale[0] + ale[4] + ale[8]) / 3.0;
+    const double sigma_e = std::sqrt(std::max(0.0, tr_e)), sigma_a = std::sqrt(std::max(0.0, tr_a));
     const double sigma = std::sqrt(std::max(0.0, tr_e + tr_a));
-    const double fs = cal.force.ratio(sigma);  // from the uncalibrated total σ of this atom
-    const double fs2 = fs * fs;
-    for (int k = 0; k < 9; ++k) {
-      out.force_cov_epistemic[9 * i + k] = fs2 * epi[k];
-      out.force_cov_aleatoric[9 * i + k] = fs2 * ale[k];
+    double fe, fa;  // the ratios of the epistemic and the aleatoric part
+    if (cal.force_by_parts) {
+      fe = cal.force_epistemic.ratio(sigma_e);
+      fa = cal.force_aleatoric.ratio(sigma_a);
+    } else {
+      fe = fa = cal.force.ratio(sigma);  // from the uncalibrated total σ of this atom
     }
-    out.force_std[i] = fs * sigma;
-    out.force_std_epistemic[i] = fs * std::sqrt(std::max(0.0, tr_e));
-    out.force_std_aleatoric[i] = fs * std::sqrt(std::max(0.0, tr_a));
+    for (int k = 0; k < 9; ++k) {
+      out.force_cov_epistemic[9 * i + k] = fe * fe * epi[k];
+      out.force_cov_aleatoric[9 * i + k] = fa * fa * ale[k];
+    }
+    out.force_std_epistemic[i] = fe * sigma_e;
+    out.force_std_aleatoric[i] = fa * sigma_a;
+    out.force_std[i] = cal.force_by_parts ? std::hypot(fe * sigma_e, fa * sigma_a) : fe * sigma;
 
     double amean = 0.0;
     for (int64_t m = 0; m < M; ++m) amean += in.member_atomic_energy[m * S + i];

@@ -32,10 +32,16 @@ struct StdCalibration {
 void check_std_map(const std::vector<double> &sigma, const std::vector<double> &calibrated,
                    const std::string &field);
 
-// Calibration of force σ's (per atom) and energy σ's (on the per-atom energy σ).
+// Calibration of force σ's (per atom) and energy σ's (on the per-atom energy σ): either of the
+// total σ (`force`, `energy`) or, when `*_by_parts`, of the epistemic and aleatoric σ's each on
+// its own (the parts share the quantity's scale; the totals are sqrt(c_epi² + c_ale²)).
 struct Calibration {
   StdCalibration force;
   StdCalibration energy;
+  bool force_by_parts = false;
+  bool energy_by_parts = false;
+  StdCalibration force_epistemic, force_aleatoric;
+  StdCalibration energy_epistemic, energy_aleatoric;
 };
 
 struct AggregateInput {
@@ -56,7 +62,9 @@ struct AggregateInput {
 // r_i = force.ratio(σ_i), the three force σ's are multiplied by r_i and both covariances by r_i².
 // Energy: with σ_pa = sqrt(var_epi + var_ale) / n_atoms_total (the per-atom energy σ) and
 // r = energy.ratio(σ_pa), both energy variances are multiplied by r², energy_std and every
-// atomic_energy_std by r.
+// atomic_energy_std by r. By parts, each part gets the ratio of its own map on its own σ
+// (forces: sqrt(tr Σ_part/3); energy: sqrt(var_part)/n_atoms_total), the totals are recomputed
+// from the calibrated parts and atomic_energy_std follows the epistemic ratio.
 struct AggregateOutput {
   std::vector<double> force_std;             // [n] sqrt(tr(Σ_epi + Σ_ale)/3)
   std::vector<double> force_std_epistemic;   // [n] sqrt(tr Σ_epi / 3)

@@ -214,6 +214,26 @@ Metadata parse_metadata(const std::string &text, const std::string &source, cons
         c.require(cal, K::META_ENERGY_STD_SCALE, p + K::META_ENERGY_STD_SCALE), p + K::META_ENERGY_STD_SCALE);
     c.std_map(cal, K::META_FORCE_STD_MAP, p + K::META_FORCE_STD_MAP, m.calibration.force);
     c.std_map(cal, K::META_ENERGY_STD_MAP, p + K::META_ENERGY_STD_MAP, m.calibration.energy);
+    // by parts: one map each for the epistemic and the aleatoric σ, never with the total map
+    struct Parts {
+      const char *total, *epistemic, *aleatoric;
+      StdCalibration &whole, &epi, &ale;
+      bool &by_parts;
+    };
+    Calibration &mc = m.calibration;
+    for (Parts q : {Parts{K::META_FORCE_STD_MAP, K::META_FORCE_EPISTEMIC_STD_MAP, K::META_FORCE_ALEATORIC_STD_MAP,
+                          mc.force, mc.force_epistemic, mc.force_aleatoric, mc.force_by_parts},
+                    Parts{K::META_ENERGY_STD_MAP, K::META_ENERGY_EPISTEMIC_STD_MAP, K::META_ENERGY_ALEATORIC_STD_MAP,
+                          mc.energy, mc.energy_epistemic, mc.energy_aleatoric, mc.energy_by_parts}}) {
+      q.by_parts = c.find(cal, q.epistemic) || c.find(cal, q.aleatoric);
+      if (!q.by_parts) continue;
+      if (q.whole.has_map())
+        c.fail(p + q.total, std::string("cannot be given together with '") + q.epistemic + "' or '" + q.aleatoric +
+                                "' (a quantity is calibrated either as a total or by parts)");
+      q.epi.scale = q.ale.scale = q.whole.scale;
+      c.std_map(cal, q.epistemic, p + q.epistemic, q.epi);
+      c.std_map(cal, q.aleatoric, p + q.aleatoric, q.ale);
+    }
   }
   {
     const Json &th = c.require(root, K::META_THRESHOLDS, K::META_THRESHOLDS);

@@ -72,6 +72,13 @@ META_FORCE_STD_SCALE = "force_std_scale"  # float s_F: calibrated force sigma = 
 META_ENERGY_STD_SCALE = "energy_std_scale"  # float s_E: calibrated energy sigma per atom = s_E * g_E(sigma/N)
 META_FORCE_STD_MAP = "force_std_map"  # optional object {sigma: [...], calibrated: [...]}: g_F, monotone knots
 META_ENERGY_STD_MAP = "energy_std_map"  # optional, g_E on the per-atom energy sigma (sigma_E / N)
+# calibration by parts (method "split"): per quantity either its total map above or these two,
+# each mapping that part's own raw sigma (forces per atom, energy per atom of a structure);
+# the calibrated total is sqrt(c_epistemic^2 + c_aleatoric^2), s_F / s_E applied to both parts
+META_FORCE_EPISTEMIC_STD_MAP = "force_epistemic_std_map"  # optional map of sqrt(tr Sigma_epi / 3)
+META_FORCE_ALEATORIC_STD_MAP = "force_aleatoric_std_map"  # optional map of sqrt(tr Sigma_ale / 3)
+META_ENERGY_EPISTEMIC_STD_MAP = "energy_epistemic_std_map"  # optional map of sqrt(var_epi) / N
+META_ENERGY_ALEATORIC_STD_MAP = "energy_aleatoric_std_map"  # optional map of sqrt(var_ale) / N
 META_MAP_SIGMA = "sigma"  # knots x_k of a map: strictly increasing, > 0
 META_MAP_CALIBRATED = "calibrated"  # values y_k: non-decreasing, > 0; outside [x_1, x_K] g is proportional
 META_THRESHOLDS = "thresholds"  # object: atomic_force_std

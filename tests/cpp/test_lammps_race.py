@@ -188,12 +188,14 @@ def test_lammps_matches_python_calculator(core, plugin_path, race, tmp_path, kin
     assert_same(got, reference_result(core, model, s, posterior.cutoff), rtol=1e-10)
 
 
-@pytest.mark.parametrize("kind, nprocs", [("psb3", 1), ("cell", 1), ("cell", 2)])
-def test_lammps_matches_python_with_map_calibration(core, plugin_path, race, tmp_path, kind, nprocs):
+@pytest.mark.parametrize("kind, nprocs, by_parts", [("psb3", 1, False), ("cell", 1, False), ("cell", 2, False),
+                                                    ("psb3", 1, True), ("cell", 2, True)])
+def test_lammps_matches_python_with_map_calibration(core, plugin_path, race, tmp_path, kind, nprocs, by_parts):
     """Isotonic-style maps (scales and monotone knots) in the metadata: pair_style bayesrace
     and compute bayesrace/atom report the σ's of the Python posterior calibrated by the
     same calibration (Posterior.forward applies it; force map per atom, energy map on the
-    per-atom energy σ of the whole system)."""
+    per-atom energy σ of the whole system). ``by_parts``: one map for the epistemic and one
+    for the aleatoric σ of each quantity (method split) instead of the total maps."""
     import copy
     import json
 
@@ -217,6 +219,23 @@ def test_lammps_matches_python_with_map_calibration(core, plugin_path, race, tmp
         keys.META_ENERGY_STD_MAP: {keys.META_MAP_SIGMA: [0.3 * per_atom_energy_sigma, 3 * per_atom_energy_sigma],
                                    keys.META_MAP_CALIBRATED: [0.002, 0.003]},
     }
+    if by_parts:
+        from conftest import batch_of
+
+        epistemic, aleatoric = calc.results["forces_std_epistemic"], calc.results["forces_std_aleatoric"]
+        energy_var = posterior(batch_of([to_atoms(s)], TYPES, posterior.cutoff))
+        epi_pa, ale_pa = (float(energy_var[name][0].detach().sqrt()) / len(s.ids)
+                          for name in (keys.ENERGY_VAR_EPISTEMIC, keys.ENERGY_VAR_ALEATORIC))
+        del calibration[keys.META_FORCE_STD_MAP], calibration[keys.META_ENERGY_STD_MAP]
+        calibration.update({
+            keys.META_FORCE_EPISTEMIC_STD_MAP: {keys.META_MAP_SIGMA: np.quantile(epistemic, [0.2, 0.5, 0.8]).tolist(),
+                                                keys.META_MAP_CALIBRATED: [0.01, 0.2, 0.5]},
+            keys.META_FORCE_ALEATORIC_STD_MAP: {keys.META_MAP_SIGMA: np.quantile(aleatoric, [0.3, 0.7]).tolist(),
+                                                keys.META_MAP_CALIBRATED: [0.02, 0.03]},
+            keys.META_ENERGY_EPISTEMIC_STD_MAP: {keys.META_MAP_SIGMA: [0.5 * epi_pa, 2 * epi_pa],
+                                                 keys.META_MAP_CALIBRATED: [0.004, 0.005]},
+            keys.META_ENERGY_ALEATORIC_STD_MAP: {keys.META_MAP_SIGMA: [2 * ale_pa], keys.META_MAP_CALIBRATED: [0.001]},
+        })
     calibrated = copy.deepcopy(posterior)
     calibrated.calibration = calibration
     threshold = 1.2 * 0.1  # on the calibrated σ: atoms above the 4th knot exceed it, below the 3rd not

@@ -25,7 +25,8 @@ from ._acquisition import STRATEGIES
 MODES = ("pool", "on_the_fly")
 ORACLE_KINDS = ("tblite", "ase", "from_pool")
 THERMOSTATS = ("langevin", "nve")
-CALIBRATION_METHODS = ("isotonic", "scalar")
+# bayes.METHODS, spelt out: this module must not import torch (a test keeps the two equal)
+CALIBRATION_METHODS = ("isotonic", "scalar", "split")
 RESTART_FROM = ("last_trusted", "halt")
 # top-level keys that only mode on_the_fly reads, and the ones only mode pool reads
 ON_THE_FLY_KEYS = ("md", "posterior", "valid", "calibration_method", "threshold", "candidate_fraction",
@@ -91,7 +92,7 @@ class ActiveConfig:
     # mode on_the_fly only
     posterior: Optional[Str] = None  # a trained posterior used as round 0 (else round 0 trains on initial)
     valid: Optional[Str] = None  # labelled file: every round's posterior is calibrated on it
-    calibration_method: Literal[CALIBRATION_METHODS] = "isotonic"  # isotonic | scalar
+    calibration_method: Literal[CALIBRATION_METHODS] = "isotonic"  # isotonic | scalar | split
     threshold: Optional[Positive] = None  # eV/Å halting max force σ; null: round 0's deployable's own, kept fixed
     # dumped frames with max σ > this × threshold are candidates
     candidate_fraction: Annotated[Float, Field(gt=0, le=1)] = 0.5

@@ -21,6 +21,15 @@ Applied to a posterior's prediction (``calibrate_prediction``):
   σ_pa = sqrt(ENERGY_VAR_EPISTEMIC + ENERGY_VAR_ALEATORIC) / N_b and r_b = r_E(σ_pa):
   both energy variances × r_b², ATOMIC_ENERGY_STD of b's atoms (and ENERGY_STD) × r_b.
 
+Calibration by parts (``fit_calibration(method="split")``): a quantity may instead carry one
+map per part, ``force_epistemic_std_map`` / ``force_aleatoric_std_map`` (and the same for
+``energy``), never together with its total map. Each part is then mapped on its own raw σ
+(forces: σ_epi,i = sqrt(tr Σ_epi/3), σ_ale,i likewise; energy: sqrt(var)/N_b per part),
+its σ's × r_part, its covariance or variance × r_part², and the totals are recomputed as
+sqrt(c_epi² + c_ale²); ATOMIC_ENERGY_STD (the members' spread) follows the epistemic ratio.
+Each part keeps its own order; in-distribution data that shrinks the aleatoric part leaves
+the epistemic part, which carries novelty, as its own map says.
+
 The empty dict ``IDENTITY`` is the uncalibrated posterior. Units: eV, Å.
 """
 
@@ -38,7 +47,7 @@ from .. import keys
 IDENTITY: Mapping[str, object] = MappingProxyType({})
 """The calibration that changes nothing (read-only; copy it with ``dict(IDENTITY)``)."""
 
-METHODS = ("scalar", "isotonic")
+METHODS = ("scalar", "isotonic", "split")
 MAX_MAP_KNOTS = 64
 # isotonic map values are floored at this fraction of the smallest knot σ: a block of
 # near-zero validation errors must not turn into a zero (infinitely confident) σ
@@ -46,6 +55,12 @@ MAP_VALUE_FLOOR_FRACTION = 1e-3
 
 _SCALE_FIELDS = (keys.META_FORCE_STD_SCALE, keys.META_ENERGY_STD_SCALE)
 _MAP_FIELDS = (keys.META_FORCE_STD_MAP, keys.META_ENERGY_STD_MAP)
+# quantity -> (total map, epistemic map, aleatoric map)
+_PART_MAP_FIELDS = {
+    "force": (keys.META_FORCE_STD_MAP, keys.META_FORCE_EPISTEMIC_STD_MAP, keys.META_FORCE_ALEATORIC_STD_MAP),
+    "energy": (keys.META_ENERGY_STD_MAP, keys.META_ENERGY_EPISTEMIC_STD_MAP, keys.META_ENERGY_ALEATORIC_STD_MAP),
+}
+_ALL_MAP_FIELDS = tuple(name for fields in _PART_MAP_FIELDS.values() for name in fields)
 _THRESHOLD_FIELDS = (keys.ATOMIC_FORCE_STD,)
 
 Array = Union[np.ndarray, torch.Tensor]
@@ -116,18 +131,22 @@ def validate_calibration(calibration, field: str = keys.META_CALIBRATION) -> Dic
         return {}
     if not isinstance(calibration, Mapping):
         raise CalibrationError(f"{field} must be an object, got {type(calibration).__name__}")
-    unknown = set(calibration) - set(_SCALE_FIELDS + _MAP_FIELDS)
+    unknown = set(calibration) - set(_SCALE_FIELDS + _ALL_MAP_FIELDS)
     if unknown:
         raise CalibrationError(
-            f"{field} has unknown field(s) {sorted(unknown)}; expected some of {list(_SCALE_FIELDS + _MAP_FIELDS)}"
+            f"{field} has unknown field(s) {sorted(unknown)}; expected some of {list(_SCALE_FIELDS + _ALL_MAP_FIELDS)}"
         )
     checked: Dict[str, object] = {}
     for name in _SCALE_FIELDS:
         if name in calibration:
             checked[name] = _positive_float(calibration[name], f"{field}.{name}")
-    for name in _MAP_FIELDS:
+    for name in _ALL_MAP_FIELDS:
         if calibration.get(name) is not None:
             checked[name] = validate_std_map(calibration[name], f"{field}.{name}")
+    for total, *parts in _PART_MAP_FIELDS.values():
+        if total in checked and any(part in checked for part in parts):
+            raise CalibrationError(f"{field} has both '{total}' and a map by parts ({', '.join(parts)}); "
+                                   "a quantity is calibrated either as a total or by parts")
     return checked
 
 
@@ -246,6 +265,20 @@ def _uncalibrated_force_std(prediction: Mapping[str, torch.Tensor]) -> Optional[
     return torch.sqrt(torch.diagonal(total, dim1=-2, dim2=-1).sum(dim=-1) / 3.0)
 
 
+def _part_force_std(prediction: Mapping[str, torch.Tensor], std_name: str, cov_name: str) -> Optional[torch.Tensor]:
+    """One part's raw force σ per atom: its std field, else sqrt(tr Σ / 3) of its covariance."""
+    if std_name in prediction:
+        return prediction[std_name]
+    if cov_name in prediction:
+        return torch.sqrt(torch.diagonal(prediction[cov_name], dim1=-2, dim2=-1).sum(dim=-1) / 3.0)
+    return None
+
+
+def _total_std(parts) -> torch.Tensor:
+    """sqrt(Σ (r·σ)²) over the (σ, r) parts that exist."""
+    return torch.sqrt(sum((sigma * ratio) ** 2 for sigma, ratio in parts if sigma is not None))
+
+
 def calibrate_prediction(
     prediction: Mapping[str, Array],
     calibration: Optional[Mapping] = None,
@@ -269,39 +302,63 @@ def calibrate_prediction(
     def store(name: str, value: torch.Tensor) -> None:
         result[name] = value if isinstance(prediction[name], torch.Tensor) else value.numpy()
 
-    force_scale = calibration.get(keys.META_FORCE_STD_SCALE, 1.0)
-    force_map = calibration.get(keys.META_FORCE_STD_MAP)
-    force_std = _uncalibrated_force_std(tensors)
-    if force_std is not None:
-        ratio = float(force_scale) * _map_and_ratio(force_std, force_map)[1]
-        for name in _FORCE_STD_FIELDS:
-            if name in tensors:
-                store(name, tensors[name] * ratio)
-        for name in _FORCE_COV_FIELDS:
-            if name in tensors:
-                store(name, tensors[name] * (ratio * ratio)[:, None, None])
+    force_scale = float(calibration.get(keys.META_FORCE_STD_SCALE, 1.0))
+    force_total, force_epi, force_ale = (calibration.get(name) for name in _PART_MAP_FIELDS["force"])
+    if force_epi or force_ale:
+        sigma_epi = _part_force_std(tensors, keys.ATOMIC_FORCE_STD_EPISTEMIC, keys.FORCE_COV_EPISTEMIC)
+        sigma_ale = _part_force_std(tensors, keys.ATOMIC_FORCE_STD_ALEATORIC, keys.FORCE_COV_ALEATORIC)
+        if sigma_epi is None and sigma_ale is None and _uncalibrated_force_std(tensors) is not None:
+            raise CalibrationError("calibrate_prediction: a calibration by parts needs the epistemic and aleatoric "
+                                   "force σ's (or covariances), the prediction has only the total")
+        ratios = [None if sigma is None else force_scale * _map_and_ratio(sigma, part)[1]
+                  for sigma, part in ((sigma_epi, force_epi), (sigma_ale, force_ale))]
+        if keys.ATOMIC_FORCE_STD in tensors:
+            store(keys.ATOMIC_FORCE_STD, _total_std(((sigma_epi, ratios[0]), (sigma_ale, ratios[1]))))
+    else:
+        force_std = _uncalibrated_force_std(tensors)
+        ratio = None if force_std is None else force_scale * _map_and_ratio(force_std, force_total)[1]
+        ratios = [ratio, ratio]
+        if ratio is not None and keys.ATOMIC_FORCE_STD in tensors:
+            store(keys.ATOMIC_FORCE_STD, tensors[keys.ATOMIC_FORCE_STD] * ratio)
+    for ratio, std_name, cov_name in zip(ratios, _FORCE_STD_FIELDS[1:], _FORCE_COV_FIELDS):
+        if ratio is None:
+            continue
+        if std_name in tensors:
+            store(std_name, tensors[std_name] * ratio)
+        if cov_name in tensors:
+            store(cov_name, tensors[cov_name] * (ratio * ratio)[:, None, None])
 
-    energy_scale = calibration.get(keys.META_ENERGY_STD_SCALE, 1.0)
-    energy_map = calibration.get(keys.META_ENERGY_STD_MAP)
-    variances = [tensors[name] for name in _ENERGY_VAR_FIELDS if name in tensors]
+    energy_scale = float(calibration.get(keys.META_ENERGY_STD_SCALE, 1.0))
+    energy_total, energy_epi, energy_ale = (calibration.get(name) for name in _PART_MAP_FIELDS["energy"])
+    variances = {name: tensors[name] for name in _ENERGY_VAR_FIELDS if name in tensors}
     if variances:
         if num_atoms is None:
             if keys.NUM_ATOMS not in tensors:
                 raise CalibrationError(f"calibrate_prediction: energy σ's need num_atoms (or '{keys.NUM_ATOMS}')")
             num_atoms = tensors[keys.NUM_ATOMS]
-        count = _as_tensor(num_atoms).to(device=variances[0].device, dtype=variances[0].dtype)
-        per_atom_sigma = torch.sqrt(sum(variances)) / count
-        ratio = float(energy_scale) * _map_and_ratio(per_atom_sigma, energy_map)[1]
-        for name in _ENERGY_VAR_FIELDS:
-            if name in tensors:
-                store(name, tensors[name] * ratio * ratio)
+        first = next(iter(variances.values()))
+        count = _as_tensor(num_atoms).to(device=first.device, dtype=first.dtype)
+        if energy_epi or energy_ale:
+            ratio_of = {name: energy_scale * _map_and_ratio(torch.sqrt(variances[name]) / count, part)[1]
+                        for name, part in zip(_ENERGY_VAR_FIELDS, (energy_epi, energy_ale)) if name in variances}
+        else:
+            per_atom_sigma = torch.sqrt(sum(variances.values())) / count
+            total_ratio = energy_scale * _map_and_ratio(per_atom_sigma, energy_total)[1]
+            ratio_of = {name: total_ratio for name in variances}
+        for name, ratio in ratio_of.items():
+            store(name, variances[name] * ratio * ratio)
         if keys.ENERGY_STD in tensors:
-            store(keys.ENERGY_STD, tensors[keys.ENERGY_STD] * ratio)
+            if energy_epi or energy_ale:
+                store(keys.ENERGY_STD, torch.sqrt(sum(variances[name] * ratio_of[name] ** 2 for name in ratio_of)))
+            else:
+                store(keys.ENERGY_STD, tensors[keys.ENERGY_STD] * total_ratio)
+        # the members' spread of atomic energies is epistemic
+        atomic_ratio = ratio_of.get(keys.ENERGY_VAR_EPISTEMIC, next(iter(ratio_of.values())))
         if keys.ATOMIC_ENERGY_STD in tensors:
             if batch is None:
                 if keys.BATCH not in tensors:
                     raise CalibrationError(f"calibrate_prediction: atomic energy σ's need batch (or '{keys.BATCH}')")
                 batch = tensors[keys.BATCH]
-            structure_of_atom = _as_tensor(batch).to(device=ratio.device, dtype=torch.long)
-            store(keys.ATOMIC_ENERGY_STD, tensors[keys.ATOMIC_ENERGY_STD] * ratio[structure_of_atom])
+            structure_of_atom = _as_tensor(batch).to(device=atomic_ratio.device, dtype=torch.long)
+            store(keys.ATOMIC_ENERGY_STD, tensors[keys.ATOMIC_ENERGY_STD] * atomic_ratio[structure_of_atom])
     return result

@@ -26,6 +26,7 @@ from ..data import read_frames
 from ._metrics import ence, gaussian_nll, miscalibration_area, sharpness
 from ._predict import energy_std, predict_frames, reference_key
 from ._set_metrics import ENCE_BINS, set_metrics
+from ._split_calibration import fit_split_maps
 
 
 # -- fitting on a validation set -------------------------------------------------------------
@@ -79,6 +80,13 @@ def fit_std_map(sigma: np.ndarray, squared_error: np.ndarray, max_knots: int = M
     return validate_std_map({keys.META_MAP_SIGMA: x[keep], keys.META_MAP_CALIBRATED: y[keep]}, "fitted std map")
 
 
+def _store_parts(calibration: Dict[str, object], epistemic_field: str, epistemic, aleatoric_field: str,
+                 aleatoric) -> None:
+    for field, std_map in ((epistemic_field, epistemic), (aleatoric_field, aleatoric)):
+        if std_map is not None:
+            calibration[field] = std_map
+
+
 def fit_calibration(prediction: Mapping[str, np.ndarray], method: str = "isotonic") -> Dict[str, object]:
     """A calibration fitted on uncalibrated predictions with references (``predict_frames``).
 
@@ -86,6 +94,8 @@ def fit_calibration(prediction: Mapping[str, np.ndarray], method: str = "isotoni
     (e = ΔF_i,a, σ = σ_F,i) and over structures (e = ΔE_b, σ = σ_E,b); no maps.
     ``isotonic``: scales 1 and strictly increasing maps (``fit_std_map``) from isotonic
     regression of the squared error on σ: forces x = σ_F,i, y = |ΔF_i|²/3; energies x = σ_E,b/N_b, y = (ΔE_b/N_b)².
+    ``split``: scales 1 and one map per part, epistemic and aleatoric (``fit_split_maps``), so
+    that in-distribution data does not shrink the epistemic σ's.
     Only the parts with references are fitted (the other stays the identity); with neither
     reference, or a σ of zero, it raises ``CalibrationError``.
     """
@@ -101,6 +111,13 @@ def fit_calibration(prediction: Mapping[str, np.ndarray], method: str = "isotoni
         _require_positive_sigma(sigma, "force")
         if method == "scalar":
             calibration[keys.META_FORCE_STD_SCALE] = float(np.sqrt(np.mean((error / sigma[:, None]) ** 2)))
+        elif method == "split":
+            calibration[keys.META_FORCE_STD_SCALE] = 1.0
+            epistemic, aleatoric, _ = fit_split_maps(
+                np.sum(error**2, axis=1), prediction[keys.ATOMIC_FORCE_STD_EPISTEMIC],
+                prediction[keys.ATOMIC_FORCE_STD_ALEATORIC], 3, "forces")
+            _store_parts(calibration, keys.META_FORCE_EPISTEMIC_STD_MAP, epistemic,
+                         keys.META_FORCE_ALEATORIC_STD_MAP, aleatoric)
         else:
             calibration[keys.META_FORCE_STD_SCALE] = 1.0
             calibration[keys.META_FORCE_STD_MAP] = fit_std_map(sigma, np.sum(error**2, axis=1) / 3.0)
@@ -110,6 +127,14 @@ def fit_calibration(prediction: Mapping[str, np.ndarray], method: str = "isotoni
         _require_positive_sigma(sigma, "energy")
         if method == "scalar":
             calibration[keys.META_ENERGY_STD_SCALE] = float(np.sqrt(np.mean((error / sigma) ** 2)))
+        elif method == "split":
+            num_atoms = np.asarray(prediction[keys.NUM_ATOMS], dtype=np.float64)
+            calibration[keys.META_ENERGY_STD_SCALE] = 1.0
+            epistemic, aleatoric, _ = fit_split_maps(
+                (error / num_atoms) ** 2, np.sqrt(np.asarray(prediction[keys.ENERGY_VAR_EPISTEMIC])) / num_atoms,
+                np.sqrt(np.asarray(prediction[keys.ENERGY_VAR_ALEATORIC])) / num_atoms, 1, "energy")
+            _store_parts(calibration, keys.META_ENERGY_EPISTEMIC_STD_MAP, epistemic,
+                         keys.META_ENERGY_ALEATORIC_STD_MAP, aleatoric)
         else:
             num_atoms = np.asarray(prediction[keys.NUM_ATOMS], dtype=np.float64)
             calibration[keys.META_ENERGY_STD_SCALE] = 1.0
@@ -223,21 +248,29 @@ def calibrate_posterior_file(
     }
 
 
+def _describe_map(std_map, unit: str) -> str:
+    x, y = std_map[keys.META_MAP_SIGMA], std_map[keys.META_MAP_CALIBRATED]
+    return (f"map of {len(x)} knots: σ {x[0]:.3g} … {x[-1]:.3g} {unit} → "
+            f"{y[0]:.3g} … {y[-1]:.3g} {unit} (ratio {y[0] / x[0]:.3g} … {y[-1] / x[-1]:.3g})")
+
+
 def describe_calibration(calibration: Mapping) -> str:
-    """One line per part: the scale and, with a map, its knot count and range (for the CLI)."""
+    """One line per quantity: the scale and, with maps, each map's knot count and range (for the CLI)."""
     lines = []
-    for label, scale_field, map_field, unit in (
-        ("forces", keys.META_FORCE_STD_SCALE, keys.META_FORCE_STD_MAP, "eV/Å"),
-        ("energy", keys.META_ENERGY_STD_SCALE, keys.META_ENERGY_STD_MAP, "eV/atom"),
+    for label, scale_field, map_fields, unit in (
+        ("forces", keys.META_FORCE_STD_SCALE, (("", keys.META_FORCE_STD_MAP),
+                                                ("epistemic ", keys.META_FORCE_EPISTEMIC_STD_MAP),
+                                                ("aleatoric ", keys.META_FORCE_ALEATORIC_STD_MAP)), "eV/Å"),
+        ("energy", keys.META_ENERGY_STD_SCALE, (("", keys.META_ENERGY_STD_MAP),
+                                                 ("epistemic ", keys.META_ENERGY_EPISTEMIC_STD_MAP),
+                                                 ("aleatoric ", keys.META_ENERGY_ALEATORIC_STD_MAP)), "eV/atom"),
     ):
-        if scale_field not in calibration and map_field not in calibration:
+        maps = [(part, calibration[field]) for part, field in map_fields if calibration.get(field)]
+        if scale_field not in calibration and not maps:
             lines.append(f"{label}: not calibrated (no references)")
             continue
         text = f"{label}: scale {calibration.get(scale_field, 1.0):.4g}"
-        std_map = calibration.get(map_field)
-        if std_map:
-            x, y = std_map[keys.META_MAP_SIGMA], std_map[keys.META_MAP_CALIBRATED]
-            text += (f", map of {len(x)} knots: σ {x[0]:.3g} … {x[-1]:.3g} {unit} → "
-                     f"{y[0]:.3g} … {y[-1]:.3g} {unit} (ratio {y[0] / x[0]:.3g} … {y[-1] / x[-1]:.3g})")
+        for part, std_map in maps:
+            text += f", {part}{_describe_map(std_map, unit)}"
         lines.append(text)
     return "\n".join(lines)

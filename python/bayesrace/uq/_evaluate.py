@@ -16,6 +16,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from .. import keys
+from ..bayes import METHODS as CALIBRATION_METHODS
 from ..bayes import Posterior, calibrate_prediction
 from ..data import Frame, read_frames
 from ._calibration import fit_calibration
@@ -23,8 +24,6 @@ from ._ood import OOD_SCORES, ood_aurocs, ood_scores
 from ._predict import predict_frames, reference_key
 from ._report import write_report
 from ._set_metrics import METRIC_UNITS, set_metrics
-
-CALIBRATION_METHODS = ("isotonic", "scalar")
 
 
 def _read_set(source, energy_key: str, forces_key: str) -> List[Frame]:
