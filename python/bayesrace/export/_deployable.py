@@ -298,11 +298,13 @@ def resolve_calibration(posterior: Posterior, calibration: Optional[Dict[str, ob
 
 
 def calibrated_force_std(calibration: Dict[str, object], sigma: float) -> float:
-    """c_F(σ) for one uncalibrated per-atom force σ (eV/Å) under ``calibration``."""
-    from ..bayes import calibrated_std
+    """The calibrated force σ of an atom whose uncalibrated σ (eV/Å) is all aleatoric (the
+    members agree), under ``calibration`` (a total map or maps by parts)."""
+    from ..bayes import calibrate_prediction
 
-    return float(calibrated_std(np.array([float(sigma)]), float(calibration.get(keys.META_FORCE_STD_SCALE, 1.0)),
-                                calibration.get(keys.META_FORCE_STD_MAP))[0])
+    one = {keys.ATOMIC_FORCE_STD: np.array([float(sigma)]), keys.ATOMIC_FORCE_STD_EPISTEMIC: np.array([0.0]),
+           keys.ATOMIC_FORCE_STD_ALEATORIC: np.array([float(sigma)])}
+    return float(calibrate_prediction(one, calibration)[keys.ATOMIC_FORCE_STD][0])
 
 
 def build_metadata(
@@ -339,6 +341,11 @@ def build_metadata(
     kind = getattr(posterior, "kind", None)
     if not kind:
         raise ExportError(f"metadata field '{keys.META_POSTERIOR}' is missing: the posterior has no kind")
+    caps = {(float(getattr(m, "force_sigma_cap", 0.0)), float(getattr(m, "energy_sigma_cap", 0.0)))
+            for m in posterior.members}
+    if len(caps) != 1:
+        raise ExportError(f"metadata field '{keys.META_SIGMA_CAPS}': the members have different σ caps {sorted(caps)}")
+    force_cap, energy_cap = caps.pop()
     return {
         keys.META_FORMAT_VERSION: FORMAT_VERSION,
         keys.META_TYPE_NAMES: list(posterior.type_names),
@@ -353,6 +360,7 @@ def build_metadata(
         keys.META_TORCH_VERSION: torch.__version__,
         keys.META_TRAINING_DATA_SHA256: data_hash,
         keys.META_POSTERIOR: str(kind),
+        keys.META_SIGMA_CAPS: {keys.META_FORCE_SIGMA_CAP: force_cap, keys.META_ENERGY_SIGMA_CAP: energy_cap},
     }
 
 

@@ -26,7 +26,7 @@ from e3nn import o3
 
 from .. import keys
 from ._paths import MessagePaths, component_major
-from ._radial import BesselBasis, _default_dtype, isolation_gate
+from ._radial import BesselBasis, _default_dtype, capped_log_variance, isolation_gate
 
 COVARIANCE_KINDS = ("cholesky", "equivariant")
 
@@ -51,6 +51,10 @@ class ModelConfig:
     # without neighbours (``isolation_gate``): an isolated atom has exactly its reference energy.
     # Models saved before this existed load with False (``model_config_from_record``).
     isolated_atom_limit: bool = True
+    # aleatoric σ's are bent smoothly toward e × these above them (``capped_log_variance``): per-atom
+    # force σ [eV/Å] and structure energy σ [eV]; 0 switches a cap off (models saved before: off)
+    force_sigma_cap: float = 10.0
+    energy_sigma_cap: float = 100.0
 
     def validate(self) -> None:
         if self.covariance not in COVARIANCE_KINDS:
@@ -64,6 +68,8 @@ class ModelConfig:
             raise ValueError(f"model.cutoff must be positive (Å), got {self.cutoff}")
         if not 0 <= self.l_max <= 3:
             raise ValueError(f"model.l_max must be 0..3, got {self.l_max}")
+        if self.force_sigma_cap < 0 or self.energy_sigma_cap < 0:
+            raise ValueError("model.force_sigma_cap and model.energy_sigma_cap must be >= 0 (0 switches the cap off)")
         if self.envelope_p < 2:
             raise ValueError(f"model.envelope_p must be >= 2 for smooth forces, got {self.envelope_p}")
 
@@ -83,7 +89,8 @@ PRESETS: Dict[str, Dict[str, object]] = {
 
 
 # fields added after models were first saved, with the value that reproduces those models
-LEGACY_MODEL_FIELDS: Dict[str, object] = {"isolated_atom_limit": False}
+LEGACY_MODEL_FIELDS: Dict[str, object] = {"isolated_atom_limit": False, "force_sigma_cap": 0.0,
+                                          "energy_sigma_cap": 0.0}
 
 
 def model_config_from_record(fields: Dict[str, object]) -> ModelConfig:
@@ -260,6 +267,7 @@ class RACE(torch.nn.Module):
         self.equivariant_covariance = config.covariance == "equivariant"
         self.covariance_floor = float(config.covariance_floor)
         self.isolated_atom_limit = bool(config.isolated_atom_limit)
+        self.force_sigma_cap, self.energy_sigma_cap = float(config.force_sigma_cap), float(config.energy_sigma_cap)
         # Which aleatoric heads the loss trained (an MSE-trained member has none): an
         # untrained head reports zero variance instead of noise from its random weights.
         self.energy_head_trained = True
@@ -380,7 +388,7 @@ class RACE(torch.nn.Module):
             + self.reference_energies.to(dtype)[species]
         )
         heads = outputs[:, :, 1:].mean(dim=0)  # uncertainty heads are averaged over layers
-        log_var = heads[:, 0] + 2.0 * torch.log(scale)
+        log_var = capped_log_variance(heads[:, 0] + 2.0 * torch.log(scale), self.energy_sigma_cap)
         if not self.energy_head_trained:
             log_var = torch.full_like(log_var, -math.inf)
         eye = torch.eye(3, dtype=dtype, device=outputs.device)
@@ -404,6 +412,10 @@ class RACE(torch.nn.Module):
             ) * scale
             covariance = factor @ factor.transpose(1, 2)
         covariance = covariance + self.covariance_floor * eye
+        # the cap acts on the per-atom σ² = tr Σ / 3 and rescales Σ as a whole (stays positive definite)
+        log_sigma2 = torch.log(torch.diagonal(covariance, dim1=-2, dim2=-1).sum(-1) / 3.0)
+        capped = capped_log_variance(log_sigma2, self.force_sigma_cap)
+        covariance = covariance * torch.exp(capped - log_sigma2)[:, None, None]
         if not self.force_head_trained:
             covariance = torch.zeros_like(covariance)
         return atomic_energy, log_var, covariance

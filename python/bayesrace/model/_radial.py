@@ -59,3 +59,15 @@ def isolation_gate(radial: torch.Tensor, centre: torch.Tensor, n_centres: int,
     shape = list(first.shape[:-1]) + [n_centres]
     summed = torch.zeros(shape, dtype=radial.dtype, device=radial.device).index_add(first.dim() - 1, centre, first)
     return 1.0 - torch.exp(-strength * summed)
+
+
+def capped_log_variance(log_variance: torch.Tensor, sigma_cap: float) -> torch.Tensor:
+    """log v unchanged while σ = sqrt(v) ≤ ``sigma_cap``, above it bent smoothly (C²) toward
+    σ = e·sigma_cap: log v → L + 2·tanh((log v − L)/2), L = 2·log(sigma_cap). A cap ≤ 0 is off.
+    Why: far outside the training data (atoms 0.4 Å apart) the exponentiated heads reach
+    σ ~ 1e27; a σ of e·cap says "unknown" as clearly and stays finite in every sum."""
+    if sigma_cap <= 0.0:
+        return log_variance
+    start = 2.0 * math.log(sigma_cap)
+    over = (log_variance - start).clamp(min=0.0)
+    return torch.where(log_variance > start, start + 2.0 * torch.tanh(0.5 * over), log_variance)

@@ -65,6 +65,8 @@ class ModelSection:
     covariance: Optional[Str] = None
     covariance_floor: Optional[Float] = None
     isolated_atom_limit: Optional[Bool] = None  # default true: an isolated atom has its reference energy
+    force_sigma_cap: Optional[Float] = None  # eV/Å, default 10: aleatoric force σ bent toward e × this; 0: off
+    energy_sigma_cap: Optional[Float] = None  # eV, default 100: the same for the structure energy σ
 
     def model_config(self) -> ModelConfig:
         if self.preset not in PRESETS:
