@@ -1,5 +1,6 @@
 #include "metadata.h"
 
+#include <algorithm>
 #include <cctype>
 #include <cmath>
 #include <cstdlib>
@@ -17,6 +18,12 @@
 namespace bayesrace {
 
 std::string bayesrace_build_version() { return BAYESRACE_VERSION; }
+
+double Metadata::no_contact_ratio() const {
+  double shortest = shortest_contacts.front();
+  for (double d : shortest_contacts) shortest = std::min(shortest, d);
+  return cutoff / shortest;
+}
 
 int Metadata::species_index(const std::string &element) const {
   for (size_t i = 0; i < type_names.size(); ++i)
@@ -234,6 +241,29 @@ Metadata parse_metadata(const std::string &text, const std::string &source, cons
       c.std_map(cal, q.epistemic, p + q.epistemic, q.epi);
       c.std_map(cal, q.aleatoric, p + q.aleatoric, q.ale);
     }
+  }
+  if (const Json *sc = c.find(root, K::META_SHORTEST_CONTACTS)) {
+    // [T][T] of distances > 0 or null (pair not seen in training: the shortest of all)
+    const std::string f = K::META_SHORTEST_CONTACTS;
+    const size_t T = m.type_names.size();
+    if (!sc->is_array() || sc->size() != T)
+      c.fail(f, "must be a list of " + std::to_string(T) + " rows (one per type), got " + json_kind_name(*sc));
+    double shortest = 0.0;
+    for (size_t a = 0; a < T; ++a) {
+      const Json &row = (*sc)[a];
+      if (!row.is_array() || row.size() != T)
+        c.fail(f + "[" + std::to_string(a) + "]", "must be a list of " + std::to_string(T) + " distances");
+      for (size_t b = 0; b < T; ++b) {
+        const Json &v = row[b];
+        double d = 0.0;  // 0: unseen, filled below
+        if (!v.is_null()) d = c.positive(v, f + "[" + std::to_string(a) + "][" + std::to_string(b) + "]");
+        m.shortest_contacts.push_back(d);
+        if (d > 0.0 && (shortest == 0.0 || d < shortest)) shortest = d;
+      }
+    }
+    if (shortest == 0.0) c.fail(f, "has no pair (every entry is null)");
+    for (double &d : m.shortest_contacts)
+      if (d == 0.0) d = shortest;
   }
   {
     const Json &th = c.require(root, K::META_THRESHOLDS, K::META_THRESHOLDS);

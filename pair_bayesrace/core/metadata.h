@@ -24,6 +24,9 @@ struct Metadata {
   std::string torch_version;
   std::string training_data_sha256;
   std::string posterior;
+  // the training set's shortest distance of each pair of species [T*T], Å, a pair it never
+  // saw set to the shortest of all (optional field; empty when the file lacks it)
+  std::vector<double> shortest_contacts;
   // the container: keys::FORMAT_TORCHSCRIPT (also when the field is absent) or FORMAT_AOTI;
   // an AOTInductor package (.pt2) adds the fields below (required then, empty otherwise)
   std::string format;
@@ -37,6 +40,13 @@ struct Metadata {
   double interaction_range() const { return cutoff * n_layers; }
   // index of an element in type_names, or -1
   int species_index(const std::string &element) const;
+  bool has_contacts() const { return !shortest_contacts.empty(); }
+  // r_min(a, b) of two species (requires has_contacts())
+  double shortest_contact(int a, int b) const {
+    return shortest_contacts[static_cast<size_t>(a) * type_names.size() + b];
+  }
+  // the contact ratio of an atom without neighbours: cutoff / the shortest training distance
+  double no_contact_ratio() const;
 };
 
 // Parse and validate; throws std::runtime_error whose message names the field and what

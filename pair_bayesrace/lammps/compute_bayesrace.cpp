@@ -12,7 +12,11 @@
 
 #include "pair_bayesrace.h"
 
+#include "core/engine.h"
+
+#include <algorithm>
 #include <cstring>
+#include <limits>
 
 using namespace LAMMPS_NS;
 
@@ -107,7 +111,7 @@ ComputeBayesRace::ComputeBayesRace(LAMMPS *lmp, int narg, char **arg) :
     }
   }
   vector_flag = 1;
-  size_vector = 4;
+  size_vector = NVALUES;
   extvector = 0;
   vector = values;
   peatomflag = 1;
@@ -132,8 +136,10 @@ void ComputeBayesRace::compute_vector()
   double **uq = pair->atom_uncertainty();
   const auto &mapped = pair->atom_mapped();
   double mx = 0.0, sums[2] = {0.0, 0.0}, over = 0.0;    // sum σ, count
+  double closest = std::numeric_limits<double>::max();    // smallest contact ratio
   for (int i = 0; i < nlocal; i++) {
     if (!(mask[i] & groupbit) || !mapped[i]) continue;
+    closest = std::min(closest, uq[i][4]);
     const double s = uq[i][0];
     if (s > mx) mx = s;
     sums[0] += s;
@@ -144,8 +150,45 @@ void ComputeBayesRace::compute_vector()
   MPI_Allreduce(&mx, &gmx, 1, MPI_DOUBLE, MPI_MAX, world);
   MPI_Allreduce(sums, gsums, 2, MPI_DOUBLE, MPI_SUM, world);
   MPI_Allreduce(&over, &gover, 1, MPI_DOUBLE, MPI_SUM, world);
+  double gclosest = 0.0;
+  MPI_Allreduce(&closest, &gclosest, 1, MPI_DOUBLE, MPI_MIN, world);
   values[0] = gmx;
   values[1] = gsums[1] > 0.0 ? gsums[0] / gsums[1] : 0.0;
   values[2] = pair->energy_std();
   values[3] = gover;
+  // no atom in the group: no contact to report, read as "not short" (the no-neighbour value)
+  values[4] = gclosest == std::numeric_limits<double>::max() ? pair->no_contact_ratio() : gclosest;
+}
+
+/* ----------------------------------------------------------------------
+   the pair style's side of the uncertainty interface, read by the computes above
+------------------------------------------------------------------------- */
+
+double PairBayesRace::force_threshold() const
+{
+  if (!engine) return 0.0;
+  return engine->metadata().threshold_atomic_force_std * econv;
+}
+
+double PairBayesRace::no_contact_ratio() const
+{
+  if (!engine || !engine->metadata().has_contacts()) return -1.0;
+  return engine->metadata().no_contact_ratio();
+}
+
+bool PairBayesRace::uncertainty_wanted(int eflag_atom_now) const
+{
+  // bayesrace computes set peatomflag + timeflag, so LAMMPS raises eflag_atom on the steps
+  // where one of them (or compute pe/atom) will be invoked
+  if (eflag_atom_now) return true;
+  return uq_every > 0 && (update->ntimestep % uq_every) == 0;
+}
+
+void *PairBayesRace::extract_peratom(const char *str, int &ncol)
+{
+  if (std::strcmp(str, "uncertainty") == 0) {
+    ncol = NCOLS;
+    return (void *) uq;
+  }
+  return nullptr;
 }

@@ -2,13 +2,16 @@
    bayesrace LAMMPS plugin: uncertainty computes (GPL-2.0, as LAMMPS)
 
    compute ID group bayesrace/atom
-       per-atom array, 4 columns (run units, calibrated):
-       1 force σ total, 2 force σ epistemic, 3 force σ aleatoric, 4 atomic energy σ
+       per-atom array, 5 columns (run units, calibrated):
+       1 force σ total, 2 force σ epistemic, 3 force σ aleatoric, 4 atomic energy σ,
+       5 contact ratio (min_j r_ij / the training set's shortest distance of that pair; -1
+       when the deployable does not carry those distances)
    compute ID group bayesrace [threshold X]
-       global vector, 4 values, identical on every rank:
+       global vector, 5 values, identical on every rank:
        1 max force σ, 2 mean force σ (over the group's model atoms), 3 energy σ of the
        whole system, 4 number of group atoms whose force σ exceeds the threshold
-       (default: the model's thresholds.atomic_force_std, converted to run units)
+       (default: the model's thresholds.atomic_force_std, converted to run units),
+       5 the smallest contact ratio of the group's model atoms
 ------------------------------------------------------------------------- */
 
 #ifndef LMP_COMPUTE_BAYESRACE_H
@@ -44,7 +47,8 @@ class ComputeBayesRace : public Compute {
  private:
   PairBayesRace *pair;
   double threshold;  // < 0: the model's
-  double values[4];
+  static constexpr int NVALUES = 5;
+  double values[NVALUES];
 };
 
 }    // namespace LAMMPS_NS

@@ -17,6 +17,7 @@
 #include "core/engine.h"
 
 #include <climits>
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <exception>
@@ -270,20 +271,6 @@ double PairBayesRace::init_one(int i, int j)
   return cut_model;
 }
 
-double PairBayesRace::force_threshold() const
-{
-  if (!engine) return 0.0;
-  return engine->metadata().threshold_atomic_force_std * econv;
-}
-
-bool PairBayesRace::uncertainty_wanted(int eflag_atom_now) const
-{
-  // bayesrace computes set peatomflag + timeflag, so LAMMPS raises eflag_atom on the steps
-  // where one of them (or compute pe/atom) will be invoked
-  if (eflag_atom_now) return true;
-  return uq_every > 0 && (update->ntimestep % uq_every) == 0;
-}
-
 /* ---------------------------------------------------------------------- */
 
 void PairBayesRace::compute(int eflag, int vflag)
@@ -323,6 +310,10 @@ void PairBayesRace::compute(int eflag, int vflag)
   // mode the list has no ghost centres (gnum = 0)
   edges.clear();
   edges_j.clear();
+  // contact ratios only on steps that report uncertainty (one sqrt per edge of a local centre)
+  const bayesrace::Metadata &meta = engine->metadata();
+  const bool contacts_now = meta.has_contacts() && uncertainty_wanted(eflag_atom);
+  if (contacts_now) contact.assign(nl, meta.no_contact_ratio());
   const int ntot = list->inum + list->gnum;
   for (int ii = 0; ii < ntot; ii++) {
     const int i = list->ilist[ii];
@@ -342,6 +333,8 @@ void PairBayesRace::compute(int eflag, int vflag)
           error->one(FLERR, "pair_style bayesrace: atoms {} and {} are {:.3g} Å apart (at least {:.0e} expected): "
                      "atoms on one position give NaN energies and forces", atom->tag[i], atom->tag[j],
                      std::sqrt(rsq), MIN_DISTANCE);
+        if (contacts_now && mi < nl)
+          contact[mi] = std::min(contact[mi], std::sqrt(rsq) / meta.shortest_contact(spec[mi], spec[mj]));
         edges.push_back(mi);
         edges_j.push_back(mj);
       }
@@ -471,6 +464,7 @@ void PairBayesRace::compute(int eflag, int vflag)
     uq[i][1] = econv * out.force_std_epistemic[k];
     uq[i][2] = econv * out.force_std_aleatoric[k];
     uq[i][3] = econv * out.atomic_energy_std[k];
+    uq[i][4] = contacts_now ? contact[k] : -1.0;
   }
   energy_sigma = econv * out.energy_std;
   energy_var_epi = econv * econv * out.energy_var_epistemic;
@@ -480,20 +474,11 @@ void PairBayesRace::compute(int eflag, int vflag)
 
 /* ---------------------------------------------------------------------- */
 
-void *PairBayesRace::extract_peratom(const char *str, int &ncol)
-{
-  if (std::strcmp(str, "uncertainty") == 0) {
-    ncol = NCOLS;
-    return (void *) uq;
-  }
-  return nullptr;
-}
-
 double PairBayesRace::memory_usage()
 {
   double bytes = Pair::memory_usage();
   bytes += sizeof(double) * (member_f.capacity() + agg_forces.capacity() + pos.capacity() + halo_rows.capacity());
   bytes += sizeof(int64_t) * (edges.capacity() + edges_j.capacity() + spec.capacity());
-  bytes += sizeof(double) * NCOLS * static_cast<double>(uq_nmax);
+  bytes += sizeof(double) * (NCOLS * static_cast<double>(uq_nmax) + contact.capacity());
   return bytes;
 }

@@ -52,7 +52,9 @@ class PairBayesRace : public Pair {
   double memory_usage() override;
 
   // --- read by compute bayesrace/atom and compute bayesrace
-  static constexpr int NCOLS = 4;  // force σ total, epistemic, aleatoric; atomic energy σ
+  // force σ total, epistemic, aleatoric; atomic energy σ; contact ratio (min_j r_ij / the training
+  // set's shortest distance of that pair; -1 when the deployable does not carry those distances)
+  static constexpr int NCOLS = 5;
   bigint uncertainty_step() const { return uq_step; }
   int uncertainty_every() const { return uq_every; }
   // [nlocal][NCOLS] in run units, valid when uncertainty_step() == update->ntimestep
@@ -63,6 +65,8 @@ class PairBayesRace : public Pair {
   double energy_var_epistemic() const { return energy_var_epi; }
   double energy_var_aleatoric() const { return energy_var_ale; }
   double force_threshold() const;  // model's atomic_force_std threshold, run units
+  // the contact ratio of an atom without neighbours (-1 without training contacts)
+  double no_contact_ratio() const;
 
  protected:
   std::unique_ptr<bayesrace::Engine> engine;
@@ -92,6 +96,7 @@ class PairBayesRace : public Pair {
   bayesrace::MemberOutputs member_out;
   std::vector<double> agg_forces;
   std::vector<char> mapped_local;
+  std::vector<double> contact;  // [nl] contact ratio of each mapped local atom (model order)
   double **uq;
   int uq_nmax;
   bigint uq_step;

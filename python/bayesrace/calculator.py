@@ -38,7 +38,7 @@ from ase.calculators.calculator import Calculator, PropertyNotImplementedError, 
 from ase.stress import full_3x3_to_voigt_6_stress
 
 from . import keys
-from .data import Graph, TypeMap, collate, neighbour_list
+from .data import Graph, TypeMap, collate, contact_ratios, edge_distances, neighbour_list
 from .bayes import Posterior, load_posterior
 
 UNCERTAINTY_RESULTS: Dict[str, Tuple[str, ...]] = {
@@ -69,7 +69,11 @@ class BayesRaceCalculator(Calculator):
     eval mode in place (``torch.nn.Module.to`` semantics).
     """
 
-    implemented_properties = ["energy", "free_energy", "forces", "stress", "energies", *UNCERTAINTY_RESULTS]
+    # contact_ratio: per atom, min_j r_ij / the training set's shortest distance of that pair of
+    # elements (data.contact_ratios; < 1: closer than anything seen); only for posteriors that
+    # recorded their training contacts (trained by this version or later)
+    implemented_properties = ["energy", "free_energy", "forces", "stress", "energies", *UNCERTAINTY_RESULTS,
+                              "contact_ratio"]
 
     def __init__(
         self,
@@ -99,7 +103,7 @@ class BayesRaceCalculator(Calculator):
                     f"the model's elements are {self.type_map.type_names}"
                 )
 
-    def _batch(self, atoms) -> Dict[str, torch.Tensor]:
+    def _graph(self, atoms) -> Graph:
         self._check_elements(atoms)
         pbc = np.asarray(atoms.pbc, dtype=bool).reshape(3)
         # the data contract: a structure periodic in no direction carries a zero cell
@@ -107,7 +111,7 @@ class BayesRaceCalculator(Calculator):
         positions = np.array(atoms.positions, dtype=np.float64)
         edge_index, cell_shift = neighbour_list(positions, cell, pbc, self.cutoff, numbers=atoms.numbers,
                                                 source="BayesRaceCalculator")
-        graph = Graph(
+        return Graph(
             species=self.type_map.species(atoms.numbers),
             atomic_numbers=np.asarray(atoms.numbers, dtype=np.int64),
             positions=positions,
@@ -116,7 +120,6 @@ class BayesRaceCalculator(Calculator):
             edge_index=edge_index,
             edge_cell_shift=cell_shift,
         )
-        return {name: value.to(self.device) for name, value in collate([graph], dtype=self.dtype).items()}
 
     # -- ASE entry point ----------------------------------------------------------------
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
@@ -128,7 +131,9 @@ class BayesRaceCalculator(Calculator):
                 f"stress needs a cell periodic in all three directions; this structure has pbc={atoms.pbc.tolist()}"
             )
         # forces need autograd, so no torch.no_grad here; results are detached below
-        prediction = self.posterior(self._batch(atoms), compute_virial=periodic)
+        graph = self._graph(atoms)
+        batch = {name: value.to(self.device) for name, value in collate([graph], dtype=self.dtype).items()}
+        prediction = self.posterior(batch, compute_virial=periodic)
 
         energy = float(prediction[keys.ENERGY][0].detach())
         results = {
@@ -147,4 +152,7 @@ class BayesRaceCalculator(Calculator):
                 results[name] = _to_numpy(prediction[fields[0]][:, 0])  # [M, B=1] -> [M]
             else:
                 results[name] = _to_numpy(prediction[fields[0]])
+        if self.posterior.shortest_contacts is not None:
+            results["contact_ratio"] = contact_ratios(graph.species, graph.edge_index, edge_distances(graph),
+                                                      self.posterior.shortest_contacts, self.cutoff)
         self.results = results

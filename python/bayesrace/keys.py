@@ -82,6 +82,7 @@ META_ENERGY_ALEATORIC_STD_MAP = "energy_aleatoric_std_map"  # optional map of sq
 META_MAP_SIGMA = "sigma"  # knots x_k of a map: strictly increasing, > 0
 META_MAP_CALIBRATED = "calibrated"  # values y_k: non-decreasing, > 0; outside [x_1, x_K] g is proportional
 META_THRESHOLDS = "thresholds"  # object: atomic_force_std
+META_SHORTEST_CONTACTS = "shortest_contacts"  # optional [T][T] Å (null: pair unseen): training's closest approach
 META_SIGMA_CAPS = "sigma_caps"  # object, informative: the members' caps of the aleatoric sigmas (0 = none)
 META_FORCE_SIGMA_CAP = "force_sigma_cap"  # eV/Å: per-atom force sigma bent smoothly toward e x this above it
 META_ENERGY_SIGMA_CAP = "energy_sigma_cap"  # eV: the same for the structure energy sigma

@@ -47,6 +47,10 @@ def test_short_training_lowers_validation_loss(psb3_small, tmp_path):
     assert min(losses[-2:]) < 0.6 * losses[0], losses
     posterior = load_posterior(tmp_path / "run" / "posterior.pt")
     assert len(posterior.members) == 1
+    # the training set's shortest contacts travel with the posterior (PSB3: C-H ≈ 1.1 Å, H-H > 1.5 Å)
+    table = posterior.shortest_contacts
+    h, c = posterior.type_names.index("H"), posterior.type_names.index("C")
+    assert 0.95 < table[h][c] == table[c][h] < 1.25 and table[h][h] > 1.5
 
 
 def test_resume_continues_exactly(psb3_small, tmp_path):

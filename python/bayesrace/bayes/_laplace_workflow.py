@@ -114,6 +114,7 @@ def laplace_posterior_file(
         laplace=laplace.summary(),
         data_sha256=info.get("data_sha256"),
         config=info.get("config"),
+        shortest_contacts=info.get("shortest_contacts"),
         laplace_source={"posterior": str(Path(posterior_path).resolve()), "member": member,
                         "train_file": str(Path(train_file).resolve()), "structures": len(graphs)},
     )

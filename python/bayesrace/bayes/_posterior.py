@@ -84,6 +84,9 @@ class Posterior(torch.nn.Module):
         self.n_layers = int(members[0].n_layers)
         self.calibration = {}
         self.thresholds = {}
+        # the training set's shortest distance per pair of types (data.shortest_contacts), or
+        # None (posteriors built in memory, or saved before it was recorded)
+        self.shortest_contacts = None
 
     @property
     def calibration(self) -> Dict[str, object]:
@@ -140,6 +143,7 @@ POSTERIOR_FORMAT = "bayesrace-posterior"
 POSTERIOR_FORMAT_VERSION = 1
 RECORD_CALIBRATION = "calibration"  # optional: the calibration dict (_calibration)
 RECORD_THRESHOLDS = "thresholds"  # optional: {atomic_force_std: X}
+RECORD_SHORTEST_CONTACTS = "shortest_contacts"  # optional: [T][T] Å or None (data.shortest_contacts)
 
 
 def posterior_record(members: List[RACE], kind: str, extra: Dict[str, object]) -> Dict[str, object]:
@@ -234,6 +238,7 @@ def load_posterior(path, dtype: torch.dtype = torch.float64) -> Posterior:
     try:
         posterior.calibration = record.get(RECORD_CALIBRATION)
         posterior.thresholds = record.get(RECORD_THRESHOLDS)
+        posterior.shortest_contacts = record.get(RECORD_SHORTEST_CONTACTS)
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from error
     posterior.record_info = {k: v for k, v in record.items() if k != "members"}

@@ -16,6 +16,14 @@ from ._casscf import (
     generate_psb3_casscf,
     label_casscf,
 )
+from ._contacts import (
+    ContactTable,
+    contact_ratios,
+    contact_table,
+    edge_distances,
+    no_contact_ratio,
+    shortest_contacts,
+)
 from ._graphs import (
     Graph,
     collate,
@@ -43,6 +51,7 @@ from ._qm9 import (
 
 __all__ = [
     "CASSCFFailure",
+    "ContactTable",
     "DataError",
     "Frame",
     "Graph",
@@ -55,7 +64,11 @@ __all__ = [
     "TypeMap",
     "build_psb3",
     "collate",
+    "contact_ratios",
+    "contact_table",
+    "edge_distances",
     "fit_reference_energies",
+    "no_contact_ratio",
     "frames_to_graphs",
     "generate_psb3",
     "generate_psb3_casscf",
@@ -67,6 +80,7 @@ __all__ = [
     "one_openmp_thread",
     "read_frames",
     "read_qm9_table",
+    "shortest_contacts",
     "split",
     "write_qm9",
 ]

@@ -346,6 +346,17 @@ def build_metadata(
     if len(caps) != 1:
         raise ExportError(f"metadata field '{keys.META_SIGMA_CAPS}': the members have different σ caps {sorted(caps)}")
     force_cap, energy_cap = caps.pop()
+    contacts = {}
+    if getattr(posterior, "shortest_contacts", None) is not None:
+        from ..data import contact_table
+
+        try:
+            contact_table(posterior.shortest_contacts)
+            if len(posterior.shortest_contacts) != len(posterior.type_names):
+                raise ValueError(f"{len(posterior.shortest_contacts)} rows for {len(posterior.type_names)} types")
+        except ValueError as error:
+            raise ExportError(f"metadata field '{keys.META_SHORTEST_CONTACTS}': {error}") from None
+        contacts = {keys.META_SHORTEST_CONTACTS: [list(row) for row in posterior.shortest_contacts]}
     return {
         keys.META_FORMAT_VERSION: FORMAT_VERSION,
         keys.META_TYPE_NAMES: list(posterior.type_names),
@@ -361,6 +372,7 @@ def build_metadata(
         keys.META_TRAINING_DATA_SHA256: data_hash,
         keys.META_POSTERIOR: str(kind),
         keys.META_SIGMA_CAPS: {keys.META_FORCE_SIGMA_CAP: force_cap, keys.META_ENERGY_SIGMA_CAP: energy_cap},
+        **contacts,
     }
 
 

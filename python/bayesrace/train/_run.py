@@ -18,6 +18,7 @@ import torch
 
 from .._mpi import mpi_world, mpirun_executable
 from ..bayes import save_posterior
+from ..data import shortest_contacts
 from ._config import Config, config_to_dict
 from ._data import prepare_data, write_held_out
 from ._kinds import posterior_members
@@ -84,6 +85,7 @@ def train(config: Config, progress: bool = True) -> Path:
             kind=kind,
             config=config_to_dict(config),
             data_sha256=data.data_sha256,
+            shortest_contacts=shortest_contacts(data.train, len(data.type_names)),
             **extra,
         )
     if comm is not None:
