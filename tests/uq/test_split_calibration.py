@@ -152,3 +152,29 @@ def test_every_spelt_out_list_of_methods_is_complete():
     from bayesrace.cli._main import CALIBRATION_METHODS as cli_methods
 
     assert sorted(cli_methods) == sorted(active_methods) == sorted(METHODS)
+
+
+def test_calibrate_command_split_end_to_end(tmp_path, capsys):
+    """bayesrace calibrate --method split writes maps by parts that the loaded posterior applies."""
+    from bayesrace import cli
+    from bayesrace.bayes import load_posterior, save_posterior
+    from bayesrace.data import read_frames
+    from bayesrace.uq import predict_frames
+    from conftest import tiny_model
+    from test_calibration import write_labelled_set
+
+    posterior_path = tmp_path / "posterior.pt"
+    save_posterior(posterior_path, [tiny_model(seed=1), tiny_model(seed=2)], data_sha256="abc")
+    valid = write_labelled_set(tmp_path / "valid.xyz", n_frames=12, seed=10)
+    out = tmp_path / "split.pt"
+    assert cli.main(["calibrate", str(posterior_path), str(valid), "--out", str(out), "--method", "split",
+                     "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "forces: scale 1, epistemic map of 1 knots" in printed and "aleatoric map of" in printed
+    calibration = load_posterior(out).calibration
+    assert keys.META_FORCE_EPISTEMIC_STD_MAP in calibration and keys.META_ENERGY_ALEATORIC_STD_MAP in calibration
+    frames = read_frames(valid)
+    expected = calibrate_prediction(predict_frames(load_posterior(posterior_path), frames), calibration)
+    predicted = predict_frames(load_posterior(out), frames)
+    for name in (keys.ATOMIC_FORCE_STD, keys.FORCE_COV_EPISTEMIC, keys.ENERGY_VAR_ALEATORIC, keys.ATOMIC_ENERGY_STD):
+        np.testing.assert_allclose(predicted[name], expected[name], rtol=1e-10)
