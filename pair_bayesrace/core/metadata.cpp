@@ -1,6 +1,5 @@
 #include "metadata.h"
 
-#include <algorithm>
 #include <cctype>
 #include <cmath>
 #include <cstdlib>
@@ -18,12 +17,6 @@
 namespace bayesrace {
 
 std::string bayesrace_build_version() { return BAYESRACE_VERSION; }
-
-double Metadata::no_contact_ratio() const {
-  double shortest = shortest_contacts.front();
-  for (double d : shortest_contacts) shortest = std::min(shortest, d);
-  return cutoff / shortest;
-}
 
 int Metadata::species_index(const std::string &element) const {
   for (size_t i = 0; i < type_names.size(); ++i)
@@ -262,6 +255,7 @@ Metadata parse_metadata(const std::string &text, const std::string &source, cons
       }
     }
     if (shortest == 0.0) c.fail(f, "has no pair (every entry is null)");
+    m.no_contact_ratio = m.cutoff / shortest;
     for (double &d : m.shortest_contacts)
       if (d == 0.0) d = shortest;
   }

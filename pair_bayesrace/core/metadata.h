@@ -27,6 +27,7 @@ struct Metadata {
   // the training set's shortest distance of each pair of species [T*T], Å, a pair it never
   // saw set to the shortest of all (optional field; empty when the file lacks it)
   std::vector<double> shortest_contacts;
+  double no_contact_ratio = 0.0;  // of an atom without neighbours: cutoff / the shortest of all
   // the container: keys::FORMAT_TORCHSCRIPT (also when the field is absent) or FORMAT_AOTI;
   // an AOTInductor package (.pt2) adds the fields below (required then, empty otherwise)
   std::string format;
@@ -45,8 +46,7 @@ struct Metadata {
   double shortest_contact(int a, int b) const {
     return shortest_contacts[static_cast<size_t>(a) * type_names.size() + b];
   }
-  // the contact ratio of an atom without neighbours: cutoff / the shortest training distance
-  double no_contact_ratio() const;
+
 };
 
 // Parse and validate; throws std::runtime_error whose message names the field and what

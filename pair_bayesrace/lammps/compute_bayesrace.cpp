@@ -173,7 +173,7 @@ double PairBayesRace::force_threshold() const
 double PairBayesRace::no_contact_ratio() const
 {
   if (!engine || !engine->metadata().has_contacts()) return -1.0;
-  return engine->metadata().no_contact_ratio();
+  return engine->metadata().no_contact_ratio;
 }
 
 bool PairBayesRace::uncertainty_wanted(int eflag_atom_now) const

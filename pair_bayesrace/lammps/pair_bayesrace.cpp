@@ -313,7 +313,7 @@ void PairBayesRace::compute(int eflag, int vflag)
   // contact ratios only on steps that report uncertainty (one sqrt per edge of a local centre)
   const bayesrace::Metadata &meta = engine->metadata();
   const bool contacts_now = meta.has_contacts() && uncertainty_wanted(eflag_atom);
-  if (contacts_now) contact.assign(nl, meta.no_contact_ratio());
+  if (contacts_now) contact.assign(nl, meta.no_contact_ratio);
   const int ntot = list->inum + list->gnum;
   for (int ii = 0; ii < ntot; ii++) {
     const int i = list->ilist[ii];

@@ -54,7 +54,6 @@ MAX_MAP_KNOTS = 64
 MAP_VALUE_FLOOR_FRACTION = 1e-3
 
 _SCALE_FIELDS = (keys.META_FORCE_STD_SCALE, keys.META_ENERGY_STD_SCALE)
-_MAP_FIELDS = (keys.META_FORCE_STD_MAP, keys.META_ENERGY_STD_MAP)
 # quantity -> (total map, epistemic map, aleatoric map)
 _PART_MAP_FIELDS = {
     "force": (keys.META_FORCE_STD_MAP, keys.META_FORCE_EPISTEMIC_STD_MAP, keys.META_FORCE_ALEATORIC_STD_MAP),
@@ -255,14 +254,18 @@ class _LazyTensors(Mapping):
         return name in self._prediction
 
 
+def _std_of_covariance(covariance: torch.Tensor) -> torch.Tensor:
+    """sqrt(tr Σ / 3) of each [3, 3] covariance."""
+    return torch.sqrt(torch.diagonal(covariance, dim1=-2, dim2=-1).sum(dim=-1) / 3.0)
+
+
 def _uncalibrated_force_std(prediction: Mapping[str, torch.Tensor]) -> Optional[torch.Tensor]:
     if keys.ATOMIC_FORCE_STD in prediction:
         return prediction[keys.ATOMIC_FORCE_STD]
     covariances = [prediction[name] for name in _FORCE_COV_FIELDS if name in prediction]
     if not covariances:
         return None
-    total = sum(covariances)
-    return torch.sqrt(torch.diagonal(total, dim1=-2, dim2=-1).sum(dim=-1) / 3.0)
+    return _std_of_covariance(sum(covariances))
 
 
 def _part_force_std(prediction: Mapping[str, torch.Tensor], std_name: str, cov_name: str) -> Optional[torch.Tensor]:
@@ -270,7 +273,7 @@ def _part_force_std(prediction: Mapping[str, torch.Tensor], std_name: str, cov_n
     if std_name in prediction:
         return prediction[std_name]
     if cov_name in prediction:
-        return torch.sqrt(torch.diagonal(prediction[cov_name], dim1=-2, dim2=-1).sum(dim=-1) / 3.0)
+        return _std_of_covariance(prediction[cov_name])
     return None
 
 
