@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
+import yaml
+
 from _accuracy_history import ISOLATED_FILE, TRAIN_FILE
 from _common import REPO, SINGLE_THREAD_ENV
 
@@ -131,18 +133,13 @@ def mace_command(venv: Path, work_dir: Path, split: Dict, e0s: Dict[int, float],
 
 
 def race_model_overrides(args) -> Dict[str, object]:
-    """``--race-model KEY=VALUE`` options as config values (ints, floats or strings)."""
+    """``--race-model KEY=VALUE`` options as config values (read as YAML scalars)."""
     overrides: Dict[str, object] = {}
     for item in args.race_model or []:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise SystemExit(f"--race-model expects KEY=VALUE (e.g. l_max=2), got {item!r}")
-        for cast in (int, float, str):
-            try:
-                overrides[key] = cast(text)
-                break
-            except ValueError:
-                continue
+        overrides[key] = yaml.safe_load(text)  # 2 -> int, 0.5 -> float, true -> bool, else str
     return overrides
 
 

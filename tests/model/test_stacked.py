@@ -70,10 +70,17 @@ def relative(a, b):
 
 @pytest.mark.parametrize("covariance", ["cholesky", "equivariant"])
 @pytest.mark.parametrize("preset,overrides", [("tiny", {}), ("small", {}), ("tiny", {"l_max": 2}),
-                                              ("tiny", {"l_max": 3, "channels": 4})])
+                                              ("tiny", {"l_max": 3, "channels": 4}),
+                                              ("small", {"message_square": True}),
+                                              ("tiny", {"l_max": 2, "message_square": True})])
 def test_stacked_equals_member_by_member(preset, overrides, covariance):
     members = [tiny_model(seed=s, preset=preset, covariance=covariance, cutoff=3.0, **overrides).eval()
                for s in range(3)]
+    if overrides.get("message_square"):  # each member its own square weights (all 1 when built)
+        with torch.no_grad():
+            for member in members:
+                for layer in member.layers:
+                    layer.square.weight.normal_()
     species, ei, vectors = inputs()
     ref_r, ref_g = member_by_member(members, species, ei, vectors)
     r, g = all_at_once(members, species, ei, vectors)

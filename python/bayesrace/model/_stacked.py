@@ -17,6 +17,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from ._message_square import MessageSquare, channel_square
 from ._race import RACE
 from ._radial import isolation_gate
 
@@ -105,6 +106,15 @@ class StackedLayer(torch.nn.Module):
         self.register_buffer("restratify_channel", channel)
         self.register_buffer("restratify_coefficient", coefficient)
         self.register_buffer("linear_out", _stack([_dense(l.linear_out, d_hidden, dtype) for l in layers]))
+        # the message square (``_message_square``): its coupling is the same for every member
+        self.has_square = bool(first.has_square)
+        square = first.square if self.has_square else MessageSquare(first.linear_out.irreps_out)
+        weights = [l.square.weight if self.has_square else square.weight for l in layers]
+        self.register_buffer("square_weight", _stack([w.detach().to(dtype) for w in weights]))  # [M, P, C]
+        self.register_buffer("square_coupling", square.coupling.to(dtype))
+        self.register_buffer("square_to_channels", square.to_channels)
+        self.register_buffer("square_from_channels", square.from_channels)
+        self.square_channels = square.channels
         self.inv_sqrt_neighbors = float(first.inv_sqrt_neighbors)
         if any(float(l.inv_sqrt_neighbors) != self.inv_sqrt_neighbors for l in layers):
             raise ValueError("members differ in avg_num_neighbors: stacked evaluation needs one")
@@ -137,6 +147,9 @@ class StackedLayer(torch.nn.Module):
         h_up = torch.matmul(h, self.linear_up)
         summed = self.messages(h_up, sh, self.radial_weights(radial), centre, neighbour, n)
         h_new = torch.matmul(summed * self.inv_sqrt_neighbors, self.linear_down)
+        if self.has_square:
+            h_new = h_new + channel_square(h_new, self.square_weight, self.square_coupling, self.square_to_channels,
+                                           self.square_from_channels, self.square_channels)
         stratified = initial[:, :n][:, :, self.restratify_channel] * h_new * self.restratify_coefficient
         h_next = torch.matmul(stratified, self.linear_out) + skip
         mid = torch.matmul(h_next, self.readout_in)

@@ -67,6 +67,7 @@ class ModelSection:
     isolated_atom_limit: Optional[Bool] = None  # default true: an isolated atom has its reference energy
     force_sigma_cap: Optional[Float] = None  # eV/Å, default 10: aleatoric force σ bent toward e × this; 0: off
     energy_sigma_cap: Optional[Float] = None  # eV, default 100: the same for the structure energy σ
+    message_square: Optional[Bool] = None  # add each atom's squared message: angles at the centre
 
     def model_config(self) -> ModelConfig:
         if self.preset not in PRESETS:
