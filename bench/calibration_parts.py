@@ -98,6 +98,17 @@ def main(argv=None) -> int:
                "posterior": str(args.posterior), "sets": sets, "calibrations": calibrations, "metrics": {}}
     for name, prediction in predictions.items():
         results["metrics"][name] = {m: metrics_of(calibrate_prediction(prediction, calibrations[m])) for m in METHODS}
+    # how well each calibrated score tells every other set from the in-distribution one
+    from bayesrace.uq import auroc, ood_scores
+
+    results["aurocs"] = {}
+    if ID_SET in predictions:
+        for method in METHODS:
+            scored = {name: ood_scores(calibrate_prediction(prediction, calibrations[method]))
+                      for name, prediction in predictions.items()}
+            results["aurocs"][method] = {
+                name: {score: auroc(scored[ID_SET][score], values) for score, values in scored[name].items()}
+                for name in predictions if name not in (ID_SET, "valid")}
     # the fraction of each set's σ_E/N above the in-distribution set's median, per calibration
     for method in METHODS:
         reference = results["metrics"].get(ID_SET, {}).get(method, {}).get("energy_std_per_atom_median")
@@ -124,6 +135,15 @@ def main(argv=None) -> int:
             row = results["metrics"][name][method]
             cells = [f"{scale * row[key]:.3g}" if key in row else "–" for _, key, scale in COLUMNS]
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append("")
+    for method, per_set in results["aurocs"].items():
+        if not per_set:
+            continue
+        scores = list(next(iter(per_set.values())))
+        lines += [f"## OOD AUROC against {ID_SET}, calibration {method}", "",
+                  "| set | " + " | ".join(scores) + " |", "|---|" + "---|" * len(scores)]
+        lines += [f"| {name} | " + " | ".join(f"{row[score]:.3f}" for score in scores) + " |"
+                  for name, row in per_set.items()]
         lines.append("")
     (args.out / "results.md").write_text("\n".join(lines))
     print("\n".join(lines))
