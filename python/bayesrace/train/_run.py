@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -75,7 +76,7 @@ def train(config: Config, progress: bool = True) -> Path:
     for member in range(rank, config.n_members, size):
         train_member(config, data, member, progress=progress, use_bar=size == 1)
     if comm is not None:
-        comm.Barrier()
+        _wait_for_every_rank(comm)
     path = out / POSTERIOR_FILE
     if rank == 0:
         members, extra = posterior_members(config, data, progress=progress)
@@ -89,5 +90,14 @@ def train(config: Config, progress: bool = True) -> Path:
             **extra,
         )
     if comm is not None:
-        comm.Barrier()
+        _wait_for_every_rank(comm)
     return path
+
+
+def _wait_for_every_rank(comm, poll_seconds: float = 0.2) -> None:
+    """A barrier that sleeps while it waits: a rank whose members are done (or every rank but 0
+    while it writes the posterior) would otherwise spin a core at 100 % in MPI_Barrier for
+    minutes, slowing the ranks still training on a shared machine."""
+    request = comm.Ibarrier()
+    while not request.Test():
+        time.sleep(poll_seconds)
