@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import ase.io
 import pytest
 import torch
 
@@ -130,6 +131,36 @@ def test_mpi_ensemble_equals_serial_ensemble(psb3_small, tmp_path):
     # members differ from one another (different seeds)
     first, second = a.members[0].state_dict(), a.members[1].state_dict()
     assert any(not torch.equal(first[k], second[k]) for k in first)
+
+
+def test_reading_and_the_held_out_split_use_no_mpi_collective(psb3_small, tmp_path, monkeypatch):
+    """Under mpirun (mpi4py imported) ASE's read and write broadcast from rank 0 by default.
+    Rank 0 alone writes the held-out frames, so those broadcasts were never joined by the
+    other ranks: on acac rank 0 waited in MPI_Bcast while rank 1 trained, and an earlier run
+    ended in "Message truncated". Every read and write of the training data must be local."""
+    import ase.parallel
+
+    from bayesrace.train._data import prepare_data, write_held_out
+
+    class TwoRankWorld:
+        size, rank = 2, 0
+
+        def __getattr__(self, name):
+            raise AssertionError(f"an MPI collective ({name}) was called while reading or writing training data")
+
+    def broadcast(*args, **kwargs):
+        raise AssertionError("an MPI broadcast was called while reading or writing training data")
+
+    monkeypatch.setattr(ase.parallel, "world", TwoRankWorld())
+    monkeypatch.setattr(ase.parallel, "broadcast", broadcast)
+    config = load_config(write_training_config(
+        tmp_path / "c.yaml", psb3_small, tmp_path / "run",
+        data={"train": str(psb3_small / "train.xyz"), "valid": None, "n_valid": 5}))
+    data = prepare_data(config, progress=False)
+    (tmp_path / "run").mkdir()
+    path = write_held_out(config, data, tmp_path / "run")
+    monkeypatch.undo()
+    assert len(ase.io.read(path, index=":")) == 5
 
 
 def test_warm_start_skips_the_mse_warm_up():

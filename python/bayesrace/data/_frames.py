@@ -221,7 +221,7 @@ def _locate_extxyz_error(path: str) -> tuple[int, str]:
         if end > len(lines):
             return frame, f"line {line + 1}: {count} atoms announced, but the file ends after {len(lines) - line - 2}"
         try:
-            ase.io.read(io.StringIO("".join(lines[line:end])), format="extxyz")
+            ase.io.read(io.StringIO("".join(lines[line:end])), format="extxyz", parallel=False)
         except Exception as error:
             return frame, f"lines {line + 1}-{end}: {type(error).__name__}: {error}"
         frame, line = frame + 1, end
@@ -269,7 +269,9 @@ def read_frames(
     fmt = _guess_format(name)
     all_atoms = []
     try:
-        for atoms in ase.io.iread(name, index=":", format=fmt):
+        # parallel=False: under mpirun ASE would read on rank 0 and broadcast, a collective
+        # that ranks reading at different times (or alone) never join
+        for atoms in ase.io.iread(name, index=":", format=fmt, parallel=False):
             all_atoms.append(atoms)
     except Exception as error:
         frame_index, detail = len(all_atoms), ""

@@ -118,10 +118,10 @@ def write_held_out(config: Config, data: TrainingData, out: Path) -> Optional[Pa
     from .._files import atomic_path, write_json_atomic
 
     source = config.data.train
-    frames = ase.io.read(source, index=":")
+    frames = ase.io.read(source, index=":", parallel=False)  # rank 0 alone: no broadcast
     path = out / HELD_OUT_FILE
     with atomic_path(path) as tmp:
-        ase.io.write(tmp, [frames[k] for k in data.valid_indices], format="extxyz")
+        ase.io.write(tmp, [frames[k] for k in data.valid_indices], format="extxyz", parallel=False)
     write_json_atomic(out / SPLIT_FILE, {"source": str(source), "seed": config.seed,
                                          "valid": data.valid_indices, "train": data.train_indices})
     return path
