@@ -71,6 +71,7 @@ def relative(a, b):
 @pytest.mark.parametrize("covariance", ["cholesky", "equivariant"])
 @pytest.mark.parametrize("preset,overrides", [("tiny", {}), ("small", {}), ("tiny", {"l_max": 2}),
                                               ("tiny", {"l_max": 3, "channels": 4}),
+                                              ("small", {"message_square": False}),
                                               ("small", {"message_square": True}),
                                               ("tiny", {"l_max": 2, "message_square": True})])
 def test_stacked_equals_member_by_member(preset, overrides, covariance):

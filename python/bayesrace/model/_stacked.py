@@ -17,7 +17,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from ._message_square import MessageSquare, channel_square
+from ._message_square import channel_square
 from ._race import RACE
 from ._radial import isolation_gate
 
@@ -107,14 +107,16 @@ class StackedLayer(torch.nn.Module):
         self.register_buffer("restratify_coefficient", coefficient)
         self.register_buffer("linear_out", _stack([_dense(l.linear_out, d_hidden, dtype) for l in layers]))
         # the message square (``_message_square``): its coupling is the same for every member
+        # (empty placeholders without it: TorchScript needs the attributes either way)
         self.has_square = bool(first.has_square)
-        square = first.square if self.has_square else MessageSquare(first.linear_out.irreps_out)
-        weights = [l.square.weight if self.has_square else square.weight for l in layers]
-        self.register_buffer("square_weight", _stack([w.detach().to(dtype) for w in weights]))  # [M, P, C]
-        self.register_buffer("square_coupling", square.coupling.to(dtype))
-        self.register_buffer("square_to_channels", square.to_channels)
-        self.register_buffer("square_from_channels", square.from_channels)
-        self.square_channels = square.channels
+        empty, no_index = torch.zeros(0, dtype=dtype), torch.zeros(0, dtype=torch.int64)
+        square = first.square
+        self.register_buffer("square_weight", _stack([l.square.weight.detach().to(dtype) for l in layers])
+                             if self.has_square else empty)  # [M, P, C]
+        self.register_buffer("square_coupling", square.coupling.to(dtype) if self.has_square else empty)
+        self.register_buffer("square_to_channels", square.to_channels if self.has_square else no_index)
+        self.register_buffer("square_from_channels", square.from_channels if self.has_square else no_index)
+        self.square_channels = int(square.channels) if self.has_square else 0
         self.inv_sqrt_neighbors = float(first.inv_sqrt_neighbors)
         if any(float(l.inv_sqrt_neighbors) != self.inv_sqrt_neighbors for l in layers):
             raise ValueError("members differ in avg_num_neighbors: stacked evaluation needs one")
