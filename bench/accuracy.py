@@ -234,9 +234,10 @@ def parse_args(argv=None):
     parser.add_argument("--warmup-epochs", type=int, default=None,
                         help="MSE epochs of the ensemble (default: from --warmup-fraction and the single "
                              "model's measured epoch time)")
-    parser.add_argument("--means", choices=("nll", "mse"), default="nll",
-                        help="the ensemble's loss.means: nll (joint NLL_JEF) or mse (means by MSE, the NLL trains "
-                             "the variance heads; no MSE warm-up unless --warmup-epochs)")
+    parser.add_argument("--means", choices=("nll", "mse", "frozen"), default="nll",
+                        help="the ensemble's loss.means: nll (joint NLL_JEF), mse (means by MSE, the NLL trains "
+                             "the variance heads; no MSE warm-up unless --warmup-epochs) or frozen (MSE, then the "
+                             "heads alone on the frozen network for loss.heads_fraction 0.2 of the budget)")
     parser.add_argument("--out", default=str(BENCH_DIR / "results" / "accuracy"), help="results folder")
     parser.add_argument("--runs", default=str(BENCH_DIR / "runs" / "accuracy"),
                         help="run directories (checkpoints): keep out of the results")
@@ -287,7 +288,7 @@ def main(argv=None) -> int:
     plan = {
         "single": dict(members=1, loss="mse", warmup_epochs=0, ranks=1, skip=args.skip_single),
         "ensemble": dict(members=args.members, loss="nll_jef",
-                         warmup_epochs=0 if args.means == "mse" and args.warmup_epochs is None else None,
+                         warmup_epochs=0 if args.means in ("mse", "frozen") and args.warmup_epochs is None else None,
                          ranks=args.ranks,
                          skip=args.skip_ensemble),
     }

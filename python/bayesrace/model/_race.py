@@ -269,6 +269,16 @@ class RACE(torch.nn.Module):
         self.register_buffer("reference_energies", torch.tensor(reference_energies, dtype=torch.float64))
         self.register_buffer("energy_shift", torch.tensor(float(energy_shift), dtype=torch.float64))
         self.register_buffer("energy_scale", torch.tensor(float(energy_scale), dtype=torch.float64))
+        # learned log-scale of the energy variance and of the force covariance: the readouts have
+        # no bias, so without it the heads must build their level out of the features (slow)
+        self.head_log_variance_offset = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # models saved before the offset existed load with a zero offset, as they were trained
+        name = prefix + "head_log_variance_offset"
+        if name not in state_dict:
+            state_dict[name] = torch.zeros_like(self.head_log_variance_offset.detach())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.jit.unused
     def set_trained_heads(self, heads: List[str]) -> None:
@@ -369,7 +379,8 @@ class RACE(torch.nn.Module):
             + self.reference_energies.to(dtype)[species]
         )
         heads = outputs[:, :, 1:].mean(dim=0)  # uncertainty heads are averaged over layers
-        log_var = capped_log_variance(heads[:, 0] + 2.0 * torch.log(scale), self.energy_sigma_cap)
+        offset = self.head_log_variance_offset.to(dtype)
+        log_var = capped_log_variance(heads[:, 0] + 2.0 * torch.log(scale) + offset[0], self.energy_sigma_cap)
         if not self.energy_head_trained:
             log_var = torch.full_like(log_var, -math.inf)
         eye = torch.eye(3, dtype=dtype, device=outputs.device)
@@ -392,7 +403,7 @@ class RACE(torch.nn.Module):
                 dim=1,
             ) * scale
             covariance = factor @ factor.transpose(1, 2)
-        covariance = covariance + self.covariance_floor * eye
+        covariance = covariance * torch.exp(offset[1]) + self.covariance_floor * eye
         # the cap acts on the per-atom σ² = tr Σ / 3 and rescales Σ as a whole (stays positive definite)
         log_sigma2 = torch.log(torch.diagonal(covariance, dim1=-2, dim2=-1).sum(-1) / 3.0)
         capped = capped_log_variance(log_sigma2, self.force_sigma_cap)

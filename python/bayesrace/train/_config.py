@@ -92,9 +92,12 @@ class LossSection:
     force_weight: NonNegative = 1.0  # λ_F
     mse_warmup_epochs: NonNegativeInt = 0  # train with MSE first: the variance heads start from sane means (none with init_from)
     # what trains the predicted energies and forces under an NLL kind: "nll" (the joint NLL, as
-    # in the paper) or "mse" (the MSE term; the NLL then trains the variance heads on the
-    # detached residuals, so each member's means learn as a single MSE model's do)
-    means: Literal["nll", "mse"] = "nll"
+    # in the paper), "mse" (the MSE term; the NLL trains the variance heads on the detached
+    # residuals, through the shared layers too) or "frozen" (MSE alone; then, for the last
+    # heads_fraction of the budget, the network is frozen and only the heads' last linear maps
+    # and their log-variance offsets learn the NLL: the means are exactly an MSE model's)
+    means: Literal["nll", "mse", "frozen"] = "nll"
+    heads_fraction: Annotated[Float, Field(gt=0, lt=1)] = 0.2
 
 
 @section
@@ -235,6 +238,11 @@ class Config:
         if reference == "isolated" and not self.data.isolated_atoms:
             raise ConfigError("data.reference_energies is 'isolated' but data.isolated_atoms names no file")
         model = self.model.model_config()
+        if self.loss.means == "frozen" and (self.loss.kind == "mse" or self.posterior.kind not in ("ensemble", "mve")):
+            raise ConfigError(
+                "loss.means 'frozen' trains variance heads after an MSE phase: it needs an NLL loss.kind "
+                f"(it is {self.loss.kind!r}) and posterior.kind ensemble or mve (it is {self.posterior.kind!r})"
+            )
         if self.loss.kind == "nll_jef_equivariant" and model.covariance != "equivariant":
             raise ConfigError(
                 "loss.kind 'nll_jef_equivariant' needs model.covariance: equivariant "

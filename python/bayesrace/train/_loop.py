@@ -42,6 +42,7 @@ from ._checkpoints import (
 )
 from ._config import Config
 from ._data import TrainingData
+from ._heads import fit_head_offsets, heads_phase_pending, heads_should_start, make_heads_optimizer, start_heads_phase
 from ._losses import loss_function
 from ._members import (
     initial_member_model,
@@ -99,7 +100,7 @@ def _finished(state: Dict, config: Config) -> bool:
     out_of_time = training.max_minutes is not None and state["elapsed"] > 60.0 * training.max_minutes
     stale = state["stale_epochs"] >= training.early_stopping_patience and state["epoch"] > mse_warmup_epochs(config)
     ivon_waiting = config.posterior.kind == "ivon" and state.get("ivon_start_epoch") is None
-    early_stop = stale and config.posterior.kind != "swag" and not ivon_waiting
+    early_stop = stale and config.posterior.kind != "swag" and not ivon_waiting and not heads_phase_pending(state, config)
     return out_of_time or early_stop or state["epoch"] >= training.max_epochs
 
 
@@ -192,7 +193,11 @@ def train_member(
                 f"use another 'out' directory or delete {member_dir} to start over"
             )
         model.load_state_dict(checkpoint["model"])
-        if checkpoint_optimizer_kind(checkpoint) == "ivon":
+        state = checkpoint["state"]
+        if state.get("heads_start_epoch") is not None:
+            optimizer, scheduler = make_heads_optimizer(config, model)
+            optimizer.load_state_dict(checkpoint["optimizer"])
+        elif checkpoint_optimizer_kind(checkpoint) == "ivon":
             optimizer = make_ivon_optimizer(config, model, data)
             scheduler = make_scheduler(config, optimizer)
             optimizer.load_state_dict(checkpoint["optimizer"])
@@ -203,7 +208,6 @@ def train_member(
         scheduler.load_state_dict(checkpoint["scheduler"])
         if ema is not None:
             ema.load_state_dict(checkpoint["ema"])
-        state = checkpoint["state"]
         rng_state = checkpoint.get("rng_state")
     if _finished(state, config):
         return checkpoint_path
@@ -223,12 +227,25 @@ def train_member(
         try:
             while state["epoch"] < training.max_epochs:
                 epoch = state["epoch"]
-                loss_kind = "mse" if epoch < mse_warmup_epochs(config) else config.loss.kind
+                stale = state["stale_epochs"] >= training.early_stopping_patience
+                if heads_should_start(state, config, stale):
+                    optimizer, scheduler, ema = start_heads_phase(model, state, config, data.train)
+                    offsets = state["head_offsets"]
+                    bar.say(f"member {member}: the network is frozen at epoch {epoch}; its variance heads learn "
+                            f"{config.loss.kind} on its residuals (log-variance offsets E {offsets['energy']:.3g}, "
+                            f"F {offsets['forces']:.3g})")
+                mse_phase = epoch < mse_warmup_epochs(config) or heads_phase_pending(state, config)
+                loss_kind = "mse" if mse_phase else config.loss.kind
                 loss_fn = loss_function(loss_kind, config.loss.means)
-                if epoch == mse_warmup_epochs(config) and mse_warmup_epochs(config) > 0:
-                    # the loss changes meaning: restart the plateau and early-stopping clocks
+                if epoch == mse_warmup_epochs(config) and mse_warmup_epochs(config) > 0 and not mse_phase:
+                    # the loss changes meaning: restart the plateau and early-stopping clocks, and
+                    # start the heads at the level of the residuals (ema keeps the same offsets)
                     state["best_loss"], state["stale_epochs"] = math.inf, 0
                     scheduler.best = scheduler.mode_worse
+                    fit_head_offsets(model, data.train, config)
+                    if ema is not None:
+                        with torch.no_grad():
+                            ema.module.head_log_variance_offset.copy_(model.head_log_variance_offset)
                 if _ivon_should_start(state, config):
                     optimizer, scheduler = _start_ivon(model, state, config, data)
                     ema = None

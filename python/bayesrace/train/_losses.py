@@ -77,7 +77,20 @@ TRAINED_HEADS: Dict[str, List[str]] = {
 }
 
 
-MEAN_LOSSES = ("nll", "mse")
+MEAN_LOSSES = ("nll", "mse", "frozen")
+
+
+def _with_fixed_means(nll: Callable[[Batch, Batch, float, float], torch.Tensor]):
+    """``nll`` on detached energies and forces: the heads phase of ``loss.means: frozen``, where
+    only the variance heads learn (the means' MSE phase is over)."""
+
+    def loss(pred: Batch, batch: Batch, energy_weight: float, force_weight: float) -> torch.Tensor:
+        detached = dict(pred)
+        detached[keys.ENERGY] = pred[keys.ENERGY].detach()
+        detached[keys.FORCES] = pred[keys.FORCES].detach()
+        return nll(detached, batch, energy_weight, force_weight)
+
+    return loss
 
 
 def _with_mse_means(nll: Callable[[Batch, Batch, float, float], torch.Tensor]):
@@ -86,22 +99,24 @@ def _with_mse_means(nll: Callable[[Batch, Batch, float, float], torch.Tensor]):
     shared layers) learn the distribution of the means' residuals. The joint NLL weights every
     residual by its predicted 1/σ², which lets the means neglect what they predict as noisy."""
 
+    nll_of_fixed_means = _with_fixed_means(nll)
+
     def loss(pred: Batch, batch: Batch, energy_weight: float, force_weight: float) -> torch.Tensor:
-        detached = dict(pred)
-        detached[keys.ENERGY] = pred[keys.ENERGY].detach()
-        detached[keys.FORCES] = pred[keys.FORCES].detach()
-        return mse_loss(pred, batch, energy_weight, force_weight) + nll(detached, batch, energy_weight, force_weight)
+        return mse_loss(pred, batch, energy_weight, force_weight) + nll_of_fixed_means(pred, batch, energy_weight, force_weight)
 
     return loss
 
 
 def loss_function(name: str, means: str = "nll") -> Callable[[Batch, Batch, float, float], torch.Tensor]:
     """The loss ``name``; with ``means="mse"`` (``loss.means``) an NLL loss trains the means by
-    MSE and only the variance heads by the NLL (``_with_mse_means``)."""
+    MSE and only the variance heads by the NLL (``_with_mse_means``); with ``"frozen"`` it is
+    the NLL of detached means (the heads phase; the phase before it uses "mse")."""
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; expected one of {sorted(LOSSES)}")
     if means not in MEAN_LOSSES:
         raise ValueError(f"unknown loss.means {means!r}; expected one of {list(MEAN_LOSSES)}")
     if means == "mse" and name != "mse":
         return _with_mse_means(LOSSES[name])
+    if means == "frozen" and name != "mse":
+        return _with_fixed_means(LOSSES[name])
     return LOSSES[name]

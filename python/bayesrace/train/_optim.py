@@ -21,13 +21,14 @@ def ema_update(decay: float):
     average is not dominated by the random initial weights in short runs."""
 
     def update(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
-        # constants (index buffers, the model's derived coefficients) stay exactly as they are:
-        # rate·a + (1 − rate)·a is not always a in floating point, and truncates integers
+        # constants (index buffers, the model's derived coefficients, and frozen weights, down to
+        # single elements) stay exactly as they are: rate·a + (1 − rate)·a is not always a in
+        # floating point, and truncates integers
         if not averaged.is_floating_point() or torch.equal(averaged, current):
             return averaged
         n = float(num_averaged)
         rate = min(decay, (1.0 + n) / (10.0 + n))
-        return rate * averaged + (1.0 - rate) * current
+        return torch.where(averaged == current, averaged, rate * averaged + (1.0 - rate) * current)
 
     return update
 
@@ -63,6 +64,15 @@ def make_ivon_optimizer(config: Config, model: RACE, data: TrainingData):
     )
 
 
+def budget_fraction(training, epochs: float, elapsed_s: float) -> float:
+    """The fraction of a member's budget used: the larger of epochs/max_epochs and
+    elapsed/max_minutes (``training`` is the config's training section), in [0, 1]."""
+    used = epochs / training.max_epochs
+    if training.max_minutes is not None:
+        used = max(used, elapsed_s / (60.0 * training.max_minutes))
+    return min(max(used, 0.0), 1.0)
+
+
 class CosineToBudget:
     """lr constant at ``training.lr``, then min_lr + (lr − min_lr)·(1 + cos πg)/2 over the last
     ``decay_fraction`` of the budget (g runs 0 → 1 there), where the fraction f of the budget
@@ -76,17 +86,10 @@ class CosineToBudget:
         self.optimizer = optimizer
         self.training = config.training
 
-    def fraction(self, epochs: float, elapsed_s: float) -> float:
-        training = self.training
-        used = epochs / training.max_epochs
-        if training.max_minutes is not None:
-            used = max(used, elapsed_s / (60.0 * training.max_minutes))
-        return min(max(used, 0.0), 1.0)
-
     def at(self, epochs: float, elapsed_s: float) -> None:
         training = self.training
         start = 1.0 - training.decay_fraction
-        decayed = max(0.0, self.fraction(epochs, elapsed_s) - start) / training.decay_fraction
+        decayed = max(0.0, budget_fraction(training, epochs, elapsed_s) - start) / training.decay_fraction
         lr = training.min_lr + 0.5 * (training.lr - training.min_lr) * (1.0 + math.cos(math.pi * decayed))
         for group in self.optimizer.param_groups:
             group["lr"] = lr

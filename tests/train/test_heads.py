@@ -1,0 +1,136 @@
+"""The variance heads' own training: the log-variance offsets and ``loss.means: frozen``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from bayesrace import keys, load_config, load_posterior
+from bayesrace.data import iterate_batches
+from bayesrace.train import CHECKPOINT, train
+from bayesrace.train import _loop
+from bayesrace.train._data import prepare_data
+from bayesrace.train._heads import fit_head_offsets
+from bayesrace.train._losses import force_mahalanobis_and_logdet
+from bayesrace.train._members import new_member_model
+from conftest import write_training_config
+
+FROZEN = {"kind": "nll_jef", "mse_warmup_epochs": 0, "means": "frozen", "heads_fraction": 0.5}
+
+
+def history(run_dir, member=0):
+    lines = (Path(run_dir) / f"member_{member}" / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def predictions(run_dir, frames):
+    posterior = load_posterior(Path(run_dir) / "posterior.pt")
+    member = posterior.members[0]
+    member.eval()
+    return [member(batch) for batch in frames]
+
+
+def test_the_offsets_shift_the_variances_exactly_and_old_models_load_without_them(psb3_small, tmp_path):
+    config = load_config(write_training_config(tmp_path / "c.yaml", psb3_small, tmp_path / "run"))
+    data = prepare_data(config)
+    model = new_member_model(config, data, 0)
+    model.eval()
+    batch = next(iter(iterate_batches(data.valid, 4, shuffle=False, dtype=torch.float64)))
+    before = model(batch)
+    legacy = {name: value for name, value in model.state_dict().items() if name != "head_log_variance_offset"}
+    with torch.no_grad():
+        model.head_log_variance_offset.copy_(torch.tensor([-1.5, 0.7], dtype=torch.float64))
+    after = model(batch)
+    assert torch.equal(after[keys.ENERGY], before[keys.ENERGY])
+    assert torch.allclose(after[keys.ENERGY_VARIANCE], before[keys.ENERGY_VARIANCE] * torch.exp(torch.tensor(-1.5)),
+                          rtol=1e-12)
+    # the floor is added after the scale: (Σ − floor)·e^0.7 + floor
+    floor = model.covariance_floor * torch.eye(3, dtype=torch.float64)
+    expected = (before[keys.FORCE_COVARIANCE] - floor) * torch.exp(torch.tensor(0.7)) + floor
+    assert torch.allclose(after[keys.FORCE_COVARIANCE], expected, rtol=1e-10)
+    # a state dict saved before the offsets existed loads with zero offsets
+    model.load_state_dict(legacy)
+    assert torch.equal(model.head_log_variance_offset.detach(), torch.zeros(2, dtype=torch.float64))
+    assert torch.equal(model(batch)[keys.ENERGY_VARIANCE], before[keys.ENERGY_VARIANCE])
+
+
+def test_fitted_offsets_make_the_scaled_residuals_one_on_average(psb3_small, tmp_path):
+    config = load_config(write_training_config(tmp_path / "c.yaml", psb3_small, tmp_path / "run"))
+    data = prepare_data(config)
+    model = new_member_model(config, data, 0)
+    offsets = fit_head_offsets(model, data.train, config, rounds=3)
+    assert abs(offsets["energy"]) > 0.1  # it moved (a random model's force residuals happen to sit near its σ)
+    model.eval()
+    energy, force, n_structures, n_atoms = 0.0, 0.0, 0, 0
+    for batch in iterate_batches(data.train, 8, shuffle=False, dtype=torch.float64):
+        pred = model(batch)
+        energy += float(((pred[keys.ENERGY] - batch[keys.ENERGY]) ** 2 / pred[keys.ENERGY_VARIANCE]).sum().detach())
+        mahalanobis, _ = force_mahalanobis_and_logdet(pred[keys.FORCES].detach() - batch[keys.FORCES],
+                                                      pred[keys.FORCE_COVARIANCE].detach())
+        force += float(mahalanobis.sum()) / 3.0
+        n_structures += len(pred[keys.ENERGY])
+        n_atoms += len(mahalanobis)
+    assert energy / n_structures == pytest.approx(1.0, rel=1e-6)
+    assert force / n_atoms == pytest.approx(1.0, rel=1e-2)  # the covariance floor makes it inexact
+
+
+def test_frozen_means_are_exactly_the_mse_models_and_the_heads_learn(psb3_small, tmp_path):
+    frozen = write_training_config(tmp_path / "f.yaml", psb3_small, tmp_path / "frozen", loss=FROZEN,
+                                   training={"max_epochs": 6})
+    train(load_config(frozen), progress=False)
+    mse = write_training_config(tmp_path / "m.yaml", psb3_small, tmp_path / "mse",
+                                loss={"kind": "mse", "mse_warmup_epochs": 0}, training={"max_epochs": 3})
+    train(load_config(mse), progress=False)
+
+    entries = history(tmp_path / "frozen")
+    assert [entry["loss_kind"] for entry in entries] == ["mse"] * 3 + ["nll_jef"] * 3
+    assert entries[-1]["valid_loss"] < entries[3]["valid_loss"]  # the heads learned
+    # the MSE phase is the MSE run, epoch by epoch
+    assert [e["valid_loss"] for e in entries[:3]] == [e["valid_loss"] for e in history(tmp_path / "mse")]
+
+    data = prepare_data(load_config(frozen))
+    frames = list(iterate_batches(data.valid, 4, shuffle=False, dtype=torch.float64))
+    for a, b in zip(predictions(tmp_path / "frozen", frames), predictions(tmp_path / "mse", frames)):
+        assert torch.equal(a[keys.ENERGY], b[keys.ENERGY])
+        assert torch.equal(a[keys.FORCES], b[keys.FORCES])
+        assert torch.isfinite(a[keys.ENERGY_VARIANCE]).all() and (a[keys.ENERGY_VARIANCE] > 0).all()
+
+
+def test_a_heads_phase_resumes_exactly(psb3_small, tmp_path, monkeypatch):
+    straight = write_training_config(tmp_path / "s.yaml", psb3_small, tmp_path / "straight", loss=FROZEN,
+                                     training={"max_epochs": 6})
+    train(load_config(straight), progress=False)
+    split = write_training_config(tmp_path / "r.yaml", psb3_small, tmp_path / "split", loss=FROZEN,
+                                  training={"max_epochs": 6})
+    finished = _loop._finished
+    monkeypatch.setattr(_loop, "_finished", lambda state, config: state["epoch"] == 5 or finished(state, config))
+    train(load_config(split), progress=False)  # stops after epoch 5, in the heads phase
+    assert len(history(tmp_path / "split")) == 5
+    monkeypatch.setattr(_loop, "_finished", finished)
+    train(load_config(split), progress=False)
+    assert [{**e, "elapsed_s": 0} for e in history(tmp_path / "split")] == \
+        [{**e, "elapsed_s": 0} for e in history(tmp_path / "straight")]
+    a = torch.load(tmp_path / "split" / "member_0" / CHECKPOINT, weights_only=False)["model"]
+    b = torch.load(tmp_path / "straight" / "member_0" / CHECKPOINT, weights_only=False)["model"]
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_frozen_means_need_an_nll_loss_and_a_member_posterior(psb3_small, tmp_path):
+    import yaml
+
+    from bayesrace import ConfigError
+
+    path = write_training_config(tmp_path / "a.yaml", psb3_small, tmp_path / "a", loss=FROZEN, posterior={"kind": "swag"},
+                                 training={"max_epochs": 200})
+    values = yaml.safe_load(path.read_text())
+    del values["ensemble"]
+    path.write_text(yaml.safe_dump(values))
+    with pytest.raises(ConfigError, match="loss.means 'frozen'.*swag"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="loss.means 'frozen'.*'mse'"):
+        load_config(write_training_config(tmp_path / "b.yaml", psb3_small, tmp_path / "b",
+                                          loss={**FROZEN, "kind": "mse"}))
