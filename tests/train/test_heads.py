@@ -99,6 +99,17 @@ def test_frozen_means_are_exactly_the_mse_models_and_the_heads_learn(psb3_small,
         assert torch.isfinite(a[keys.ENERGY_VARIANCE]).all() and (a[keys.ENERGY_VARIANCE] > 0).all()
 
 
+@pytest.mark.parametrize("budget, kinds", [
+    ({"max_epochs": 3}, ["mse", "mse", "nll_jef"]),  # 0.2 of 3 epochs: still the last one
+    ({"max_epochs": 50, "max_minutes": 0.0001}, ["mse", "nll_jef"]),  # out of time after one epoch
+])
+def test_the_heads_always_get_an_epoch(psb3_small, tmp_path, budget, kinds):
+    config = write_training_config(tmp_path / "c.yaml", psb3_small, tmp_path / "run",
+                                   loss={**FROZEN, "heads_fraction": 0.2}, training=budget)
+    train(load_config(config), progress=False)
+    assert [entry["loss_kind"] for entry in history(tmp_path / "run")] == kinds
+
+
 def test_a_heads_phase_resumes_exactly(psb3_small, tmp_path, monkeypatch):
     straight = write_training_config(tmp_path / "s.yaml", psb3_small, tmp_path / "straight", loss=FROZEN,
                                      training={"max_epochs": 6})

@@ -39,10 +39,13 @@ def heads_phase_pending(state: Dict, config: Config) -> bool:
 
 
 def heads_should_start(state: Dict, config: Config, stale: bool) -> bool:
-    """At the last ``heads_fraction`` of the budget, or when the MSE phase stagnates."""
+    """At the last ``heads_fraction`` of the budget, when the MSE phase stagnates, and at the
+    latest for the last epoch or once the time is used (``_finished`` waits for the phase), so
+    a member never ends with untrained heads."""
     if not heads_phase_pending(state, config):
         return False
-    return stale or budget_fraction(config.training, state["epoch"], state["elapsed"]) >= 1.0 - config.loss.heads_fraction
+    used = budget_fraction(config.training, state["epoch"], state["elapsed"])
+    return stale or used >= 1.0 - config.loss.heads_fraction or state["epoch"] >= config.training.max_epochs - 1
 
 
 def head_parameters(model: RACE) -> List[torch.nn.Parameter]:

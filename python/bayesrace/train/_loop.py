@@ -97,10 +97,12 @@ def _finished(state: Dict, config: Config) -> bool:
     SWAG has no early stopping, and IVON none before its phase: stagnation starts that
     phase instead (whose clocks start afresh, so IVON trains at least one epoch)."""
     training = config.training
+    if heads_phase_pending(state, config):  # the heads train for at least one epoch, even past the budget
+        return False
     out_of_time = training.max_minutes is not None and state["elapsed"] > 60.0 * training.max_minutes
     stale = state["stale_epochs"] >= training.early_stopping_patience and state["epoch"] > mse_warmup_epochs(config)
     ivon_waiting = config.posterior.kind == "ivon" and state.get("ivon_start_epoch") is None
-    early_stop = stale and config.posterior.kind != "swag" and not ivon_waiting and not heads_phase_pending(state, config)
+    early_stop = stale and config.posterior.kind != "swag" and not ivon_waiting
     return out_of_time or early_stop or state["epoch"] >= training.max_epochs
 
 
