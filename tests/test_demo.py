@@ -26,6 +26,7 @@ def test_demo_active_learning_round_halts_labels_retrains_and_reports(psb3_small
     first, second = summary["rounds"]
     assert first["halted"] and first["step_reached"] == 10 and first["labels_added"] == min(AL_LABELS_PER_HALT, 2)
     assert second["n_labels"] == first["n_labels"] + first["labels_added"]
+    assert summary["cycle"]
     config = yaml.safe_load((tmp_path / "al.yaml").read_text())
     assert config["md"]["temperature"] > 600 and config["training_ranks"] == 1
     round_1 = json.loads((tmp_path / "al" / "round_1" / "config.json").read_text())
@@ -34,3 +35,14 @@ def test_demo_active_learning_round_halts_labels_retrains_and_reports(psb3_small
     report = (report_dir / "report.md").read_text()
     assert report.startswith("# report\n") and "## On-the-fly active learning" in report
     assert "| 0 | 0 | 10 | True |" in report and (report_dir / "otf_sigma.png").stat().st_size > 1000
+
+
+def test_a_cycle_needs_a_halt_with_labels_and_a_round_trained_on_them():
+    from bayesrace.demo import shows_cycle
+
+    halted = {"halted": True, "labels_added": 4}
+    completed = {"halted": False, "labels_added": 0}
+    assert shows_cycle([halted, completed]) and shows_cycle([halted, halted])
+    assert not shows_cycle([completed])  # round 0 never halted
+    assert not shows_cycle([halted])  # nothing was retrained
+    assert not shows_cycle([{"halted": True, "labels_added": 0}, completed])  # a halt without labels
