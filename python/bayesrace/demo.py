@@ -98,7 +98,7 @@ def demo_al_config(data_dir: Path, run_dir: Path, al_dir: Path, rounds: int, ran
 def shows_cycle(rounds_log) -> bool:
     """Whether the on-the-fly rounds hold at least one halt → label → retrain cycle: a round
     that halted and added labels, followed by a round trained on them."""
-    return any(r["halted"] and r["labels_added"] > 0 for r in rounds_log[:-1]) and len(rounds_log) > 1
+    return any(r["halted"] and r["labels_added"] > 0 for r in rounds_log[:-1])
 
 
 def run_demo_active_learning(data_dir: Path, run_dir: Path, report_dir: Path, rounds: int, ranks: int,
@@ -167,8 +167,8 @@ def run_demo_active_learning(data_dir: Path, run_dir: Path, report_dir: Path, ro
     md += ["", f"![max force σ of every dumped frame vs MD step]({OTF_PLOT})", ""]
     with open(report_dir / "report.md", "a") as report:
         report.write("\n".join(md))
-    return {"status": log["status"], "labels": labels, "cycle": cycle, "rounds": [{k: v for k, v in r.items() if k != "trace"}
-                                                                 for r in rounds_log], "errors": comparison}
+    rounds_summary = [{k: v for k, v in r.items() if k != "trace"} for r in rounds_log]
+    return {"status": log["status"], "labels": labels, "cycle": cycle, "rounds": rounds_summary, "errors": comparison}
 
 
 def run_demo(out: Path, members: int = 4, minutes: float = 2.0, ranks: int = 1, quiet: bool = False,

@@ -135,7 +135,8 @@ def test_frozen_means_need_an_nll_loss_and_a_member_posterior(psb3_small, tmp_pa
 
     from bayesrace import ConfigError
 
-    path = write_training_config(tmp_path / "a.yaml", psb3_small, tmp_path / "a", loss=FROZEN, posterior={"kind": "swag"},
+    path = write_training_config(tmp_path / "a.yaml", psb3_small, tmp_path / "a", loss=FROZEN,
+                                 posterior={"kind": "swag"},
                                  training={"max_epochs": 200})
     values = yaml.safe_load(path.read_text())
     del values["ensemble"]

@@ -38,14 +38,16 @@ def heads_phase_pending(state: Dict, config: Config) -> bool:
     return config.loss.means == "frozen" and config.loss.kind != "mse" and state.get("heads_start_epoch") is None
 
 
-def heads_should_start(state: Dict, config: Config, stale: bool) -> bool:
+def heads_should_start(state: Dict, config: Config) -> bool:
     """At the last ``heads_fraction`` of the budget, when the MSE phase stagnates, and at the
     latest for the last epoch or once the time is used (``_finished`` waits for the phase), so
     a member never ends with untrained heads."""
     if not heads_phase_pending(state, config):
         return False
-    used = budget_fraction(config.training, state["epoch"], state["elapsed"])
-    return stale or used >= 1.0 - config.loss.heads_fraction or state["epoch"] >= config.training.max_epochs - 1
+    training = config.training
+    stale = state["stale_epochs"] >= training.early_stopping_patience
+    used = budget_fraction(training, state["epoch"], state["elapsed"])
+    return stale or used >= 1.0 - config.loss.heads_fraction or state["epoch"] >= training.max_epochs - 1
 
 
 def head_parameters(model: RACE) -> List[torch.nn.Parameter]:
@@ -55,10 +57,11 @@ def head_parameters(model: RACE) -> List[torch.nn.Parameter]:
 
 
 def freeze_all_but_heads(model: RACE) -> List[torch.nn.Parameter]:
-    trainable = {id(parameter) for parameter in head_parameters(model)}
+    heads = head_parameters(model)
+    trainable = {id(parameter) for parameter in heads}
     for parameter in model.parameters():
         parameter.requires_grad_(id(parameter) in trainable)
-    return head_parameters(model)
+    return heads
 
 
 def make_heads_optimizer(config: Config, model: RACE):
@@ -71,11 +74,13 @@ def make_heads_optimizer(config: Config, model: RACE):
     return optimizer, scheduler
 
 
-def fit_head_offsets(model: RACE, graphs: List[Graph], config: Config, rounds: int = 2) -> Dict[str, float]:
+def fit_head_offsets(model: RACE, graphs: List[Graph], config: Config, rounds: int = 2,
+                     ema: Optional[AveragedModel] = None) -> Dict[str, float]:
     """Shift the energy and force log-variance offsets by the maximum-likelihood constant
     factors on ``graphs``: c_E = mean_b[ΔE_b²/σ²_E,b] and c_F = mean_i[ΔF_iᵀΣ_i⁻¹ΔF_i]/3.
     The covariance floor and the σ caps make the force factor only nearly exact in one go, so
-    it is refitted ``rounds`` times. Returns the final offsets."""
+    it is refitted ``rounds`` times; ``ema``'s copy of the model gets the same offsets. Returns
+    the final offsets."""
     was_training = model.training
     model.eval()
     try:
@@ -100,6 +105,9 @@ def fit_head_offsets(model: RACE, graphs: List[Graph], config: Config, rounds: i
     finally:
         model.train(was_training)
     offset = getattr(model, OFFSET).detach()
+    if ema is not None:
+        with torch.no_grad():
+            getattr(ema.module, OFFSET).copy_(offset)
     return dict(energy=float(offset[0]), forces=float(offset[1]))
 
 

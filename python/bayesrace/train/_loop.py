@@ -229,8 +229,7 @@ def train_member(
         try:
             while state["epoch"] < training.max_epochs:
                 epoch = state["epoch"]
-                stale = state["stale_epochs"] >= training.early_stopping_patience
-                if heads_should_start(state, config, stale):
+                if heads_should_start(state, config):
                     optimizer, scheduler, ema = start_heads_phase(model, state, config, data.train)
                     offsets = state["head_offsets"]
                     bar.say(f"member {member}: the network is frozen at epoch {epoch}; its variance heads learn "
@@ -244,10 +243,7 @@ def train_member(
                     # start the heads at the level of the residuals (ema keeps the same offsets)
                     state["best_loss"], state["stale_epochs"] = math.inf, 0
                     scheduler.best = scheduler.mode_worse
-                    fit_head_offsets(model, data.train, config)
-                    if ema is not None:
-                        with torch.no_grad():
-                            ema.module.head_log_variance_offset.copy_(model.head_log_variance_offset)
+                    fit_head_offsets(model, data.train, config, ema=ema)
                 if _ivon_should_start(state, config):
                     optimizer, scheduler = _start_ivon(model, state, config, data)
                     ema = None

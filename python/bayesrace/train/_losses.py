@@ -102,7 +102,8 @@ def _with_mse_means(nll: Callable[[Batch, Batch, float, float], torch.Tensor]):
     nll_of_fixed_means = _with_fixed_means(nll)
 
     def loss(pred: Batch, batch: Batch, energy_weight: float, force_weight: float) -> torch.Tensor:
-        return mse_loss(pred, batch, energy_weight, force_weight) + nll_of_fixed_means(pred, batch, energy_weight, force_weight)
+        mse = mse_loss(pred, batch, energy_weight, force_weight)
+        return mse + nll_of_fixed_means(pred, batch, energy_weight, force_weight)
 
     return loss
 
