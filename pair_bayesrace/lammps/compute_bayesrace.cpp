@@ -15,6 +15,7 @@
 #include "core/engine.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <limits>
 
@@ -135,29 +136,35 @@ void ComputeBayesRace::compute_vector()
   const int *mask = atom->mask;
   double **uq = pair->atom_uncertainty();
   const auto &mapped = pair->atom_mapped();
-  double mx = 0.0, sums[2] = {0.0, 0.0}, over = 0.0;    // sum σ, count
+  double mx[2] = {0.0, 0.0}, sums[2] = {0.0, 0.0}, over = 0.0;    // max σ, σ_epi; sum σ, count
   double closest = std::numeric_limits<double>::max();    // smallest contact ratio
   for (int i = 0; i < nlocal; i++) {
     if (!(mask[i] & groupbit) || !mapped[i]) continue;
     closest = std::min(closest, uq[i][4]);
     const double s = uq[i][0];
-    if (s > mx) mx = s;
+    mx[0] = std::max(mx[0], s);
+    mx[1] = std::max(mx[1], uq[i][1]);
     sums[0] += s;
     sums[1] += 1.0;
     if (s > thr) over += 1.0;
   }
-  double gmx = 0.0, gsums[2] = {0.0, 0.0}, gover = 0.0;
-  MPI_Allreduce(&mx, &gmx, 1, MPI_DOUBLE, MPI_MAX, world);
+  double gmx[2] = {0.0, 0.0}, gsums[2] = {0.0, 0.0}, gover = 0.0;
+  MPI_Allreduce(mx, gmx, 2, MPI_DOUBLE, MPI_MAX, world);
   MPI_Allreduce(sums, gsums, 2, MPI_DOUBLE, MPI_SUM, world);
   MPI_Allreduce(&over, &gover, 1, MPI_DOUBLE, MPI_SUM, world);
   double gclosest = 0.0;
   MPI_Allreduce(&closest, &gclosest, 1, MPI_DOUBLE, MPI_MIN, world);
-  values[0] = gmx;
+  values[0] = gmx[0];
   values[1] = gsums[1] > 0.0 ? gsums[0] / gsums[1] : 0.0;
   values[2] = pair->energy_std();
   values[3] = gover;
   // no atom in the group: no contact to report, read as "not short" (the no-neighbour value)
   values[4] = gclosest == std::numeric_limits<double>::max() ? pair->no_contact_ratio() : gclosest;
+  // the members' disagreement alone: the largest epistemic force σ, and the epistemic energy σ
+  // per atom of the whole system (the score that flags torsions, bench/results/ood_scores)
+  values[5] = gmx[1];
+  const double n_atoms = pair->energy_atoms();
+  values[6] = n_atoms > 0.0 ? std::sqrt(pair->energy_var_epistemic()) / n_atoms : 0.0;
 }
 
 /* ----------------------------------------------------------------------

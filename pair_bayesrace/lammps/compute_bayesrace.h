@@ -47,7 +47,7 @@ class ComputeBayesRace : public Compute {
  private:
   PairBayesRace *pair;
   double threshold;  // < 0: the model's
-  static constexpr int NVALUES = 5;
+  static constexpr int NVALUES = 7;
   double values[NVALUES];
 };
 

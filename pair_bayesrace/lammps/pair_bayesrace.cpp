@@ -68,7 +68,7 @@ constexpr double MIN_DISTANCE = 1e-8;
 PairBayesRace::PairBayesRace(LAMMPS *lmp) :
     Pair(lmp), device("cpu"), driving_member(-1), uq_every(0), n_members(0), econv(1.0), cut_model(0.0),
     cutsq_model(0.0), halo_layer(false), halo_auto(true), recompute_layers(false), moving(Moving::NOTHING), comm_rows(nullptr), comm_width(0), uq(nullptr),
-    uq_nmax(0), uq_step(-1), energy_sigma(0.0), energy_var_epi(0.0), energy_var_ale(0.0), halo(this)
+    uq_nmax(0), uq_step(-1), energy_sigma(0.0), energy_var_epi(0.0), energy_var_ale(0.0), energy_n_atoms(0.0), halo(this)
 {
   single_enable = 0;
   restartinfo = 0;
@@ -471,6 +471,7 @@ void PairBayesRace::compute(int eflag, int vflag)
   energy_sigma = econv * out.energy_std;
   energy_var_epi = econv * econv * out.energy_var_epistemic;
   energy_var_ale = econv * econv * out.energy_var_aleatoric;
+  energy_n_atoms = ai.n_atoms_total;
   uq_step = update->ntimestep;
 }
 

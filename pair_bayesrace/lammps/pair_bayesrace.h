@@ -64,6 +64,7 @@ class PairBayesRace : public Pair {
   double energy_std() const { return energy_sigma; }
   double energy_var_epistemic() const { return energy_var_epi; }
   double energy_var_aleatoric() const { return energy_var_ale; }
+  double energy_atoms() const { return energy_n_atoms; }  // atoms in the energy sums (all ranks)
   double force_threshold() const;  // model's atomic_force_std threshold, run units
   // the contact ratio of an atom without neighbours (-1 without training contacts)
   double no_contact_ratio() const;
@@ -100,7 +101,7 @@ class PairBayesRace : public Pair {
   double **uq;
   int uq_nmax;
   bigint uq_step;
-  double energy_sigma, energy_var_epi, energy_var_ale;
+  double energy_sigma, energy_var_epi, energy_var_ale, energy_n_atoms;
 
   // layer mode: the core's bayesrace::HaloExchange is this pair's forward/reverse_comm
   struct Halo : bayesrace::HaloExchange {

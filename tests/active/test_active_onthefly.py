@@ -172,6 +172,41 @@ def test_on_the_fly_restart_from_halt_keeps_round_0_threshold(otf_run, psb3_smal
         np.testing.assert_allclose(resumed["columns"][column], halt_frame["columns"][column], rtol=0, atol=1e-12)
 
 
+def test_on_the_fly_halts_on_the_epistemic_sigma_when_asked(otf_run, psb3_small, tmp_path):
+    """md.halt_on epistemic: fix halt reads the members' disagreement (dump column c_u[2]), not
+    the total σ; a threshold between the two stops the total-σ run at its first check and lets
+    the epistemic one finish; without a threshold τ comes from the calibrated epistemic σ."""
+    from bayesrace.active import active_config_from_dict, run_on_the_fly
+    from bayesrace.lammps import read_dump
+
+    out, _, structure = otf_run
+    md = {"structure": str(structure), "n_steps": 12, "dump_every": 4, "thermostat": "nve", "temperature": 100.0}
+
+    def run(name, threshold, halt_on, **extra):
+        values = _otf_values(psb3_small, tmp_path / name, structure, posterior=str(out / "round_1" / "posterior.pt"),
+                             threshold=threshold, n_rounds=0, md={**md, "halt_on": halt_on}, **extra)
+        if "valid" not in extra:
+            del values["valid"]
+        return run_on_the_fly(active_config_from_dict(values), progress=False)
+
+    free = run("free", 1e3, "epistemic")
+    frames = read_dump(tmp_path / "free" / "round_0" / "md" / "frames.dump")
+    epistemic = [float(f["columns"]["c_u[2]"].max()) for f in frames]
+    total = [float(f["columns"]["c_u[1]"].max()) for f in frames]
+    assert free["rounds"][0]["max_sigma"] == pytest.approx(max(epistemic)) and free["halt_on"] == "epistemic"
+    assert all(np.all(f["columns"]["c_u[2]"] <= f["columns"]["c_u[1]"]) for f in frames)
+    assert max(epistemic) < min(total)  # the aleatoric part is there: a threshold fits between
+    between = 0.5 * (max(epistemic) + min(total))
+    on_epistemic = run("epistemic", between, "epistemic")["rounds"][0]
+    on_total = run("total", between, "total")["rounds"][0]
+    assert not on_epistemic["halted"] and on_epistemic["step_reached"] == 12
+    assert on_total["halted"] and on_total["step_reached"] == 4
+
+    calibrated = run("calibrated", None, "epistemic", valid=str(psb3_small / "test_id.xyz"))["rounds"][0]
+    assert calibrated["threshold"] == calibrated["calibration_epistemic_threshold"]
+    assert 0 < calibrated["calibration_epistemic_threshold"] < calibrated["calibration_threshold"]
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
@@ -188,6 +223,8 @@ def test_on_the_fly_restart_from_halt_keeps_round_0_threshold(otf_run, psb3_smal
         ({"initial": None}, "needs 'initial'"),
         ({"oracle": {"kind": "from_pool"}}, "from_pool' needs a pool"),
         ({"n_initial": 3}, "n_initial: key\\(s\\) of mode pool only"),
+        ({"md": {"structure": "s.xyz", "halt_on": "aleatoric"}}, "md.halt_on is 'aleatoric'"),
+        ({"md": {"structure": "s.xyz", "halt_on": "epistemic"}}, "md.halt_on 'epistemic' needs 'threshold'"),
     ],
 )
 def test_on_the_fly_config_errors(tmp_path, change, message):

@@ -199,7 +199,7 @@ def lammps_input(
         "compute pea all pe/atom",
         "compute sa all stress/atom NULL virial",
         "compute p all pressure NULL virial",
-        "thermo_style custom step pe vol c_ug[1] c_ug[2] c_ug[3] c_ug[4] c_p[1] c_p[2] c_p[3] c_p[4] c_p[5] c_p[6]",
+        "thermo_style custom step pe vol c_ug[1] c_ug[2] c_ug[3] c_ug[4] c_ug[6] c_ug[7] c_p[1] c_p[2] c_p[3] c_p[4] c_p[5] c_p[6]",
         "thermo_modify format float %.17g",
     ]
     if dump:
@@ -212,6 +212,7 @@ def lammps_input(
     glob = " ".join(
         f"$({v}:%.17g)"
         for v in ["pe", "vol", "c_ug[1]", "c_ug[2]", "c_ug[3]", "c_ug[4]"] + [f"c_p[{k}]" for k in range(1, 7)]
+        + ["c_ug[6]", "c_ug[7]"]
     )
     lines.append(f'print "GLOBAL {glob}" file global.txt')
     return "\n".join(lines) + "\n"
@@ -230,6 +231,8 @@ def parse_lammps_result(workdir: Path, nktv2p: float = NKTV2P_METAL):
         "energy_std": g[4],
         "n_over": g[5],
         "virial6": p * vol / nktv2p,  # xx yy zz xy xz yz
+        "max_force_std_epistemic": g[12],
+        "energy_std_epistemic_per_atom": g[13],
     }
     d = read_dump(workdir / "dump.txt")
     res["id"] = d["id"].astype(int)
@@ -255,6 +258,8 @@ def reference_result(core, model: str, s: Structure, cutoff: float, driving="mea
         "energy_std": float(out["energy_std"]),
         "n_over": float((sig > thr).sum()),
         "virial6": np.array([w[0, 0], w[1, 1], w[2, 2], w[0, 1], w[0, 2], w[1, 2]]),
+        "max_force_std_epistemic": out["atomic_force_std_epistemic"].max(),
+        "energy_std_epistemic_per_atom": float(np.sqrt(out["energy_var_epistemic"])) / len(s.ids),
         "id": np.asarray(s.ids)[order],
         "forces": out["forces"][order],
         "atomic_energy": out["atomic_energy"][order],

@@ -161,6 +161,8 @@ def python_reference(posterior, s: Structure, threshold: float) -> dict:
         "energy_std": r["energy_std"],
         "n_over": float((sig > threshold).sum()),
         "virial6": virial6,
+        "max_force_std_epistemic": r["forces_std_epistemic"].max(),
+        "energy_std_epistemic_per_atom": r["energy_std_epistemic"] / len(s.ids),
         "id": np.asarray(s.ids)[order],
         "forces": r["forces"][order],
         "atomic_energy": r["energies"][order],

@@ -28,6 +28,7 @@ THERMOSTATS = ("langevin", "nve")
 # bayes.METHODS, spelt out: this module must not import torch (a test keeps the two equal)
 CALIBRATION_METHODS = ("isotonic", "scalar", "split")
 RESTART_FROM = ("last_trusted", "halt")
+HALT_ON = ("total", "epistemic")  # bayesrace.lammps.HALT_COLUMNS, spelt out (no torch import here)
 # top-level keys that only mode on_the_fly reads, and the ones only mode pool reads
 ON_THE_FLY_KEYS = ("md", "posterior", "valid", "calibration_method", "threshold", "candidate_fraction",
                    "acquired_repeats")
@@ -65,6 +66,10 @@ class MDSection:
     # after a halt the next segment starts from: last_trusted = the last dumped frame with max σ <= the
     # threshold (positions, velocities, step); halt = the halting frame itself
     restart_from: Literal[RESTART_FROM] = "last_trusted"
+    # the force σ that halts a segment: total = epistemic and aleatoric together; epistemic = the
+    # members' disagreement alone (what retraining on new labels can lower; the aleatoric part is
+    # the model's own error level, which new labels of a hotter region raise)
+    halt_on: Literal[HALT_ON] = "total"
 
 
 @section
@@ -136,6 +141,9 @@ class ActiveConfig:
             raise ConfigError(f"md.temperature must be > 0 K (>= 0 with nve), got {md.temperature}")
         if not 1 <= md.dump_every <= md.n_steps:
             raise ConfigError(f"md.dump_every must lie in [1, md.n_steps = {md.n_steps}], got {md.dump_every}")
+        if md.halt_on == "epistemic" and self.threshold is None and self.valid is None:
+            raise ConfigError("md.halt_on 'epistemic' needs 'threshold' (eV/Å) or 'valid' (the threshold is then "
+                              "1.5 × q_0.99 of the validation set's largest calibrated epistemic force σ)")
 
 
 def active_config_from_dict(values: Dict[str, Any], base_dir: Optional[Path] = None) -> ActiveConfig:

@@ -8,14 +8,16 @@ Round r = 0 .. n_rounds (``<out>/round_<r>``):
 2. with ``valid``: ``calibrate_posterior_file`` (``calibration_method``), which also sets the
    threshold 1.5 × q_0.99 of the validation set's largest calibrated atomic force σ;
 3. export ``model.pt``; halting threshold τ = ``threshold`` if given, else round 0's deployable's
-   own ``thresholds.atomic_force_std`` (from its calibration record), kept for every later round:
+   own ``thresholds.atomic_force_std`` (from its calibration record) or, with ``md.halt_on:
+   epistemic``, the same rule on round 0's calibrated epistemic σ, kept for every later round:
    a criterion recomputed each round would tighten as the model improves in distribution, and
    the loop could never end;
 4. an MD segment (``round_<r>/md``): LAMMPS with ``pair_style bayesrace`` from the previous
    segment's restart point or, in round 0, from ``md.structure`` with Maxwell–Boltzmann
    velocities; the step counter continues via ``reset_timestep``. Every ``md.dump_every`` steps
-   the frame and its per-atom σ are dumped and ``fix halt`` stops the run when max_i σ_i
-   (``c_ug[1]``) > τ. It runs ``run n_steps upto``;
+   the frame and its per-atom σ's are dumped and ``fix halt`` stops the run when max_i σ_i > τ
+   (σ: the total force σ, ``c_ug[1]``, or the epistemic one with ``md.halt_on: epistemic``; every
+   "max σ" below is that σ). It runs ``run n_steps upto``;
 5. a segment that reaches ``md.n_steps`` without a halt ends the loop; so does round n_rounds.
    Otherwise the segment's new frames with max σ > ``candidate_fraction`` × τ (the halting
    frame always is one) join the candidates of the earlier segments not yet labelled;
@@ -53,6 +55,7 @@ from ..lammps import (
     MD_STEP,
     RESTART_DATA,
     dump_frame_atoms,
+    halting_column,
     lammps_data_text,
     last_trusted_frame,
     run_md_segment,
@@ -121,6 +124,7 @@ def run_on_the_fly(config: ActiveConfig, progress: bool = True, oracle: Optional
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     md = config.md
+    column = halting_column(md)
     if not Path(md.structure).is_file():
         raise ConfigError(f"md.structure: {md.structure}: no such file")
     if config.posterior is not None and not Path(config.posterior).is_file():
@@ -182,6 +186,7 @@ def run_on_the_fly(config: ActiveConfig, progress: bool = True, oracle: Optional
                 result = calibrate_posterior_file(posterior_path, config.valid, deployed_posterior,
                                                   method=config.calibration_method, **read)
                 record["calibration_threshold"] = float(result["threshold"])
+                record["calibration_epistemic_threshold"] = float(result["epistemic_threshold"])
                 times["calibrate"] = time.perf_counter() - started
                 record["calibrated"] = True
                 save_state()
@@ -192,9 +197,14 @@ def run_on_the_fly(config: ActiveConfig, progress: bool = True, oracle: Optional
             posterior = load_posterior(deployed_posterior, dtype=dtype)
             posterior.eval()
             fixed = config.threshold if round_index == 0 else state["rounds"][0]["threshold"]
-            thresholds = None if fixed is None else {"atomic_force_std": float(fixed)}
-            metadata = export_posterior(posterior, model_path, thresholds=thresholds)
-            record["threshold"] = float(metadata["thresholds"]["atomic_force_std"])
+            if md.halt_on == "epistemic":
+                # the deployable keeps its own total-σ threshold; the segment halts on τ_epi
+                export_posterior(posterior, model_path)
+                record["threshold"] = float(fixed if fixed is not None else record["calibration_epistemic_threshold"])
+            else:
+                thresholds = None if fixed is None else {"atomic_force_std": float(fixed)}
+                metadata = export_posterior(posterior, model_path, thresholds=thresholds)
+                record["threshold"] = float(metadata["thresholds"]["atomic_force_std"])
             times["export"] = time.perf_counter() - started
             record["exported"] = True
             save_state()
@@ -215,14 +225,14 @@ def run_on_the_fly(config: ActiveConfig, progress: bool = True, oracle: Optional
                 start_step = int(previous["restart_step"])
                 start_text = (out / f"round_{round_index - 1}" / MD_DIR / previous["restart_file"]).read_text()
             say(f"round {round_index}/{config.n_rounds}: MD from step {start_step} to {md.n_steps}, halting at "
-                f"max force σ > {threshold:.4g} eV/Å")
+                f"max {md.halt_on} force σ > {threshold:.4g} eV/Å")
             started = time.perf_counter()
             segment = run_md_segment(model_path, type_names, md, threshold, segment_dir, start_text, start_step,
                                      first_segment=round_index == 0, molecule=molecule,
                                      segment_seed=md.seed + SEED_STRIDE * round_index + 1)
             times["md"] = time.perf_counter() - started
             frames = [f for f in segment["frames"] if f["step"] > start_step or round_index == 0]
-            atoms_list = [dump_frame_atoms(f, type_names, molecule) for f in frames]
+            atoms_list = [dump_frame_atoms(f, type_names, molecule, column) for f in frames]
             cut = config.candidate_fraction * threshold
             candidates = [a for a in atoms_list if a.info[MAX_SIGMA] > cut or
                           (segment["halted"] and a.info[MD_STEP] == segment["step_reached"])]
@@ -232,9 +242,9 @@ def run_on_the_fly(config: ActiveConfig, progress: bool = True, oracle: Optional
                 ase.io.write(tmp, candidates, format="extxyz")
             restart_step, restart_file = segment["step_reached"], END_DATA
             if segment["halted"] and md.restart_from == "last_trusted":
-                restart = last_trusted_frame(segment["frames"], threshold)
+                restart = last_trusted_frame(segment["frames"], threshold, column)
                 restart_step, restart_file = int(restart["step"]), RESTART_DATA
-                atoms = dump_frame_atoms(restart, type_names, molecule)
+                atoms = dump_frame_atoms(restart, type_names, molecule, column)
                 velocities = np.stack([restart["columns"][c] for c in ("vx", "vy", "vz")], axis=1)
                 (segment_dir / RESTART_DATA).write_text(lammps_data_text(atoms, type_names, md.box, velocities))
             record.update(restart_step=restart_step, restart_file=restart_file)
@@ -323,11 +333,11 @@ def write_otf_log(config: ActiveConfig, state: Dict[str, Any]) -> Dict[str, Any]
             continue
         rounds.append({key: record.get(key) for key in ("round", "start_step", "step_reached", "halted", "restart_step",
                                                         "max_sigma", "threshold", "calibration_threshold",
-                                                        "n_frames", "n_candidates", "n_pooled_candidates", "selected",
+                                                        "calibration_epistemic_threshold", "n_frames", "n_candidates", "n_pooled_candidates", "selected",
                                                         "n_labels",
                                                         "time_s", "trace")})
         rounds[-1]["labels_added"] = record.get("labels_added", 0)
-    log = dict(n_steps=config.md.n_steps, n_rounds=config.n_rounds, strategy=config.strategy,
+    log = dict(n_steps=config.md.n_steps, n_rounds=config.n_rounds, strategy=config.strategy, halt_on=config.md.halt_on,
                batch_size=config.batch_size, candidate_fraction=config.candidate_fraction,
                status=state.get("status", "running"),
                final_step=rounds[-1]["step_reached"] if rounds else 0, rounds=rounds)
@@ -348,7 +358,7 @@ def _plot_sigma_trace(log: Dict[str, Any], path: Path) -> None:
         if record["halted"] and len(trace):
             axis.plot(trace[-1, 0], trace[-1, 1], "x", color="red", ms=8)
     axis.set_xlabel("MD step (cumulative)")
-    axis.set_ylabel("max atomic force σ (eV/Å)")
+    axis.set_ylabel(f"max {log.get('halt_on', 'total')} atomic force σ (eV/Å)")
     axis.set_title(f"on-the-fly AL: {log['status']}, step {log['final_step']} of {log['n_steps']} (× = halt, "
                    f"-- = threshold)", fontsize=9)
     if log["rounds"]:

@@ -35,7 +35,10 @@ from ._runner import (
 )
 from ._segment import (
     END_DATA,
+    HALT_COLUMNS,
     RESTART_DATA,
+    frame_max_sigma,
+    halting_column,
     last_trusted_frame,
     md_input_text,
     run_md_segment,
@@ -44,12 +47,15 @@ from ._segment import (
 __all__ = [
     "mpirun_executable",
     "END_DATA",
+    "HALT_COLUMNS",
     "MAX_SIGMA",
     "MD_STEP",
     "PSB3_INPUT",
     "RESTART_DATA",
     "LmpResult",
     "dump_frame_atoms",
+    "frame_max_sigma",
+    "halting_column",
     "lammps_data_text",
     "lammps_in",
     "lammps_number",

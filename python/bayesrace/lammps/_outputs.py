@@ -34,9 +34,10 @@ def read_dump(path) -> List[Dict[str, Any]]:
     return frames
 
 
-def dump_frame_atoms(frame: Dict[str, Any], type_names: Sequence[str], molecule: bool):
+def dump_frame_atoms(frame: Dict[str, Any], type_names: Sequence[str], molecule: bool, column: str = "c_u[1]"):
     """An ASE Atoms of a dumped frame (unwrapped positions; a molecule without cell and pbc),
-    with info md_step and max_force_std and array force_std (the per-atom σ's)."""
+    with info md_step and max_force_std and array force_std (the per-atom σ's of ``column``:
+    the total force σ by default)."""
     from ase import Atoms
 
     columns = frame["columns"]
@@ -47,7 +48,7 @@ def dump_frame_atoms(frame: Dict[str, Any], type_names: Sequence[str], molecule:
     else:
         lengths = frame["box"][:, 1] - frame["box"][:, 0]
         atoms = Atoms(symbols=symbols, positions=positions - frame["box"][:, 0], cell=np.diag(lengths), pbc=True)
-    sigma = columns["c_u[1]"]
+    sigma = columns[column]
     atoms.info[MD_STEP] = int(frame["step"])
     atoms.info[MAX_SIGMA] = float(sigma.max())
     atoms.arrays["force_std"] = np.asarray(sigma, dtype=np.float64)

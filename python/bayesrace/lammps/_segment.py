@@ -4,7 +4,11 @@ with its per-atom force σ and halts (``fix halt``) once the largest σ exceeds 
 A segment lives in its own folder: ``start.data`` in, ``in.md`` its input, ``log.md``,
 ``frames.dump`` (every ``md.dump_every`` steps: id type xu yu zu vx vy vz σ_i) and
 ``end.data`` out. ``md`` is the on-the-fly configuration's md section (temperature,
-thermostat, damping, timestep, dump_every, n_steps, ranks).
+thermostat, damping, timestep, dump_every, n_steps, ranks, halt_on).
+
+``md.halt_on`` chooses the σ that halts: ``total`` (epistemic and aleatoric together: the max
+is ``c_ug[1]``, the per-atom σ column 1 of ``compute bayesrace/atom``) or ``epistemic`` (the
+members' disagreement: ``c_ug[6]``, column 2). Both per-atom columns are dumped either way.
 """
 
 from __future__ import annotations
@@ -24,13 +28,34 @@ START_DATA = "start.data"
 END_DATA = "end.data"
 RESTART_DATA = "restart.data"  # the next segment's start when it is not end.data (written by the caller)
 DUMP_FILE = "frames.dump"
+# each σ a segment can halt on: its per-atom dump column (compute bayesrace/atom) and its
+# maximum over the atoms (compute bayesrace)
+HALT_COLUMNS = {"total": "c_u[1]", "epistemic": "c_u[2]"}
+HALT_MAXIMA = {"total": "c_ug[1]", "epistemic": "c_ug[6]"}
+
+
+def _halt_on(md) -> str:
+    halt_on = getattr(md, "halt_on", "total")
+    if halt_on not in HALT_COLUMNS:
+        raise ValueError(f"md.halt_on must be one of {sorted(HALT_COLUMNS)}, got {halt_on!r}")
+    return halt_on
+
+
+def halting_column(md) -> str:
+    """The dump column of the σ ``md.halt_on`` names."""
+    return HALT_COLUMNS[_halt_on(md)]
+
+
+def frame_max_sigma(frame: Dict[str, Any], column: str = HALT_COLUMNS["total"]) -> float:
+    """The largest per-atom σ of a dumped frame in ``column``."""
+    return float(frame["columns"][column].max())
 
 
 def md_input_text(model_path, type_names: Sequence[str], md, threshold: float, start_step: int,
                   first_segment: bool, molecule: bool, segment_seed: int, plugin_load: Optional[str] = None) -> str:
     """The LAMMPS input of one segment: read ``start.data``, continue at ``start_step``, dump
-    every ``md.dump_every`` steps (id type xu yu zu vx vy vz σ_i), halt when max σ > threshold,
-    ``run n_steps upto``, ``write_data end.data``."""
+    every ``md.dump_every`` steps (id type xu yu zu vx vy vz σ_i σ_epi,i), halt when the max of
+    the σ ``md.halt_on`` names > threshold, ``run n_steps upto``, ``write_data end.data``."""
     number = lammps_number
     every = int(md.dump_every)
     lines = [f"# bayesrace on-the-fly MD segment from step {start_step}"]
@@ -46,7 +71,7 @@ def md_input_text(model_path, type_names: Sequence[str], md, threshold: float, s
         f"pair_coeff * * {Path(model_path).resolve()} {' '.join(type_names)}",
         "compute u all bayesrace/atom",
         "compute ug all bayesrace",
-        "variable maxsig equal c_ug[1]",
+        f"variable maxsig equal {HALT_MAXIMA[_halt_on(md)]}",
     ]
     if first_segment and md.temperature > 0:
         lines.append(f"velocity all create {number(md.temperature)} {segment_seed} mom yes "
@@ -58,9 +83,9 @@ def md_input_text(model_path, type_names: Sequence[str], md, threshold: float, s
     lines += [
         f"timestep {number(md.timestep)}",
         f"thermo {every}",
-        "thermo_style custom step temp pe etotal c_ug[1]",
+        "thermo_style custom step temp pe etotal c_ug[1] v_maxsig",
         "thermo_modify format float %.10g",
-        f"dump frames all custom {every} {DUMP_FILE} id type xu yu zu vx vy vz c_u[1]",
+        f"dump frames all custom {every} {DUMP_FILE} id type xu yu zu vx vy vz c_u[1] c_u[2]",
         "dump_modify frames sort id format float %.17g",
         # soft: the run ends normally at the halting step (its frame is dumped first)
         f"fix halt all halt {every} v_maxsig > {number(threshold)} error soft",
@@ -74,7 +99,7 @@ def run_md_segment(model_path, type_names: Sequence[str], md, threshold: float, 
                    start_step: int, first_segment: bool, molecule: bool, segment_seed: int) -> Dict[str, Any]:
     """One MD segment in ``workdir``; returns {start_step, step_reached, halted, frames (dumped,
     as dicts of read_dump), max_sigma}. Halted: stopped by fix halt (before n_steps, or at
-    n_steps with max σ over the threshold)."""
+    n_steps with max σ over the threshold); σ is the one ``md.halt_on`` names."""
     workdir = Path(workdir)
     if workdir.exists():
         shutil.rmtree(workdir)  # a segment killed half-way reruns from its start
@@ -89,14 +114,17 @@ def run_md_segment(model_path, type_names: Sequence[str], md, threshold: float, 
     found = re.search(r"timestep = (\d+)", header)
     step_reached = int(found.group(1)) if found else frames[-1]["step"]
     last = frames[-1] if frames and frames[-1]["step"] == step_reached else None
-    last_sigma = float(last["columns"]["c_u[1]"].max()) if last is not None else 0.0
+    column = halting_column(md)
+    last_sigma = frame_max_sigma(last, column) if last is not None else 0.0
     halted = step_reached < md.n_steps or last_sigma > threshold
-    sigmas = [float(f["columns"]["c_u[1]"].max()) for f in frames]
+    sigmas = [frame_max_sigma(f, column) for f in frames]
     return dict(start_step=int(start_step), step_reached=step_reached, halted=bool(halted), frames=frames,
                 max_sigma=max(sigmas) if sigmas else None)
 
 
-def last_trusted_frame(frames: Sequence[Dict[str, Any]], threshold: float) -> Dict[str, Any]:
-    """The last dumped frame whose max σ is at most ``threshold``; the first frame if none is."""
-    trusted = [f for f in frames if float(f["columns"]["c_u[1]"].max()) <= threshold]
+def last_trusted_frame(frames: Sequence[Dict[str, Any]], threshold: float,
+                       column: str = HALT_COLUMNS["total"]) -> Dict[str, Any]:
+    """The last dumped frame whose max σ (in ``column``) is at most ``threshold``; the first
+    frame if none is."""
+    trusted = [f for f in frames if frame_max_sigma(f, column) <= threshold]
     return trusted[-1] if trusted else frames[0]

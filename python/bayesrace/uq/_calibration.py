@@ -152,13 +152,13 @@ def check_threshold_settings(quantile: float, factor: float) -> None:
 
 
 def extrapolation_threshold(prediction_calibrated: Mapping[str, np.ndarray], quantile: float = 0.99,
-                            factor: float = 1.5) -> float:
+                            factor: float = 1.5, field: str = keys.ATOMIC_FORCE_STD) -> float:
     """``factor`` × the ``quantile`` over structures of each structure's largest calibrated
-    ATOMIC_FORCE_STD (eV/Å). The margin is there because MD visits far more configurations
+    ``field`` (eV/Å; the total force σ, or ATOMIC_FORCE_STD_EPISTEMIC). The margin is there because MD visits far more configurations
     than a validation set holds; a threshold at the set's own extremes trips on ordinary
     fluctuations."""
     check_threshold_settings(quantile, factor)
-    sigma = np.asarray(prediction_calibrated[keys.ATOMIC_FORCE_STD], dtype=np.float64)
+    sigma = np.asarray(prediction_calibrated[field], dtype=np.float64)
     structure = np.asarray(prediction_calibrated[keys.BATCH], dtype=np.int64)
     if sigma.size == 0:
         raise CalibrationError("extrapolation_threshold: no atoms")
@@ -216,7 +216,7 @@ def calibrate_posterior_file(
     (``extrapolation_threshold`` of the calibrated predictions) and writes a copy of the
     record with ``calibration`` and ``thresholds`` set (atomically; ``out_path`` None or
     equal to ``posterior_path`` overwrites). Returns ``{calibration, thresholds, threshold,
-    n_structures, n_atoms, metrics_before, metrics_after, out_path}``; the metrics are
+    epistemic_threshold (the same rule on the calibrated epistemic force σ), n_structures, n_atoms, metrics_before, metrics_after, out_path}``; the metrics are
     ``uncertainty_metrics`` and ``set_metrics`` of the uncalibrated and the
     calibrated predictions.
     """
@@ -239,6 +239,8 @@ def calibrate_posterior_file(
         "calibration": calibration,
         "thresholds": thresholds,
         "threshold": threshold,
+        "epistemic_threshold": extrapolation_threshold(calibrated, threshold_quantile, threshold_factor,
+                                                       keys.ATOMIC_FORCE_STD_EPISTEMIC),
         "n_structures": int(prediction[keys.NUM_ATOMS].shape[0]),
         "n_atoms": int(prediction[keys.NUM_ATOMS].sum()),
         # set_metrics last: where both compute a number, the evaluation report's value stands
