@@ -64,6 +64,12 @@ std::string Engine::describe() const {
   os << backend_->describe() << ": " << meta_.n_members << " members (" << meta_.posterior << "), elements";
   for (const auto &t : meta_.type_names) os << ' ' << t;
   os << ", cutoff " << meta_.cutoff << " A x " << meta_.n_layers << " layers";
+  // the stored extrapolation thresholds (metal units), with the compute bayesrace column each applies to
+  os << "; thresholds: max force sigma " << meta_.threshold_atomic_force_std << " eV/A (c_ug[1])";
+  if (meta_.threshold_atomic_force_std_epistemic > 0.0)
+    os << ", max epistemic force sigma " << meta_.threshold_atomic_force_std_epistemic << " eV/A (c_ug[6])";
+  if (meta_.threshold_energy_std_epistemic_per_atom > 0.0)
+    os << ", epistemic energy sigma " << meta_.threshold_energy_std_epistemic_per_atom << " eV/atom (c_ug[7])";
   return os.str();
 }
 

@@ -20,6 +20,9 @@ struct Metadata {
   int n_members = 0;
   Calibration calibration;  // scales and optional maps, parsed once at load time
   double threshold_atomic_force_std = 0.0;  // eV/Å
+  // optional thresholds of the epistemic scores (compute bayesrace columns 6 and 7); 0: absent
+  double threshold_atomic_force_std_epistemic = 0.0;   // eV/Å
+  double threshold_energy_std_epistemic_per_atom = 0.0;  // eV/atom
   std::string bayesrace_version;
   std::string torch_version;
   std::string training_data_sha256;

@@ -176,7 +176,7 @@ def run_demo(out: Path, members: int = 4, minutes: float = 2.0, ranks: int = 1, 
     from . import keys
     from ._files import jsonable
     from .bayes import load_posterior
-    from .data import generate_psb3
+    from .data import generate_psb3, write_torsion_beyond_training
     from .export import export_posterior
     from .lammps import run_psb3_example
     from .train import train_under_mpirun
@@ -214,10 +214,15 @@ def run_demo(out: Path, members: int = 4, minutes: float = 2.0, ranks: int = 1, 
                                           method=CALIBRATION_METHOD, progress=not quiet)
     print(f"calibrated posterior: {calibrated_path} (force σ threshold {calibrated['threshold']:.3g} eV/Å)")
     valid_name = "valid (calibration set)"
+    beyond = write_torsion_beyond_training(data_dir)
+    low = beyond["train_range_deg"][0]
+    print(f"torsion frames beyond the training set's twists ({low:.0f}-180 deg): {beyond['n_frames']} of "
+          f"{beyond['n_torsion']}")
     sets = {
         "test_id (300-600 K)": str(data_dir / "test_id.xyz"),
         "ood_hot (1000-1500 K)": str(data_dir / "test_ood_hot.xyz"),
         "ood_torsion (C=C twist)": str(data_dir / "test_ood_torsion.xyz"),
+        f"ood_torsion beyond training (twist < {low:.0f} deg)": beyond["path"],
         valid_name: str(data_dir / "valid.xyz"),
     }
     report_dir = out / "report"

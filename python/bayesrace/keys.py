@@ -39,6 +39,7 @@ FORCE_COV_ALEATORIC = "force_cov_aleatoric"  # [N, 3, 3] eV^2/Å^2, mean of memb
 ATOMIC_FORCE_STD = "atomic_force_std"  # [N] eV/Å, sqrt(tr(total cov) / 3)
 ATOMIC_FORCE_STD_EPISTEMIC = "atomic_force_std_epistemic"  # [N] eV/Å, sqrt(tr(epistemic cov) / 3)
 ATOMIC_FORCE_STD_ALEATORIC = "atomic_force_std_aleatoric"  # [N] eV/Å, sqrt(tr(aleatoric cov) / 3)
+ENERGY_STD_EPISTEMIC_PER_ATOM = "energy_std_epistemic_per_atom"  # eV/atom, sqrt(energy_var_epistemic) / N (a threshold)
 ATOMIC_ENERGY_STD = "atomic_energy_std"  # [N] eV, std of member atomic energies
 MEMBER_ENERGY = "member_energy"  # [M, B] eV ([M] from the deployable: one structure, local atoms)
 MEMBER_FORCES = "member_forces"  # [M, N, 3] eV/Å

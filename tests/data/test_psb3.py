@@ -112,3 +112,32 @@ def test_same_seed_same_bytes(generated):
 def test_bad_scale(tmp_path):
     with pytest.raises(ValueError):
         generate_psb3(tmp_path, scale=0.0, progress=False)
+
+
+def test_torsion_frames_beyond_the_training_twists(tmp_path):
+    """write_torsion_beyond_training keeps the scan's frames whose C=C twist is outside the
+    training set's range (1° of slack), whatever the sign of the dihedral, and refuses a scan
+    that the training set covers entirely."""
+    import ase.io
+
+    from bayesrace.data import TORSION_DIHEDRAL, write_torsion_beyond_training
+    from bayesrace.data._psb3 import _TORSION_ROTATING_ATOMS, build_psb3
+
+    def twisted(angle):
+        atoms = build_psb3()
+        mask = [i in _TORSION_ROTATING_ATOMS for i in range(len(atoms))]
+        atoms.set_dihedral(*TORSION_DIHEDRAL, angle, mask=mask)
+        return atoms
+
+    ase.io.write(tmp_path / "train.xyz", [twisted(a) for a in (150.0, 170.0, -175.0, 180.0)])
+    ase.io.write(tmp_path / "test_ood_torsion.xyz", [twisted(a) for a in (0.0, 60.0, 148.0, 149.5, 160.0, 180.0)])
+    result = write_torsion_beyond_training(tmp_path)
+    assert result["n_frames"] == 3 and result["n_torsion"] == 6
+    assert result["train_range_deg"] == pytest.approx([150.0, 180.0])
+    kept = ase.io.read(result["path"], ":")
+    twists = [abs(((a.get_dihedral(*TORSION_DIHEDRAL) + 180.0) % 360.0) - 180.0) for a in kept]
+    assert twists == pytest.approx([0.0, 60.0, 148.0])
+
+    ase.io.write(tmp_path / "test_ood_torsion.xyz", [twisted(a) for a in (155.0, 179.0)])
+    with pytest.raises(ValueError, match="inside the training range"):
+        write_torsion_beyond_training(tmp_path)

@@ -407,6 +407,12 @@ def test_calibrate_command_writes_a_calibrated_posterior(tmp_path, capsys):
     # default threshold: 1.5 × the 0.99 quantile of each structure's largest calibrated σ_F
     largest = [expected[keys.ATOMIC_FORCE_STD][expected[keys.BATCH] == b].max() for b in range(len(frames))]
     assert calibrated.thresholds[keys.ATOMIC_FORCE_STD] == pytest.approx(1.5 * np.quantile(largest, 0.99))
+    # and the same rule on the epistemic scores: the largest epistemic σ_F, the epistemic energy σ per atom
+    largest = [expected[keys.ATOMIC_FORCE_STD_EPISTEMIC][expected[keys.BATCH] == b].max() for b in range(len(frames))]
+    assert calibrated.thresholds[keys.ATOMIC_FORCE_STD_EPISTEMIC] == pytest.approx(1.5 * np.quantile(largest, 0.99))
+    per_atom = np.sqrt(expected[keys.ENERGY_VAR_EPISTEMIC]) / expected[keys.NUM_ATOMS]
+    assert calibrated.thresholds[keys.ENERGY_STD_EPISTEMIC_PER_ATOM] == pytest.approx(1.5 * np.quantile(per_atom, 0.99))
+    assert "extrapolation threshold energy_std_epistemic_per_atom" in printed
 
     # scalar, overwriting the file in place
     assert cli.main(["calibrate", str(out), str(valid), "--method", "scalar", "--quiet"]) == 0

@@ -60,7 +60,9 @@ _PART_MAP_FIELDS = {
     "energy": (keys.META_ENERGY_STD_MAP, keys.META_ENERGY_EPISTEMIC_STD_MAP, keys.META_ENERGY_ALEATORIC_STD_MAP),
 }
 _ALL_MAP_FIELDS = tuple(name for fields in _PART_MAP_FIELDS.values() for name in fields)
-_THRESHOLD_FIELDS = (keys.ATOMIC_FORCE_STD,)
+# extrapolation thresholds: of the max atomic force σ (required in a deployable), and optionally
+# of the max epistemic force σ and of the epistemic energy σ per atom (compute bayesrace 1, 6, 7)
+_THRESHOLD_FIELDS = (keys.ATOMIC_FORCE_STD, keys.ATOMIC_FORCE_STD_EPISTEMIC, keys.ENERGY_STD_EPISTEMIC_PER_ATOM)
 
 Array = Union[np.ndarray, torch.Tensor]
 
@@ -150,7 +152,8 @@ def validate_calibration(calibration, field: str = keys.META_CALIBRATION) -> Dic
 
 
 def validate_thresholds(thresholds, field: str = keys.META_THRESHOLDS) -> Dict[str, float]:
-    """A checked copy of ``{atomic_force_std: X}`` (X > 0, eV/Å); ``None`` gives ``{}``."""
+    """A checked copy of ``{atomic_force_std: X, ...}`` (each > 0; fields ``_THRESHOLD_FIELDS``);
+    ``None`` gives ``{}``."""
     if thresholds is None:
         return {}
     if not isinstance(thresholds, Mapping):

@@ -34,11 +34,13 @@ from ._graphs import (
 )
 from ._psb3 import (
     PSB3_FILES,
+    TORSION_BEYOND_FILE,
     TORSION_DIHEDRAL,
     build_psb3,
     generate_psb3,
     import_tblite,
     one_openmp_thread,
+    write_torsion_beyond_training,
 )
 from ._qm9 import (
     QM9_TARGETS,
@@ -60,6 +62,7 @@ __all__ = [
     "QM9_UNITS",
     "Qm9Table",
     "Qm9Target",
+    "TORSION_BEYOND_FILE",
     "TORSION_DIHEDRAL",
     "TypeMap",
     "build_psb3",
@@ -83,4 +86,5 @@ __all__ = [
     "shortest_contacts",
     "split",
     "write_qm9",
+    "write_torsion_beyond_training",
 ]

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["generate_psb3", "build_psb3", "import_tblite", "one_openmp_thread", "PSB3_FILES", "TORSION_DIHEDRAL"]
+__all__ = ["generate_psb3", "build_psb3", "import_tblite", "one_openmp_thread", "write_torsion_beyond_training",
+           "PSB3_FILES", "TORSION_BEYOND_FILE", "TORSION_DIHEDRAL"]
 
 METHOD = "GFN2-xTB"
 CHARGE = 1.0
@@ -38,6 +39,7 @@ TORSION_RELAX_STEPS = 40
 TORSION_FMAX = 0.05  # eV/Å, partial relaxation of the other coordinates
 RELAX_FMAX = 0.01
 TORSION_DIHEDRAL = (1, 2, 3, 4)  # C2-C3=C4-C5
+TORSION_BEYOND_FILE = "test_ood_torsion_beyond.xyz"  # the scan's frames outside the training's twists
 _TORSION_ROTATING_ATOMS = (3, 4, 5, 8, 9, 12, 13)  # C4 and everything beyond it
 
 PSB3_FILES = (
@@ -378,3 +380,31 @@ def generate_psb3(out_dir, seed: int = 0, scale: float = 1.0, progress: bool = T
         json.dump(manifest, handle, indent=2, ensure_ascii=False)
         handle.write("\n")
     return manifest
+
+
+def _twist_deg(atoms) -> float:
+    """|C2-C3=C4-C5| folded to [0, 180] degrees (180 = trans, the minimum)."""
+    return abs(((atoms.get_dihedral(*TORSION_DIHEDRAL) + 180.0) % 360.0) - 180.0)
+
+
+def write_torsion_beyond_training(data_dir, out_name: str = TORSION_BEYOND_FILE) -> dict:
+    """Write the frames of ``test_ood_torsion.xyz`` whose C=C twist lies more than 1° outside
+    the range the training set covers to ``out_name``; returns {path, n_frames, n_torsion, train_range_deg}.
+
+    The scan runs 0–180°, and MD at 300–600 K already visits the trans end of it (the
+    training set reaches about 146°); frames inside that range are not out of distribution,
+    so no score can flag them, and an AUROC over the whole scan mixes the two."""
+    import ase.io
+
+    data_dir = Path(data_dir)
+    twists = [_twist_deg(a) for a in ase.io.read(data_dir / "train.xyz", index=":")]
+    low, high = min(twists), max(twists)
+    scan = ase.io.read(data_dir / "test_ood_torsion.xyz", index=":")
+    # 1° of slack: the scan's 180° point is covered by training twists of 179.9°
+    beyond = [a for a in scan if not low - 1.0 <= _twist_deg(a) <= high + 1.0]
+    if not beyond:
+        raise ValueError(f"{data_dir / 'test_ood_torsion.xyz'}: every frame's twist lies inside the training range "
+                         f"[{low:.1f}, {high:.1f}] deg")
+    path = data_dir / out_name
+    ase.io.write(path, beyond, format="extxyz")
+    return dict(path=str(path), n_frames=len(beyond), n_torsion=len(scan), train_range_deg=[float(low), float(high)])

@@ -366,7 +366,7 @@ def build_metadata(
         keys.META_DTYPE: dtype_name,
         keys.META_N_MEMBERS: len(posterior.members),
         keys.META_CALIBRATION: resolved_calibration,
-        keys.META_THRESHOLDS: {keys.ATOMIC_FORCE_STD: force_threshold},
+        keys.META_THRESHOLDS: {**thr, keys.ATOMIC_FORCE_STD: force_threshold},
         keys.META_BAYESRACE_VERSION: __version__,
         keys.META_TORCH_VERSION: torch.__version__,
         keys.META_TRAINING_DATA_SHA256: data_hash,

@@ -168,6 +168,18 @@ def extrapolation_threshold(prediction_calibrated: Mapping[str, np.ndarray], qua
     return float(factor * np.quantile(largest, quantile))
 
 
+def energy_extrapolation_threshold(prediction_calibrated: Mapping[str, np.ndarray], quantile: float = 0.99,
+                                   factor: float = 1.5) -> float:
+    """``factor`` × the ``quantile`` over structures of the calibrated epistemic energy σ per
+    atom, sqrt(Var_m E_m) / N (eV/atom): the score that flags geometries the members disagree
+    on as a whole (``compute bayesrace`` column 7)."""
+    check_threshold_settings(quantile, factor)
+    per_atom = energy_std(prediction_calibrated, "epistemic") / prediction_calibrated[keys.NUM_ATOMS]
+    if per_atom.size == 0:
+        raise CalibrationError("energy_extrapolation_threshold: no structures")
+    return float(factor * np.quantile(per_atom, quantile))
+
+
 def uncertainty_metrics(prediction: Mapping[str, np.ndarray]) -> Dict[str, float]:
     """NLL, miscalibration area and ENCE (≤ 10 bins) for forces (per component, σ = σ_F,i,
     eV/Å) and energies (per structure, eV), where references exist and every σ is positive,
@@ -215,8 +227,10 @@ def calibrate_posterior_file(
     replaced), fits ``method``, sets the default extrapolation threshold
     (``extrapolation_threshold`` of the calibrated predictions) and writes a copy of the
     record with ``calibration`` and ``thresholds`` set (atomically; ``out_path`` None or
-    equal to ``posterior_path`` overwrites). Returns ``{calibration, thresholds, threshold,
-    epistemic_threshold (the same rule on the calibrated epistemic force σ), n_structures, n_atoms, metrics_before, metrics_after, out_path}``; the metrics are
+    equal to ``posterior_path`` overwrites): the total force σ's (``extrapolation_threshold``)
+    and, with more than one member, the epistemic force σ's and the epistemic energy σ per
+    atom (``energy_extrapolation_threshold``), each by the same quantile and factor. Returns
+    ``{calibration, thresholds, threshold, epistemic_threshold (the epistemic force σ's), n_structures, n_atoms, metrics_before, metrics_after, out_path}``; the metrics are
     ``uncertainty_metrics`` and ``set_metrics`` of the uncalibrated and the
     calibrated predictions.
     """
@@ -233,14 +247,20 @@ def calibrate_posterior_file(
     calibration = fit_calibration(prediction, method)
     calibrated = calibrate_prediction(prediction, calibration)
     threshold = extrapolation_threshold(calibrated, threshold_quantile, threshold_factor)
-    thresholds = {keys.ATOMIC_FORCE_STD: threshold}
+    epistemic = {
+        keys.ATOMIC_FORCE_STD_EPISTEMIC: extrapolation_threshold(calibrated, threshold_quantile, threshold_factor,
+                                                                 keys.ATOMIC_FORCE_STD_EPISTEMIC),
+        keys.ENERGY_STD_EPISTEMIC_PER_ATOM: energy_extrapolation_threshold(calibrated, threshold_quantile,
+                                                                           threshold_factor),
+    }
+    # one member has no epistemic part: no threshold for it
+    thresholds = {keys.ATOMIC_FORCE_STD: threshold, **{k: v for k, v in epistemic.items() if v > 0.0}}
     update_posterior_file(posterior_path, out_path, calibration=calibration, thresholds=thresholds)
     return {
         "calibration": calibration,
         "thresholds": thresholds,
         "threshold": threshold,
-        "epistemic_threshold": extrapolation_threshold(calibrated, threshold_quantile, threshold_factor,
-                                                       keys.ATOMIC_FORCE_STD_EPISTEMIC),
+        "epistemic_threshold": epistemic[keys.ATOMIC_FORCE_STD_EPISTEMIC],
         "n_structures": int(prediction[keys.NUM_ATOMS].shape[0]),
         "n_atoms": int(prediction[keys.NUM_ATOMS].sum()),
         # set_metrics last: where both compute a number, the evaluation report's value stands
