@@ -59,6 +59,11 @@ AL_ROUND_EPOCHS = 10  # warm-started fine-tuning per round
 # each labelled frame ×10 in the fine-tuning data: with ×1 (4 frames among 400, 5 epochs on a
 # loaded machine) rounds 1–3 halted 10 steps after their restart with σ rising 0.67 → 0.99
 AL_ACQUIRED_REPEATS = 10
+# halt on the members' disagreement: the total σ also carries the heads' level, which rises when
+# hot frames join the residuals the heads are fitted to (rounds halted ever sooner); from the same
+# round-0 posterior the epistemic halt completed the 1000 steps in round 4, the total one was still
+# halting after round 3 (one run each, this session's note)
+AL_HALT_ON = "epistemic"  # with one member (no epistemic part): total
 
 
 def demo_al_config(data_dir: Path, run_dir: Path, al_dir: Path, rounds: int, ranks: int, members: int,
@@ -91,7 +96,8 @@ def demo_al_config(data_dir: Path, run_dir: Path, al_dir: Path, rounds: int, ran
         "training_ranks": ranks,
         "oracle": {"kind": "tblite", "method": "GFN2-xTB", "charge": 1.0},
         "md": {"structure": str(start), "temperature": temperature, "thermostat": "langevin", "damping": 0.1,
-               "timestep": 0.0005, "n_steps": steps, "dump_every": 10, "seed": 1, "ranks": ranks},
+               "timestep": 0.0005, "n_steps": steps, "dump_every": 10, "seed": 1, "ranks": ranks,
+               "halt_on": AL_HALT_ON if members > 1 else "total"},
     }
 
 
@@ -120,6 +126,7 @@ def run_demo_active_learning(data_dir: Path, run_dir: Path, report_dir: Path, ro
     (report_dir.parent / "al.yaml").write_text(yaml.safe_dump(values, sort_keys=False))
     log = run_on_the_fly(active_config_from_dict(values), progress=not quiet)
     rounds_log = log["rounds"]
+    halt_on = values["md"]["halt_on"]
     lines = [f"{'round':>5} {'from step':>9} {'reached':>8} {'halted':>6} {'max σ':>8} {'τ':>7} {'labels':>6} "
              f"{'train frames':>12}"]
     for r in rounds_log:
@@ -151,11 +158,11 @@ def run_demo_active_learning(data_dir: Path, run_dir: Path, report_dir: Path, ro
     md = [
         "", "## On-the-fly active learning", "",
         f"Langevin MD at {temperature:.0f} K (the training data is 300–600 K) from a training geometry, "
-        f"{steps} steps of 0.5 fs; each halt (max calibrated force σ > τ) labels {AL_LABELS_PER_HALT} frames chosen "
+        f"{steps} steps of 0.5 fs; each halt (max calibrated {halt_on} force σ > τ) labels {AL_LABELS_PER_HALT} frames chosen "
         f"by BALD-F with GFN2-xTB, retrains the ensemble ({AL_ROUND_EPOCHS} warm-started epochs, each labelled frame "
         f"×{AL_ACQUIRED_REPEATS}), recalibrates, "
         f"re-exports and restarts the MD from the last trusted frame. Config: `al.yaml`; run: `al/`.", "",
-        "| round | from step | reached | halted | max σ [eV/Å] | τ [eV/Å] | labels added | training frames |",
+        f"| round | from step | reached | halted | max {halt_on} σ [eV/Å] | τ [eV/Å] | labels added | training frames |",
         "|---|---|---|---|---|---|---|---|",
     ]
     md += [f"| {r['round']} | {r['start_step']} | {r['step_reached']} | {r['halted']} | {r['max_sigma']:.3f} | "

@@ -206,6 +206,17 @@ def test_on_the_fly_halts_on_the_epistemic_sigma_when_asked(otf_run, psb3_small,
     assert calibrated["threshold"] == calibrated["calibration_epistemic_threshold"]
     assert 0 < calibrated["calibration_epistemic_threshold"] < calibrated["calibration_threshold"]
 
+    # one member has no epistemic σ: refused, not a run that can never halt
+    from bayesrace.bayes import load_posterior, save_posterior
+    from bayesrace.train import ConfigError
+
+    single = tmp_path / "single.pt"
+    save_posterior(single, [load_posterior(out / "round_1" / "posterior.pt").members[0]], data_sha256="single")
+    values = _otf_values(psb3_small, tmp_path / "single", structure, posterior=str(single), threshold=0.1, n_rounds=0,
+                         md={**md, "halt_on": "epistemic"})
+    with pytest.raises(ConfigError, match="needs a posterior of 2 or more members"):
+        run_on_the_fly(active_config_from_dict(values), progress=False)
+
 
 @pytest.mark.parametrize(
     "change, message",

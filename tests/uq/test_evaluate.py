@@ -15,6 +15,7 @@ from bayesrace.uq import (
     METRIC_UNITS,
     OOD_SCORES,
     PLOT_FILES,
+    THRESHOLD_SCORES,
     evaluate_sets,
     format_summary,
     format_table,
@@ -371,6 +372,19 @@ def test_recalibration_fixes_a_mis_scaled_posterior(posterior, mis_scaled_sets, 
     assert "valid * before" in summary and "held_out after" in summary
 
 
+def test_flagged_fractions_known_answer():
+    from bayesrace.uq import flagged_fractions
+
+    scores = {"id": {name: np.linspace(0.0, 1.0, 101) for name in THRESHOLD_SCORES},
+              "ood": {name: np.array([0.5, 1.6, 2.0]) for name in THRESHOLD_SCORES}}
+    scores["id"]["max_atomic_force_sigma_epistemic_eV_per_A"] = np.zeros(101)  # one member: no epistemic part
+    result = flagged_fractions(scores, "id", quantile=0.5, factor=2.0)  # τ = 2 × 0.5 = 1
+    assert set(result["thresholds"]) == set(THRESHOLD_SCORES) - {"max_atomic_force_sigma_epistemic_eV_per_A"}
+    assert all(tau == pytest.approx(1.0) for tau in result["thresholds"].values())
+    assert result["fraction"]["ood"]["max_atomic_force_sigma_eV_per_A"] == pytest.approx(2 / 3)
+    assert result["fraction"]["id"]["energy_sigma_epistemic_meV_per_atom"] == 0.0
+
+
 def test_recalibrated_auroc_and_bad_calibration_set(posterior, mis_scaled_sets, data_sets):
     from sklearn.metrics import roc_auc_score
     from bayesrace.bayes import calibrate_prediction
@@ -386,6 +400,13 @@ def test_recalibrated_auroc_and_bad_calibration_set(posterior, mis_scaled_sets, 
         inside, outside = scores["valid"][score], scores["compressed"][score]
         expected = roc_auc_score(np.r_[np.zeros(inside.size), np.ones(outside.size)], np.r_[inside, outside])
         assert evaluation["ood"]["auroc_recalibrated"]["compressed"][score] == pytest.approx(expected, abs=1e-12)
+    # the thresholds bayesrace calibrate would store, from the calibration set, and who is over them
+    flagged = evaluation["ood"]["flagged"]
+    for score, tau in flagged["thresholds"].items():
+        assert tau == pytest.approx(1.5 * np.quantile(scores["valid"][score], 0.99), rel=1e-12)
+        for name in sets:
+            assert flagged["fraction"][name][score] == pytest.approx(np.mean(scores[name][score] > tau))
+    assert set(flagged["thresholds"]) == set(THRESHOLD_SCORES)  # two members: every score has one
 
     with pytest.raises(ValueError, match="calibrate_on='nope'"):
         evaluate_sets(posterior, sets, progress=False, calibrate_on="nope")

@@ -196,6 +196,9 @@ def run_on_the_fly(config: ActiveConfig, progress: bool = True, oracle: Optional
             started = time.perf_counter()
             posterior = load_posterior(deployed_posterior, dtype=dtype)
             posterior.eval()
+            if md.halt_on == "epistemic" and len(posterior.members) < 2:
+                raise ConfigError(f"md.halt_on 'epistemic' needs a posterior of 2 or more members; round "
+                                  f"{round_index}'s has 1 (its epistemic σ is 0): use halt_on 'total'")
             fixed = config.threshold if round_index == 0 else state["rounds"][0]["threshold"]
             if md.halt_on == "epistemic":
                 # the deployable keeps its own total-σ threshold; the segment halts on τ_epi

@@ -34,7 +34,7 @@ from ._metrics import (
     sharpness,
     spearman,
 )
-from ._ood import OOD_SCORES, ood_aurocs, ood_scores
+from ._ood import OOD_SCORES, THRESHOLD_SCORES, flagged_fractions, ood_aurocs, ood_scores
 from ._plots import PLOT_FILES
 from ._predict import energy_std, predict_frames, reference_key
 from ._report import format_summary, format_table
@@ -45,6 +45,7 @@ __all__ = [
     "CALIBRATION_LEVELS",
     "METRIC_UNITS",
     "OOD_SCORES",
+    "THRESHOLD_SCORES",
     "PLOT_FILES",
     "auroc",
     "calibrate_posterior_file",
@@ -64,6 +65,7 @@ __all__ = [
     "gaussian_nll",
     "mae",
     "miscalibration_area",
+    "flagged_fractions",
     "ood_aurocs",
     "ood_scores",
     "predict_frames",

@@ -20,7 +20,7 @@ from ..bayes import METHODS as CALIBRATION_METHODS
 from ..bayes import Posterior, calibrate_prediction
 from ..data import Frame, read_frames
 from ._calibration import fit_calibration
-from ._ood import OOD_SCORES, ood_aurocs, ood_scores
+from ._ood import OOD_SCORES, flagged_fractions, ood_aurocs, ood_scores
 from ._predict import predict_frames, reference_key
 from ._report import write_report
 from ._set_metrics import METRIC_UNITS, set_metrics
@@ -67,7 +67,9 @@ def evaluate_sets(
          "posterior_calibration": the posterior's own calibration ({} = identity),
          "ood": {"in_distribution": set, "scores": {score: unit},
                  "auroc": {ood set: {score: AUROC}},
-                 "auroc_recalibrated": {ood set: {score: AUROC}} | None}}
+                 "auroc_recalibrated": {ood set: {score: AUROC}} | None,
+                 "flagged": flagged_fractions of the recalibrated scores, thresholds from the
+                            calibration set (what ``bayesrace calibrate`` stores) | None}}
 
     With ``report_dir`` the files of ``write_report`` are written there.
     """
@@ -131,6 +133,7 @@ def evaluate_sets(
             "auroc": ood_aurocs(scores, in_distribution, ood_names),
             "auroc_recalibrated": None if recalibrated_scores is None
             else ood_aurocs(recalibrated_scores, in_distribution, ood_names),
+            "flagged": None if recalibrated_scores is None else flagged_fractions(recalibrated_scores, calibrate_on),
         },
     }
     if report_dir is not None:

@@ -22,6 +22,14 @@ OOD_SCORES: Dict[str, tuple] = {
 }
 
 
+# the scores with a stored extrapolation threshold (bayesrace calibrate) -> their compute bayesrace column
+THRESHOLD_SCORES: Dict[str, str] = {
+    "max_atomic_force_sigma_eV_per_A": "c_ug[1]",
+    "max_atomic_force_sigma_epistemic_eV_per_A": "c_ug[6]",
+    "energy_sigma_epistemic_meV_per_atom": "c_ug[7]",  # LAMMPS: eV/atom
+}
+
+
 def ood_scores(prediction: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
     """Per-structure scores [B] of ``OOD_SCORES`` from the σ's in ``prediction`` (calibrated
     or not, as given): energy σ per atom 1000·σ_E,b / N_b (meV/atom), and the largest and
@@ -55,4 +63,20 @@ def ood_aurocs(
     return {
         name: {score: auroc(scores[in_distribution][score], scores[name][score]) for score in OOD_SCORES}
         for name in out_of_distribution
+    }
+
+
+def flagged_fractions(scores: Mapping[str, Mapping[str, np.ndarray]], threshold_set: str, quantile: float = 0.99,
+                      factor: float = 1.5) -> Dict[str, object]:
+    """The thresholds ``bayesrace calibrate`` would store — ``factor`` × the ``quantile`` of each
+    ``THRESHOLD_SCORES`` score over ``threshold_set`` — and the fraction of each set's structures
+    above them: ``{"thresholds": {score: τ}, "fraction": {set: {score: fraction}}}``. A score that
+    is 0 on the whole threshold set (one member: no epistemic part) gets no threshold."""
+    thresholds = {name: float(factor * np.quantile(scores[threshold_set][name], quantile))
+                  for name in THRESHOLD_SCORES}
+    thresholds = {name: value for name, value in thresholds.items() if value > 0.0}
+    return {
+        "thresholds": thresholds,
+        "fraction": {set_name: {name: float(np.mean(values[name] > tau)) for name, tau in thresholds.items()}
+                     for set_name, values in scores.items()},
     }

@@ -14,7 +14,7 @@ import numpy as np
 
 from .. import keys
 from .._files import atomic_path, jsonable, write_text_atomic
-from ._ood import OOD_SCORES
+from ._ood import OOD_SCORES, THRESHOLD_SCORES
 from ._plots import write_plots
 from ._set_metrics import METRIC_UNITS
 
@@ -134,6 +134,22 @@ def format_summary(evaluation: Mapping[str, object]) -> str:
     return "\n".join(lines)
 
 
+def _flagged_lines(flagged) -> List[str]:
+    """The fraction of each set over the thresholds ``bayesrace calibrate`` stores."""
+    if not flagged or not flagged["thresholds"]:
+        return []
+    names = list(flagged["thresholds"])
+    headers = [f"{OOD_SCORES[n][0]} > {_format_value(flagged['thresholds'][n])} {OOD_SCORES[n][1]} ({THRESHOLD_SCORES[n]})"
+               for n in names]
+    lines = ["Fraction of structures over the stored thresholds (recalibrated σ's; each threshold 1.5 × the 0.99 "
+             "quantile of its score on the calibration set, as `bayesrace calibrate` stores them; the LAMMPS "
+             "column in brackets).", "",
+             "| set | " + " | ".join(headers) + " |", "|---|" + "---:|" * len(headers)]
+    for set_name, fractions in flagged["fraction"].items():
+        lines.append(f"| {set_name} | " + " | ".join(_format_value(fractions[n]) for n in names) + " |")
+    return lines + [""]
+
+
 def _describe_map(std_map, scale: float, unit: str, factor: float) -> str:
     x = np.asarray(std_map[keys.META_MAP_SIGMA], dtype=np.float64)
     y = np.asarray(std_map[keys.META_MAP_CALIBRATED], dtype=np.float64)
@@ -231,6 +247,7 @@ def format_markdown(evaluation: Mapping[str, object]) -> str:
             cells = [_format_value(table[name][score]) for score in OOD_SCORES for _, table in versions]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
+    lines += _flagged_lines(ood.get("flagged"))
 
     lines += ["### plots", "",
               "- `parity_energy.png`, `parity_forces.png`: predicted vs reference per set",
