@@ -67,16 +67,19 @@ def write_300k_data(data_dir: Path) -> dict:
     return paths
 
 
-def training_section(args, data: dict, epochs: int) -> dict:
+def training_section(args, data: dict, epochs: int, lr: float) -> dict:
+    loss = {"kind": "nll_jef", "mse_warmup_epochs": args.warmup}
+    if args.means:
+        loss["means"] = args.means
     return {
         "seed": 0,
         "data": {"valid": str(data["valid"]), "reference_energies": "isolated",
                  "isolated_atoms": str(PSB3_DIR / "isolated_atoms.xyz")},
         "model": {"preset": args.preset},
-        "loss": {"kind": "nll_jef", "mse_warmup_epochs": args.warmup},
+        "loss": loss,
         "posterior": {"kind": "ensemble"},
         "ensemble": {"members": args.members},
-        "training": {"batch_size": 8, "lr": args.lr, "max_epochs": epochs,
+        "training": {"batch_size": 8, "lr": lr, "max_epochs": epochs,
                      "early_stopping_patience": 10 * epochs, "lr_patience": 5, "threads": 1},
     }
 
@@ -94,7 +97,7 @@ def train_base(args, data: dict, runs: Path) -> tuple:
     posterior = base / "posterior.pt"
     if posterior.is_file():
         return posterior, json.loads((runs / "base_time.json").read_text())["seconds"]
-    config = training_section(args, data, args.base_epochs)
+    config = training_section(args, data, args.base_epochs, args.lr)
     config["out"] = str(base)
     config["data"]["train"] = str(data["train"])
     config_path = write_config(config, runs / "base_300K.yaml")
@@ -110,18 +113,20 @@ def al_config(args, data: dict, posterior: Path, runs: Path) -> dict:
         "initial": str(data["train"]),
         "posterior": str(posterior),
         "valid": str(data["valid"]),
-        "calibration_method": "isotonic",
+        "calibration_method": args.calibration,
         "threshold": None,  # round 0's own (1.5 × q0.99 of the 300 K validation max calibrated σ), kept fixed
         "candidate_fraction": 0.5,
         "strategy": "bald_f",
         "batch_size": args.batch_size,
         "n_rounds": args.rounds,
         "warm_start": True,
-        "training": training_section(args, data, args.round_epochs),
+        "acquired_repeats": args.acquired_repeats,
+        "training": training_section(args, data, args.round_epochs, args.round_lr or args.lr),
         "oracle": {"kind": "tblite", "method": "GFN2-xTB", "charge": 1.0},
         "md": {"structure": str(data["start"]), "box": 40.0, "temperature": args.temperature,
                "thermostat": "langevin", "damping": 0.1, "timestep": 0.0005, "n_steps": args.steps,
-               "dump_every": args.dump_every, "seed": 1, "ranks": 1, "restart_from": "last_trusted"},
+               "dump_every": args.dump_every, "seed": 1, "ranks": 1, "restart_from": "last_trusted",
+               "halt_on": args.halt_on},
     }
     return config
 
@@ -154,7 +159,8 @@ def validation_runs(otf_dir: Path, log: dict, args, data: dict, runs: Path) -> l
     from bayesrace.lammps import lammps_data_text, run_md_segment
 
     md = MDSection(structure=str(data["start"]), box=40.0, temperature=args.temperature, thermostat="langevin",
-                   damping=0.1, timestep=0.0005, n_steps=args.steps, dump_every=args.dump_every)
+                   damping=0.1, timestep=0.0005, n_steps=args.steps, dump_every=args.dump_every,
+                   halt_on=args.halt_on)
     threshold = log["rounds"][0]["threshold"]
     start = ase.io.read(data["start"])
     results = []
@@ -179,12 +185,15 @@ def write_report(out: Path, log: dict, evaluation: dict, info: dict) -> None:
               f"2 shared CPU cores, torch 1 thread.", ""]
     lines += [f"Initial data: {info['n_train']} train / {info['n_valid']} valid frames at 300 K only "
               f"(`temperature_K` tag of bench/runs/uq/data_psb3/{{train,valid}}.xyz). Model: preset "
-              f"`{info['preset']}`, {info['members']} NLL_JEF members; base training {info['base_epochs']} epochs, "
-              f"every later round {info['round_epochs']} epochs warm-started. Oracle: tblite GFN2-xTB, charge +1. "
+              f"`{info['preset']}`, {info['members']} NLL_JEF members (loss.means: {info.get('means') or 'default'}); "
+              f"base training {info['base_epochs']} epochs, every later round {info['round_epochs']} epochs "
+              f"warm-started (lr {info.get('round_lr') or info['lr']}, each acquired frame ×{info.get('acquired_repeats', 1)}). "
+              f"Oracle: tblite GFN2-xTB, charge +1. "
               f"MD: LAMMPS `pair_style bayesrace`, Langevin {info['temperature']:.0f} K (damping 0.1 ps), 0.5 fs, "
               f"{info['steps']} steps in total, dump/halt check every {info['dump_every']} steps. Threshold τ: round 0's "
-              f"deployable's own (1.5 × q0.99 of the max calibrated force σ on the 300 K validation set), kept for every "
-              f"round (each round's posterior is still recalibrated, isotonic, on that set). Labels per halt: "
+              f"own (1.5 × q0.99 of the max calibrated {info.get('halt_on', 'total')} force σ on the 300 K validation "
+              f"set; the MD halts on that σ), kept for every round (each round's posterior is still recalibrated, "
+              f"{info.get('calibration', 'isotonic')}, on that set). Labels per halt: "
               f"{info['batch_size']} (bald_f among the segment's dumped frames with max σ > 0.5 τ). After a halt the "
               f"next segment restarts from the last dumped frame with max σ ≤ τ (`md.restart_from: last_trusted`).", ""]
     lines += ["| round | start step | halt step / completed | restart step | max σ [eV/Å] | threshold τ [eV/Å] | "
@@ -281,6 +290,13 @@ def main(argv=None) -> int:
     parser.add_argument("--dump-every", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=6)
     parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--means", choices=("mse", "nll", "frozen"), default=None,
+                        help="loss.means of every training (default: the config default)")
+    parser.add_argument("--calibration", choices=("isotonic", "scalar", "split"), default="isotonic")
+    parser.add_argument("--halt-on", choices=("total", "epistemic"), default="total",
+                        help="the force σ that halts the MD (md.halt_on)")
+    parser.add_argument("--round-lr", type=float, default=None, help="learning rate of the rounds (default --lr)")
+    parser.add_argument("--acquired-repeats", type=int, default=1)
     parser.add_argument("--validation-seeds", type=int, nargs="+", default=[11, 12, 13],
                         help="Langevin/velocity seeds of the fresh validation runs after the loop")
     parser.add_argument("--report-only", action="store_true")
