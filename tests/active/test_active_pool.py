@@ -79,6 +79,41 @@ def test_two_round_loop_writes_learning_curve(two_round_run, psb3_small):
     # round 2 trains on initial + both batches
     assert len(read_frames(out / "round_2" / "train.xyz")) == 16
 
+    # what each round picked: its σ's at the time and the pool's own tags (PSB3: temperature_K, config_type)
+    for record in state["rounds"][:2]:
+        assert [p["pool_index"] for p in record["picks"]] == record["selected"]
+        for pick in record["picks"]:
+            assert 0 < pick["max_force_sigma_epistemic"] <= pick["max_force_sigma"] and pick["n_atoms"] == 14
+            assert "temperature_K" in pick["tags"] and "energy" not in pick["tags"]
+    picked = curve["points"][1]["picked"]
+    assert picked["n"] == 4 and sum(picked["tag temperature_K"].values()) == 4
+    assert curve["points"][0]["picked"] == {}
+
+
+def test_pick_summary_counts_tags_and_averages_many_valued_ones(tmp_path):
+    import ase
+    import ase.io
+
+    from bayesrace.active._picks import pool_tags, summarize_picks
+
+    frames = []
+    for k in range(3):
+        atoms = ase.Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.74 + 0.01 * k]])
+        atoms.info.update(energy=-1.0 - k, config_type="md" if k else "scan", temperature_K=300 + 100 * k)
+        frames.append(atoms)
+    ase.io.write(tmp_path / "pool.xyz", frames)
+    tags = pool_tags(tmp_path / "pool.xyz")
+    assert tags[2] == {"config_type": "md", "temperature_K": 500}  # the label is not a tag
+    picks = [dict(pool_index=i, n_atoms=2, max_force_sigma=0.1 * (i + 1), max_force_sigma_epistemic=0.05,
+                  energy_sigma_epistemic_meV_per_atom=1.0, tags=tags[i]) for i in range(3)]
+    summary = summarize_picks(picks)
+    assert summary["tag config_type"] == {"md": 2, "scan": 1}
+    assert summary["tag temperature_K"] == {"300": 1, "400": 1, "500": 1}
+    assert summary["mean_max_force_sigma"] == pytest.approx(0.2) and summary["n"] == 3
+    many = [dict(p, tags={"frame_time": float(k)}) for k, p in enumerate(picks * 8)]  # 24 distinct values
+    assert summarize_picks(many)["tag frame_time (mean)"] == pytest.approx(11.5)
+    assert summarize_picks([]) == {}
+
 
 def test_rounds_are_warm_started_from_the_previous_posterior(two_round_run):
     from bayesrace.active import load_active_config, round_training_config

@@ -33,6 +33,7 @@ from .._figures import new_figure, save_figure
 from .._files import jsonable, write_json_atomic
 from ._config import ActiveConfig, round_training_config
 from ._oracles import Oracle, label_structures, make_oracle
+from ._picks import describe_picks, picks_line, pool_tags, summarize_picks
 from ._rounds import Display, open_state, train_round
 from ._store import (
     AL_ROUND,
@@ -84,6 +85,7 @@ def run_pool_al(config: ActiveConfig, progress: bool = True, oracle: Optional[Or
     read = dict(energy_key=config.energy_key, forces_key=config.forces_key)
     from_pool = config.oracle.kind == "from_pool"
     pool = read_frames(config.pool, require_energy=from_pool, require_forces=from_pool, **read)
+    tags = pool_tags(config.pool, **read)
     if oracle is None:
         oracle = make_oracle(config.oracle, pool)
     # energies are required, forces not: a scan or NEB path may carry energies only
@@ -204,6 +206,8 @@ def run_pool_al(config: ActiveConfig, progress: bool = True, oracle: Optional[Or
         chosen = select_batch(prediction, k, config.strategy, seed=config.seed + round_index,
                               batch_aware=config.batch_aware)
         record["selected"] = [int(remaining[c]) for c in chosen]
+        record["picks"] = describe_picks(prediction, chosen, record["selected"], tags)
+        say(f"round {round_index}: {picks_line(summarize_picks(record['picks']))}")
         record["selection_done"] = True
         record["select_s_for_next"] = time.perf_counter() - started  # a cost of the next point
         save_state()
@@ -217,7 +221,8 @@ def write_learning_curve(config: ActiveConfig, state: Dict[str, Any]) -> Dict[st
 
     Per point: round, n_labels (training structures), n_acquired (from the pool, beyond the
     initial set), test-set metrics (CURVE_METRICS), time_s {train, evaluate, select, label}:
-    select and label are the selection and labelling of the structures new in this round."""
+    select and label are the selection and labelling of the structures new in this round;
+    picked: ``summarize_picks`` of those structures (their σ's when picked, the pool's tags)."""
     points = []
     rounds = state["rounds"]
     for index, record in enumerate(rounds):
@@ -225,8 +230,10 @@ def write_learning_curve(config: ActiveConfig, state: Dict[str, Any]) -> Dict[st
             continue
         times = dict(record["time_s"])
         times["select"] = rounds[index - 1].get("select_s_for_next", 0.0) if index > 0 else 0.0
+        # the structures new in this point's training set: the previous round's picks
+        picked = summarize_picks(rounds[index - 1].get("picks", [])) if index > 0 else {}
         points.append(dict(round=record["round"], n_labels=record["n_labels"], n_acquired=record["n_acquired"],
-                           test=record["metrics"], time_s=times))
+                           test=record["metrics"], time_s=times, picked=picked))
     curve = dict(strategy=config.strategy, batch_size=config.batch_size, batch_aware=config.batch_aware,
                  n_rounds=config.n_rounds, points=points)
     out = Path(config.out)
