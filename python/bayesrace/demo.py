@@ -59,10 +59,10 @@ AL_ROUND_EPOCHS = 10  # warm-started fine-tuning per round
 # each labelled frame ×10 in the fine-tuning data: with ×1 (4 frames among 400, 5 epochs on a
 # loaded machine) rounds 1–3 halted 10 steps after their restart with σ rising 0.67 → 0.99
 AL_ACQUIRED_REPEATS = 10
-# halt on the members' disagreement: the total σ also carries the heads' level, which rises when
-# hot frames join the residuals the heads are fitted to (rounds halted ever sooner); from the same
-# round-0 posterior the epistemic halt completed the 1000 steps in round 4, the total one was still
-# halting after round 3 (one run each, this session's note)
+# halt on the members' disagreement, what new labels can lower: the total σ also carries the
+# heads' level, which rises when hot frames join the residuals the heads are fitted to. From one
+# round-0 posterior and two MD seeds (4 rounds each) the epistemic halt finished once, the total
+# one never; seed 2 got further with the total one (bench/results/al_otf/halt_on_epistemic)
 AL_HALT_ON = "epistemic"  # with one member (no epistemic part): total
 
 
