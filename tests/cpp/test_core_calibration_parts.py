@@ -13,7 +13,8 @@ from cpp_fixtures import FILTERS
 pytestmark = FILTERS
 
 from cpp_fixtures import core, toy_dir, toy_model  # noqa: E402,F401
-from test_core_engine import _expect_error, close, numpy_aggregate, structure_inputs, torchscript  # noqa: E402
+from test_core_engine import close, numpy_aggregate, structure_inputs, torchscript  # noqa: E402
+from test_core_metadata import _expect_error  # noqa: E402
 from toy_deployable import write_toy  # noqa: E402
 
 UNCALIBRATED = {"calibration": {"force_std_scale": 1.0, "energy_std_scale": 1.0}}
