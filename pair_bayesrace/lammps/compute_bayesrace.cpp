@@ -161,7 +161,7 @@ void ComputeBayesRace::compute_vector()
   // no atom in the group: no contact to report, read as "not short" (the no-neighbour value)
   values[4] = gclosest == std::numeric_limits<double>::max() ? pair->no_contact_ratio() : gclosest;
   // the members' disagreement alone: the largest epistemic force σ, and the epistemic energy σ
-  // per atom of the whole system (the score that flags torsions, bench/results/ood_scores)
+  // per atom of the whole system (the score that flags torsions: README, "Which posterior to use")
   values[5] = gmx[1];
   const double n_atoms = pair->energy_atoms();
   values[6] = n_atoms > 0.0 ? std::sqrt(pair->energy_var_epistemic()) / n_atoms : 0.0;

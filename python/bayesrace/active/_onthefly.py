@@ -47,6 +47,7 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 
+from .. import keys
 from .._figures import new_figure, save_figure
 from .._files import atomic_path, write_json_atomic
 from ..lammps import (
@@ -186,7 +187,8 @@ def run_on_the_fly(config: ActiveConfig, progress: bool = True, oracle: Optional
                 result = calibrate_posterior_file(posterior_path, config.valid, deployed_posterior,
                                                   method=config.calibration_method, **read)
                 record["calibration_threshold"] = float(result["threshold"])
-                record["calibration_epistemic_threshold"] = float(result["epistemic_threshold"])
+                # absent for one member (no epistemic part); halt_on epistemic refuses those below
+                record["calibration_epistemic_threshold"] = result["thresholds"].get(keys.ATOMIC_FORCE_STD_EPISTEMIC)
                 times["calibrate"] = time.perf_counter() - started
                 record["calibrated"] = True
                 save_state()
@@ -336,12 +338,12 @@ def write_otf_log(config: ActiveConfig, state: Dict[str, Any]) -> Dict[str, Any]
             continue
         rounds.append({key: record.get(key) for key in ("round", "start_step", "step_reached", "halted", "restart_step",
                                                         "max_sigma", "threshold", "calibration_threshold",
-                                                        "calibration_epistemic_threshold", "n_frames", "n_candidates", "n_pooled_candidates", "selected",
-                                                        "n_labels",
-                                                        "time_s", "trace")})
+                                                        "calibration_epistemic_threshold", "n_frames", "n_candidates",
+                                                        "n_pooled_candidates", "selected", "n_labels", "time_s",
+                                                        "trace")})
         rounds[-1]["labels_added"] = record.get("labels_added", 0)
-    log = dict(n_steps=config.md.n_steps, n_rounds=config.n_rounds, strategy=config.strategy, halt_on=config.md.halt_on,
-               batch_size=config.batch_size, candidate_fraction=config.candidate_fraction,
+    log = dict(n_steps=config.md.n_steps, n_rounds=config.n_rounds, strategy=config.strategy,
+               halt_on=config.md.halt_on, batch_size=config.batch_size, candidate_fraction=config.candidate_fraction,
                status=state.get("status", "running"),
                final_step=rounds[-1]["step_reached"] if rounds else 0, rounds=rounds)
     out = Path(config.out)

@@ -14,8 +14,13 @@ import numpy as np
 
 from .. import keys
 
-# σ's recorded for each pick (per structure), by name
-PICK_SIGMAS = ("max_force_sigma", "max_force_sigma_epistemic", "energy_sigma_epistemic_meV_per_atom")
+# σ's recorded for each pick: name in the record -> the per-structure score of bayesrace.uq.ood_scores
+# (the scores that carry a stored threshold, compute bayesrace columns 1, 6 and 7)
+PICK_SIGMAS = {
+    "max_force_sigma": "max_atomic_force_sigma_eV_per_A",
+    "max_force_sigma_epistemic": "max_atomic_force_sigma_epistemic_eV_per_A",
+    "energy_sigma_epistemic_meV_per_atom": "energy_sigma_epistemic_meV_per_atom",
+}
 _LABEL_KEYS = {"energy", "free_energy", "forces", "stress", "virial", "dipole", "charges"}
 _MAX_TAG_VALUES = 20  # a tag with more distinct values (a per-frame id, a float) is summarised by its mean
 
@@ -34,22 +39,11 @@ def describe_picks(prediction: Mapping[str, np.ndarray], chosen: Sequence[int], 
                    tags: Sequence[Mapping[str, Any]]) -> List[Dict[str, Any]]:
     """One record per chosen structure: pool index, atoms, the σ's of ``PICK_SIGMAS`` and its tags.
     ``chosen`` indexes the structures of ``prediction``; ``pool_indices`` are the same picks in the pool."""
-    batch = prediction[keys.BATCH].astype(np.int64)
-    n_structures = prediction[keys.NUM_ATOMS].shape[0]
+    from ..uq import ood_scores
 
-    def largest(values):
-        out = np.full(n_structures, -np.inf)
-        np.maximum.at(out, batch, np.asarray(values, dtype=np.float64))
-        return out
-
-    sigmas = {
-        "max_force_sigma": largest(prediction[keys.ATOMIC_FORCE_STD]),
-        "max_force_sigma_epistemic": largest(prediction[keys.ATOMIC_FORCE_STD_EPISTEMIC]),
-        "energy_sigma_epistemic_meV_per_atom": 1000.0 * np.sqrt(prediction[keys.ENERGY_VAR_EPISTEMIC])
-        / prediction[keys.NUM_ATOMS],
-    }
+    scores = ood_scores(prediction)
     return [dict(pool_index=int(index), n_atoms=int(prediction[keys.NUM_ATOMS][c]),
-                 **{name: float(sigmas[name][c]) for name in PICK_SIGMAS}, tags=dict(tags[int(index)]))
+                 **{name: float(scores[score][c]) for name, score in PICK_SIGMAS.items()}, tags=dict(tags[int(index)]))
             for c, index in zip(chosen, pool_indices)]
 
 

@@ -34,16 +34,9 @@ HALT_COLUMNS = {"total": "c_u[1]", "epistemic": "c_u[2]"}
 HALT_MAXIMA = {"total": "c_ug[1]", "epistemic": "c_ug[6]"}
 
 
-def _halt_on(md) -> str:
-    halt_on = getattr(md, "halt_on", "total")
-    if halt_on not in HALT_COLUMNS:
-        raise ValueError(f"md.halt_on must be one of {sorted(HALT_COLUMNS)}, got {halt_on!r}")
-    return halt_on
-
-
 def halting_column(md) -> str:
-    """The dump column of the σ ``md.halt_on`` names."""
-    return HALT_COLUMNS[_halt_on(md)]
+    """The dump column of the σ ``md.halt_on`` names (an MDSection: checked there)."""
+    return HALT_COLUMNS[md.halt_on]
 
 
 def frame_max_sigma(frame: Dict[str, Any], column: str = HALT_COLUMNS["total"]) -> float:
@@ -71,7 +64,7 @@ def md_input_text(model_path, type_names: Sequence[str], md, threshold: float, s
         f"pair_coeff * * {Path(model_path).resolve()} {' '.join(type_names)}",
         "compute u all bayesrace/atom",
         "compute ug all bayesrace",
-        f"variable maxsig equal {HALT_MAXIMA[_halt_on(md)]}",
+        f"variable maxsig equal {HALT_MAXIMA[md.halt_on]}",
     ]
     if first_segment and md.temperature > 0:
         lines.append(f"velocity all create {number(md.temperature)} {segment_seed} mom yes "

@@ -24,6 +24,7 @@ from ..bayes import (
 )
 from ..data import read_frames
 from ._metrics import ence, gaussian_nll, miscalibration_area, sharpness
+from ._ood import extrapolation_rule
 from ._predict import energy_std, predict_frames, reference_key
 from ._set_metrics import ENCE_BINS, set_metrics
 from ._split_calibration import fit_split_maps
@@ -153,10 +154,8 @@ def check_threshold_settings(quantile: float, factor: float) -> None:
 
 def extrapolation_threshold(prediction_calibrated: Mapping[str, np.ndarray], quantile: float = 0.99,
                             factor: float = 1.5, field: str = keys.ATOMIC_FORCE_STD) -> float:
-    """``factor`` × the ``quantile`` over structures of each structure's largest calibrated
-    ``field`` (eV/Å; the total force σ, or ATOMIC_FORCE_STD_EPISTEMIC). The margin is there because MD visits far more configurations
-    than a validation set holds; a threshold at the set's own extremes trips on ordinary
-    fluctuations."""
+    """``extrapolation_rule`` (``factor`` × the ``quantile``) over structures of each structure's
+    largest calibrated ``field`` (eV/Å; the total force σ, or ATOMIC_FORCE_STD_EPISTEMIC)."""
     check_threshold_settings(quantile, factor)
     sigma = np.asarray(prediction_calibrated[field], dtype=np.float64)
     structure = np.asarray(prediction_calibrated[keys.BATCH], dtype=np.int64)
@@ -165,19 +164,18 @@ def extrapolation_threshold(prediction_calibrated: Mapping[str, np.ndarray], qua
     largest = np.full(int(structure.max()) + 1, -np.inf)
     np.maximum.at(largest, structure, sigma)
     largest = largest[np.isfinite(largest)]  # structures without atoms have no σ
-    return float(factor * np.quantile(largest, quantile))
+    return extrapolation_rule(largest, quantile, factor)
 
 
 def energy_extrapolation_threshold(prediction_calibrated: Mapping[str, np.ndarray], quantile: float = 0.99,
                                    factor: float = 1.5) -> float:
-    """``factor`` × the ``quantile`` over structures of the calibrated epistemic energy σ per
-    atom, sqrt(Var_m E_m) / N (eV/atom): the score that flags geometries the members disagree
+    """``extrapolation_rule`` over structures of the calibrated epistemic energy σ per atom, sqrt(Var_m E_m) / N (eV/atom): the score that flags geometries the members disagree
     on as a whole (``compute bayesrace`` column 7)."""
     check_threshold_settings(quantile, factor)
     per_atom = energy_std(prediction_calibrated, "epistemic") / prediction_calibrated[keys.NUM_ATOMS]
     if per_atom.size == 0:
         raise CalibrationError("energy_extrapolation_threshold: no structures")
-    return float(factor * np.quantile(per_atom, quantile))
+    return extrapolation_rule(per_atom, quantile, factor)
 
 
 def uncertainty_metrics(prediction: Mapping[str, np.ndarray]) -> Dict[str, float]:
@@ -230,7 +228,8 @@ def calibrate_posterior_file(
     equal to ``posterior_path`` overwrites): the total force σ's (``extrapolation_threshold``)
     and, with more than one member, the epistemic force σ's and the epistemic energy σ per
     atom (``energy_extrapolation_threshold``), each by the same quantile and factor. Returns
-    ``{calibration, thresholds, threshold, epistemic_threshold (the epistemic force σ's), n_structures, n_atoms, metrics_before, metrics_after, out_path}``; the metrics are
+    ``{calibration, thresholds, threshold, n_structures, n_atoms, metrics_before, metrics_after,
+    out_path}``; the metrics are
     ``uncertainty_metrics`` and ``set_metrics`` of the uncalibrated and the
     calibrated predictions.
     """
@@ -260,7 +259,6 @@ def calibrate_posterior_file(
         "calibration": calibration,
         "thresholds": thresholds,
         "threshold": threshold,
-        "epistemic_threshold": epistemic[keys.ATOMIC_FORCE_STD_EPISTEMIC],
         "n_structures": int(prediction[keys.NUM_ATOMS].shape[0]),
         "n_atoms": int(prediction[keys.NUM_ATOMS].sum()),
         # set_metrics last: where both compute a number, the evaluation report's value stands

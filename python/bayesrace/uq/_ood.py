@@ -30,6 +30,14 @@ THRESHOLD_SCORES: Dict[str, str] = {
 }
 
 
+def extrapolation_rule(per_structure: np.ndarray, quantile: float = 0.99, factor: float = 1.5) -> float:
+    """The default extrapolation threshold of a per-structure score: ``factor`` × its ``quantile``
+    over the structures (of a validation set). The margin is there because MD visits far more
+    configurations than a validation set holds; a threshold at the set's own extremes trips on
+    ordinary fluctuations. ``bayesrace calibrate`` and ``flagged_fractions`` both use it."""
+    return float(factor * np.quantile(per_structure, quantile))
+
+
 def ood_scores(prediction: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
     """Per-structure scores [B] of ``OOD_SCORES`` from the σ's in ``prediction`` (calibrated
     or not, as given): energy σ per atom 1000·σ_E,b / N_b (meV/atom), and the largest and
@@ -68,12 +76,11 @@ def ood_aurocs(
 
 def flagged_fractions(scores: Mapping[str, Mapping[str, np.ndarray]], threshold_set: str, quantile: float = 0.99,
                       factor: float = 1.5) -> Dict[str, object]:
-    """The thresholds ``bayesrace calibrate`` would store — ``factor`` × the ``quantile`` of each
+    """The thresholds ``bayesrace calibrate`` would store — ``extrapolation_rule`` of each
     ``THRESHOLD_SCORES`` score over ``threshold_set`` — and the fraction of each set's structures
     above them: ``{"thresholds": {score: τ}, "fraction": {set: {score: fraction}}}``. A score that
     is 0 on the whole threshold set (one member: no epistemic part) gets no threshold."""
-    thresholds = {name: float(factor * np.quantile(scores[threshold_set][name], quantile))
-                  for name in THRESHOLD_SCORES}
+    thresholds = {name: extrapolation_rule(scores[threshold_set][name], quantile, factor) for name in THRESHOLD_SCORES}
     thresholds = {name: value for name, value in thresholds.items() if value > 0.0}
     return {
         "thresholds": thresholds,
