@@ -151,9 +151,9 @@ pair_coeff * * {directory / 'snap.snapcoeff'} {directory / 'snap.snapparam'} {' 
 thermo_style custom step pe"""
 
 
-def lammps_input(pair: str, periodic: bool, steps: int, thermal: bool = True) -> str:
+def lammps_input(pair: str, periodic: bool, steps: int, thermal: bool = True, thermo_every: int = 10) -> str:
     """NVE from 300 K (``thermal``) or from rest, a 2-step warm-up, then the timed run between
-    rank 0's /proc snapshots."""
+    rank 0's /proc snapshots; thermo (with the pair's global uncertainty) every ``thermo_every`` steps."""
     boundary = "p p p" if periodic else "f f f"
     velocity = "velocity all create 300 4928459 loop geom\n" if thermal else ""
     return f"""units metal
@@ -163,7 +163,7 @@ read_data data.lmp
 {pair}
 {velocity}fix nve all nve
 timestep 0.0005
-thermo 10
+thermo {thermo_every}
 run 2
 {STAT_BEFORE}
 run {steps}
@@ -198,8 +198,9 @@ def rank0_usage(workdir: Path, steps: int) -> dict:
     return usage
 
 
-def run_case(workdir: Path, pair: str, periodic: bool, steps: int, ranks: int, thermal: bool = True) -> dict:
-    (workdir / "in.lmp").write_text(lammps_input(pair, periodic, steps, thermal))
+def run_case(workdir: Path, pair: str, periodic: bool, steps: int, ranks: int, thermal: bool = True,
+             thermo_every: int = 10) -> dict:
+    (workdir / "in.lmp").write_text(lammps_input(pair, periodic, steps, thermal, thermo_every))
     # a fresh launcher per case: ru_maxrss of its children is this case's largest process
     started = time.time()
     result = run_lmp(["-in", "in.lmp", "-log", "none", "-nocite"], workdir, ranks,

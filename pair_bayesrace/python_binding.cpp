@@ -105,18 +105,20 @@ py::dict results(const Engine &engine, const MemberOutputs &mo, int64_t n_local,
             folded[(m * N + ghost_owner[g]) * 3 + a] += folded[(m * N + n_local + g) * 3 + a];
       member_forces = folded.data();
     }
-    AggregateInput ai;
-    ai.n_members = M;
-    ai.n_atoms = n_local;
-    ai.stride = N;
-    ai.member_forces = member_forces;
-    ai.force_covariance = mo.force_cov.data();
-    ai.member_atomic_energy = mo.atomic_energy.data();
-    ai.member_total_energy = mo.energy.data();
-    ai.log_var_sum = log_var_sum.data();
-    ai.n_atoms_total = static_cast<double>(n_local);
-    ai.calibration = &engine.metadata().calibration;
-    aggregate(ai, agg);
+    if (mo.only_member < 0) {  // one member alone: nothing to aggregate
+      AggregateInput ai;
+      ai.n_members = M;
+      ai.n_atoms = n_local;
+      ai.stride = N;
+      ai.member_forces = member_forces;
+      ai.force_covariance = mo.force_cov.data();
+      ai.member_atomic_energy = mo.atomic_energy.data();
+      ai.member_total_energy = mo.energy.data();
+      ai.log_var_sum = log_var_sum.data();
+      ai.n_atoms_total = static_cast<double>(n_local);
+      ai.calibration = &engine.metadata().calibration;
+      aggregate(ai, agg);
+    }
   }
 
   py::dict d;
@@ -134,6 +136,8 @@ py::dict results(const Engine &engine, const MemberOutputs &mo, int64_t n_local,
     d[K::MEMBER_ATOMIC_VIRIAL] = array(mo.atomic_virial, {M, N, 3, 3});
     d[K::ATOMIC_VIRIAL] = array(drive.atomic_virial, {N, 3, 3});
   }
+  d["only_member"] = mo.only_member;
+  if (mo.only_member >= 0) return d;  // one member: no uncertainty
   d[K::ATOMIC_FORCE_STD] = array(agg.force_std, {n_local});
   d[K::ATOMIC_FORCE_STD_EPISTEMIC] = array(agg.force_std_epistemic, {n_local});
   d[K::ATOMIC_FORCE_STD_ALEATORIC] = array(agg.force_std_aleatoric, {n_local});
@@ -146,8 +150,15 @@ py::dict results(const Engine &engine, const MemberOutputs &mo, int64_t n_local,
   return d;
 }
 
+// alone: member `driving` by itself (what the pair style evaluates for dynamics member K on
+// steps without uncertainty); "mean" cannot be evaluated alone
+int64_t only_member_of(int member, bool alone) {
+  if (alone && member < 0) throw py::value_error("alone=True needs driving = a member index, not \"mean\"");
+  return alone ? member : -1;
+}
+
 py::dict evaluate(const Engine &engine, DArr positions, IArr species, IArr edge_index, py::object edge_shifts_obj,
-                  py::object n_local_obj, py::object driving, bool compute_atomic_virial) {
+                  py::object n_local_obj, py::object driving, bool compute_atomic_virial, bool alone) {
   namespace K = keys;
   require_shape(positions, K::POSITIONS, {-1, 3});
   const int64_t N = positions.shape(0);
@@ -171,6 +182,7 @@ py::dict evaluate(const Engine &engine, DArr positions, IArr species, IArr edge_
   in.edge_index = edge_index.data();
   in.edge_shifts = edge_shifts_obj.is_none() ? nullptr : shifts.data();
   in.compute_atomic_virial = compute_atomic_virial;
+  in.only_member = only_member_of(member, alone);
 
   MemberOutputs mo;
   {
@@ -200,7 +212,7 @@ struct OwnerMapHalo : HaloExchange {
 
 py::dict evaluate_layered(const Engine &engine, DArr positions, IArr species, IArr edge_index, int64_t n_local,
                           IArr ghost_owner, py::object driving, bool compute_atomic_virial, bool recompute_layers,
-                          int64_t recompute_chunk) {
+                          int64_t recompute_chunk, bool alone) {
   namespace K = keys;
   require_shape(positions, K::POSITIONS, {-1, 3});
   const int64_t N = positions.shape(0);
@@ -229,6 +241,7 @@ py::dict evaluate_layered(const Engine &engine, DArr positions, IArr species, IA
   in.recompute_layers = recompute_layers;
   if (recompute_chunk < 0) throw py::value_error("recompute_chunk must be >= 0 (0: the default)");
   in.recompute_chunk = recompute_chunk;
+  in.only_member = only_member_of(member, alone);
   OwnerMapHalo halo;
   halo.n_local = n_local;
   halo.n_ghost = N - n_local;
@@ -336,13 +349,17 @@ PYBIND11_MODULE(_bayesrace_core, m) {
       .def("__repr__", [](const Engine &e) { return "<bayesrace Engine: " + e.describe() + ">"; })
       .def("evaluate", &evaluate, py::arg(keys::POSITIONS), py::arg(keys::SPECIES), py::arg(keys::EDGE_INDEX),
            py::arg(keys::EDGE_SHIFTS) = py::none(), py::arg("n_local") = py::none(), py::arg("driving") = "mean",
-           py::arg("compute_atomic_virial") = false,
+           py::arg("compute_atomic_virial") = false, py::arg("alone") = false,
            "Run all members and aggregate. Returns a dict of float64 numpy arrays: raw member outputs, "
            "driving energy/forces/virial (driving='mean' or a member index), and calibrated uncertainties "
-           "over atoms 0..n_local-1 (rows beyond n_local are not folded back onto their owners).")
+           "over atoms 0..n_local-1 (rows beyond n_local are not folded back onto their owners). "
+           "alone=True with driving=K: member K by itself when the deployable can (what pair_style bayesrace runs for "
+           "'dynamics member K' on steps without uncertainty): member arrays of that member only, no uncertainties; "
+           "only_member says which member the arrays hold (-1: every member).")
       .def("evaluate_layered", &evaluate_layered, py::arg(keys::POSITIONS), py::arg(keys::SPECIES),
            py::arg(keys::EDGE_INDEX), py::arg("n_local"), py::arg("ghost_owner"), py::arg("driving") = "mean",
            py::arg("compute_atomic_virial") = false, py::arg("recompute_layers") = false, py::arg("recompute_chunk") = 0,
+           py::arg("alone") = false,
            "Layer mode (what pair_style bayesrace ... halo layer runs): rows 0..n_local-1 local, ghost row "
            "n_local+g a periodic image of local row ghost_owner[g] (positions carry the image shift); every edge "
            "centre < n_local. Node features are copied to the ghost rows after every layer and their gradients "

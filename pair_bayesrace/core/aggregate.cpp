@@ -140,6 +140,13 @@ void aggregate(const AggregateInput &in, AggregateOutput &out) {
 
 void select_driving(const MemberOutputs &mo, int member, DrivingOutputs &out) {
   const int64_t M = mo.n_members, N = mo.n_atoms;
+  if (mo.only_member >= 0) {
+    // outputs of one member alone: it must be the one asked for
+    if (member != mo.only_member)
+      throw std::invalid_argument("the outputs hold member " + std::to_string(mo.only_member) + " alone, not " +
+                                  (member < 0 ? std::string("the mean of every member") : "member " + std::to_string(member)));
+    member = 0;
+  }
   if (member >= M)
     throw std::invalid_argument("driving member " + std::to_string(member) + " out of range: the model has " +
                                 std::to_string(M) + " members (0.." + std::to_string(M - 1) + ")");

@@ -87,6 +87,8 @@ struct DrivingOutputs {
   double virial[9] = {0};             // [3, 3]
   std::vector<double> atomic_virial;  // [N, 3, 3] or empty
 };
+// member < 0: the mean of every member; else member `member` (which outputs of one member
+// alone, mo.only_member >= 0, must be)
 void select_driving(const MemberOutputs &mo, int member, DrivingOutputs &out);
 
 }  // namespace bayesrace

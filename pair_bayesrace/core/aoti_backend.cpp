@@ -129,6 +129,7 @@ class AotiBackend : public Backend {
            " (compiled for " + compiled_for_ + ")";
   }
 
+  bool evaluates_one_member(bool, bool) const override { return false; }  // one compiled forward()
   void evaluate_layered(const ModelInputs &, HaloExchange &, MemberOutputs &) override {
     throw std::runtime_error(path_ + " cannot run layer mode: " + layer_mode_problem());
   }
@@ -136,6 +137,7 @@ class AotiBackend : public Backend {
   void evaluate(const ModelInputs &in, MemberOutputs &out) override {
     const int64_t N = in.n_atoms, E = in.n_edges, M = n_members_;
     out.n_members = M;
+    out.only_member = -1;  // the compiled forward() evaluates every member
     out.n_atoms = N;
     if (N == 0) {  // nothing to run (the compiled code needs at least one atom)
       out.energy.assign(static_cast<size_t>(M), 0.0);

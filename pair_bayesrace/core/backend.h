@@ -26,6 +26,10 @@ struct ModelInputs {
   // with recompute_layers: at most this many (edge, member) pairs per piece of a layer
   // (0: the default, kRecomputeChunk); the pieces are groups of consecutive local centres
   int64_t recompute_chunk = 0;
+  // >= 0: only this member's outputs are needed (dynamics member K on a step without
+  // uncertainty). A backend that can evaluates it alone (TorchScript: forward_member in shell
+  // mode, the per-member methods in layer mode without recompute); others evaluate every member.
+  int64_t only_member = -1;
 };
 
 constexpr int64_t kRecomputeChunk = int64_t(1) << 18;
@@ -34,6 +38,7 @@ constexpr int64_t kRecomputeChunk = int64_t(1) << 18;
 struct MemberOutputs {
   int64_t n_members = 0;
   int64_t n_atoms = 0;
+  int64_t only_member = -1;           // >= 0: the outputs are of this member alone (n_members 1)
   std::vector<double> energy;         // [M]
   std::vector<double> atomic_energy;  // [M, N]
   std::vector<double> forces;         // [M, N, 3]
@@ -74,6 +79,8 @@ class Backend {
   // all members go together, else the deployable's layer_widths(); empty if it has no
   // per-layer methods (a deployable exported before layer mode existed).
   virtual std::vector<int64_t> layer_widths() const = 0;
+  // whether ModelInputs::only_member is honoured (one member evaluated alone) in this mode
+  virtual bool evaluates_one_member(bool layer_mode, bool recompute_layers) const = 0;
   // why layer_widths() is empty (a sentence for an error message), else ""
   virtual std::string layer_mode_problem() const = 0;
   virtual std::string describe() const = 0;

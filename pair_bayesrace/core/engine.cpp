@@ -75,6 +75,10 @@ std::string Engine::describe() const {
 
 std::string Engine::layer_mode_problem() const { return backend_->layer_mode_problem(); }
 
+bool Engine::evaluates_one_member(bool layer_mode, bool recompute_layers) const {
+  return backend_->evaluates_one_member(layer_mode, recompute_layers);
+}
+
 void Engine::check_inputs(const ModelInputs &in) const {
   const int64_t nt = static_cast<int64_t>(meta_.type_names.size());
   if (in.n_atoms < 0 || in.n_edges < 0) throw std::invalid_argument("negative atom or edge count");

@@ -42,6 +42,8 @@ class Engine {
   const std::vector<int64_t> &layer_widths() const { return layer_widths_; }
   // why layer_widths() is empty, e.g. "it has no per-layer methods (...): export it again ..."
   std::string layer_mode_problem() const;
+  // whether a step that asks for one member (ModelInputs::only_member) evaluates it alone
+  bool evaluates_one_member(bool layer_mode, bool recompute_layers) const;
 
  private:
   std::string path_;

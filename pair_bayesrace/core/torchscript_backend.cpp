@@ -40,6 +40,7 @@ void TorchScriptBackend::read_layer_structure() {
     throw std::runtime_error(path_ + ": layer_widths() must list at least 2 widths and n_readout() be >= 1");
   together_ = true;
   for (const char *name : kTogetherMethods) together_ = together_ && module_.find_method(name).has_value();
+  member_widths_ = widths_;
   if (together_)
     for (auto &w : widths_) w *= n_members_;  // one row carries every member's features
   features_.resize(widths_.size());
@@ -65,9 +66,11 @@ void TorchScriptBackend::copy_out(const torch::Tensor &t, std::vector<int64_t> s
   if (c.numel()) std::memcpy(dst, c.data_ptr<double>(), sizeof(double) * static_cast<size_t>(c.numel()));
 }
 
-// Sizes and zeroes the outputs and the exchange buffers of a layer-mode evaluation.
-void TorchScriptBackend::prepare_layered(const ModelInputs &in, MemberOutputs &out) {
-  const int64_t N = in.n_atoms, M = n_members_, K = static_cast<int64_t>(widths_.size()) - 1;
+// Sizes and zeroes the outputs (M members) and the exchange buffers (rows of `widths`) of a
+// layer-mode evaluation.
+void TorchScriptBackend::prepare_layered(const ModelInputs &in, int64_t M, const std::vector<int64_t> &widths,
+                                         MemberOutputs &out) {
+  const int64_t N = in.n_atoms, K = static_cast<int64_t>(widths.size()) - 1;
   n_rows_ = N;
   out.n_members = M;
   out.n_atoms = N;
@@ -83,8 +86,8 @@ void TorchScriptBackend::prepare_layered(const ModelInputs &in, MemberOutputs &o
   else
     out.atomic_virial.clear();
   for (int64_t k = 1; k < K; ++k) {
-    features_[k].resize(static_cast<size_t>(N * widths_[k]));
-    grads_[k].resize(static_cast<size_t>(N * widths_[k]));
+    features_[k].resize(static_cast<size_t>(N * widths[k]));
+    grads_[k].resize(static_cast<size_t>(N * widths[k]));
   }
 }
 
@@ -128,28 +131,37 @@ void TorchScriptBackend::add_edge_terms(const ModelInputs &in, const std::vector
 }
 
 // A domain with no local atoms still takes part in every (collective) exchange.
-void TorchScriptBackend::exchange_only(HaloExchange &halo) {
-  const int64_t K = static_cast<int64_t>(widths_.size()) - 1;
+void TorchScriptBackend::exchange_only(HaloExchange &halo, const std::vector<int64_t> &widths) {
+  const int64_t K = static_cast<int64_t>(widths.size()) - 1;
   for (int64_t k = 1; k < K; ++k) {
-    features_[k].assign(static_cast<size_t>(n_rows_ * widths_[k]), 0.0);
-    halo.forward(features_[k].data(), widths_[k]);
+    features_[k].assign(static_cast<size_t>(n_rows_ * widths[k]), 0.0);
+    halo.forward(features_[k].data(), widths[k]);
   }
   for (int64_t k = K - 1; k >= 1; --k) {
-    grads_[k].assign(static_cast<size_t>(n_rows_ * widths_[k]), 0.0);
-    halo.reverse(grads_[k].data(), widths_[k]);
+    grads_[k].assign(static_cast<size_t>(n_rows_ * widths[k]), 0.0);
+    halo.reverse(grads_[k].data(), widths[k]);
   }
 }
 
 void TorchScriptBackend::evaluate_layered(const ModelInputs &in, HaloExchange &halo, MemberOutputs &out) {
   if (widths_.empty()) throw std::runtime_error(path_ + " cannot run layer mode: " + layer_problem_);
   if (in.recompute_layers) return evaluate_recomputing(in, halo, out);
-  const int64_t N = in.n_atoms, nl = in.n_local, E = in.n_edges, M = n_members_;
+  const int64_t N = in.n_atoms, nl = in.n_local, E = in.n_edges;
   const int64_t K = static_cast<int64_t>(widths_.size()) - 1;
+  // one member alone (only_member) goes through the per-member methods with its own widths
+  const bool alone = in.only_member >= 0;
+  if (alone && in.only_member >= n_members_)
+    throw std::invalid_argument("only_member " + std::to_string(in.only_member) + " out of range (" +
+                                std::to_string(n_members_) + " members)");
+  const bool together = together_ && !alone;
+  const std::vector<int64_t> &widths = (alone && together_) ? member_widths_ : widths_;
+  const int64_t M = alone ? 1 : n_members_;
   // members go through the layers in groups: all M together, or one at a time (older deployables)
-  const int64_t G = together_ ? 1 : M, Mg = together_ ? M : 1;
-  prepare_layered(in, out);
+  const int64_t G = together ? 1 : M, Mg = together ? M : 1;
+  prepare_layered(in, M, widths, out);
+  out.only_member = alone ? in.only_member : -1;
   if (nl == 0) {
-    for (int64_t g = 0; g < G; ++g) exchange_only(halo);
+    for (int64_t g = 0; g < G; ++g) exchange_only(halo, widths);
     return;
   }
 
@@ -164,22 +176,24 @@ void TorchScriptBackend::evaluate_layered(const ModelInputs &in, HaloExchange &h
   torch::Tensor spec_local = spec.slice(0, 0, nl);
 
   torch::AutoGradMode grad_on(true);
-  torch::jit::Method embed = module_.get_method(together_ ? "embed_all" : "embed"),
-                     layer = module_.get_method(together_ ? "layer_all" : "layer"),
-                     head = module_.get_method(together_ ? "head_all" : "head");
+  torch::jit::Method embed = module_.get_method(together ? "embed_all" : "embed"),
+                     layer = module_.get_method(together ? "layer_all" : "layer"),
+                     head = module_.get_method(together ? "head_all" : "head");
   std::vector<int64_t> readout_shape{nl, n_readout_};
-  if (together_) readout_shape.insert(readout_shape.begin(), M);
+  if (together) readout_shape.insert(readout_shape.begin(), M);
   std::vector<torch::Tensor> h_in(K), h_loc(K), r(K);
   std::vector<double> edge_grad(static_cast<size_t>(3 * E * Mg));
+  // the deployable's index of group g's member (one member per group unless together)
+  auto member_of = [&](int64_t g) { return alone ? in.only_member : g; };
   for (int64_t g = 0; g < G; ++g) {
     // one leaf for all layers; a copy per member, so that the gradient keeps them apart
-    torch::Tensor vectors = (together_ ? base.unsqueeze(0).expand({M, E, 3}) : base).clone().requires_grad_(true);
-    torch::Tensor h = (together_ ? embed({spec}) : embed({g, spec})).toTensor().detach();
-    if (h.sizes() != c10::IntArrayRef({N, widths_[0]}))
+    torch::Tensor vectors = (together ? base.unsqueeze(0).expand({M, E, 3}) : base).clone().requires_grad_(true);
+    torch::Tensor h = (together ? embed({spec}) : embed({member_of(g), spec})).toTensor().detach();
+    if (h.sizes() != c10::IntArrayRef({N, widths[0]}))
       throw std::runtime_error(path_ + ": embed() returned shape " + shape_str(h) + ", expected [" +
-                               std::to_string(N) + ", " + std::to_string(widths_[0]) + "]");
+                               std::to_string(N) + ", " + std::to_string(widths[0]) + "]");
     auto run_layer = [&](int64_t k) {
-      auto res = (together_ ? layer({k, h_in[k], spec, ei, vectors, nl}) : layer({g, k, h_in[k], spec, ei, vectors, nl}))
+      auto res = (together ? layer({k, h_in[k], spec, ei, vectors, nl}) : layer({member_of(g), k, h_in[k], spec, ei, vectors, nl}))
                      .toTuple();
       h_loc[k] = res->elements().at(0).toTensor();
       r[k] = res->elements().at(1).toTensor();
@@ -192,21 +206,21 @@ void TorchScriptBackend::evaluate_layered(const ModelInputs &in, HaloExchange &h
         throw std::runtime_error(path_ + ": layer(" + std::to_string(k) + ") returned a readout of shape " +
                                  shape_str(r[k]) + ", expected " + shape_str(torch::empty(readout_shape)));
       if (k + 1 < K) {
-        const int64_t w = widths_[k + 1];
+        const int64_t w = widths[k + 1];
         copy_out(h_loc[k], {nl, w}, features_[k + 1].data(), "layer() features");
         halo.forward(features_[k + 1].data(), w);
         h = from_buffer(features_[k + 1], N, w);
       }
     }
-    auto heads = (together_ ? head({torch::stack(r), spec_local}) : head({g, torch::stack(r), spec_local})).toTuple();
+    auto heads = (together ? head({torch::stack(r), spec_local}) : head({member_of(g), torch::stack(r), spec_local})).toTuple();
     // [Mg, ...] whichever way the members went
     torch::Tensor e = heads->elements().at(0).toTensor().reshape({Mg, nl});
     torch::Tensor lv = heads->elements().at(1).toTensor(), cov = heads->elements().at(2).toTensor();
     for (int64_t mm = 0; mm < Mg; ++mm) {
       const size_t row = static_cast<size_t>((g + mm) * N);
       copy_out(e[mm], {nl}, &out.atomic_energy[row], "head() atomic energy");
-      copy_out(together_ ? lv[mm] : lv, {nl}, &out.log_var[row], "head() log-variance");
-      copy_out(together_ ? cov[mm] : cov, {nl, 3, 3}, &out.force_cov[9 * row], "head() force covariance");
+      copy_out(together ? lv[mm] : lv, {nl}, &out.log_var[row], "head() log-variance");
+      copy_out(together ? cov[mm] : cov, {nl, 3, 3}, &out.force_cov[9 * row], "head() force covariance");
     }
     torch::Tensor member_energy = e.sum(1);
     torch::Tensor energy = member_energy.sum();  // members are independent: one backward for all
@@ -237,7 +251,7 @@ void TorchScriptBackend::evaluate_layered(const ModelInputs &in, HaloExchange &h
         for (size_t x = 0; x < edge_grad.size(); ++x) edge_grad[x] += gp[x];
       }
       if (k > 0) {
-        const int64_t w = widths_[k];
+        const int64_t w = widths[k];
         if (d[1].defined())
           copy_out(d[1], {N, w}, grads_[k].data(), "the gradient of a layer's features");
         else

@@ -58,18 +58,22 @@ class TorchScriptBackend : public Backend {
     n_members_ = n_members;
     module_.to(device_);
     module_.eval();
+    has_forward_member_ = module_.find_method("forward_member").has_value();
     read_layer_structure();
   }
 
   std::vector<int64_t> layer_widths() const override { return widths_; }
   std::string layer_mode_problem() const override { return layer_problem_; }
+  bool evaluates_one_member(bool layer_mode, bool recompute_layers) const override {
+    return layer_mode ? !widths_.empty() && !recompute_layers : has_forward_member_;
+  }
 
   std::string describe() const override {
     return "TorchScript " + path_ + " on " + device_.str() + (dtype_ == torch::kFloat32 ? " float32" : " float64");
   }
 
   void evaluate(const ModelInputs &in, MemberOutputs &out) override {
-    const int64_t N = in.n_atoms, E = in.n_edges, M = n_members_;
+    const int64_t N = in.n_atoms, E = in.n_edges;
     auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
     auto i64 = torch::TensorOptions().dtype(torch::kInt64);
     auto to_dev = [&](torch::Tensor t, torch::ScalarType st) {
@@ -87,7 +91,15 @@ class TorchScriptBackend : public Backend {
 
     torch::AutoGradMode grad_on(true);  // the deployable differentiates inside forward()
     std::vector<torch::jit::IValue> args{pos, spec, ei, sh, in.n_local, in.compute_atomic_virial};
-    c10::impl::GenericDict dict = module_.forward(args).toGenericDict();
+    const bool alone = in.only_member >= 0 && has_forward_member_;
+    if (alone && in.only_member >= n_members_)
+      throw std::invalid_argument("only_member " + std::to_string(in.only_member) + " out of range (" +
+                                  std::to_string(n_members_) + " members)");
+    if (alone) args.insert(args.begin(), in.only_member);
+    c10::impl::GenericDict dict =
+        (alone ? module_.get_method("forward_member")(args) : module_.forward(args)).toGenericDict();
+    const int64_t M = alone ? 1 : n_members_;
+    out.only_member = alone ? in.only_member : -1;
 
     auto fetch = [&](const char *key, std::vector<int64_t> shape, std::vector<double> &dst, bool may_be_empty) {
       auto it = dict.find(c10::IValue(std::string(key)));
@@ -132,8 +144,8 @@ class TorchScriptBackend : public Backend {
   // layer mode with recompute_layers (torchscript_recompute.cpp)
   void evaluate_recomputing(const ModelInputs &in, HaloExchange &halo, MemberOutputs &out);
   void read_layer_structure();
-  void exchange_only(HaloExchange &halo);
-  void prepare_layered(const ModelInputs &in, MemberOutputs &out);
+  void exchange_only(HaloExchange &halo, const std::vector<int64_t> &widths);
+  void prepare_layered(const ModelInputs &in, int64_t M, const std::vector<int64_t> &widths, MemberOutputs &out);
   void add_edge_terms(const ModelInputs &in, const std::vector<double> &vec, const double *edge_grad, int64_t member,
                       MemberOutputs &out);
   void copy_out(const torch::Tensor &t, std::vector<int64_t> shape, double *dst, const char *what);
@@ -148,7 +160,9 @@ class TorchScriptBackend : public Backend {
   // deployable evaluates all members in one pass (together_), M * [d_0..d_K]; and n_out
   // (widths_ empty: no per-layer methods)
   std::vector<int64_t> widths_;
+  std::vector<int64_t> member_widths_;  // [d_0..d_K] of one member (layer mode with only_member)
   bool together_ = false;
+  bool has_forward_member_ = false;  // shell mode can evaluate one member alone
   int64_t n_readout_ = 0;
   std::string layer_problem_;  // why layer mode is unavailable (widths_ empty)
   // exchange buffers, float64 whatever the model's dtype, kept across calls:

@@ -86,9 +86,10 @@ void TorchScriptBackend::evaluate_recomputing(const ModelInputs &in, HaloExchang
                                      "(layer_all): export it again with this version of bayesrace");
   const int64_t N = in.n_atoms, nl = in.n_local, E = in.n_edges, M = n_members_;
   const int64_t K = static_cast<int64_t>(widths_.size()) - 1;
-  prepare_layered(in, out);
+  prepare_layered(in, n_members_, widths_, out);  // every member: only_member is not used here
+  out.only_member = -1;
   if (nl == 0) {
-    exchange_only(halo);
+    exchange_only(halo, widths_);
     return;
   }
   const std::vector<double> vec = host_edge_vectors(in);

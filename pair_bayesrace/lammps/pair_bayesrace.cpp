@@ -260,6 +260,13 @@ void PairBayesRace::init_style()
   }
 
   init_halo();
+  if (driving_member >= 0 && comm->me == 0)
+    utils::logmesg(lmp, engine->evaluates_one_member(halo_layer, recompute_layers)
+                            ? "pair bayesrace: dynamics member {}: that member alone on steps without uncertainty, "
+                              "every member on steps that report it\n"
+                            : "pair bayesrace: dynamics member {}: every member on every step (this deployable or "
+                              "mode cannot evaluate one member alone)\n",
+                   driving_member);
 }
 
 double PairBayesRace::init_one(int i, int j)
@@ -359,6 +366,8 @@ void PairBayesRace::compute(int eflag, int vflag)
     in.edge_shifts = nullptr;
     in.compute_atomic_virial = vflag_atom != 0;
     in.recompute_layers = recompute_layers;
+    // dynamics member K on a step without uncertainty: member K alone (M times cheaper)
+    in.only_member = (driving_member >= 0 && !uncertainty_wanted(eflag_atom)) ? driving_member : -1;
     bayesrace::DrivingOutputs drive;
     try {
       if (halo_layer)
