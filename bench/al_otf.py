@@ -126,7 +126,7 @@ def al_config(args, data: dict, posterior: Path, runs: Path) -> dict:
         "md": {"structure": str(data["start"]), "box": 40.0, "temperature": args.temperature,
                "thermostat": "langevin", "damping": 0.1, "timestep": 0.0005, "n_steps": args.steps,
                "dump_every": args.dump_every, "seed": 1, "ranks": 1, "restart_from": "last_trusted",
-               "halt_on": args.halt_on},
+               "halt_on": args.halt_on, "look_ahead": args.look_ahead, "look_ahead_limit": args.look_ahead_limit},
     }
     return config
 
@@ -195,16 +195,19 @@ def write_report(out: Path, log: dict, evaluation: dict, info: dict) -> None:
               f"set; the MD halts on that σ), kept for every round (each round's posterior is still recalibrated, "
               f"{info.get('calibration', 'isotonic')}, on that set). Labels per halt: "
               f"{info['batch_size']} (bald_f among the segment's dumped frames with max σ > 0.5 τ). After a halt the "
-              f"next segment restarts from the last dumped frame with max σ ≤ τ (`md.restart_from: last_trusted`).", ""]
+              f"next segment restarts from the last dumped frame with max σ ≤ τ (`md.restart_from: last_trusted`)."
+              + (f" Look-ahead: after each halt {info['look_ahead']} more MD steps from the halting frame (stopping "
+                 f"at {info.get('look_ahead_limit', 3.0):g} τ); their frames with max σ > 0.5 τ join the candidates "
+                 f"(`md.look_ahead`)." if info.get("look_ahead") else ""), ""]
     lines += ["| round | start step | halt step / completed | restart step | max σ [eV/Å] | threshold τ [eV/Å] | "
-              "candidates | labels added | training frames | train s | calib s | export s | MD s | select s | label s |",
+              "candidates (look-ahead) | labels added | training frames | train s | calib s | export s | MD s | select s | label s |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rounds:
         t = r["time_s"]
         end = f"halt @ {r['step_reached']}" if r["halted"] else f"completed @ {r['step_reached']}"
         restart = r.get("restart_step") if r["halted"] else "–"
         lines.append(f"| {r['round']} | {r['start_step']} | {end} | {restart} | {r['max_sigma']:.4f} | {r['threshold']:.4f} | "
-                     f"{r.get('n_candidates', 0)} | {r.get('labels_added', 0)} | {r['n_labels']} | {t['train']:.0f} | "
+                     f"{r.get('n_candidates', 0)} ({r.get('n_look_ahead_candidates') or 0}) | {r.get('labels_added', 0)} | {r['n_labels']} | {t['train']:.0f} | "
                      f"{t['calibrate']:.0f} | {t['export']:.0f} | {t['md']:.0f} | {t['select']:.0f} | {t['label']:.0f} |")
     lines += ["", "(round 0's train time is the copy of the base posterior; its training is counted above.)", ""]
     if evaluation:
@@ -297,6 +300,9 @@ def main(argv=None) -> int:
                         help="the force σ that halts the MD (md.halt_on)")
     parser.add_argument("--round-lr", type=float, default=None, help="learning rate of the rounds (default --lr)")
     parser.add_argument("--acquired-repeats", type=int, default=1)
+    parser.add_argument("--look-ahead", type=int, default=0,
+                        help="md.look_ahead: steps of MD past each halt whose frames join the candidates")
+    parser.add_argument("--look-ahead-limit", type=float, default=3.0, help="md.look_ahead_limit (× τ)")
     parser.add_argument("--validation-seeds", type=int, nargs="+", default=[11, 12, 13],
                         help="Langevin/velocity seeds of the fresh validation runs after the loop")
     parser.add_argument("--report-only", action="store_true")

@@ -70,6 +70,12 @@ class MDSection:
     # members' disagreement alone (what retraining on new labels can lower; the aleatoric part is
     # the model's own error level, which new labels of a hotter region raise)
     halt_on: Literal[HALT_ON] = "total"
+    # after a halt, MD goes on this many steps past the halting frame without halting (it stops at
+    # look_ahead_limit × the threshold): its dumped frames join the candidates, so a round can label
+    # where the trajectory was heading, not only where it stopped; 0: off. The next segment still
+    # restarts from md.restart_from's frame: nothing of the look-ahead is kept but its candidates.
+    look_ahead: NonNegativeInt = 0
+    look_ahead_limit: Annotated[Float, Field(gt=1)] = 3.0
 
 
 @section

@@ -20,7 +20,9 @@ Round r = 0 .. n_rounds (``<out>/round_<r>``):
    "max σ" below is that σ). It runs ``run n_steps upto``;
 5. a segment that reaches ``md.n_steps`` without a halt ends the loop; so does round n_rounds.
    Otherwise the segment's new frames with max σ > ``candidate_fraction`` × τ (the halting
-   frame always is one) join the candidates of the earlier segments not yet labelled;
+   frame always is one) join the candidates of the earlier segments not yet labelled; with
+   ``md.look_ahead`` > 0 so do those of a look-ahead (``round_<r>/look_ahead``): MD from the
+   halting frame for look_ahead more steps that halts only at ``md.look_ahead_limit`` × τ;
    ``batch_size`` of them are selected by ``strategy`` (``predict_frames`` on the round's
    calibrated posterior + ``select_batch``)
    and labelled by the oracle into ``labelled.xyz`` (crash-safe, ``pool_index`` = round·10¹² + MD
@@ -39,6 +41,7 @@ each dumped frame vs the cumulative step, halts marked) are rewritten after ever
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import shutil
 import time
@@ -77,6 +80,7 @@ from ._store import (
 
 OTF_LOG = "otf_log.json"
 OTF_PLOT = "otf_sigma.png"
+LOOK_AHEAD_DIR = "look_ahead"  # a round's MD past its halt (md.look_ahead), same files as MD_DIR
 MD_DIR = "md"  # a round's MD segment: in.md, log.md, start.data, frames.dump, end.data (bayesrace.lammps)
 CANDIDATES_FILE = "candidates.xyz"
 SEED_STRIDE = 1000  # segment r uses md.seed + SEED_STRIDE·r (+1: LAMMPS seeds are positive)
@@ -235,12 +239,19 @@ def run_on_the_fly(config: ActiveConfig, progress: bool = True, oracle: Optional
             segment = run_md_segment(model_path, type_names, md, threshold, segment_dir, start_text, start_step,
                                      first_segment=round_index == 0, molecule=molecule,
                                      segment_seed=md.seed + SEED_STRIDE * round_index + 1)
-            times["md"] = time.perf_counter() - started
             frames = [f for f in segment["frames"] if f["step"] > start_step or round_index == 0]
             atoms_list = [dump_frame_atoms(f, type_names, molecule, column) for f in frames]
             cut = config.candidate_fraction * threshold
             candidates = [a for a in atoms_list if a.info[MAX_SIGMA] > cut or
                           (segment["halted"] and a.info[MD_STEP] == segment["step_reached"])]
+            if segment["halted"] and md.look_ahead > 0 and round_index < config.n_rounds:
+                ahead = _look_ahead(model_path, type_names, md, threshold, segment_dir, round_dir / LOOK_AHEAD_DIR,
+                                    segment["step_reached"], molecule, md.seed + SEED_STRIDE * round_index + 2)
+                ahead_atoms = [dump_frame_atoms(f, type_names, molecule, column) for f in ahead["frames"]]
+                candidates += [a for a in ahead_atoms if a.info[MAX_SIGMA] > cut]
+                record.update(look_ahead_reached=ahead["step_reached"], look_ahead_stopped=ahead["halted"],
+                              n_look_ahead_candidates=sum(a.info[MAX_SIGMA] > cut for a in ahead_atoms))
+            times["md"] = time.perf_counter() - started
             for atoms in candidates:
                 atoms.info[POOL_INDEX] = round_index * FRAME_ID_STRIDE + atoms.info[MD_STEP]
             with atomic_path(round_dir / CANDIDATES_FILE) as tmp:
@@ -320,6 +331,18 @@ def run_on_the_fly(config: ActiveConfig, progress: bool = True, oracle: Optional
     return log
 
 
+def _look_ahead(model_path, type_names, md, threshold: float, segment_dir: Path, workdir: Path, halt_step: int,
+                molecule: bool, seed: int) -> Dict[str, Any]:
+    """MD past a halt (``md.look_ahead`` steps from the halting frame, stopping only at
+    ``md.look_ahead_limit`` × threshold): run_md_segment's result, frames after the halt only."""
+    ahead_md = dataclasses.replace(md, n_steps=halt_step + md.look_ahead)
+    result = run_md_segment(model_path, type_names, ahead_md, md.look_ahead_limit * threshold, workdir,
+                            (segment_dir / END_DATA).read_text(), halt_step, first_segment=False, molecule=molecule,
+                            segment_seed=seed)
+    result["frames"] = [f for f in result["frames"] if f["step"] > halt_step]
+    return result
+
+
 def _bare_atoms(atoms, molecule: bool):
     from ase import Atoms
 
@@ -330,7 +353,8 @@ def _bare_atoms(atoms, molecule: bool):
 
 def write_otf_log(config: ActiveConfig, state: Dict[str, Any]) -> Dict[str, Any]:
     """``otf_log.json`` (per round: start_step, step_reached, halted, max_sigma, threshold,
-    n_candidates, labels_added, n_labels, time_s, and the trace [[step, max σ], ...] of the
+    n_candidates, labels_added, n_labels, time_s, with md.look_ahead look_ahead_reached,
+    look_ahead_stopped and n_look_ahead_candidates, and the trace [[step, max σ], ...] of the
     dumped frames) and ``otf_sigma.png``."""
     rounds = []
     for record in state["rounds"]:
@@ -340,10 +364,12 @@ def write_otf_log(config: ActiveConfig, state: Dict[str, Any]) -> Dict[str, Any]
                                                         "max_sigma", "threshold", "calibration_threshold",
                                                         "calibration_epistemic_threshold", "n_frames", "n_candidates",
                                                         "n_pooled_candidates", "selected", "n_labels", "time_s",
-                                                        "trace")})
+                                                        "trace", "look_ahead_reached", "look_ahead_stopped",
+                                                        "n_look_ahead_candidates")})
         rounds[-1]["labels_added"] = record.get("labels_added", 0)
     log = dict(n_steps=config.md.n_steps, n_rounds=config.n_rounds, strategy=config.strategy,
                halt_on=config.md.halt_on, batch_size=config.batch_size, candidate_fraction=config.candidate_fraction,
+               look_ahead=config.md.look_ahead,
                status=state.get("status", "running"),
                final_step=rounds[-1]["step_reached"] if rounds else 0, rounds=rounds)
     out = Path(config.out)
