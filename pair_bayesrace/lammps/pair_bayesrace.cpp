@@ -368,7 +368,7 @@ void PairBayesRace::compute(int eflag, int vflag)
     in.recompute_layers = recompute_layers;
     // dynamics member K on a step without uncertainty: member K alone (M times cheaper)
     in.only_member = (driving_member >= 0 && !uncertainty_wanted(eflag_atom)) ? driving_member : -1;
-    bayesrace::DrivingOutputs drive;
+    bayesrace::DrivingOutputs &drive = driving_out;
     try {
       if (halo_layer)
         engine->evaluate_layered(in, halo, mo);
@@ -424,7 +424,8 @@ void PairBayesRace::compute(int eflag, int vflag)
     }
   communicate(Moving::MEMBER_FORCES, member_f.data(), 3 * M, true);
 
-  std::vector<double> red(2 * M + 1, 0.0);
+  std::vector<double> &red = reduced;
+  red.assign(2 * M + 1, 0.0);
   if (evaluated) {
     for (int m = 0; m < M; m++) {
       red[m] = mo.energy[m];
@@ -453,7 +454,7 @@ void PairBayesRace::compute(int eflag, int vflag)
   ai.log_var_sum = red.data() + M;
   ai.n_atoms_total = red[2 * M];
   ai.calibration = &engine->metadata().calibration;
-  bayesrace::AggregateOutput out;
+  bayesrace::AggregateOutput &out = aggregate_out;
   try {
     bayesrace::aggregate(ai, out);
   } catch (std::exception &e) {

@@ -21,6 +21,7 @@
 
 #include "pair.h"
 
+#include "core/aggregate.h"
 #include "core/backend.h"
 
 #include <cstdint>
@@ -95,6 +96,9 @@ class PairBayesRace : public Pair {
   std::vector<int64_t> spec, edges, edges_j;
   std::vector<double> member_f;  // [nall][3M]
   bayesrace::MemberOutputs member_out;
+  bayesrace::DrivingOutputs driving_out;
+  std::vector<double> reduced;  // [2M + 1] member energies, Σ log-variances, atom count (Allreduced)
+  bayesrace::AggregateOutput aggregate_out;
   std::vector<double> agg_forces;
   std::vector<char> mapped_local;
   std::vector<double> contact;  // [nl] contact ratio of each mapped local atom (model order)
