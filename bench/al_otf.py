@@ -121,6 +121,7 @@ def al_config(args, data: dict, posterior: Path, runs: Path) -> dict:
         "n_rounds": args.rounds,
         "warm_start": True,
         "acquired_repeats": args.acquired_repeats,
+        "label_halting_frame": args.label_halting_frame,
         "training": training_section(args, data, args.round_epochs, args.round_lr or args.lr),
         "oracle": {"kind": "tblite", "method": "GFN2-xTB", "charge": 1.0},
         "md": {"structure": str(data["start"]), "box": 40.0, "temperature": args.temperature,
@@ -198,7 +199,9 @@ def write_report(out: Path, log: dict, evaluation: dict, info: dict) -> None:
               f"next segment restarts from the last dumped frame with max σ ≤ τ (`md.restart_from: last_trusted`)."
               + (f" Look-ahead: after each halt {info['look_ahead']} more MD steps from the halting frame (stopping "
                  f"at {info.get('look_ahead_limit', 3.0):g} τ); their frames with max σ > 0.5 τ join the candidates "
-                 f"(`md.look_ahead`)." if info.get("look_ahead") else ""), ""]
+                 f"(`md.look_ahead`)." if info.get("look_ahead") else "")
+              + (" The halting frame is always one of the labels (`label_halting_frame`)."
+                 if info.get("label_halting_frame") else ""), ""]
     lines += ["| round | start step | halt step / completed | restart step | max σ [eV/Å] | threshold τ [eV/Å] | "
               "candidates (look-ahead) | labels added | training frames | train s | calib s | export s | MD s | select s | label s |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -303,6 +306,8 @@ def main(argv=None) -> int:
     parser.add_argument("--look-ahead", type=int, default=0,
                         help="md.look_ahead: steps of MD past each halt whose frames join the candidates")
     parser.add_argument("--look-ahead-limit", type=float, default=3.0, help="md.look_ahead_limit (× τ)")
+    parser.add_argument("--label-halting-frame", action="store_true",
+                        help="label_halting_frame: each halt's frame is always one of the labels")
     parser.add_argument("--validation-seeds", type=int, nargs="+", default=[11, 12, 13],
                         help="Langevin/velocity seeds of the fresh validation runs after the loop")
     parser.add_argument("--report-only", action="store_true")

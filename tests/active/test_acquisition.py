@@ -299,3 +299,29 @@ def test_select_batch_errors_and_edge_cases():
     del broken[keys.MEMBER_FORCES]
     with pytest.raises(ValueError, match=keys.MEMBER_FORCES):
         select_batch(broken, 1, "bald_f")
+
+
+@pytest.mark.parametrize("batch_aware", [True, False])
+def test_required_structures_come_first_and_the_rest_is_chosen_given_them(batch_aware):
+    prediction = synthetic_pool(np.random.default_rng(12), spreads=[1.0, 2.0, 0.5, 1.5, 0.2, 3.0],
+                                n_members=12, latent=11)
+    free = select_batch(prediction, 3, "bald_ef", batch_aware=batch_aware)
+    least = int(np.argmin(acquisition_scores(prediction, "bald_ef")))
+    assert least not in free  # so requiring it changes the batch
+    chosen = select_batch(prediction, 3, "bald_ef", batch_aware=batch_aware, required=[least])
+    assert chosen[0] == least and len(set(chosen.tolist())) == 3
+    if not batch_aware:  # the two best of the rest
+        assert chosen[1:].tolist() == [i for i in free.tolist() if i != least][:2]
+    else:  # the second pick is the largest joint gain given the required one
+        from bayesrace.active._acquisition import member_gram
+
+        grams = member_gram(prediction, "energy_forces")
+        given = np.eye(grams.shape[1]) + grams[least]
+        gains = [np.linalg.slogdet(given + grams[x])[1] if x != least else -np.inf for x in range(len(grams))]
+        assert chosen[1] == int(np.argmax(gains))
+    with pytest.raises(ValueError, match="required"):
+        select_batch(prediction, 2, "bald_ef", required=[0, 0])
+    with pytest.raises(ValueError, match="required"):
+        select_batch(prediction, 1, "bald_ef", required=[0, 1])
+    with pytest.raises(ValueError, match="required"):
+        select_batch(prediction, 2, "bald_ef", required=[6])

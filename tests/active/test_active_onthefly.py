@@ -252,7 +252,8 @@ def test_on_the_fly_config_errors(tmp_path, change, message):
 def test_on_the_fly_look_ahead_adds_candidates_past_the_halt(otf_run, psb3_small, tmp_path):
     """md.look_ahead: after a halt the MD goes on from the halting frame without halting (up
     to look_ahead_limit × τ); its frames join the round's candidates, the restart point is
-    unchanged; at the limit the look-ahead stops."""
+    unchanged; at the limit the look-ahead stops. label_halting_frame: the halting frame is
+    labelled whatever the strategy prefers."""
     import ase.io
 
     from bayesrace.active import active_config_from_dict, run_on_the_fly
@@ -262,12 +263,12 @@ def test_on_the_fly_look_ahead_adds_candidates_past_the_halt(otf_run, psb3_small
     md = {"structure": str(structure), "n_steps": 40, "dump_every": 4, "thermostat": "nve", "temperature": 300.0,
           "look_ahead": 8, "look_ahead_limit": 1e9}
 
-    def run(name, **md_changes):
+    def run(name, label_halting_frame=False, **md_changes):
         values = _otf_values(psb3_small, tmp_path / name, structure, posterior=str(out / "round_1" / "posterior.pt"),
-                             n_rounds=1, md={**md, **md_changes})
+                             n_rounds=1, md={**md, **md_changes}, label_halting_frame=label_halting_frame)
         return run_on_the_fly(active_config_from_dict(values), progress=False)
 
-    log = run("ahead")
+    log = run("ahead", label_halting_frame=True)
     first = log["rounds"][0]
     assert log["look_ahead"] == 8 and first["halted"] and first["step_reached"] == 4
     ahead = read_dump(tmp_path / "ahead" / "round_0" / "look_ahead" / "frames.dump")
@@ -277,6 +278,7 @@ def test_on_the_fly_look_ahead_adds_candidates_past_the_halt(otf_run, psb3_small
     candidates = ase.io.read(tmp_path / "ahead" / "round_0" / "candidates.xyz", index=":")
     assert sorted(int(a.info["md_step"]) for a in candidates) == [0, 4, 8, 12]
     assert first["n_candidates"] == 4 and first["restart_step"] == 0  # the restart ignores the look-ahead
+    assert first["selected"] == [4]  # label_halting_frame: the one label is the halting frame
     # the last round does not look ahead: nothing would label its candidates
     assert "look_ahead_reached" not in log["rounds"][1] or log["rounds"][1]["look_ahead_reached"] is None
 

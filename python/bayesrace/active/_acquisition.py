@@ -66,7 +66,7 @@ Units: energies eV, forces eV/Å; mutual informations in nats.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Mapping, Tuple
+from typing import Callable, Dict, Mapping, Sequence, Tuple
 
 import numpy as np
 from scipy.special import logsumexp
@@ -262,8 +262,10 @@ def select_batch(
     strategy: str,
     seed: int = 0,
     batch_aware: bool = True,
+    required: Sequence[int] = (),
 ) -> np.ndarray:
-    """Indices [k] (int64, in order of selection) of the structures to label next.
+    """Indices [k] (int64, in order of selection) of the structures to label next; the
+    ``required`` ones first (e.g. the frame an on-the-fly run halted at), the rest chosen given them.
 
     BALD strategies with ``batch_aware``: greedy maximisation of the joint Gaussian MI of the
     selected set S, ½ log det(I_M + Σ_{x∈S} G_x) (``member_gram``, atoms jointly): each step
@@ -279,23 +281,28 @@ def select_batch(
         raise ValueError(f"select_batch: k must be a non-negative integer, got {k!r}")
     if k > n_structures:
         raise ValueError(f"select_batch: k = {k} is larger than the pool of {n_structures} structures")
+    required = [int(r) for r in required]
+    if len(set(required)) != len(required) or len(required) > k or any(not 0 <= r < n_structures for r in required):
+        raise ValueError(f"select_batch: required {required} must be at most k = {k} distinct indices of the pool")
     if batch_aware and strategy in BALD_TARGETS:
-        return _greedy_joint_selection(member_gram(prediction, BALD_TARGETS[strategy]), int(k))
+        return _greedy_joint_selection(member_gram(prediction, BALD_TARGETS[strategy]), int(k), required)
     scores = acquisition_scores(prediction, strategy, seed)
     if not np.all(np.isfinite(scores)):
         raise ValueError(f"select_batch: strategy {strategy!r} gave non-finite scores")
-    return np.argsort(-scores, kind="stable")[: int(k)].astype(np.int64)
+    rest = [int(i) for i in np.argsort(-scores, kind="stable") if int(i) not in required]
+    return np.array(required + rest[: int(k) - len(required)], dtype=np.int64)
 
 
 # ------------------------------------------------------------------ internals
 
 
-def _greedy_joint_selection(grams: np.ndarray, k: int) -> np.ndarray:
+def _greedy_joint_selection(grams: np.ndarray, k: int, required: Sequence[int] = ()) -> np.ndarray:
     n_members = grams.shape[1]
-    accumulated = np.eye(n_members)
+    accumulated = np.eye(n_members) + grams[list(required)].sum(axis=0)
     available = np.ones(grams.shape[0], dtype=bool)
-    selected = []
-    for _ in range(k):
+    available[list(required)] = False
+    selected = list(required)
+    for _ in range(k - len(selected)):
         candidates = np.flatnonzero(available)
         _, logdet = np.linalg.slogdet(accumulated[None] + grams[candidates])
         best = int(np.argmax(logdet))  # the gain ½ (logdet − log det A) has the same argmax

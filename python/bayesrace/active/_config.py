@@ -110,6 +110,10 @@ class ActiveConfig:
     # each acquired frame appears this many times in later rounds' training files: a few new
     # frames among hundreds barely move a short warm-started fine-tune
     acquired_repeats: AtLeastOne = 1
+    # the frame a segment halted at is always one of the batch_size frames labelled (the rest are
+    # chosen by strategy given it): among look-ahead candidates the strategy alone may pick only
+    # frames far past the halt, leaving the region the restarted MD goes back to unlabelled
+    label_halting_frame: Bool = False
     md: Section[MDSection] = dataclasses.field(default_factory=MDSection)
 
     @model_validator(mode="after")

@@ -24,7 +24,8 @@ Round r = 0 .. n_rounds (``<out>/round_<r>``):
    ``md.look_ahead`` > 0 so do those of a look-ahead (``round_<r>/look_ahead``): MD from the
    halting frame for look_ahead more steps that halts only at ``md.look_ahead_limit`` × τ;
    ``batch_size`` of them are selected by ``strategy`` (``predict_frames`` on the round's
-   calibrated posterior + ``select_batch``)
+   calibrated posterior + ``select_batch``; with ``label_halting_frame`` the halting frame
+   first, the rest given it)
    and labelled by the oracle into ``labelled.xyz`` (crash-safe, ``pool_index`` = round·10¹² + MD
    step).
    The next segment restarts (``md.restart_from``) from the last dumped frame the model
@@ -292,8 +293,10 @@ def run_on_the_fly(config: ActiveConfig, progress: bool = True, oracle: Optional
             posterior = load_posterior(deployed_posterior, dtype=dtype)
             prediction = predict_frames(posterior, _frames_from_atoms(candidates), batch_size=config.predict_batch_size,
                                         dtype=dtype, progress=False)
+            halting_id = round_index * FRAME_ID_STRIDE + int(record["step_reached"])
+            required = [c for c, a in enumerate(candidates) if int(a.info[POOL_INDEX]) == halting_id]
             chosen = select_batch(prediction, k, config.strategy, seed=config.seed + round_index,
-                                  batch_aware=config.batch_aware)
+                                  batch_aware=config.batch_aware, required=required if config.label_halting_frame else ())
             record["selected"] = [int(candidates[c].info[POOL_INDEX]) for c in chosen]
             record["n_pooled_candidates"] = len(candidates)
             times["select"] = time.perf_counter() - started
