@@ -177,6 +177,48 @@ def validation_runs(otf_dir: Path, log: dict, args, data: dict, runs: Path) -> l
     return results
 
 
+def free_runs(otf_dir: Path, log: dict, args, data: dict, runs: Path) -> list:
+    """MD that does not halt (``--free-steps`` from the start structure, the first validation
+    seed) with the round-0 and the final deployable: the fraction of the dumped frames whose
+    max σ exceeds the loop's τ, and the first such step. A run of S steps passes only if no one
+    of its S / dump_every checks does; this fraction says how far a model is from that."""
+    import ase.io
+    import numpy as np
+
+    from bayesrace.active import MDSection
+    from bayesrace.export import read_metadata
+    from bayesrace.lammps import frame_max_sigma, halting_column, lammps_data_text, read_dump, run_md_segment
+    from bayesrace.lammps._segment import DUMP_FILE
+
+    md = MDSection(structure=str(data["start"]), box=40.0, temperature=args.temperature, thermostat="langevin",
+                   damping=0.1, timestep=0.0005, n_steps=args.free_steps, dump_every=args.dump_every,
+                   halt_on=args.halt_on)
+    threshold = log["rounds"][0]["threshold"]
+    start = ase.io.read(data["start"])
+    results = []
+    for r in sorted({log["rounds"][0]["round"], log["rounds"][-1]["round"]}):
+        model = otf_dir / f"round_{r}" / "model.pt"
+        type_names = list(read_metadata(model)["type_names"])
+        seed = args.validation_seeds[0]
+        workdir = runs / "free" / f"round{r}"
+        failure = None
+        try:
+            run_md_segment(model, type_names, md, 1e9, workdir, lammps_data_text(start, type_names, md.box), 0,
+                           first_segment=True, molecule=True, segment_seed=seed)
+        except Exception as error:  # e.g. LAMMPS "Lost atoms": the model let the molecule fly apart
+            text = str(error)
+            failure = text[text.index("ERROR"):].splitlines()[0] if "ERROR" in text else text.splitlines()[-1]
+        frames = [f for f in read_dump(workdir / DUMP_FILE) if f["step"] > 0]
+        sigmas = np.array([frame_max_sigma(f, halting_column(md)) for f in frames])
+        over = np.flatnonzero(sigmas > threshold)
+        results.append(dict(round=r, seed=seed, steps=frames[-1]["step"] if frames else 0, failure=failure,
+                            checks=len(sigmas),
+                            fraction_over=float(np.mean(sigmas > threshold)) if len(sigmas) else None,
+                            first_over=int(frames[over[0]]["step"]) if len(over) else None,
+                            median_sigma=float(np.median(sigmas)) if len(sigmas) else None, threshold=threshold))
+    return results
+
+
 def write_report(out: Path, log: dict, evaluation: dict, info: dict) -> None:
     rounds = log["rounds"]
     lines = ["# On-the-fly active learning: PSB3, 300 K model, hot Langevin MD", ""]
@@ -233,6 +275,17 @@ def write_report(out: Path, log: dict, evaluation: dict, info: dict) -> None:
         for v in info["validation"]:
             result = f"halt @ {v['step_reached']}" if v["halted"] else f"completed {v['step_reached']} steps"
             lines.append(f"| round {v['round']} | {v['seed']} | {result} | {v['max_sigma']:.4f} | {v['threshold']:.4f} |")
+        lines.append("")
+    if info.get("free"):
+        lines += [f"Unhalted runs: {info['free_steps']} steps at {info['temperature']:.0f} K from the start structure "
+                  "with no halt, each dumped frame's max σ against τ:", "",
+                  "| model | seed | steps run | checks | over τ | first over τ at step | median max σ [eV/Å] | τ [eV/Å] |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for v in info["free"]:
+            ran = f"{v['steps']}" + (f" ({v['failure']})" if v.get("failure") else "")
+            lines.append(f"| round {v['round']} | {v['seed']} | {ran} | {v['checks']} | {100 * v['fraction_over']:.0f} % | "
+                         f"{v['first_over'] if v['first_over'] is not None else '–'} | {v['median_sigma']:.4f} | "
+                         f"{v['threshold']:.4f} |")
         lines.append("")
     lines += ["## Findings", ""] + info["findings"] + [""]
     lines += ["Files: `al_otf.yaml` (the config), `otf_log.json`, `otf_sigma.png` (max σ of every dumped frame vs "
@@ -306,6 +359,8 @@ def main(argv=None) -> int:
     parser.add_argument("--look-ahead", type=int, default=0,
                         help="md.look_ahead: steps of MD past each halt whose frames join the candidates")
     parser.add_argument("--look-ahead-limit", type=float, default=3.0, help="md.look_ahead_limit (× τ)")
+    parser.add_argument("--free-steps", type=int, default=2000,
+                        help="steps of the unhalted runs of the round-0 and final models (0: none)")
     parser.add_argument("--label-halting-frame", action="store_true",
                         help="label_halting_frame: each halt's frame is always one of the labels")
     parser.add_argument("--validation-seeds", type=int, nargs="+", default=[11, 12, 13],
@@ -347,6 +402,10 @@ def main(argv=None) -> int:
     if not (args.report_only and validation_file.is_file()):
         validation_file.write_text(json.dumps(validation_runs(otf_dir, log, args, data, args.runs)))
     info["validation"] = json.loads(validation_file.read_text())
+    free_file = args.runs / "free.json"  # kept by --report-only
+    if args.free_steps and not (args.report_only and free_file.is_file()):
+        free_file.write_text(json.dumps(free_runs(otf_dir, log, args, data, args.runs)))
+    info["free"] = json.loads(free_file.read_text()) if args.free_steps and free_file.is_file() else []
     info["findings"] = findings(log, evaluation, info)
     (args.out / "results.json").write_text(json.dumps(
         {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in info.items()},
