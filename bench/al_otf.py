@@ -150,24 +150,36 @@ def evaluate_rounds(otf_dir: Path, round_indices, sets: dict) -> dict:
     return results
 
 
-def validation_runs(otf_dir: Path, log: dict, args, data: dict, runs: Path) -> list:
-    """Fresh MD runs of the full length from the start structure (new velocities and Langevin
-    seeds) with the round-0 and the final deployable at the loop's threshold: does each halt?"""
+def _fresh_md(args, data: dict, n_steps: int):
+    """The MD section of the runs after the loop (from the start structure, the loop's
+    temperature and σ) and the start structure."""
     import ase.io
 
     from bayesrace.active import MDSection
-    from bayesrace.export import read_metadata
-    from bayesrace.lammps import lammps_data_text, run_md_segment
 
     md = MDSection(structure=str(data["start"]), box=40.0, temperature=args.temperature, thermostat="langevin",
-                   damping=0.1, timestep=0.0005, n_steps=args.steps, dump_every=args.dump_every,
-                   halt_on=args.halt_on)
-    threshold = log["rounds"][0]["threshold"]
-    start = ase.io.read(data["start"])
-    results = []
+                   damping=0.1, timestep=0.0005, n_steps=n_steps, dump_every=args.dump_every, halt_on=args.halt_on)
+    return md, ase.io.read(data["start"])
+
+
+def _first_and_last_models(otf_dir: Path, log: dict):
+    """(round, deployable, type names) of round 0 and the last round."""
+    from bayesrace.export import read_metadata
+
     for r in sorted({log["rounds"][0]["round"], log["rounds"][-1]["round"]}):
         model = otf_dir / f"round_{r}" / "model.pt"
-        type_names = list(read_metadata(model)["type_names"])
+        yield r, model, list(read_metadata(model)["type_names"])
+
+
+def validation_runs(otf_dir: Path, log: dict, args, data: dict, runs: Path) -> list:
+    """Fresh MD runs of the full length from the start structure (new velocities and Langevin
+    seeds) with the round-0 and the final deployable at the loop's threshold: does each halt?"""
+    from bayesrace.lammps import lammps_data_text, run_md_segment
+
+    md, start = _fresh_md(args, data, args.steps)
+    threshold = log["rounds"][0]["threshold"]
+    results = []
+    for r, model, type_names in _first_and_last_models(otf_dir, log):
         for seed in args.validation_seeds:
             segment = run_md_segment(model, type_names, md, threshold, runs / "validation" / f"round{r}_seed{seed}",
                                      lammps_data_text(start, type_names, md.box), 0, first_segment=True,
@@ -182,23 +194,15 @@ def free_runs(otf_dir: Path, log: dict, args, data: dict, runs: Path) -> list:
     seed) with the round-0 and the final deployable: the fraction of the dumped frames whose
     max σ exceeds the loop's τ, and the first such step. A run of S steps passes only if no one
     of its S / dump_every checks does; this fraction says how far a model is from that."""
-    import ase.io
     import numpy as np
 
-    from bayesrace.active import MDSection
-    from bayesrace.export import read_metadata
     from bayesrace.lammps import frame_max_sigma, halting_column, lammps_data_text, read_dump, run_md_segment
     from bayesrace.lammps._segment import DUMP_FILE
 
-    md = MDSection(structure=str(data["start"]), box=40.0, temperature=args.temperature, thermostat="langevin",
-                   damping=0.1, timestep=0.0005, n_steps=args.free_steps, dump_every=args.dump_every,
-                   halt_on=args.halt_on)
+    md, start = _fresh_md(args, data, args.free_steps)
     threshold = log["rounds"][0]["threshold"]
-    start = ase.io.read(data["start"])
     results = []
-    for r in sorted({log["rounds"][0]["round"], log["rounds"][-1]["round"]}):
-        model = otf_dir / f"round_{r}" / "model.pt"
-        type_names = list(read_metadata(model)["type_names"])
+    for r, model, type_names in _first_and_last_models(otf_dir, log):
         seed = args.validation_seeds[0]
         workdir = runs / "free" / f"round{r}"
         failure = None
