@@ -76,7 +76,8 @@ def md_input_text(model_path, type_names: Sequence[str], md, threshold: float, s
     lines += [
         f"timestep {number(md.timestep)}",
         f"thermo {every}",
-        "thermo_style custom step temp pe etotal c_ug[1] v_maxsig",
+        # both maxima (total, epistemic); fix halt reads the one md.halt_on names (v_maxsig)
+        "thermo_style custom step temp pe etotal c_ug[1] c_ug[6]",
         "thermo_modify format float %.10g",
         f"dump frames all custom {every} {DUMP_FILE} id type xu yu zu vx vy vz c_u[1] c_u[2]",
         "dump_modify frames sort id format float %.17g",
