@@ -95,6 +95,13 @@ def train_base(args, data: dict, runs: Path) -> tuple:
     """Round-0 posterior trained on the 300 K frames only; returns (path, seconds)."""
     base = runs / "base_300K"
     posterior = base / "posterior.pt"
+    if not posterior.is_file() and args.base_from is not None:
+        # the same base for another temperature or setting: copied, not trained again
+        source = args.base_from.resolve()
+        if not (source / "base_300K" / "posterior.pt").is_file():
+            raise SystemExit(f"--base-from {source}: no base_300K/posterior.pt there")
+        shutil.copytree(source / "base_300K", base)
+        shutil.copyfile(source / "base_time.json", runs / "base_time.json")
     if posterior.is_file():
         return posterior, json.loads((runs / "base_time.json").read_text())["seconds"]
     config = training_section(args, data, args.base_epochs, args.lr)
@@ -363,6 +370,8 @@ def main(argv=None) -> int:
     parser.add_argument("--look-ahead", type=int, default=0,
                         help="md.look_ahead: steps of MD past each halt whose frames join the candidates")
     parser.add_argument("--look-ahead-limit", type=float, default=3.0, help="md.look_ahead_limit (× τ)")
+    parser.add_argument("--base-from", type=Path, default=None,
+                        help="another --runs folder whose base_300K posterior (same data and settings) is reused")
     parser.add_argument("--free-steps", type=int, default=2000,
                         help="steps of the unhalted runs of the round-0 and final models (0: none)")
     parser.add_argument("--label-halting-frame", action="store_true",
