@@ -251,7 +251,8 @@ def run_on_the_fly(config: ActiveConfig, progress: bool = True, oracle: Optional
                 ahead_atoms = [dump_frame_atoms(f, type_names, molecule, column) for f in ahead["frames"]]
                 candidates += [a for a in ahead_atoms if a.info[MAX_SIGMA] > cut]
                 record.update(look_ahead_reached=ahead["step_reached"], look_ahead_stopped=ahead["halted"],
-                              n_look_ahead_candidates=sum(a.info[MAX_SIGMA] > cut for a in ahead_atoms))
+                              n_look_ahead_candidates=sum(a.info[MAX_SIGMA] > cut for a in ahead_atoms),
+                              look_ahead_trace=[[a.info[MD_STEP], a.info[MAX_SIGMA]] for a in ahead_atoms])
             times["md"] = time.perf_counter() - started
             for atoms in candidates:
                 atoms.info[POOL_INDEX] = round_index * FRAME_ID_STRIDE + atoms.info[MD_STEP]
@@ -357,7 +358,7 @@ def _bare_atoms(atoms, molecule: bool):
 def write_otf_log(config: ActiveConfig, state: Dict[str, Any]) -> Dict[str, Any]:
     """``otf_log.json`` (per round: start_step, step_reached, halted, max_sigma, threshold,
     n_candidates, labels_added, n_labels, time_s, with md.look_ahead look_ahead_reached,
-    look_ahead_stopped and n_look_ahead_candidates, and the trace [[step, max σ], ...] of the
+    look_ahead_stopped, n_look_ahead_candidates and look_ahead_trace, and the trace [[step, max σ], ...] of the
     dumped frames) and ``otf_sigma.png``."""
     rounds = []
     for record in state["rounds"]:
@@ -368,7 +369,7 @@ def write_otf_log(config: ActiveConfig, state: Dict[str, Any]) -> Dict[str, Any]
                                                         "calibration_epistemic_threshold", "n_frames", "n_candidates",
                                                         "n_pooled_candidates", "selected", "n_labels", "time_s",
                                                         "trace", "look_ahead_reached", "look_ahead_stopped",
-                                                        "n_look_ahead_candidates")})
+                                                        "n_look_ahead_candidates", "look_ahead_trace")})
         rounds[-1]["labels_added"] = record.get("labels_added", 0)
     log = dict(n_steps=config.md.n_steps, n_rounds=config.n_rounds, strategy=config.strategy,
                halt_on=config.md.halt_on, batch_size=config.batch_size, candidate_fraction=config.candidate_fraction,
@@ -391,10 +392,13 @@ def _plot_sigma_trace(log: Dict[str, Any], path: Path) -> None:
         axis.hlines(record["threshold"], record["start_step"], end, colors=line.get_color(), linestyles="--", lw=0.8)
         if record["halted"] and len(trace):
             axis.plot(trace[-1, 0], trace[-1, 1], "x", color="red", ms=8)
+        if record.get("look_ahead_trace"):  # from the halting frame on, not kept by the run
+            ahead = np.asarray([trace[-1]] + list(record["look_ahead_trace"]), dtype=np.float64)
+            axis.plot(ahead[:, 0], ahead[:, 1], lw=0.8, ls=":", color=line.get_color())
     axis.set_xlabel("MD step (cumulative)")
     axis.set_ylabel(f"max {log.get('halt_on', 'total')} atomic force σ (eV/Å)")
     axis.set_title(f"on-the-fly AL: {log['status']}, step {log['final_step']} of {log['n_steps']} (× = halt, "
-                   f"-- = threshold)", fontsize=9)
+                   f"-- = threshold" + (", ⋯ = look-ahead" if log.get("look_ahead") else "") + ")", fontsize=9)
     if log["rounds"]:
         axis.legend(fontsize=7)
     save_figure(figure, path)
