@@ -82,6 +82,9 @@ bool Engine::evaluates_one_member(bool layer_mode, bool recompute_layers) const 
 void Engine::check_inputs(const ModelInputs &in) const {
   const int64_t nt = static_cast<int64_t>(meta_.type_names.size());
   if (in.n_atoms < 0 || in.n_edges < 0) throw std::invalid_argument("negative atom or edge count");
+  if (in.only_member >= meta_.n_members)
+    throw std::invalid_argument("only_member " + std::to_string(in.only_member) + " out of range (the model has " +
+                                std::to_string(meta_.n_members) + " members)");
   if (in.n_local < 0 || in.n_local > in.n_atoms)
     throw std::invalid_argument("n_local = " + std::to_string(in.n_local) + " must lie in [0, " +
                                 std::to_string(in.n_atoms) + "]");

@@ -149,10 +149,7 @@ void TorchScriptBackend::evaluate_layered(const ModelInputs &in, HaloExchange &h
   const int64_t N = in.n_atoms, nl = in.n_local, E = in.n_edges;
   const int64_t K = static_cast<int64_t>(widths_.size()) - 1;
   // one member alone (only_member) goes through the per-member methods with its own widths
-  const bool alone = in.only_member >= 0;
-  if (alone && in.only_member >= n_members_)
-    throw std::invalid_argument("only_member " + std::to_string(in.only_member) + " out of range (" +
-                                std::to_string(n_members_) + " members)");
+  const bool alone = in.only_member >= 0;  // in range: Engine::check_inputs
   const bool together = together_ && !alone;
   const std::vector<int64_t> &widths = (alone && together_) ? member_widths_ : widths_;
   const int64_t M = alone ? 1 : n_members_;

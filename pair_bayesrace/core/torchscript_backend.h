@@ -91,10 +91,7 @@ class TorchScriptBackend : public Backend {
 
     torch::AutoGradMode grad_on(true);  // the deployable differentiates inside forward()
     std::vector<torch::jit::IValue> args{pos, spec, ei, sh, in.n_local, in.compute_atomic_virial};
-    const bool alone = in.only_member >= 0 && has_forward_member_;
-    if (alone && in.only_member >= n_members_)
-      throw std::invalid_argument("only_member " + std::to_string(in.only_member) + " out of range (" +
-                                  std::to_string(n_members_) + " members)");
+    const bool alone = in.only_member >= 0 && has_forward_member_;  // in range: Engine::check_inputs
     if (alone) args.insert(args.begin(), in.only_member);
     c10::impl::GenericDict dict =
         (alone ? module_.get_method("forward_member")(args) : module_.forward(args)).toGenericDict();

@@ -294,10 +294,12 @@ def run_on_the_fly(config: ActiveConfig, progress: bool = True, oracle: Optional
             posterior = load_posterior(deployed_posterior, dtype=dtype)
             prediction = predict_frames(posterior, _frames_from_atoms(candidates), batch_size=config.predict_batch_size,
                                         dtype=dtype, progress=False)
-            halting_id = round_index * FRAME_ID_STRIDE + int(record["step_reached"])
-            required = [c for c, a in enumerate(candidates) if int(a.info[POOL_INDEX]) == halting_id]
+            required = []
+            if config.label_halting_frame:
+                halting_id = round_index * FRAME_ID_STRIDE + int(record["step_reached"])
+                required = [c for c, a in enumerate(candidates) if int(a.info[POOL_INDEX]) == halting_id]
             chosen = select_batch(prediction, k, config.strategy, seed=config.seed + round_index,
-                                  batch_aware=config.batch_aware, required=required if config.label_halting_frame else ())
+                                  batch_aware=config.batch_aware, required=required)
             record["selected"] = [int(candidates[c].info[POOL_INDEX]) for c in chosen]
             record["n_pooled_candidates"] = len(candidates)
             times["select"] = time.perf_counter() - started

@@ -5,8 +5,8 @@ The deployable follows the contract of ``pair_bayesrace/README.md`` (format_vers
 returns the raw outputs of every member (energies, forces, virials, aleatoric heads);
 the C++ core aggregates them. The network code is the model's own: the members' weights
 stacked by ``bayesrace.model.StackedRace`` (all members in one pass, equal to
-``RACE.atomic_outputs`` member by member); this module adds the autograd for forces and
-virials and the metadata.
+``RACE.atomic_outputs`` member by member). The module itself, with the autograd for forces
+and virials, is ``_module.DeployedPosterior``; this file adds the metadata and writes the file.
 
 The command line (``bayesrace export``, alias ``bayesrace-export``) lives in
 ``bayesrace.cli``; see ``export/README.md``.
