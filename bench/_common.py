@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -76,7 +76,8 @@ def cli_command(subcommand: str, config_path: Path, ranks: int = 1, quiet: bool 
     return [mpirun_executable(), "-np", str(ranks)] + command if ranks > 1 else command
 
 
-def run_jobs(jobs: List[Dict], slots: int, announce_end: bool = True) -> None:
+def run_jobs(jobs: List[Dict], slots: int, announce_end: bool = True,
+             on_done: Optional[Callable[[Dict], None]] = None) -> None:
     """Run jobs side by side, at most ``slots`` cores busy, with per-job CPU accounting.
 
     A job is a dict with ``name``, ``command`` (argv), ``log`` (path) and ``ranks`` (cores it
@@ -84,7 +85,8 @@ def run_jobs(jobs: List[Dict], slots: int, announce_end: bool = True) -> None:
     torch/OpenMP thread per process; ``wall_s``, ``cpu_s``, ``returncode`` and ``started`` (epoch
     seconds) are added to its dict. CPU seconds come from ``os.wait4``: the CPU of the job's
     whole process tree, which stays right when jobs run at the same time (RUSAGE_CHILDREN
-    deltas do not)."""
+    deltas do not). ``on_done(job)`` is called as each job ends (e.g. to record it while the
+    others still run, so a partial report is possible)."""
     pending = list(jobs)
     # the Popen objects stay referenced until reaped here: an unreferenced running Popen is
     # reaped by subprocess' own clean-up at the next Popen, and os.wait4 would never see it
@@ -115,6 +117,8 @@ def run_jobs(jobs: List[Dict], slots: int, announce_end: bool = True) -> None:
         if announce_end:
             state = "done" if job["returncode"] == 0 else f"FAILED (exit {job['returncode']}, see {job['log']})"
             print(f"  {job['name']}: {state} in {job['wall_s']:.0f} s wall, {job['cpu_s']:.0f} CPU s", flush=True)
+        if on_done is not None:
+            on_done(job)
 
 
 # ----------------------------------------------------------------------------------------
