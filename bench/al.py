@@ -20,10 +20,11 @@ is not counted as labels — it only steers the learning-rate schedule):
         (energies only: no force metrics); reference energies from isolated_atoms.xyz
 
 Outputs in ``--out`` (default bench/results/al): configs/, results.json, results.md
-(learning-curve tables, labels needed to reach random's final in-distribution force MAE,
+(learning-curve tables, labels needed to reach random's final force MAE on each test set,
 CPU time per strategy) and learning-curve plots (force MAE and force NLL per test set, mean ±
-std over seeds). Runs go to ``--runs`` (default bench/runs/al); a finished run is not rerun,
-so the script can be restarted, and ``--report-only`` only aggregates the runs that exist.
+std over seeds). Runs go to ``--runs`` (default bench/runs/al); a finished run is not rerun
+(one asked for more ``--rounds`` than it holds continues from its last round, its cost added),
+so the script can be restarted or extended, and ``--report-only`` only aggregates the runs that exist.
 
     python bench/al.py                                  # both data sets, 5 strategies, 3 seeds
     python bench/al.py --datasets psb3 --seeds 0 --rounds 2 --epochs 3 --out /tmp/al --runs /tmp/al_runs
@@ -36,7 +37,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 
@@ -147,12 +148,28 @@ def al_config(strategy: str, seed: int, data: Dict, run_dir: Path, args) -> Dict
     }
 
 
+def finished_run(run_dir: Path) -> Optional[Dict]:
+    """The job record of a run that ended well, with the acquisition rounds it holds (a run asked
+    for more rounds later continues from its state.json); None if it did not."""
+    job_path, curve_path = run_dir / "job.json", run_dir / "learning_curve.json"
+    if not (job_path.exists() and curve_path.exists()):
+        return None
+    job = json.loads(job_path.read_text())
+    if job["returncode"] != 0:
+        return None
+    return dict(job, n_rounds=len(json.loads(curve_path.read_text())["points"]) - 1)
+
+
 def run_al_jobs(jobs: List[Dict], slots: int) -> None:
     """Run the AL runs, ``slots`` at once (one thread each, bench/_common.run_jobs); each run's wall
     and CPU seconds go to <run>/job.json as it ends (``--report-only`` can then report the
     finished runs while the others go on)."""
     def record(job: Dict) -> None:
-        (job["run_dir"] / "job.json").write_text(json.dumps({k: job[k] for k in ("wall_s", "cpu_s", "returncode")}) + "\n")
+        entry = {k: job[k] for k in ("wall_s", "cpu_s", "returncode")}
+        earlier = job.get("earlier")  # a run continued with more rounds: its cost so far is added
+        if earlier and entry["returncode"] == 0:
+            entry.update(wall_s=entry["wall_s"] + earlier["wall_s"], cpu_s=entry["cpu_s"] + earlier["cpu_s"])
+        (job["run_dir"] / "job.json").write_text(json.dumps(entry) + "\n")
 
     for job in jobs:
         job.update(command=cli_command("al", job["config"]), ranks=1)
@@ -206,13 +223,14 @@ def main(argv=None) -> int:
             seed = seeds[dataset][seed_rank]
             for strategy in args.strategies:
                 run_dir = args.runs / dataset / strategy / f"seed{seed}"
-                if (run_dir / "job.json").exists() and json.loads((run_dir / "job.json").read_text())["returncode"] == 0:
+                earlier = finished_run(run_dir)
+                if earlier and earlier["n_rounds"] >= args.rounds:
                     continue
                 run_dir.mkdir(parents=True, exist_ok=True)
                 config = write_config(al_config(strategy, seed, data[dataset], run_dir, args),
                                       args.out / "configs" / dataset / f"{strategy}_seed{seed}.yaml")
                 jobs.append(dict(name=f"{dataset}/{strategy}/seed{seed}", config=config, log=run_dir / "al.log",
-                                 run_dir=run_dir))
+                                 run_dir=run_dir, earlier=earlier))
     if not args.report_only:
         print(f"running {len(jobs)} active-learning runs, {args.slots} at once", flush=True)
         run_al_jobs(jobs, args.slots)
