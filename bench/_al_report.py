@@ -152,7 +152,8 @@ def summarise(runs: Path, dataset: str, sets: List[str], seeds: List[int]) -> Di
             cpu_s_mean=float(np.mean(cpu)) if cpu else None, cpu_s_total=float(np.sum(cpu)) if cpu else None,
             wall_s_mean=float(np.mean(wall)) if wall else None,
             time_s=_time_split(per_seed),
-            per_seed={str(seed): e["points"] for seed, e in per_seed.items()})
+            per_seed={str(seed): [{k: v for k, v in p.items() if k != "picked"} for p in e["points"]]
+                      for seed, e in per_seed.items()})  # picks: aggregated in "picked" below
     # "half the data": labels each strategy needs to reach random's final force MAE, on every test
     # set with forces (the in-distribution one and those holding what MD would meet out of it)
     summary["targets"] = {}
@@ -209,7 +210,7 @@ def write_markdown(results: Dict, path: Path) -> None:
         f"Commit: {results['commit']}  ",
         f"Machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, torch "
         f"{results['machine']['torch']}; {s['slots']} runs at once, one thread each; total wall "
-        f"{results['wall_s']:.0f} s  ",
+        + (f"{results['wall_s']:.0f} s  " if results.get("wall_s") else "not recorded (report only)  "),
         f"Budget per run: preset `{s['preset']}`, ensemble of {s['members']} NLL_JEF members (every strategy), "
         f"n_initial {s['n_initial']} (random, per seed), batch {s['batch_size']} (batch-aware), {s['rounds']} "
         f"rounds, {s['epochs']} epochs per round ({s['warmup']} MSE warm-up) warm-started from the previous "
@@ -227,6 +228,9 @@ def write_markdown(results: Dict, path: Path) -> None:
     ]
     for dataset, summary in results["datasets"].items():
         lines += [f"## {dataset}", ""]
+        held = sorted({len(points) - 1 for e in summary["strategies"].values() for points in e["per_seed"].values()})
+        if held:  # a data set's runs may hold fewer rounds than asked (a benchmark extended on one data set)
+            lines += [f"Runs held: {'/'.join(map(str, held))} acquisition rounds.", ""]
         targets = summary.get("targets", {})
         lines += [f"### {dataset}: labels needed to reach random's final force MAE", "",
                   "Target per test set: random's mean force MAE at its last labels count (" +
