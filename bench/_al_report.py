@@ -151,9 +151,9 @@ def summarise(runs: Path, dataset: str, sets: List[str], seeds: List[int]) -> Di
             n_seeds=len(per_seed), seeds=sorted(per_seed), curves=curves,
             cpu_s_mean=float(np.mean(cpu)) if cpu else None, cpu_s_total=float(np.sum(cpu)) if cpu else None,
             wall_s_mean=float(np.mean(wall)) if wall else None,
-            time_s=_time_split(per_seed),
+            time_s=_time_split(per_seed), picked=_picked_by_tag(per_seed, PICK_TAG),
             per_seed={str(seed): [{k: v for k, v in p.items() if k != "picked"} for p in e["points"]]
-                      for seed, e in per_seed.items()})  # picks: aggregated in "picked" below
+                      for seed, e in per_seed.items()})  # picks: aggregated in "picked"
     # "half the data": labels each strategy needs to reach random's final force MAE, on every test
     # set with forces (the in-distribution one and those holding what MD would meet out of it)
     summary["targets"] = {}
@@ -168,8 +168,6 @@ def summarise(runs: Path, dataset: str, sets: List[str], seeds: List[int]) -> Di
             c = entry["curves"][set_name]["forces_mae_eV_per_A"]
             entry.setdefault("labels_to_random_final", {})[set_name] = labels_to_reach(
                 c["n_labels"], np.array(c["mean"]), target)
-    for strategy, entry in summary["strategies"].items():
-        entry["picked"] = _picked_by_tag(collect(runs, dataset, strategy, seeds), PICK_TAG)
     return summary
 
 

@@ -167,7 +167,7 @@ def run_al_jobs(jobs: List[Dict], slots: int) -> None:
     def record(job: Dict) -> None:
         entry = {k: job[k] for k in ("wall_s", "cpu_s", "returncode")}
         earlier = job.get("earlier")  # a run continued with more rounds: its cost so far is added
-        if earlier and entry["returncode"] == 0:
+        if earlier:
             entry.update(wall_s=entry["wall_s"] + earlier["wall_s"], cpu_s=entry["cpu_s"] + earlier["cpu_s"])
         (job["run_dir"] / "job.json").write_text(json.dumps(entry) + "\n")
 
