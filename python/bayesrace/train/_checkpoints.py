@@ -34,6 +34,8 @@ def comparable_config(config: Config) -> Dict:
     # drawing samples and the Laplace fit come after training
     posterior.pop("samples", None)
     posterior.pop("laplace", None)
+    if posterior.get("shallow") is not None:  # a head's epochs change like max_epochs
+        posterior["shallow"].pop("head_epochs", None)
     if posterior["kind"] in _TRAINED_LIKE_ENSEMBLE:
         posterior["kind"] = "ensemble"
     return values

@@ -23,7 +23,7 @@ from ..model import PRESETS, ModelConfig
 
 DEFAULT_ENSEMBLE_MEMBERS = 4
 DEFAULT_EMA_DECAY = 0.99
-POSTERIOR_KINDS = ("ensemble", "mve", "swag", "ivon", "laplace")
+POSTERIOR_KINDS = ("ensemble", "mve", "swag", "ivon", "laplace", "shallow")
 PosteriorKind = Literal[POSTERIOR_KINDS]
 LossKind = Literal[tuple(sorted(LOSSES))]
 Preset = Literal[tuple(sorted(PRESETS))]
@@ -196,14 +196,29 @@ class LaplaceSection:
 
 
 @section
+class ShallowSection:
+    """A shallow ensemble: one trained network (member 0) whose trunk is shared by ``heads``
+    readout sets; heads 1.. start from fresh seeded readouts and train on the frozen trunk."""
+
+    heads: Int = 4  # readout sets, member 0's own included; at least 2
+    # epochs each further head trains; default a quarter of training.max_epochs (at least 2).
+    # With training.max_minutes each head also gets a quarter of that budget.
+    head_epochs: Optional[AtLeastOne] = None
+
+    def resolved_head_epochs(self, max_epochs: int) -> int:
+        return self.head_epochs if self.head_epochs is not None else max(2, max_epochs // 4)
+
+
+@section
 class PosteriorSection:
     """Which approximate posterior training produces; every kind ends as M weight sets."""
 
-    kind: PosteriorKind = "ensemble"  # ensemble | mve | swag | ivon | laplace
+    kind: PosteriorKind = "ensemble"  # ensemble | mve | swag | ivon | laplace | shallow
     samples: AtLeastOne = 8  # weight sets drawn for swag, ivon and laplace
     swag: Optional[SwagSection] = None  # settings for kind swag only
     ivon: Optional[IvonSection] = None  # settings for kind ivon only
     laplace: Optional[LaplaceSection] = None  # settings for kind laplace only
+    shallow: Optional[ShallowSection] = None  # settings for kind shallow only
 
 
 @section
@@ -220,7 +235,10 @@ class Config:
 
     @property
     def n_members(self) -> int:
-        """Models trained: the ensemble's members, or one for every other posterior kind."""
+        """Models trained: the ensemble's members, the shallow ensemble's heads (member 0 the
+        whole network, the others its readouts), or one for every other posterior kind."""
+        if self.posterior.kind == "shallow":
+            return self.posterior.shallow.heads
         return self.ensemble.members if self.posterior.kind == "ensemble" else 1
 
     @model_validator(mode="after")
@@ -253,7 +271,7 @@ class Config:
     def _validate_posterior(self) -> None:
         posterior, max_epochs = self.posterior, self.training.max_epochs
         kind = posterior.kind
-        for name in ("swag", "ivon", "laplace"):
+        for name in ("swag", "ivon", "laplace", "shallow"):
             if getattr(posterior, name) is not None and name != kind:
                 raise ConfigError(
                     f"posterior.{name} applies only to posterior.kind {name!r}, but kind is {kind!r}; "
@@ -264,7 +282,8 @@ class Config:
         elif kind != "ensemble" and self.ensemble.members is not None:
             raise ConfigError(
                 f"ensemble.members applies only to posterior.kind 'ensemble', but kind is {kind!r} "
-                "(which trains one model); remove it"
+                + ("(its heads are posterior.shallow.heads); remove it" if kind == "shallow"
+                   else "(which trains one model); remove it")
             )
         if kind == "laplace" and posterior.samples % 2:
             raise ConfigError(
@@ -288,6 +307,10 @@ class Config:
                 )
         if kind == "laplace":
             posterior.laplace = posterior.laplace or LaplaceSection()
+        if kind == "shallow":
+            shallow = posterior.shallow = posterior.shallow or ShallowSection()
+            if shallow.heads < 2:
+                raise ConfigError(f"posterior.shallow.heads must be at least 2 (an ensemble of heads), got {shallow.heads}")
         if self.training.ema_decay is None:
             self.training.ema_decay = DEFAULT_EMA_DECAY
 

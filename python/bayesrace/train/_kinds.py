@@ -16,6 +16,8 @@ them alike:
   IVON epoch.
 - ``laplace``: one MVE member, then a last-layer Laplace approximation
   (``bayes.fit_laplace_members``) and ``posterior.samples`` antithetic samples.
+- ``shallow``: member 0 trained whole, then ``posterior.shallow.heads`` − 1 readout sets
+  trained on its frozen trunk (``_shallow``); the members are the trunk with each head.
 
 How the members train is ``_loop``'s; the Gaussians drawn from are ``bayes``'s.
 """
@@ -37,6 +39,7 @@ from ._data import TrainingData
 from ._losses import TRAINED_HEADS
 from ._members import member_seed, model_with_weights, new_member_model
 from ._optim import make_ivon_optimizer
+from ._shallow import head_config, shallow_summary, share_trunk
 
 
 def best_member_model(config: Config, data: TrainingData, member: int) -> RACE:
@@ -123,6 +126,10 @@ def posterior_members(config: Config, data: TrainingData, progress: bool = False
         return [best_member_model(config, data, m) for m in range(config.n_members)], {}
     if kind == "mve":
         return [best_member_model(config, data, 0)], {}
+    if kind == "shallow":
+        heads = head_config(config)
+        members = [best_member_model(config if m == 0 else heads, data, m) for m in range(config.n_members)]
+        return share_trunk(members), {kind: shallow_summary(config)}
     draw = dict(swag=swag_members, ivon=ivon_members)
     if kind in draw:
         members, summary = draw[kind](config, data)

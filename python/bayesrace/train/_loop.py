@@ -59,6 +59,7 @@ from ._optim import (
     make_scheduler,
 )
 from ._progress import EpochProgress
+from ._shallow import freeze_trunk, is_shallow_head
 
 
 def mse_warmup_epochs(config: Config) -> int:
@@ -178,6 +179,8 @@ def train_member(
 
     # a warm start (training.init_from) only where there is no checkpoint to resume
     model = (new_member_model if checkpoint_path.exists() else initial_member_model)(config, data, member)
+    if is_shallow_head(config, member):
+        freeze_trunk(model)
     model.train()
     optimizer = make_optimizer(config, model)
     scheduler = make_scheduler(config, optimizer)

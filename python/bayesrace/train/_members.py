@@ -15,6 +15,7 @@ from ..bayes import read_posterior_record
 from ..model import RACE, build_model, model_config_from_record
 from ._config import Config
 from ._data import TrainingData
+from ._shallow import start_head
 
 
 def member_seed(config: Config, member: int) -> int:
@@ -89,8 +90,11 @@ def new_member_model(config: Config, data: TrainingData, member: int) -> RACE:
 def initial_member_model(config: Config, data: TrainingData, member: int) -> RACE:
     """The model member ``member`` starts training from: a seeded random initialisation, or
     with ``training.init_from`` member ``member mod M`` of that posterior (all its weights and
-    buffers, so the same function)."""
+    buffers, so the same function); a shallow ensemble's head: member 0's trunk with its own
+    seeded readouts."""
     model = new_member_model(config, data, member)
+    if config.posterior.kind == "shallow" and member > 0:
+        return start_head(model, config)
     if config.training.init_from:
         states = _warm_start_record(config, data)["members"]
         model.load_state_dict(states[member % len(states)])

@@ -37,7 +37,9 @@ def make_optimizer(config: Config, model: RACE) -> torch.optim.Optimizer:
     """The member's Adam/AdamW (also the warm start of posterior kind ivon)."""
     training = config.training
     optimizer_cls = torch.optim.AdamW if training.optimizer == "adamw" else torch.optim.Adam
-    return optimizer_cls(model.parameters(), lr=training.lr, weight_decay=training.weight_decay)
+    # a frozen parameter (a shallow head's trunk) is not the optimizer's
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    return optimizer_cls(trainable, lr=training.lr, weight_decay=training.weight_decay)
 
 
 def default_ivon_ess(graphs: List[Graph]) -> float:

@@ -23,6 +23,7 @@ from ..data import shortest_contacts
 from ._config import Config, config_to_dict
 from ._data import prepare_data, write_held_out
 from ._kinds import posterior_members
+from ._shallow import head_config
 from ._loop import train_member
 
 POSTERIOR_FILE = "posterior.pt"
@@ -64,7 +65,8 @@ def train(config: Config, progress: bool = True) -> Path:
     held_out = write_held_out(config, data, out) if rank == 0 else None
     kind = config.posterior.kind
     if rank == 0 and progress:
-        what = f"{config.n_members} member(s)" if kind == "ensemble" else "one model"
+        what = dict(ensemble=f"{config.n_members} member(s)",
+                    shallow=f"one network with {config.n_members} readout heads").get(kind, "one model")
         print(
             f"bayesrace train: posterior {kind}, {len(data.train)} training / {len(data.valid)} validation "
             f"structures, types {data.type_names}, {what} on {size} process(es), "
@@ -73,8 +75,17 @@ def train(config: Config, progress: bool = True) -> Path:
             file=sys.stderr,
             flush=True,
         )
-    for member in range(rank, config.n_members, size):
-        train_member(config, data, member, progress=progress, use_bar=size == 1)
+    if kind == "shallow":
+        # the heads train on member 0's trunk: it comes first, then the heads over the ranks
+        if rank == 0:
+            train_member(config, data, 0, progress=progress, use_bar=size == 1)
+        if comm is not None:
+            _wait_for_every_rank(comm)
+        for member in range(1 + rank, config.n_members, size):
+            train_member(head_config(config), data, member, progress=progress, use_bar=size == 1)
+    else:
+        for member in range(rank, config.n_members, size):
+            train_member(config, data, member, progress=progress, use_bar=size == 1)
     if comm is not None:
         _wait_for_every_rank(comm)
     path = out / POSTERIOR_FILE

@@ -1,0 +1,89 @@
+"""Posterior kind shallow: one trunk, several readout heads trained on it frozen."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from bayesrace import ConfigError, load_config, load_posterior
+from bayesrace.train import CHECKPOINT, train
+from test_posteriors import assert_sane_posterior, run_config
+
+HEADS = 3
+
+
+def _is_head(name: str) -> bool:
+    return name.startswith("readouts.") or name == "head_log_variance_offset"
+
+
+def _head_history(run_dir: Path, member: int):
+    lines = (run_dir / f"member_{member}" / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+@pytest.fixture(scope="module")
+def shallow_run(psb3_small, tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("shallow")
+    config = run_config(tmp_path, psb3_small, "shallow", "shallow", training={"max_epochs": 3},
+                        shallow={"heads": HEADS, "head_epochs": 2})
+    return train(load_config(config), progress=False)
+
+
+def test_shallow_members_share_the_trunk_and_differ_in_their_heads(psb3_small, shallow_run):
+    posterior = assert_sane_posterior(shallow_run, "shallow", HEADS, psb3_small / "valid.xyz")
+    states = [member.state_dict() for member in posterior.members]
+    trunk = [name for name in states[0] if not _is_head(name)]
+    heads = [name for name in states[0] if name.startswith("readouts.")]
+    assert trunk and heads
+    for state in states[1:]:
+        for name in trunk:
+            assert torch.equal(state[name], states[0][name]), name
+        assert any(not torch.equal(state[name], states[0][name]) for name in heads)
+    # the heads differ from each other as well, not only from member 0's co-trained readouts
+    assert any(not torch.equal(states[1][name], states[2][name]) for name in heads)
+    summary = posterior.record_info["shallow"]
+    assert summary["heads"] == HEADS and summary["head_epochs"] == 2 and summary["trunk_epochs"] == 3
+
+
+def test_shallow_heads_train_on_a_frozen_trunk(shallow_run):
+    run_dir = Path(shallow_run).parent
+    trunk_best = torch.load(run_dir / "member_0" / CHECKPOINT, weights_only=False)["state"]["best_state"]
+    for member in range(1, HEADS):
+        checkpoint = torch.load(run_dir / f"member_{member}" / CHECKPOINT, weights_only=False)
+        for name, value in checkpoint["model"].items():
+            if not _is_head(name):
+                assert torch.equal(value, trunk_best[name]), (member, name)
+        # a quarter of the head epochs (at least one) of MSE, then the NLL on fitted offsets
+        assert [entry["loss_kind"] for entry in _head_history(run_dir, member)] == ["mse", "nll_jef"]
+    assert len(_head_history(run_dir, 0)) == 3
+
+
+def test_shallow_training_resumes_without_retraining(psb3_small, shallow_run):
+    run_dir = Path(shallow_run).parent
+    before = load_posterior(shallow_run)
+    stamps = [(run_dir / f"member_{m}" / CHECKPOINT).stat().st_mtime_ns for m in range(HEADS)]
+    # a different head_epochs is a resumable change (like training.max_epochs): nothing is refused
+    config = run_config(run_dir.parent, psb3_small, "shallow", "shallow", training={"max_epochs": 3},
+                        shallow={"heads": HEADS, "head_epochs": 2})
+    after = load_posterior(train(load_config(config), progress=False))
+    assert stamps == [(run_dir / f"member_{m}" / CHECKPOINT).stat().st_mtime_ns for m in range(HEADS)]
+    for a, b in zip(before.members, after.members):
+        for x, y in zip(a.parameters(), b.parameters()):
+            assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("posterior, ensemble, message", [
+    ({"kind": "shallow", "shallow": {"heads": 1}}, None, "posterior.shallow.heads must be at least 2"),
+    ({"kind": "ensemble", "shallow": {"heads": 3}}, {"members": 2}, "posterior.shallow applies only"),
+    ({"kind": "shallow"}, {"members": 2}, "posterior.shallow.heads"),
+])
+def test_shallow_config_errors_name_the_key(psb3_small, tmp_path, posterior, ensemble, message):
+    from conftest import write_training_config
+
+    path = write_training_config(tmp_path / "c.yaml", psb3_small, tmp_path / "run", posterior=posterior,
+                                 ensemble=ensemble)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
