@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Uncertainty benchmark: seven posteriors on PSB3 and acetylacetone, before and after recalibration.
+"""Uncertainty benchmark: eight posteriors on PSB3 and acetylacetone, before and after recalibration.
 
 Methods (one training config each, everything else equal: preset, data, epochs, seed):
 
@@ -10,6 +10,8 @@ Methods (one training config each, everything else equal: preset, data, epochs, 
   swag           SWAG (diagonal + low rank) around one NLL_JEF model
   ivon           IVON variational training of one NLL_JEF model
   laplace        last-layer Laplace (energies and forces) on one NLL_JEF model
+  shallow        shallow ensemble: the mve model's trunk with --members readout heads
+                 (heads 2.. trained on the frozen trunk for a quarter of the epochs)
 
 Data:
   psb3  the built-in PSB3 set (GFN2-xTB): train 400 / valid 100; in distribution test_id
@@ -47,7 +49,7 @@ from _common import (  # noqa: E402  (bench helpers: bench/ is not a package)
 
 from bayesrace.uq import OOD_SCORES  # noqa: E402
 
-METHODS = ("mve", "de_nll", "de_nll_jef", "de_nll_jef_eq", "swag", "ivon", "laplace")
+METHODS = ("mve", "de_nll", "de_nll_jef", "de_nll_jef_eq", "swag", "ivon", "laplace", "shallow")
 DATASETS = ("psb3", "acac")
 
 # the numbers shown in the tables: (header, metric name in evaluate's per-set results)
@@ -155,6 +157,8 @@ def method_config(method: str, data: Dict, run_dir: Path, args) -> Dict:
         config["posterior"] = {"kind": "ivon", "samples": args.samples}
     elif method == "laplace":
         config["posterior"] = {"kind": "laplace", "samples": args.samples}
+    elif method == "shallow":
+        config["posterior"] = {"kind": "shallow", "shallow": {"heads": args.members}}
     else:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
     return config
