@@ -87,3 +87,21 @@ def test_shallow_config_errors_name_the_key(psb3_small, tmp_path, posterior, ens
                                  ensemble=ensemble)
     with pytest.raises(ConfigError, match=message):
         load_config(path)
+
+
+def test_shallow_heads_over_mpi_ranks_equal_serial_ones(psb3_small, shallow_run, tmp_path):
+    """Under mpirun rank 0 trains the trunk, then the heads are spread over the ranks."""
+    import os
+    import subprocess
+    import sys
+
+    config = run_config(tmp_path, psb3_small, "shallow", "shallow", training={"max_epochs": 3},
+                        shallow={"heads": HEADS, "head_epochs": 2})
+    binaries = Path(sys.executable).parent
+    subprocess.run([str(binaries / "mpirun"), "-np", "2", str(binaries / "bayesrace"), "train", str(config), "--quiet"],
+                   check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    serial, parallel = load_posterior(shallow_run), load_posterior(tmp_path / "shallow" / "posterior.pt")
+    assert len(parallel.members) == HEADS
+    for a, b in zip(serial.members, parallel.members):
+        for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.equal(x, y), name
