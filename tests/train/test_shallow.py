@@ -48,6 +48,15 @@ def test_shallow_members_share_the_trunk_and_differ_in_their_heads(psb3_small, s
     assert summary["heads"] == HEADS and summary["head_epochs"] == 2 and summary["trunk_epochs"] == 3
 
 
+def test_shallow_member_0_is_the_mve_model(psb3_small, shallow_run, tmp_path):
+    """Member 0 trains exactly like kind mve (same seed, same loop): the heads are what is added."""
+    mve = train(load_config(run_config(tmp_path, psb3_small, "mve", "mve", training={"max_epochs": 3})),
+                progress=False)
+    for (name, x), y in zip(load_posterior(shallow_run).members[0].state_dict().items(),
+                            load_posterior(mve).members[0].state_dict().values()):
+        assert torch.equal(x, y), name
+
+
 def test_shallow_heads_train_on_a_frozen_trunk(shallow_run):
     run_dir = Path(shallow_run).parent
     trunk_best = torch.load(run_dir / "member_0" / CHECKPOINT, weights_only=False)["state"]["best_state"]
