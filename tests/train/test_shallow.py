@@ -42,6 +42,13 @@ def test_shallow_members_share_the_trunk_and_differ_in_their_heads(psb3_small, s
         for name in trunk:
             assert torch.equal(state[name], states[0][name]), name
         assert any(not torch.equal(state[name], states[0][name]) for name in heads)
+    # each head is its own best validated weights (readouts and variance offsets) on member 0's trunk
+    run_dir = Path(shallow_run).parent
+    for member, state in enumerate(states):
+        best = torch.load(run_dir / f"member_{member}" / CHECKPOINT, weights_only=False)["state"]["best_state"]
+        for name in state:
+            if _is_head(name):
+                assert torch.equal(state[name], best[name]), (member, name)
     # the heads differ from each other as well, not only from member 0's co-trained readouts
     assert any(not torch.equal(states[1][name], states[2][name]) for name in heads)
     summary = posterior.record_info["shallow"]

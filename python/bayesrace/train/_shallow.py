@@ -61,7 +61,9 @@ def start_head(model: RACE, config: Config) -> RACE:
     missing = [name for name in model.state_dict() if not _is_head_entry(name) and name not in state]
     if missing:
         raise RuntimeError(f"posterior kind shallow: member 0's checkpoint lacks {missing[:3]}")
-    model.load_state_dict(state, strict=False)
+    full = model.state_dict()
+    full.update(state)
+    model.load_state_dict(full)
     return model
 
 
@@ -80,7 +82,10 @@ def share_trunk(members: List[RACE]) -> List[RACE]:
     them by round-off), so the members differ in their readouts only."""
     trunk = {name: value for name, value in members[0].state_dict().items() if not _is_head_entry(name)}
     for member in members[1:]:
-        member.load_state_dict(trunk, strict=False)
+        # a whole state dict: RACE loads a state without variance offsets as offsets 0 (old files)
+        state = member.state_dict()
+        state.update(trunk)
+        member.load_state_dict(state)
     return members
 
 
