@@ -90,7 +90,7 @@ META_ENERGY_SIGMA_CAP = "energy_sigma_cap"  # eV: the same for the structure ene
 META_BAYESRACE_VERSION = "bayesrace_version"  # str
 META_TORCH_VERSION = "torch_version"  # str
 META_TRAINING_DATA_SHA256 = "training_data_sha256"  # str
-META_POSTERIOR = "posterior"  # str, kind of posterior (ensemble, swag, ivon, laplace...)
+META_POSTERIOR = "posterior"  # str, kind of posterior (ensemble, mve, swag, ivon, laplace, shallow)
 
 # --- the AOTInductor deployable (.pt2, shell mode only): metadata fields and names inside -----
 META_FORMAT = "deployable_format"  # str, FORMAT_TORCHSCRIPT (also when absent) or FORMAT_AOTI

@@ -2,7 +2,7 @@
 posterior math of the kinds that draw their members (SWAG moments, last-layer Laplace).
 
 Every posterior kind ends as M members (weight sets) evaluated together; training them
-(ensemble, SWAG, IVON, Laplace around a trained member) lives in ``train``; the Gaussians
+(ensemble, SWAG, IVON, Laplace around a trained member, shallow heads) lives in ``train``; the Gaussians
 they are drawn from and what they predict live here.
 """
 

@@ -1,6 +1,6 @@
 """The predictive distribution of a posterior given as M weight sets.
 
-Any posterior (deep ensemble, SWAG, IVON, Laplace) is turned into M members that are
+Any posterior (deep ensemble, SWAG, IVON, Laplace, shallow ensemble) is turned into M members that are
 evaluated together; the aggregation below is the one predictive API used by evaluation,
 the ASE calculator, active learning and the exported deployable. With member energies
 E_m, forces F_m and aleatoric heads σ²_E,m, Σ_i,m:

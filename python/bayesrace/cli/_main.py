@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_parser(sub)
     add_properties_parser(sub)
 
-    p = sub.add_parser("train", help="train a RACE posterior (ensemble, mve, swag, ivon, laplace) from a YAML config (mpirun -np K runs ensemble members in parallel)")
+    p = sub.add_parser("train", help="train a RACE posterior (ensemble, mve, swag, ivon, laplace, shallow) from a YAML config (mpirun -np K runs ensemble members in parallel)")
     p.add_argument("config")
     p.add_argument("--out", help="override the config's 'out' directory")
     p.add_argument("--quiet", action="store_true")

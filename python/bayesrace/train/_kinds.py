@@ -120,7 +120,7 @@ def laplace_members(config: Config, data: TrainingData, member: int = 0, progres
 
 def posterior_members(config: Config, data: TrainingData, progress: bool = False) -> Tuple[List[RACE], Dict]:
     """The members of the configured posterior kind from the trained checkpoints, and the
-    extra fields of its record (a summary under the kind's name for swag, ivon, laplace)."""
+    extra fields of its record (a summary under the kind's name for swag, ivon, laplace, shallow)."""
     kind = config.posterior.kind
     if kind == "ensemble":
         return [best_member_model(config, data, m) for m in range(config.n_members)], {}
