@@ -91,6 +91,21 @@ def test_shallow_training_resumes_without_retraining(psb3_small, shallow_run):
             assert torch.equal(x, y)
 
 
+def test_shallow_heads_keep_their_warm_up_under_a_warm_start(psb3_small, shallow_run, tmp_path):
+    """training.init_from skips the MSE warm-up (the start's variance heads are trained), but a
+    head's readouts start fresh: it warms up and fits its offsets all the same."""
+    config = run_config(tmp_path, psb3_small, "warm", "shallow",
+                        training={"max_epochs": 2, "init_from": str(shallow_run)},
+                        shallow={"heads": 2, "head_epochs": 2})
+    posterior = assert_sane_posterior(train(load_config(config), progress=False), "shallow", 2,
+                                      psb3_small / "valid.xyz")
+    run_dir = tmp_path / "warm"
+    assert [entry["loss_kind"] for entry in _head_history(run_dir, 0)] == ["nll_jef", "nll_jef"]
+    assert [entry["loss_kind"] for entry in _head_history(run_dir, 1)] == ["mse", "nll_jef"]
+    offsets = [member.head_log_variance_offset.detach() for member in posterior.members]
+    assert not torch.equal(offsets[0], offsets[1])
+
+
 @pytest.mark.parametrize("posterior, ensemble, message", [
     ({"kind": "shallow", "shallow": {"heads": 1}}, None, "posterior.shallow.heads must be at least 2"),
     ({"kind": "ensemble", "shallow": {"heads": 3}}, {"members": 2}, "posterior.shallow applies only"),

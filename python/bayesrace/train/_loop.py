@@ -62,11 +62,14 @@ from ._progress import EpochProgress
 from ._shallow import freeze_trunk, is_shallow_head
 
 
-def mse_warmup_epochs(config: Config) -> int:
+def mse_warmup_epochs(config: Config, member: int = 0) -> int:
     """MSE epochs before the configured loss; none on a warm start (training.init_from), whose
     variance heads are already trained: a warm-up there moves the means while the variances
-    stay put, and the switch back to the NLL then spikes the loss."""
-    return 0 if config.training.init_from else config.loss.mse_warmup_epochs
+    stay put, and the switch back to the NLL then spikes the loss. A shallow ensemble's head
+    starts from fresh readouts, warm start or not, so it keeps its warm-up."""
+    if config.training.init_from and not is_shallow_head(config, member):
+        return 0
+    return config.loss.mse_warmup_epochs
 
 
 def evaluate_loss(model: torch.nn.Module, graphs: List[Graph], config: Config, loss_kind: str) -> Dict[str, float]:
@@ -238,10 +241,11 @@ def train_member(
                     bar.say(f"member {member}: the network is frozen at epoch {epoch}; its variance heads learn "
                             f"{config.loss.kind} on its residuals (log-variance offsets E {offsets['energy']:.3g}, "
                             f"F {offsets['forces']:.3g})")
-                mse_phase = epoch < mse_warmup_epochs(config) or heads_phase_pending(state, config)
+                warmup = mse_warmup_epochs(config, member)
+                mse_phase = epoch < warmup or heads_phase_pending(state, config)
                 loss_kind = "mse" if mse_phase else config.loss.kind
                 loss_fn = loss_function(loss_kind, config.loss.means)
-                if epoch == mse_warmup_epochs(config) and mse_warmup_epochs(config) > 0 and not mse_phase:
+                if epoch == warmup and warmup > 0 and not mse_phase:
                     # the loss changes meaning: restart the plateau and early-stopping clocks, and
                     # start the heads at the level of the residuals (ema keeps the same offsets)
                     state["best_loss"], state["stale_epochs"] = math.inf, 0

@@ -15,7 +15,7 @@ from ..bayes import read_posterior_record
 from ..model import RACE, build_model, model_config_from_record
 from ._config import Config
 from ._data import TrainingData
-from ._shallow import start_head
+from ._shallow import is_shallow_head, start_head
 
 
 def member_seed(config: Config, member: int) -> int:
@@ -93,7 +93,7 @@ def initial_member_model(config: Config, data: TrainingData, member: int) -> RAC
     buffers, so the same function); a shallow ensemble's head: member 0's trunk with its own
     seeded readouts."""
     model = new_member_model(config, data, member)
-    if config.posterior.kind == "shallow" and member > 0:
+    if is_shallow_head(config, member):
         return start_head(model, config)
     if config.training.init_from:
         states = _warm_start_record(config, data)["members"]
