@@ -48,11 +48,12 @@ def head_config(config: Config) -> Config:
 
 
 def trunk_state(config: Config) -> Dict[str, torch.Tensor]:
-    """Member 0's best validated weights and buffers outside its readouts."""
+    """Member 0's best validated weights and buffers outside its readouts (its variance offsets
+    included: a head starts from them)."""
     best = load_member_checkpoint(config, 0)["state"]["best_state"]
     if best is None:
         raise RuntimeError("posterior kind shallow: member 0 (the trunk) has no validated weights yet")
-    return {name: value for name, value in best.items() if not _is_head_entry(name) or name == OFFSET}
+    return {name: value for name, value in best.items() if not name.startswith(READOUT_PREFIX)}
 
 
 def start_head(model: RACE, config: Config) -> RACE:
@@ -67,14 +68,10 @@ def start_head(model: RACE, config: Config) -> RACE:
     return model
 
 
-def freeze_trunk(model: RACE) -> List[torch.nn.Parameter]:
-    """Only the readouts and the variance offsets train; returns them."""
-    trainable = []
+def freeze_trunk(model: RACE) -> None:
+    """Only the readouts and the variance offsets train (``make_optimizer`` takes those)."""
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(_is_head_entry(name))
-        if _is_head_entry(name):
-            trainable.append(parameter)
-    return trainable
 
 
 def share_trunk(members: List[RACE]) -> List[RACE]:
