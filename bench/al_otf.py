@@ -363,7 +363,7 @@ def main(argv=None) -> int:
     parser.add_argument("--means", choices=("mse", "nll", "frozen"), default=None,
                         help="loss.means of every training (default: the config default)")
     parser.add_argument("--calibration", choices=("isotonic", "scalar", "split"), default="isotonic")
-    parser.add_argument("--halt-on", choices=("total", "epistemic"), default="total",
+    parser.add_argument("--halt-on", choices=("total", "epistemic", "relative"), default="total",
                         help="the force σ that halts the MD (md.halt_on)")
     parser.add_argument("--round-lr", type=float, default=None, help="learning rate of the rounds (default --lr)")
     parser.add_argument("--acquired-repeats", type=int, default=1)

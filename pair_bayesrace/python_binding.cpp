@@ -141,6 +141,7 @@ py::dict results(const Engine &engine, const MemberOutputs &mo, int64_t n_local,
   d[K::ATOMIC_FORCE_STD] = array(agg.force_std, {n_local});
   d[K::ATOMIC_FORCE_STD_EPISTEMIC] = array(agg.force_std_epistemic, {n_local});
   d[K::ATOMIC_FORCE_STD_ALEATORIC] = array(agg.force_std_aleatoric, {n_local});
+  d[K::ATOMIC_FORCE_STD_RELATIVE] = array(agg.force_std_relative, {n_local});
   d[K::ATOMIC_ENERGY_STD] = array(agg.atomic_energy_std, {n_local});
   d[K::FORCE_COV_EPISTEMIC] = array(agg.force_cov_epistemic, {n_local, 3, 3});
   d[K::FORCE_COV_ALEATORIC] = array(agg.force_cov_aleatoric, {n_local, 3, 3});
@@ -312,6 +313,7 @@ py::dict aggregate_py(DArr member_forces, DArr force_covariance, DArr member_ato
   d[K::ATOMIC_FORCE_STD] = array(agg.force_std, {n});
   d[K::ATOMIC_FORCE_STD_EPISTEMIC] = array(agg.force_std_epistemic, {n});
   d[K::ATOMIC_FORCE_STD_ALEATORIC] = array(agg.force_std_aleatoric, {n});
+  d[K::ATOMIC_FORCE_STD_RELATIVE] = array(agg.force_std_relative, {n});
   d[K::ATOMIC_ENERGY_STD] = array(agg.atomic_energy_std, {n});
   d[K::FORCE_COV_EPISTEMIC] = array(agg.force_cov_epistemic, {n, 3, 3});
   d[K::FORCE_COV_ALEATORIC] = array(agg.force_cov_aleatoric, {n, 3, 3});

@@ -83,6 +83,7 @@ void aggregate(const AggregateInput &in, AggregateOutput &out) {
   out.force_std.assign(n, 0.0);
   out.force_std_epistemic.assign(n, 0.0);
   out.force_std_aleatoric.assign(n, 0.0);
+  out.force_std_relative.assign(n, 0.0);
   out.atomic_energy_std.assign(n, 0.0);
   out.force_cov_epistemic.assign(9 * n, 0.0);
   out.force_cov_aleatoric.assign(9 * n, 0.0);
@@ -125,6 +126,8 @@ void aggregate(const AggregateInput &in, AggregateOutput &out) {
     out.force_std_epistemic[i] = fe * sigma_e;
     out.force_std_aleatoric[i] = fa * sigma_a;
     out.force_std[i] = cal.force_by_parts ? std::hypot(fe * sigma_e, fa * sigma_a) : fe * sigma;
+    const double magnitude = std::sqrt(mean[0] * mean[0] + mean[1] * mean[1] + mean[2] * mean[2]);
+    out.force_std_relative[i] = out.force_std_epistemic[i] / (magnitude + keys::RELATIVE_FORCE_LEVEL);
 
     double amean = 0.0;
     for (int64_t m = 0; m < M; ++m) amean += in.member_atomic_energy[m * S + i];

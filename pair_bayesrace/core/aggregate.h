@@ -69,6 +69,7 @@ struct AggregateOutput {
   std::vector<double> force_std;             // [n] sqrt(tr(Σ_epi + Σ_ale)/3)
   std::vector<double> force_std_epistemic;   // [n] sqrt(tr Σ_epi / 3)
   std::vector<double> force_std_aleatoric;   // [n] sqrt(tr Σ_ale / 3)
+  std::vector<double> force_std_relative;    // [n] force_std_epistemic / (|mean member force| + keys::RELATIVE_FORCE_LEVEL)
   std::vector<double> atomic_energy_std;     // [n] population std of member atomic energies
   std::vector<double> force_cov_epistemic;   // [n, 3, 3] (1/M) Σ_m (F_m - F̄)(F_m - F̄)ᵀ
   std::vector<double> force_cov_aleatoric;   // [n, 3, 3] mean_m Σ_m,i

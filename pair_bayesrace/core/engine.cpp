@@ -70,6 +70,8 @@ std::string Engine::describe() const {
     os << ", max epistemic force sigma " << meta_.threshold_atomic_force_std_epistemic << " eV/A (c_ug[6])";
   if (meta_.threshold_energy_std_epistemic_per_atom > 0.0)
     os << ", epistemic energy sigma " << meta_.threshold_energy_std_epistemic_per_atom << " eV/atom (c_ug[7])";
+  if (meta_.threshold_atomic_force_std_relative > 0.0)
+    os << ", max relative epistemic force sigma " << meta_.threshold_atomic_force_std_relative << " (c_ug[8])";
   return os.str();
 }
 

@@ -269,6 +269,8 @@ Metadata parse_metadata(const std::string &text, const std::string &source, cons
       m.threshold_atomic_force_std_epistemic = c.positive(*v, p + K::ATOMIC_FORCE_STD_EPISTEMIC);
     if (const Json *v = Checker::find(th, K::ENERGY_STD_EPISTEMIC_PER_ATOM))
       m.threshold_energy_std_epistemic_per_atom = c.positive(*v, p + K::ENERGY_STD_EPISTEMIC_PER_ATOM);
+    if (const Json *v = Checker::find(th, K::ATOMIC_FORCE_STD_RELATIVE))
+      m.threshold_atomic_force_std_relative = c.positive(*v, p + K::ATOMIC_FORCE_STD_RELATIVE);
   }
   m.bayesrace_version =
       c.string(c.require(root, K::META_BAYESRACE_VERSION, K::META_BAYESRACE_VERSION), K::META_BAYESRACE_VERSION);

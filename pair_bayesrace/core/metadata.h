@@ -23,6 +23,7 @@ struct Metadata {
   // optional thresholds of the epistemic scores (compute bayesrace columns 6 and 7); 0: absent
   double threshold_atomic_force_std_epistemic = 0.0;   // eV/Å
   double threshold_energy_std_epistemic_per_atom = 0.0;  // eV/atom
+  double threshold_atomic_force_std_relative = 0.0;    // 1 (compute bayesrace column 8)
   std::string bayesrace_version;
   std::string torch_version;
   std::string training_data_sha256;

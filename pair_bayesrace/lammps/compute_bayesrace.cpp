@@ -136,7 +136,7 @@ void ComputeBayesRace::compute_vector()
   const int *mask = atom->mask;
   double **uq = pair->atom_uncertainty();
   const auto &mapped = pair->atom_mapped();
-  double mx[2] = {0.0, 0.0}, sums[2] = {0.0, 0.0}, over = 0.0;    // max σ, σ_epi; sum σ, count
+  double mx[3] = {0.0, 0.0, 0.0}, sums[2] = {0.0, 0.0}, over = 0.0;    // max σ, σ_epi, relative; sum σ, count
   double closest = std::numeric_limits<double>::max();    // smallest contact ratio
   for (int i = 0; i < nlocal; i++) {
     if (!(mask[i] & groupbit) || !mapped[i]) continue;
@@ -144,12 +144,13 @@ void ComputeBayesRace::compute_vector()
     const double s = uq[i][0];
     mx[0] = std::max(mx[0], s);
     mx[1] = std::max(mx[1], uq[i][1]);
+    mx[2] = std::max(mx[2], uq[i][5]);
     sums[0] += s;
     sums[1] += 1.0;
     if (s > thr) over += 1.0;
   }
-  double gmx[2] = {0.0, 0.0}, gsums[2] = {0.0, 0.0}, gover = 0.0;
-  MPI_Allreduce(mx, gmx, 2, MPI_DOUBLE, MPI_MAX, world);
+  double gmx[3] = {0.0, 0.0, 0.0}, gsums[2] = {0.0, 0.0}, gover = 0.0;
+  MPI_Allreduce(mx, gmx, 3, MPI_DOUBLE, MPI_MAX, world);
   MPI_Allreduce(sums, gsums, 2, MPI_DOUBLE, MPI_SUM, world);
   MPI_Allreduce(&over, &gover, 1, MPI_DOUBLE, MPI_SUM, world);
   double gclosest = 0.0;
@@ -165,6 +166,9 @@ void ComputeBayesRace::compute_vector()
   values[5] = gmx[1];
   const double n_atoms = pair->energy_atoms();
   values[6] = n_atoms > 0.0 ? std::sqrt(pair->energy_var_epistemic()) / n_atoms : 0.0;
+  // the largest epistemic force σ relative to the force (per-atom column 6): what flags novelty
+  // in hot MD, whose larger forces carry proportionally larger errors
+  values[7] = gmx[2];
 }
 
 /* ----------------------------------------------------------------------

@@ -477,6 +477,7 @@ void PairBayesRace::compute(int eflag, int vflag)
     uq[i][2] = econv * out.force_std_aleatoric[k];
     uq[i][3] = econv * out.atomic_energy_std[k];
     uq[i][4] = contacts_now ? contact[k] : -1.0;
+    uq[i][5] = out.force_std_relative[k];  // unit-free
   }
   energy_sigma = econv * out.energy_std;
   energy_var_epi = econv * econv * out.energy_var_epistemic;

@@ -55,7 +55,7 @@ class PairBayesRace : public Pair {
   // --- read by compute bayesrace/atom and compute bayesrace
   // force σ total, epistemic, aleatoric; atomic energy σ; contact ratio (min_j r_ij / the training
   // set's shortest distance of that pair; -1 when the deployable does not carry those distances)
-  static constexpr int NCOLS = 5;
+  static constexpr int NCOLS = 6;
   bigint uncertainty_step() const { return uq_step; }
   int uncertainty_every() const { return uq_every; }
   // [nlocal][NCOLS] in run units, valid when uncertainty_step() == update->ntimestep

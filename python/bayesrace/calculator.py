@@ -13,6 +13,7 @@ name                      shape        unit  meaning
 ``forces_std``            [N]          eV/Å  per-atom force σ, sqrt(tr Σ_i / 3), Σ_i total
 ``forces_std_epistemic``  [N]          eV/Å  the same from the covariance of member forces
 ``forces_std_aleatoric``  [N]          eV/Å  the same from the mean member Σ_i (NLL_JEF head)
+``forces_std_relative``   [N]          1     forces_std_epistemic / (|F_i| + 1 eV/Å), relative to the force
 ``energies_std``          [N]          eV    standard deviation of member atomic energies
 ``member_energies``       [M]          eV    energy of every posterior member
 ``member_forces``         [M, N, 3]    eV/Å  forces of every posterior member
@@ -39,7 +40,7 @@ from ase.stress import full_3x3_to_voigt_6_stress
 
 from . import keys
 from .data import Graph, TypeMap, collate, contact_ratios, edge_distances, neighbour_list
-from .bayes import Posterior, load_posterior
+from .bayes import Posterior, load_posterior, relative_force_std
 
 UNCERTAINTY_RESULTS: Dict[str, Tuple[str, ...]] = {
     "energy_std": (keys.ENERGY_VAR_EPISTEMIC, keys.ENERGY_VAR_ALEATORIC),
@@ -73,7 +74,7 @@ class BayesRaceCalculator(Calculator):
     # elements (data.contact_ratios; < 1: closer than anything seen); only for posteriors that
     # recorded their training contacts (trained by this version or later)
     implemented_properties = ["energy", "free_energy", "forces", "stress", "energies", *UNCERTAINTY_RESULTS,
-                              "contact_ratio"]
+                              "forces_std_relative", "contact_ratio"]
 
     def __init__(
         self,
@@ -152,6 +153,8 @@ class BayesRaceCalculator(Calculator):
                 results[name] = _to_numpy(prediction[fields[0]][:, 0])  # [M, B=1] -> [M]
             else:
                 results[name] = _to_numpy(prediction[fields[0]])
+        results["forces_std_relative"] = relative_force_std(
+            {keys.FORCES: results["forces"], keys.ATOMIC_FORCE_STD_EPISTEMIC: results["forces_std_epistemic"]})
         if self.posterior.shortest_contacts is not None:
             results["contact_ratio"] = contact_ratios(graph.species, graph.edge_index, edge_distances(graph),
                                                       self.posterior.shortest_contacts, self.cutoff)

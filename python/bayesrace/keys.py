@@ -40,6 +40,10 @@ ATOMIC_FORCE_STD = "atomic_force_std"  # [N] eV/Å, sqrt(tr(total cov) / 3)
 ATOMIC_FORCE_STD_EPISTEMIC = "atomic_force_std_epistemic"  # [N] eV/Å, sqrt(tr(epistemic cov) / 3)
 ATOMIC_FORCE_STD_ALEATORIC = "atomic_force_std_aleatoric"  # [N] eV/Å, sqrt(tr(aleatoric cov) / 3)
 ENERGY_STD_EPISTEMIC_PER_ATOM = "energy_std_epistemic_per_atom"  # eV/atom, sqrt(energy_var_epistemic) / N (a threshold)
+# the epistemic force σ relative to the force, as DeePMD-kit's relative model deviation: hot MD
+# has larger forces and proportionally larger errors, so this flags novelty rather than heat
+ATOMIC_FORCE_STD_RELATIVE = "atomic_force_std_relative"  # [N] 1, sigma_F,epi,i / (|F_i| + RELATIVE_FORCE_LEVEL) (a threshold)
+RELATIVE_FORCE_LEVEL = 1.0  # eV/Å, keeps the relative σ finite where the mean force vanishes
 ATOMIC_ENERGY_STD = "atomic_energy_std"  # [N] eV, std of member atomic energies
 MEMBER_ENERGY = "member_energy"  # [M, B] eV ([M] from the deployable: one structure, local atoms)
 MEMBER_FORCES = "member_forces"  # [M, N, 3] eV/Å

@@ -206,6 +206,14 @@ def test_on_the_fly_halts_on_the_epistemic_sigma_when_asked(otf_run, psb3_small,
     assert calibrated["threshold"] == calibrated["calibration_epistemic_threshold"]
     assert 0 < calibrated["calibration_epistemic_threshold"] < calibrated["calibration_threshold"]
 
+    # md.halt_on relative: fix halt reads c_u[6] = σ_epi / (|F| + 1 eV/Å) (<= σ_epi), τ by the same rule
+    relative = run("relative", None, "relative", valid=str(psb3_small / "test_id.xyz"))["rounds"][0]
+    frames = read_dump(tmp_path / "relative" / "round_0" / "md" / "frames.dump")
+    assert relative["threshold"] == relative["calibration_relative_threshold"] > 0
+    assert relative["max_sigma"] == pytest.approx(max(float(f["columns"]["c_u[6]"].max()) for f in frames))
+    assert all(np.all((f["columns"]["c_u[6]"] > 0) & (f["columns"]["c_u[6]"] < f["columns"]["c_u[2]"]))
+               for f in frames)
+
     # one member has no epistemic σ: refused, not a run that can never halt
     from bayesrace.bayes import load_posterior, save_posterior
     from bayesrace.train import ConfigError
@@ -236,6 +244,7 @@ def test_on_the_fly_halts_on_the_epistemic_sigma_when_asked(otf_run, psb3_small,
         ({"n_initial": 3}, "n_initial: key\\(s\\) of mode pool only"),
         ({"md": {"structure": "s.xyz", "halt_on": "aleatoric"}}, "md.halt_on is 'aleatoric'"),
         ({"md": {"structure": "s.xyz", "halt_on": "epistemic"}}, "md.halt_on 'epistemic' needs 'threshold'"),
+        ({"md": {"structure": "s.xyz", "halt_on": "relative"}}, "md.halt_on 'relative' needs 'threshold' \\(unit-free"),
     ],
 )
 def test_on_the_fly_config_errors(tmp_path, change, message):

@@ -204,7 +204,7 @@ def lammps_input(
     ]
     if dump:
         lines += [
-            "dump d all custom 1 dump.txt id fx fy fz c_pea c_u[1] c_u[2] c_u[3] c_u[4] "
+            "dump d all custom 1 dump.txt id fx fy fz c_pea c_u[1] c_u[2] c_u[3] c_u[4] c_u[6] "
             "c_sa[1] c_sa[2] c_sa[3] c_sa[4] c_sa[5] c_sa[6]",
             "dump_modify d sort id format float %.17g",
         ]
@@ -212,7 +212,7 @@ def lammps_input(
     glob = " ".join(
         f"$({v}:%.17g)"
         for v in ["pe", "vol", "c_ug[1]", "c_ug[2]", "c_ug[3]", "c_ug[4]"] + [f"c_p[{k}]" for k in range(1, 7)]
-        + ["c_ug[6]", "c_ug[7]"]
+        + ["c_ug[6]", "c_ug[7]", "c_ug[8]"]
     )
     lines.append(f'print "GLOBAL {glob}" file global.txt')
     return "\n".join(lines) + "\n"
@@ -233,12 +233,14 @@ def parse_lammps_result(workdir: Path, nktv2p: float = NKTV2P_METAL):
         "virial6": p * vol / nktv2p,  # xx yy zz xy xz yz
         "max_force_std_epistemic": g[12],
         "energy_std_epistemic_per_atom": g[13],
+        "max_relative_force_std": g[14],
     }
     d = read_dump(workdir / "dump.txt")
     res["id"] = d["id"].astype(int)
     res["forces"] = np.stack([d["fx"], d["fy"], d["fz"]], 1)
     res["atomic_energy"] = d["c_pea"]
     res["uq"] = np.stack([d[f"c_u[{k}]"] for k in range(1, 5)], 1)
+    res["relative_force_std"] = d["c_u[6]"]
     res["atomic_virial6"] = -np.stack([d[f"c_sa[{k}]"] for k in range(1, 7)], 1) / nktv2p
     return res
 
@@ -271,13 +273,17 @@ def reference_result(core, model: str, s: Structure, cutoff: float, driving="mea
     }
 
 
+# quantities the same in every LAMMPS unit style: a count and the relative force σ's
+UNIT_FREE = ("n_over", "relative_force_std", "max_relative_force_std")
+
+
 def assert_same(got: dict, ref: dict, rtol: float = 1e-10, scale: float = 1.0, skip=()):
     """Every quantity within rtol relative to the largest magnitude of that quantity."""
     np.testing.assert_array_equal(got["id"], ref["id"])
     for key, value in ref.items():
         if key == "id" or key in skip:
             continue
-        want = np.asarray(value, dtype=float) * (1.0 if key == "n_over" else scale)
+        want = np.asarray(value, dtype=float) * (1.0 if key in UNIT_FREE else scale)
         have = np.asarray(got[key], dtype=float)
         mag = max(np.abs(want).max(initial=0.0), 1e-30)
         np.testing.assert_allclose(have, want, rtol=rtol, atol=rtol * mag, err_msg=key)

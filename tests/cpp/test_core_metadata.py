@@ -120,6 +120,8 @@ def test_missing_key(core, tmp_path, key):
          ["'thresholds.atomic_force_std_epistemic' must be"]),
         ({"thresholds": {"atomic_force_std": 0.3, "energy_std_epistemic_per_atom": "0.01"}},
          ["'thresholds.energy_std_epistemic_per_atom' must be"]),
+        ({"thresholds": {"atomic_force_std": 0.3, "atomic_force_std_relative": -0.1}},
+         ["'thresholds.atomic_force_std_relative' must be"]),
         ({"posterior": 3}, ["'posterior' must be a string"]),
         ({"format_version": "1"}, ["'format_version' must be an integer"]),
     ],
@@ -131,14 +133,16 @@ def test_bad_field(core, tmp_path, override, fragments):
 
 
 def test_optional_epistemic_thresholds_are_read_and_logged(core, tmp_path):
-    """The thresholds of compute bayesrace's columns 6 and 7 are optional; where present they
+    """The thresholds of compute bayesrace's columns 6, 7 and 8 are optional; where present they
     appear in the engine's description (what pair_style bayesrace logs)."""
     path = tmp_path / "thresholds.pt"
     write_toy(str(path))
     assert "c_ug[6]" not in repr(core.Engine(str(path))) and "c_ug[1]" in repr(core.Engine(str(path)))
     write_toy(str(path), metadata_override={"thresholds": {"atomic_force_std": 0.3, "atomic_force_std_epistemic": 0.2,
-                                                           "energy_std_epistemic_per_atom": 0.004}})
+                                                           "energy_std_epistemic_per_atom": 0.004,
+                                                           "atomic_force_std_relative": 0.05}})
     text = repr(core.Engine(str(path)))
+    assert "max relative epistemic force sigma 0.05 (c_ug[8])" in text
     assert "max epistemic force sigma 0.2 eV/A (c_ug[6])" in text
     assert "epistemic energy sigma 0.004 eV/atom (c_ug[7])" in text
 

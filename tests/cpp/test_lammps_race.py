@@ -163,6 +163,8 @@ def python_reference(posterior, s: Structure, threshold: float) -> dict:
         "virial6": virial6,
         "max_force_std_epistemic": r["forces_std_epistemic"].max(),
         "energy_std_epistemic_per_atom": r["energy_std_epistemic"] / len(s.ids),
+        "max_relative_force_std": r["forces_std_relative"].max(),
+        "relative_force_std": r["forces_std_relative"][order],
         "id": np.asarray(s.ids)[order],
         "forces": r["forces"][order],
         "atomic_energy": r["energies"][order],

@@ -326,6 +326,27 @@ def test_extrapolation_threshold_is_factor_times_quantile_of_structure_maxima():
         extrapolation_threshold(prediction, quantile=0.0)
 
 
+def test_relative_force_sigma_divides_by_the_force_plus_one_eV_per_A():
+    """σ_epi,i / (|F_i| + 1 eV/Å) per atom, its per-structure maximum as an OOD score, and the
+    threshold by the usual rule on those maxima (compute bayesrace/atom column 6, c_ug[8])."""
+    from bayesrace.uq import ood_scores, relative_extrapolation_threshold, relative_force_std
+
+    assert keys.RELATIVE_FORCE_LEVEL == 1.0
+    prediction = {
+        keys.FORCES: np.array([[3.0, 4.0, 0.0], [0.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 9.0]]),
+        keys.ATOMIC_FORCE_STD_EPISTEMIC: np.array([0.6, 0.2, 0.3, 1.0]),
+        keys.ATOMIC_FORCE_STD: np.array([0.7, 0.3, 0.4, 1.1]),
+        keys.ENERGY_VAR_EPISTEMIC: np.array([1e-4, 1e-4]),
+        keys.ENERGY_VAR_ALEATORIC: np.array([1e-4, 1e-4]),
+        keys.NUM_ATOMS: np.array([2, 2]),
+        keys.BATCH: np.array([0, 0, 1, 1]),
+    }
+    np.testing.assert_allclose(relative_force_std(prediction), [0.1, 0.2, 0.15, 0.1])
+    # the largest absolute σ (structure 1: atom 3) is not the largest relative one (atom 2)
+    np.testing.assert_allclose(ood_scores(prediction)["max_relative_force_sigma_epistemic"], [0.2, 0.15])
+    assert relative_extrapolation_threshold(prediction, quantile=1.0, factor=1.5) == pytest.approx(0.3)
+
+
 # -- posterior, file and CLI -------------------------------------------------------------
 
 

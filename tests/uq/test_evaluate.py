@@ -232,7 +232,7 @@ def test_evaluate_sets_report_and_numbers(posterior, data_sets, tmp_path):
 
 def direct_ood_scores(prediction):
     """Per-structure OOD scores by an explicit loop over structures."""
-    energy, largest, mean, energy_epistemic, largest_epistemic = [], [], [], [], []
+    energy, largest, mean, energy_epistemic, largest_epistemic, largest_relative = [], [], [], [], [], []
     start = 0
     for b, count in enumerate(prediction[keys.NUM_ATOMS]):
         sigma = prediction[keys.ATOMIC_FORCE_STD][start : start + count]
@@ -242,6 +242,9 @@ def direct_ood_scores(prediction):
         mean.append(sigma.mean())
         energy_epistemic.append(1000 * math.sqrt(prediction[keys.ENERGY_VAR_EPISTEMIC][b]) / count)
         largest_epistemic.append(prediction[keys.ATOMIC_FORCE_STD_EPISTEMIC][start : start + count].max())
+        relative = [prediction[keys.ATOMIC_FORCE_STD_EPISTEMIC][i] / (math.sqrt(sum(f * f for f in prediction[keys.FORCES][i])) + 1.0)
+                    for i in range(start, start + count)]
+        largest_relative.append(max(relative))
         start += count
     return {
         "energy_sigma_meV_per_atom": np.array(energy),
@@ -249,6 +252,7 @@ def direct_ood_scores(prediction):
         "mean_atomic_force_sigma_eV_per_A": np.array(mean),
         "energy_sigma_epistemic_meV_per_atom": np.array(energy_epistemic),
         "max_atomic_force_sigma_epistemic_eV_per_A": np.array(largest_epistemic),
+        "max_relative_force_sigma_epistemic": np.array(largest_relative),
     }
 
 

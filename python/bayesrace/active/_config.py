@@ -28,7 +28,7 @@ THERMOSTATS = ("langevin", "nve")
 # bayes.METHODS, spelt out: this module must not import torch (a test keeps the two equal)
 CALIBRATION_METHODS = ("isotonic", "scalar", "split")
 RESTART_FROM = ("last_trusted", "halt")
-HALT_ON = ("total", "epistemic")  # bayesrace.lammps.HALT_COLUMNS, spelt out (no torch import here)
+HALT_ON = ("total", "epistemic", "relative")  # bayesrace.lammps.HALT_COLUMNS, spelt out (no torch import here)
 # top-level keys that only mode on_the_fly reads, and the ones only mode pool reads
 ON_THE_FLY_KEYS = ("md", "posterior", "valid", "calibration_method", "threshold", "candidate_fraction",
                    "acquired_repeats")
@@ -68,7 +68,9 @@ class MDSection:
     restart_from: Literal[RESTART_FROM] = "last_trusted"
     # the force σ that halts a segment: total = epistemic and aleatoric together; epistemic = the
     # members' disagreement alone (what retraining on new labels can lower; the aleatoric part is
-    # the model's own error level, which new labels of a hotter region raise)
+    # the model's own error level, which new labels of a hotter region raise); relative = the
+    # epistemic σ over (|F_i| + 1 eV/Å), unit-free: hot MD's larger forces carry proportionally
+    # larger σ's, so this halts on novel geometries rather than on heat
     halt_on: Literal[HALT_ON] = "total"
     # after a halt, MD goes on this many steps past the halting frame without halting (it stops at
     # look_ahead_limit × the threshold): its dumped frames join the candidates, so a round can label
@@ -104,7 +106,8 @@ class ActiveConfig:
     posterior: Optional[Str] = None  # a trained posterior used as round 0 (else round 0 trains on initial)
     valid: Optional[Str] = None  # labelled file: every round's posterior is calibrated on it
     calibration_method: Literal[CALIBRATION_METHODS] = "isotonic"  # isotonic | scalar | split
-    threshold: Optional[Positive] = None  # eV/Å halting max force σ; null: round 0's deployable's own, kept fixed
+    # halting max force σ (eV/Å; unit-free with md.halt_on relative); null: round 0's own, kept fixed
+    threshold: Optional[Positive] = None
     # dumped frames with max σ > this × threshold are candidates
     candidate_fraction: Annotated[Float, Field(gt=0, le=1)] = 0.5
     # each acquired frame appears this many times in later rounds' training files: a few new
@@ -151,9 +154,10 @@ class ActiveConfig:
             raise ConfigError(f"md.temperature must be > 0 K (>= 0 with nve), got {md.temperature}")
         if not 1 <= md.dump_every <= md.n_steps:
             raise ConfigError(f"md.dump_every must lie in [1, md.n_steps = {md.n_steps}], got {md.dump_every}")
-        if md.halt_on == "epistemic" and self.threshold is None and self.valid is None:
-            raise ConfigError("md.halt_on 'epistemic' needs 'threshold' (eV/Å) or 'valid' (the threshold is then "
-                              "1.5 × q_0.99 of the validation set's largest calibrated epistemic force σ)")
+        if md.halt_on != "total" and self.threshold is None and self.valid is None:
+            unit = "eV/Å" if md.halt_on == "epistemic" else "unit-free"
+            raise ConfigError(f"md.halt_on '{md.halt_on}' needs 'threshold' ({unit}) or 'valid' (the threshold is "
+                              f"then 1.5 × q_0.99 of the validation set's largest calibrated {md.halt_on} force σ)")
 
 
 def active_config_from_dict(values: Dict[str, Any], base_dir: Optional[Path] = None) -> ActiveConfig:

@@ -9,14 +9,16 @@ Round r = 0 .. n_rounds (``<out>/round_<r>``):
    threshold 1.5 × q_0.99 of the validation set's largest calibrated atomic force σ;
 3. export ``model.pt``; halting threshold τ = ``threshold`` if given, else round 0's deployable's
    own ``thresholds.atomic_force_std`` (from its calibration record) or, with ``md.halt_on:
-   epistemic``, the same rule on round 0's calibrated epistemic σ, kept for every later round:
+   epistemic`` / ``relative``, the same rule on round 0's calibrated epistemic σ / that σ over
+   (|F_i| + 1 eV/Å), kept for every later round:
    a criterion recomputed each round would tighten as the model improves in distribution, and
    the loop could never end;
 4. an MD segment (``round_<r>/md``): LAMMPS with ``pair_style bayesrace`` from the previous
    segment's restart point or, in round 0, from ``md.structure`` with Maxwell–Boltzmann
    velocities; the step counter continues via ``reset_timestep``. Every ``md.dump_every`` steps
    the frame and its per-atom σ's are dumped and ``fix halt`` stops the run when max_i σ_i > τ
-   (σ: the total force σ, ``c_ug[1]``, or the epistemic one with ``md.halt_on: epistemic``; every
+   (σ: the total force σ, ``c_ug[1]``, the epistemic one with ``md.halt_on: epistemic``, ``c_ug[6]``,
+   or the relative one with ``relative``, ``c_ug[8]``; every
    "max σ" below is that σ). It runs ``run n_steps upto``;
 5. a segment that reaches ``md.n_steps`` without a halt ends the loop; so does round n_rounds.
    Otherwise the segment's new frames with max σ > ``candidate_fraction`` × τ (the halting
@@ -84,6 +86,7 @@ OTF_PLOT = "otf_sigma.png"
 LOOK_AHEAD_DIR = "look_ahead"  # a round's MD past its halt (md.look_ahead), same files as MD_DIR
 MD_DIR = "md"  # a round's MD segment: in.md, log.md, start.data, frames.dump, end.data (bayesrace.lammps)
 CANDIDATES_FILE = "candidates.xyz"
+SIGMA_UNITS = {"total": " eV/Å", "epistemic": " eV/Å", "relative": ""}  # of the σ each md.halt_on halts on
 SEED_STRIDE = 1000  # segment r uses md.seed + SEED_STRIDE·r (+1: LAMMPS seeds are positive)
 # a candidate's pool_index: round·FRAME_ID_STRIDE + MD step (after a restart from an earlier frame
 # the same step recurs in the next segment with another configuration)
@@ -194,6 +197,7 @@ def run_on_the_fly(config: ActiveConfig, progress: bool = True, oracle: Optional
                 record["calibration_threshold"] = float(result["threshold"])
                 # absent for one member (no epistemic part); halt_on epistemic refuses those below
                 record["calibration_epistemic_threshold"] = result["thresholds"].get(keys.ATOMIC_FORCE_STD_EPISTEMIC)
+                record["calibration_relative_threshold"] = result["thresholds"].get(keys.ATOMIC_FORCE_STD_RELATIVE)
                 times["calibrate"] = time.perf_counter() - started
                 record["calibrated"] = True
                 save_state()
@@ -203,14 +207,15 @@ def run_on_the_fly(config: ActiveConfig, progress: bool = True, oracle: Optional
             started = time.perf_counter()
             posterior = load_posterior(deployed_posterior, dtype=dtype)
             posterior.eval()
-            if md.halt_on == "epistemic" and len(posterior.members) < 2:
-                raise ConfigError(f"md.halt_on 'epistemic' needs a posterior of 2 or more members; round "
+            if md.halt_on != "total" and len(posterior.members) < 2:
+                raise ConfigError(f"md.halt_on '{md.halt_on}' needs a posterior of 2 or more members; round "
                                   f"{round_index}'s has 1 (its epistemic σ is 0): use halt_on 'total'")
             fixed = config.threshold if round_index == 0 else state["rounds"][0]["threshold"]
-            if md.halt_on == "epistemic":
-                # the deployable keeps its own total-σ threshold; the segment halts on τ_epi
+            if md.halt_on != "total":
+                # the deployable keeps its own total-σ threshold; the segment halts on this σ's τ
                 export_posterior(posterior, model_path)
-                record["threshold"] = float(fixed if fixed is not None else record["calibration_epistemic_threshold"])
+                record["threshold"] = float(fixed if fixed is not None
+                                            else record[f"calibration_{md.halt_on}_threshold"])
             else:
                 thresholds = None if fixed is None else {"atomic_force_std": float(fixed)}
                 metadata = export_posterior(posterior, model_path, thresholds=thresholds)
@@ -235,7 +240,7 @@ def run_on_the_fly(config: ActiveConfig, progress: bool = True, oracle: Optional
                 start_step = int(previous["restart_step"])
                 start_text = (out / f"round_{round_index - 1}" / MD_DIR / previous["restart_file"]).read_text()
             say(f"round {round_index}/{config.n_rounds}: MD from step {start_step} to {md.n_steps}, halting at "
-                f"max {md.halt_on} force σ > {threshold:.4g} eV/Å")
+                f"max {md.halt_on} force σ > {threshold:.4g}{SIGMA_UNITS[md.halt_on]}")
             started = time.perf_counter()
             segment = run_md_segment(model_path, type_names, md, threshold, segment_dir, start_text, start_step,
                                      first_segment=round_index == 0, molecule=molecule,
@@ -271,7 +276,7 @@ def run_on_the_fly(config: ActiveConfig, progress: bool = True, oracle: Optional
                           trace=[[a.info[MD_STEP], a.info[MAX_SIGMA]] for a in atoms_list], md_done=True)
             save_state()
             say(f"round {round_index}: MD reached step {record['step_reached']}"
-                f"{' (halted)' if record['halted'] else ''}; max σ {record['max_sigma']:.4g} eV/Å, "
+                f"{' (halted)' if record['halted'] else ''}; max σ {record['max_sigma']:.4g}{SIGMA_UNITS[md.halt_on]}, "
                 f"{len(candidates)} candidates")
         write_otf_log(config, state)
         if not record["halted"]:
@@ -368,7 +373,8 @@ def write_otf_log(config: ActiveConfig, state: Dict[str, Any]) -> Dict[str, Any]
             continue
         rounds.append({key: record.get(key) for key in ("round", "start_step", "step_reached", "halted", "restart_step",
                                                         "max_sigma", "threshold", "calibration_threshold",
-                                                        "calibration_epistemic_threshold", "n_frames", "n_candidates",
+                                                        "calibration_epistemic_threshold",
+                                                        "calibration_relative_threshold", "n_frames", "n_candidates",
                                                         "n_pooled_candidates", "selected", "n_labels", "time_s",
                                                         "trace", "look_ahead_reached", "look_ahead_stopped",
                                                         "n_look_ahead_candidates", "look_ahead_trace")})
@@ -398,7 +404,8 @@ def _plot_sigma_trace(log: Dict[str, Any], path: Path) -> None:
             ahead = np.asarray([trace[-1]] + list(record["look_ahead_trace"]), dtype=np.float64)
             axis.plot(ahead[:, 0], ahead[:, 1], lw=0.8, ls=":", color=line.get_color())
     axis.set_xlabel("MD step (cumulative)")
-    axis.set_ylabel(f"max {log.get('halt_on', 'total')} atomic force σ (eV/Å)")
+    halt_on = log.get("halt_on", "total")
+    axis.set_ylabel(f"max {halt_on} atomic force σ" + (f" ({SIGMA_UNITS[halt_on].strip()})" if halt_on != "relative" else ""))
     axis.set_title(f"on-the-fly AL: {log['status']}, step {log['final_step']} of {log['n_steps']} (× = halt, "
                    f"-- = threshold" + (", ⋯ = look-ahead" if log.get("look_ahead") else "") + ")", fontsize=9)
     if log["rounds"]:

@@ -44,6 +44,7 @@ from ._posterior import (
     aggregate_members,
     load_posterior,
     read_posterior_record,
+    relative_force_std,
     save_posterior,
     update_posterior_file,
 )
@@ -73,6 +74,7 @@ __all__ = [
     "mean_epistemic_force_std",
     "predictive_covariance",
     "read_posterior_record",
+    "relative_force_std",
     "sample_last_layer_weights",
     "sample_members",
     "save_posterior",

@@ -61,8 +61,10 @@ _PART_MAP_FIELDS = {
 }
 _ALL_MAP_FIELDS = tuple(name for fields in _PART_MAP_FIELDS.values() for name in fields)
 # extrapolation thresholds: of the max atomic force σ (required in a deployable), and optionally
-# of the max epistemic force σ and of the epistemic energy σ per atom (compute bayesrace 1, 6, 7)
-_THRESHOLD_FIELDS = (keys.ATOMIC_FORCE_STD, keys.ATOMIC_FORCE_STD_EPISTEMIC, keys.ENERGY_STD_EPISTEMIC_PER_ATOM)
+# of the max epistemic force σ, of the epistemic energy σ per atom and of the max relative
+# epistemic force σ (compute bayesrace 1, 6, 7, 8)
+_THRESHOLD_FIELDS = (keys.ATOMIC_FORCE_STD, keys.ATOMIC_FORCE_STD_EPISTEMIC, keys.ENERGY_STD_EPISTEMIC_PER_ATOM,
+                     keys.ATOMIC_FORCE_STD_RELATIVE)
 
 Array = Union[np.ndarray, torch.Tensor]
 

@@ -25,6 +25,7 @@ import dataclasses
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional
 
+import numpy as np
 import torch
 
 from .. import keys
@@ -68,6 +69,14 @@ def aggregate_members(
         keys.MEMBER_ENERGY: member_energy,
         keys.MEMBER_FORCES: member_forces,
     }
+
+
+def relative_force_std(prediction: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Per-atom epistemic force σ relative to the mean force, σ_F,epi,i / (|F_i| + L) with L =
+    ``keys.RELATIVE_FORCE_LEVEL`` (unit-free; ``compute bayesrace/atom`` column 6)."""
+    magnitude = np.linalg.norm(np.asarray(prediction[keys.FORCES], dtype=np.float64), axis=-1)
+    return np.asarray(prediction[keys.ATOMIC_FORCE_STD_EPISTEMIC], dtype=np.float64) / (
+        magnitude + keys.RELATIVE_FORCE_LEVEL)
 
 
 class Posterior(torch.nn.Module):

@@ -7,8 +7,10 @@ A segment lives in its own folder: ``start.data`` in, ``in.md`` its input, ``log
 thermostat, damping, timestep, dump_every, n_steps, ranks, halt_on).
 
 ``md.halt_on`` chooses the σ that halts: ``total`` (epistemic and aleatoric together: the max
-is ``c_ug[1]``, the per-atom σ column 1 of ``compute bayesrace/atom``) or ``epistemic`` (the
-members' disagreement: ``c_ug[6]``, column 2). Both per-atom columns are dumped either way.
+is ``c_ug[1]``, the per-atom σ column 1 of ``compute bayesrace/atom``), ``epistemic`` (the
+members' disagreement: ``c_ug[6]``, column 2) or ``relative`` (that σ relative to the force,
+σ_epi,i / (|F_i| + 1 eV/Å), unit-free: ``c_ug[8]``, column 6). All three per-atom columns are
+dumped either way.
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ RESTART_DATA = "restart.data"  # the next segment's start when it is not end.dat
 DUMP_FILE = "frames.dump"
 # each σ a segment can halt on: its per-atom dump column (compute bayesrace/atom) and its
 # maximum over the atoms (compute bayesrace)
-HALT_COLUMNS = {"total": "c_u[1]", "epistemic": "c_u[2]"}
-HALT_MAXIMA = {"total": "c_ug[1]", "epistemic": "c_ug[6]"}
+HALT_COLUMNS = {"total": "c_u[1]", "epistemic": "c_u[2]", "relative": "c_u[6]"}
+HALT_MAXIMA = {"total": "c_ug[1]", "epistemic": "c_ug[6]", "relative": "c_ug[8]"}
 
 
 def halting_column(md) -> str:
@@ -47,7 +49,7 @@ def frame_max_sigma(frame: Dict[str, Any], column: str = HALT_COLUMNS["total"]) 
 def md_input_text(model_path, type_names: Sequence[str], md, threshold: float, start_step: int,
                   first_segment: bool, molecule: bool, segment_seed: int, plugin_load: Optional[str] = None) -> str:
     """The LAMMPS input of one segment: read ``start.data``, continue at ``start_step``, dump
-    every ``md.dump_every`` steps (id type xu yu zu vx vy vz σ_i σ_epi,i), halt when the max of
+    every ``md.dump_every`` steps (id type xu yu zu vx vy vz σ_i σ_epi,i σ_rel,i), halt when the max of
     the σ ``md.halt_on`` names > threshold, ``run n_steps upto``, ``write_data end.data``."""
     number = lammps_number
     every = int(md.dump_every)
@@ -76,10 +78,10 @@ def md_input_text(model_path, type_names: Sequence[str], md, threshold: float, s
     lines += [
         f"timestep {number(md.timestep)}",
         f"thermo {every}",
-        # both maxima (total, epistemic); fix halt reads the one md.halt_on names (v_maxsig)
-        "thermo_style custom step temp pe etotal c_ug[1] c_ug[6]",
+        # every maximum (total, epistemic, relative); fix halt reads the one md.halt_on names (v_maxsig)
+        "thermo_style custom step temp pe etotal c_ug[1] c_ug[6] c_ug[8]",
         "thermo_modify format float %.10g",
-        f"dump frames all custom {every} {DUMP_FILE} id type xu yu zu vx vy vz c_u[1] c_u[2]",
+        f"dump frames all custom {every} {DUMP_FILE} id type xu yu zu vx vy vz c_u[1] c_u[2] c_u[6]",
         "dump_modify frames sort id format float %.17g",
         # soft: the run ends normally at the halting step (its frame is dumped first)
         f"fix halt all halt {every} v_maxsig > {number(threshold)} error soft",

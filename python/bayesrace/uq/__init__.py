@@ -16,6 +16,7 @@ from ._calibration import (
     extrapolation_threshold,
     fit_calibration,
     fit_std_map,
+    relative_extrapolation_threshold,
     uncertainty_metrics,
 )
 from ._evaluate import evaluate_sets
@@ -36,6 +37,7 @@ from ._metrics import (
 )
 from ._ood import OOD_SCORES, THRESHOLD_SCORES, flagged_fractions, ood_aurocs, ood_scores
 from ._plots import PLOT_FILES
+from ..bayes import relative_force_std
 from ._predict import energy_std, predict_frames, reference_key
 from ._report import format_summary, format_table
 from ._set_metrics import METRIC_UNITS, set_metrics
@@ -54,10 +56,12 @@ __all__ = [
     "describe_calibration",
     "ence",
     "energy_std",
+    "relative_force_std",
     "error_summary",
     "evaluate_sets",
     "energy_extrapolation_threshold",
     "extrapolation_threshold",
+    "relative_extrapolation_threshold",
     "fit_calibration",
     "fit_std_map",
     "format_summary",

@@ -18,6 +18,7 @@ from ..bayes import (
     CalibrationError,
     calibrate_prediction,
     load_posterior,
+    relative_force_std,
     update_posterior_file,
     validate_calibration,
     validate_std_map,
@@ -178,6 +179,15 @@ def energy_extrapolation_threshold(prediction_calibrated: Mapping[str, np.ndarra
     return extrapolation_rule(per_atom, quantile, factor)
 
 
+def relative_extrapolation_threshold(prediction_calibrated: Mapping[str, np.ndarray], quantile: float = 0.99,
+                                     factor: float = 1.5) -> float:
+    """``extrapolation_threshold`` of the calibrated epistemic force σ relative to the force
+    (``relative_force_std``, unit-free; ``compute bayesrace`` column 8)."""
+    relative = dict(prediction_calibrated)
+    relative[keys.ATOMIC_FORCE_STD_RELATIVE] = relative_force_std(prediction_calibrated)
+    return extrapolation_threshold(relative, quantile, factor, keys.ATOMIC_FORCE_STD_RELATIVE)
+
+
 def uncertainty_metrics(prediction: Mapping[str, np.ndarray]) -> Dict[str, float]:
     """NLL, miscalibration area and ENCE (≤ 10 bins) for forces (per component, σ = σ_F,i,
     eV/Å) and energies (per structure, eV), where references exist and every σ is positive,
@@ -251,6 +261,8 @@ def calibrate_posterior_file(
                                                                  keys.ATOMIC_FORCE_STD_EPISTEMIC),
         keys.ENERGY_STD_EPISTEMIC_PER_ATOM: energy_extrapolation_threshold(calibrated, threshold_quantile,
                                                                            threshold_factor),
+        keys.ATOMIC_FORCE_STD_RELATIVE: relative_extrapolation_threshold(calibrated, threshold_quantile,
+                                                                         threshold_factor),
     }
     # one member has no epistemic part: no threshold for it
     thresholds = {keys.ATOMIC_FORCE_STD: threshold, **{k: v for k, v in epistemic.items() if v > 0.0}}

@@ -8,6 +8,7 @@ import numpy as np
 
 from .. import keys
 from ._metrics import auroc
+from ..bayes import relative_force_std
 from ._predict import energy_std
 
 # per-structure OOD scores (larger = more likely out of distribution): name -> (label, unit)
@@ -19,6 +20,9 @@ OOD_SCORES: Dict[str, tuple] = {
     # but unfamiliar geometries (a torsion scan) can have a small total σ and a large epistemic one
     "energy_sigma_epistemic_meV_per_atom": ("σ_E,epi / N", "meV/atom"),
     "max_atomic_force_sigma_epistemic_eV_per_A": ("max_i σ_F,i,epi", "eV/Å"),
+    # relative to the force (keys.RELATIVE_FORCE_LEVEL): hot but known geometries have larger
+    # forces and proportionally larger σ's; this tells them from novel ones
+    "max_relative_force_sigma_epistemic": ("max_i σ_F,i,epi/(|F_i|+L)", "1"),
 }
 
 
@@ -27,6 +31,7 @@ THRESHOLD_SCORES: Dict[str, str] = {
     "max_atomic_force_sigma_eV_per_A": "c_ug[1]",
     "max_atomic_force_sigma_epistemic_eV_per_A": "c_ug[6]",
     "energy_sigma_epistemic_meV_per_atom": "c_ug[7]",  # LAMMPS: eV/atom
+    "max_relative_force_sigma_epistemic": "c_ug[8]",
 }
 
 
@@ -42,7 +47,7 @@ def ood_scores(prediction: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
     """Per-structure scores [B] of ``OOD_SCORES`` from the σ's in ``prediction`` (calibrated
     or not, as given): energy σ per atom 1000·σ_E,b / N_b (meV/atom), and the largest and
     the mean atomic force σ_F,i over the atoms of structure b (eV/Å); and the epistemic
-    energy σ per atom and largest epistemic atomic force σ."""
+    energy σ per atom and largest epistemic atomic force σ, absolute and relative to the force."""
     num_atoms = prediction[keys.NUM_ATOMS].astype(np.int64)
     batch = prediction[keys.BATCH].astype(np.int64)
 
@@ -60,6 +65,7 @@ def ood_scores(prediction: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
         "energy_sigma_epistemic_meV_per_atom": 1000.0 * energy_std(prediction, "epistemic") / num_atoms,
         "max_atomic_force_sigma_epistemic_eV_per_A": largest_per_structure(
             prediction[keys.ATOMIC_FORCE_STD_EPISTEMIC]),
+        "max_relative_force_sigma_epistemic": largest_per_structure(relative_force_std(prediction)),
     }
 
 
