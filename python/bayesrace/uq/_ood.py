@@ -22,7 +22,7 @@ OOD_SCORES: Dict[str, tuple] = {
     "max_atomic_force_sigma_epistemic_eV_per_A": ("max_i σ_F,i,epi", "eV/Å"),
     # relative to the force (keys.RELATIVE_FORCE_LEVEL): hot but known geometries have larger
     # forces and proportionally larger σ's; this tells them from novel ones
-    "max_relative_force_sigma_epistemic": ("max_i σ_F,i,epi/(|F_i|+L)", "1"),
+    "max_relative_force_sigma_epistemic": ("max_i σ_F,i,epi/(‖F_i‖+L)", "1"),
 }
 
 
