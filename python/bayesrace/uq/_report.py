@@ -139,7 +139,8 @@ def _flagged_lines(flagged) -> List[str]:
     if not flagged or not flagged["thresholds"]:
         return []
     names = list(flagged["thresholds"])
-    headers = [f"{OOD_SCORES[n][0]} > {_format_value(flagged['thresholds'][n])} {OOD_SCORES[n][1]} ({THRESHOLD_SCORES[n]})"
+    units = {n: "" if OOD_SCORES[n][1] == "1" else f" {OOD_SCORES[n][1]}" for n in names}  # "1": unit-free
+    headers = [f"{OOD_SCORES[n][0]} > {_format_value(flagged['thresholds'][n])}{units[n]} ({THRESHOLD_SCORES[n]})"
                for n in names]
     lines = ["Fraction of structures over the stored thresholds (recalibrated σ's; each threshold 1.5 × the 0.99 "
              "quantile of its score on the calibration set, as `bayesrace calibrate` stores them; the LAMMPS "
