@@ -230,8 +230,14 @@ def free_runs(otf_dir: Path, log: dict, args, data: dict, runs: Path) -> list:
     return results
 
 
+def _sigma_unit(info: dict) -> str:
+    """The unit of the halting σ: eV/Å, or none for md.halt_on relative (σ_epi / (|F| + 1 eV/Å))."""
+    return "" if info.get("halt_on") == "relative" else " eV/Å"
+
+
 def write_report(out: Path, log: dict, evaluation: dict, info: dict) -> None:
     rounds = log["rounds"]
+    unit = f" [{_sigma_unit(info).strip()}]" if _sigma_unit(info) else " (unit-free)"
     lines = ["# On-the-fly active learning: PSB3, 300 K model, hot Langevin MD", ""]
     lines += [f"Command: `{info['command']}`  ", f"Wall time of that invocation before its validation runs: {info['wall_s']:.0f} s (on-the-fly "
               f"loop {info['otf_s']:.0f} s); base training "
@@ -255,7 +261,7 @@ def write_report(out: Path, log: dict, evaluation: dict, info: dict) -> None:
                  f"(`md.look_ahead`)." if info.get("look_ahead") else "")
               + (" The halting frame is always one of the labels (`label_halting_frame`)."
                  if info.get("label_halting_frame") else ""), ""]
-    lines += ["| round | start step | halt step / completed | restart step | max σ [eV/Å] | threshold τ [eV/Å] | "
+    lines += [f"| round | start step | halt step / completed | restart step | max σ{unit} | threshold τ{unit} | "
               "candidates (look-ahead) | labels added | training frames | train s | calib s | export s | MD s | select s | label s |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rounds:
@@ -282,7 +288,7 @@ def write_report(out: Path, log: dict, evaluation: dict, info: dict) -> None:
     if info.get("validation"):
         lines += [f"Validation: fresh {info['steps']}-step runs at {info['temperature']:.0f} K from the start structure "
                   "(new velocities and Langevin seed), same τ, no labelling:", "",
-                  "| model | seed | result | max σ [eV/Å] | τ [eV/Å] |", "|---|---|---|---|---|"]
+                  f"| model | seed | result | max σ{unit} | τ{unit} |", "|---|---|---|---|---|"]
         for v in info["validation"]:
             result = f"halt @ {v['step_reached']}" if v["halted"] else f"completed {v['step_reached']} steps"
             lines.append(f"| round {v['round']} | {v['seed']} | {result} | {v['max_sigma']:.4f} | {v['threshold']:.4f} |")
@@ -290,7 +296,7 @@ def write_report(out: Path, log: dict, evaluation: dict, info: dict) -> None:
     if info.get("free"):
         lines += [f"Unhalted runs: {info['free_steps']} steps at {info['temperature']:.0f} K from the start structure "
                   "with no halt, each dumped frame's max σ against τ:", "",
-                  "| model | seed | steps run | checks | over τ | first over τ at step | median max σ [eV/Å] | τ [eV/Å] |",
+                  f"| model | seed | steps run | checks | over τ | first over τ at step | median max σ{unit} | τ{unit} |",
                   "|---|---|---|---|---|---|---|---|"]
         for v in info["free"]:
             ran = f"{v['steps']}" + (f" ({v['failure']})" if v.get("failure") else "")
@@ -314,7 +320,7 @@ def findings(log: dict, evaluation: dict, info: dict) -> list:
         text.append(f"- The final segment (round {last['round']}, steps {last['start_step']}–{last['step_reached']}, "
                     f"{last['step_reached'] - last['start_step']} steps = "
                     f"{0.5e-3 * (last['step_reached'] - last['start_step']):.2f} ps) completed without a halt "
-                    f"(max σ {last['max_sigma']:.4f} < τ {last['threshold']:.4f} eV/Å).")
+                    f"(max σ {last['max_sigma']:.4f} < τ {last['threshold']:.4f}{_sigma_unit(info)}).")
     else:
         text.append(f"- The loop did NOT complete: status `{log['status']}`, last segment ended at step "
                     f"{last['step_reached']} of {info['steps']} ({'halted' if last['halted'] else 'not halted'}).")
@@ -339,7 +345,7 @@ def findings(log: dict, evaluation: dict, info: dict) -> list:
                     f"error drop is extra training ({info['round_epochs'] * (len(rounds) - 1)} epochs in all), not only "
                     f"the labels.")
         if not log["status"] == "completed" and last["max_sigma"] > 5 * last["threshold"]:
-            text.append(f"- At the last halt the max σ ({last['max_sigma']:.2f} eV/Å) is {last['max_sigma'] / last['threshold']:.0f}× τ: "
+            text.append(f"- At the last halt the max σ ({last['max_sigma']:.2f}{_sigma_unit(info)}) is {last['max_sigma'] / last['threshold']:.0f}× τ: "
                         f"the trajectory is leaving the physical region, not being pulled back by the labels.")
     text.append("- One on-the-fly run (one seed): the halts and the error change are one sample, not an average.")
     return text
