@@ -231,8 +231,10 @@ def free_runs(otf_dir: Path, log: dict, args, data: dict, runs: Path) -> list:
 
 
 def _sigma_unit(info: dict) -> str:
-    """The unit of the halting σ: eV/Å, or none for md.halt_on relative (σ_epi / (|F| + 1 eV/Å))."""
-    return "" if info.get("halt_on") == "relative" else " eV/Å"
+    """" eV/Å", or "" for the unit-free σ of md.halt_on relative."""
+    from bayesrace.active._onthefly import SIGMA_UNITS
+
+    return SIGMA_UNITS[info.get("halt_on", "total")]
 
 
 def write_report(out: Path, log: dict, evaluation: dict, info: dict) -> None:

@@ -10,9 +10,8 @@ Round r = 0 .. n_rounds (``<out>/round_<r>``):
 3. export ``model.pt``; halting threshold τ = ``threshold`` if given, else round 0's deployable's
    own ``thresholds.atomic_force_std`` (from its calibration record) or, with ``md.halt_on:
    epistemic`` / ``relative``, the same rule on round 0's calibrated epistemic σ / that σ over
-   (|F_i| + 1 eV/Å), kept for every later round:
-   a criterion recomputed each round would tighten as the model improves in distribution, and
-   the loop could never end;
+   (|F_i| + 1 eV/Å), kept for every later round so that every round answers to one criterion
+   (what that costs, measured: bench/results/al_otf/sigma_levels);
 4. an MD segment (``round_<r>/md``): LAMMPS with ``pair_style bayesrace`` from the previous
    segment's restart point or, in round 0, from ``md.structure`` with Maxwell–Boltzmann
    velocities; the step counter continues via ``reset_timestep``. Every ``md.dump_every`` steps
@@ -405,7 +404,8 @@ def _plot_sigma_trace(log: Dict[str, Any], path: Path) -> None:
             axis.plot(ahead[:, 0], ahead[:, 1], lw=0.8, ls=":", color=line.get_color())
     axis.set_xlabel("MD step (cumulative)")
     halt_on = log.get("halt_on", "total")
-    axis.set_ylabel(f"max {halt_on} atomic force σ" + (f" ({SIGMA_UNITS[halt_on].strip()})" if halt_on != "relative" else ""))
+    unit = SIGMA_UNITS[halt_on].strip()
+    axis.set_ylabel(f"max {halt_on} atomic force σ" + (f" ({unit})" if unit else ""))
     axis.set_title(f"on-the-fly AL: {log['status']}, step {log['final_step']} of {log['n_steps']} (× = halt, "
                    f"-- = threshold" + (", ⋯ = look-ahead" if log.get("look_ahead") else "") + ")", fontsize=9)
     if log["rounds"]:

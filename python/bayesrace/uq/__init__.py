@@ -8,6 +8,7 @@ Modules: ``_predict`` (predictions over frames), ``_metrics`` (metrics on arrays
 the report folder) and ``_plots`` (its figures).
 """
 
+from ..bayes import relative_force_std
 from ._calibration import (
     check_threshold_settings,
     calibrate_posterior_file,
@@ -37,7 +38,6 @@ from ._metrics import (
 )
 from ._ood import OOD_SCORES, THRESHOLD_SCORES, flagged_fractions, ood_aurocs, ood_scores
 from ._plots import PLOT_FILES
-from ..bayes import relative_force_std
 from ._predict import energy_std, predict_frames, reference_key
 from ._report import format_summary, format_table
 from ._set_metrics import METRIC_UNITS, set_metrics

@@ -7,8 +7,8 @@ from typing import Dict, Mapping, Sequence
 import numpy as np
 
 from .. import keys
-from ._metrics import auroc
 from ..bayes import relative_force_std
+from ._metrics import auroc
 from ._predict import energy_std
 
 # per-structure OOD scores (larger = more likely out of distribution): name -> (label, unit)
