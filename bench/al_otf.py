@@ -121,7 +121,10 @@ def al_config(args, data: dict, posterior: Path, runs: Path) -> dict:
         "posterior": str(posterior),
         "valid": str(data["valid"]),
         "calibration_method": args.calibration,
-        "threshold": None,  # round 0's own (1.5 × q0.99 of the 300 K validation max calibrated σ), kept fixed
+        # calibration: round 0's own (1.5 × q0.99 of the 300 K validation max calibrated σ), kept fixed;
+        # control: each round's own, margin × the largest σ of an unhalted control run at 300 K
+        "threshold": None,
+        "threshold_from": args.threshold_from,
         "candidate_fraction": 0.5,
         "strategy": "bald_f",
         "batch_size": args.batch_size,
@@ -134,7 +137,9 @@ def al_config(args, data: dict, posterior: Path, runs: Path) -> dict:
         "md": {"structure": str(data["start"]), "box": 40.0, "temperature": args.temperature,
                "thermostat": "langevin", "damping": 0.1, "timestep": 0.0005, "n_steps": args.steps,
                "dump_every": args.dump_every, "seed": 1, "ranks": 1, "restart_from": "last_trusted",
-               "halt_on": args.halt_on, "look_ahead": args.look_ahead, "look_ahead_limit": args.look_ahead_limit},
+               "halt_on": args.halt_on, "look_ahead": args.look_ahead, "look_ahead_limit": args.look_ahead_limit,
+               "control_temperature": args.control_temperature, "control_steps": args.control_steps,
+               "control_margin": args.control_margin},
     }
     return config
 
@@ -178,15 +183,20 @@ def _first_and_last_models(otf_dir: Path, log: dict):
         yield r, model, list(read_metadata(model)["type_names"])
 
 
+def _round_threshold(log: dict, round_index: int) -> float:
+    """The τ round ``round_index`` halted at (round 0's for every round unless --threshold-from control)."""
+    return next(r["threshold"] for r in log["rounds"] if r["round"] == round_index)
+
+
 def validation_runs(otf_dir: Path, log: dict, args, data: dict, runs: Path) -> list:
     """Fresh MD runs of the full length from the start structure (new velocities and Langevin
     seeds) with the round-0 and the final deployable at the loop's threshold: does each halt?"""
     from bayesrace.lammps import lammps_data_text, run_md_segment
 
     md, start = _fresh_md(args, data, args.steps)
-    threshold = log["rounds"][0]["threshold"]
     results = []
     for r, model, type_names in _first_and_last_models(otf_dir, log):
+        threshold = _round_threshold(log, r)
         for seed in args.validation_seeds:
             segment = run_md_segment(model, type_names, md, threshold, runs / "validation" / f"round{r}_seed{seed}",
                                      lammps_data_text(start, type_names, md.box), 0, first_segment=True,
@@ -207,9 +217,9 @@ def free_runs(otf_dir: Path, log: dict, args, data: dict, runs: Path) -> list:
     from bayesrace.lammps._segment import DUMP_FILE
 
     md, start = _fresh_md(args, data, args.free_steps)
-    threshold = log["rounds"][0]["threshold"]
     results = []
     for r, model, type_names in _first_and_last_models(otf_dir, log):
+        threshold = _round_threshold(log, r)
         seed = args.validation_seeds[0]
         workdir = runs / "free" / f"round{r}"
         failure = None
@@ -237,6 +247,18 @@ def _sigma_unit(info: dict) -> str:
     return SIGMA_UNITS[info.get("halt_on", "total")]
 
 
+def _threshold_text(info: dict) -> str:
+    halt_on, calibration = info.get("halt_on", "total"), info.get("calibration", "isotonic")
+    if info.get("threshold_from") == "control":
+        return (f"Threshold τ: each round's own, {info['control_margin']:g} × the largest {halt_on} force σ of an "
+                f"unhalted {info['control_steps']}-step control run of that round's model at "
+                f"{info['control_temperature']:g} K from the start structure (`threshold_from: control`; each "
+                f"round's posterior is recalibrated, {calibration}, on the 300 K validation set first).")
+    return (f"Threshold τ: round 0's own (1.5 × q0.99 of the max calibrated {halt_on} force σ on the 300 K "
+            f"validation set; the MD halts on that σ), kept for every round (each round's posterior is still "
+            f"recalibrated, {calibration}, on that set).")
+
+
 def write_report(out: Path, log: dict, evaluation: dict, info: dict) -> None:
     rounds = log["rounds"]
     unit = f" [{_sigma_unit(info).strip()}]" if _sigma_unit(info) else " (unit-free)"
@@ -252,10 +274,8 @@ def write_report(out: Path, log: dict, evaluation: dict, info: dict) -> None:
               f"warm-started (lr {info.get('round_lr') or info['lr']}, each acquired frame ×{info.get('acquired_repeats', 1)}). "
               f"Oracle: tblite GFN2-xTB, charge +1. "
               f"MD: LAMMPS `pair_style bayesrace`, Langevin {info['temperature']:.0f} K (damping 0.1 ps), 0.5 fs, "
-              f"{info['steps']} steps in total, dump/halt check every {info['dump_every']} steps. Threshold τ: round 0's "
-              f"own (1.5 × q0.99 of the max calibrated {info.get('halt_on', 'total')} force σ on the 300 K validation "
-              f"set; the MD halts on that σ), kept for every round (each round's posterior is still recalibrated, "
-              f"{info.get('calibration', 'isotonic')}, on that set). Labels per halt: "
+              f"{info['steps']} steps in total, dump/halt check every {info['dump_every']} steps. "
+              + _threshold_text(info) + " Labels per halt: "
               f"{info['batch_size']} (bald_f among the segment's dumped frames with max σ > 0.5 τ). After a halt the "
               f"next segment restarts from the last dumped frame with max σ ≤ τ (`md.restart_from: last_trusted`)."
               + (f" Look-ahead: after each halt {info['look_ahead']} more MD steps from the halting frame (stopping "
@@ -264,15 +284,16 @@ def write_report(out: Path, log: dict, evaluation: dict, info: dict) -> None:
               + (" The halting frame is always one of the labels (`label_halting_frame`)."
                  if info.get("label_halting_frame") else ""), ""]
     lines += [f"| round | start step | halt step / completed | restart step | max σ{unit} | threshold τ{unit} | "
-              "candidates (look-ahead) | labels added | training frames | train s | calib s | export s | MD s | select s | label s |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "candidates (look-ahead) | labels added | training frames | train s | calib s | export s | control s | MD s | "
+              "select s | label s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rounds:
         t = r["time_s"]
         end = f"halt @ {r['step_reached']}" if r["halted"] else f"completed @ {r['step_reached']}"
         restart = r.get("restart_step") if r["halted"] else "–"
         lines.append(f"| {r['round']} | {r['start_step']} | {end} | {restart} | {r['max_sigma']:.4f} | {r['threshold']:.4f} | "
                      f"{r.get('n_candidates', 0)} ({r.get('n_look_ahead_candidates') or 0}) | {r.get('labels_added', 0)} | {r['n_labels']} | {t['train']:.0f} | "
-                     f"{t['calibrate']:.0f} | {t['export']:.0f} | {t['md']:.0f} | {t['select']:.0f} | {t['label']:.0f} |")
+                     f"{t['calibrate']:.0f} | {t['export']:.0f} | {t.get('control', 0):.0f} | {t['md']:.0f} | {t['select']:.0f} | {t['label']:.0f} |")
     lines += ["", "(round 0's train time is the copy of the base posterior; its training is counted above.)", ""]
     if evaluation:
         first, last = min(evaluation), max(evaluation)
@@ -289,7 +310,7 @@ def write_report(out: Path, log: dict, evaluation: dict, info: dict) -> None:
         lines.append("")
     if info.get("validation"):
         lines += [f"Validation: fresh {info['steps']}-step runs at {info['temperature']:.0f} K from the start structure "
-                  "(new velocities and Langevin seed), same τ, no labelling:", "",
+                  "(new velocities and Langevin seed), each model's own τ, no labelling:", "",
                   f"| model | seed | result | max σ{unit} | τ{unit} |", "|---|---|---|---|---|"]
         for v in info["validation"]:
             result = f"halt @ {v['step_reached']}" if v["halted"] else f"completed {v['step_reached']} steps"
@@ -386,6 +407,11 @@ def main(argv=None) -> int:
                         help="label_halting_frame: each halt's frame is always one of the labels")
     parser.add_argument("--validation-seeds", type=int, nargs="+", default=[11, 12, 13],
                         help="Langevin/velocity seeds of the fresh validation runs after the loop")
+    parser.add_argument("--threshold-from", choices=("calibration", "control"), default="calibration",
+                        help="threshold_from: round 0's calibration τ, or each round's control run's")
+    parser.add_argument("--control-temperature", type=float, default=300.0, help="md.control_temperature (K)")
+    parser.add_argument("--control-steps", type=int, default=4000, help="md.control_steps")
+    parser.add_argument("--control-margin", type=float, default=1.25, help="md.control_margin")
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args(argv)
     # absolute: the AL config written into --runs resolves its paths against its own folder

@@ -245,6 +245,11 @@ def test_on_the_fly_halts_on_the_epistemic_sigma_when_asked(otf_run, psb3_small,
         ({"md": {"structure": "s.xyz", "halt_on": "aleatoric"}}, "md.halt_on is 'aleatoric'"),
         ({"md": {"structure": "s.xyz", "halt_on": "epistemic"}}, "md.halt_on 'epistemic' needs 'threshold'"),
         ({"md": {"structure": "s.xyz", "halt_on": "relative"}}, "md.halt_on 'relative' needs 'threshold' \\(unit-free"),
+        ({"threshold_from": "control", "threshold": 0.1, "md": {"structure": "s.xyz", "control_temperature": 300.0}},
+         "either 'threshold' \\(0.1\\) or threshold_from 'control'"),
+        ({"threshold_from": "control", "md": {"structure": "s.xyz"}}, "needs md.control_temperature"),
+        ({"md": {"structure": "s.xyz", "control_margin": 0.5}}, "md.control_margin must be >= 1"),
+        ({"threshold_from": "guess"}, "threshold_from is 'guess'"),
     ],
 )
 def test_on_the_fly_config_errors(tmp_path, change, message):
@@ -296,3 +301,31 @@ def test_on_the_fly_look_ahead_adds_candidates_past_the_halt(otf_run, psb3_small
 
     stopped = run("stopped", look_ahead_limit=1.000001)["rounds"][0]
     assert stopped["look_ahead_stopped"] and stopped["look_ahead_reached"] == 8
+
+
+def test_on_the_fly_threshold_from_a_control_run(otf_run, psb3_small, tmp_path):
+    """threshold_from control: each round runs its own model unhalted at the control temperature
+    (round_<r>/control) and halts its segment at control_margin × that run's largest σ."""
+    from bayesrace.active import active_config_from_dict, run_on_the_fly
+    from bayesrace.lammps import read_dump
+
+    out, _, structure = otf_run
+    md = {"structure": str(structure), "n_steps": 40, "dump_every": 4, "thermostat": "langevin",
+          "temperature": 2000.0, "halt_on": "relative", "control_temperature": 50.0, "control_steps": 12,
+          "control_margin": 1.1}
+    values = _otf_values(psb3_small, tmp_path / "run", structure, posterior=str(out / "round_1" / "posterior.pt"),
+                         threshold=None, threshold_from="control", n_rounds=1, md=md)
+    log = run_on_the_fly(active_config_from_dict(values), progress=False)
+    assert log["threshold_from"] == "control" and len(log["rounds"]) == 2  # round 0 halted at 2000 K
+    for record in log["rounds"]:
+        control = read_dump(tmp_path / "run" / f"round_{record['round']}" / "control" / "frames.dump")
+        largest = max(float(f["columns"]["c_u[6]"].max()) for f in control)
+        assert [f["step"] for f in control] == [0, 4, 8, 12]  # the whole control run: it never halts
+        assert record["control_max_sigma"] == pytest.approx(largest, rel=1e-12)
+        assert record["threshold"] == pytest.approx(1.1 * largest, rel=1e-12)
+        segment = read_dump(tmp_path / "run" / f"round_{record['round']}" / "md" / "frames.dump")
+        over = [f["step"] for f in segment if f["step"] > record["start_step"]  # fix halt checks after steps
+                and float(f["columns"]["c_u[6]"].max()) > record["threshold"]]
+        assert record["halted"] == bool(over) and (not over or record["step_reached"] == over[0])
+    # round 1's model (retrained on the label) has a control run and a threshold of its own
+    assert log["rounds"][0]["threshold"] != log["rounds"][1]["threshold"]

@@ -29,9 +29,10 @@ THERMOSTATS = ("langevin", "nve")
 CALIBRATION_METHODS = ("isotonic", "scalar", "split")
 RESTART_FROM = ("last_trusted", "halt")
 HALT_ON = ("total", "epistemic", "relative")  # bayesrace.lammps.HALT_COLUMNS, spelt out (no torch import here)
+THRESHOLD_FROM = ("calibration", "control")
 # top-level keys that only mode on_the_fly reads, and the ones only mode pool reads
-ON_THE_FLY_KEYS = ("md", "posterior", "valid", "calibration_method", "threshold", "candidate_fraction",
-                   "acquired_repeats")
+ON_THE_FLY_KEYS = ("md", "posterior", "valid", "calibration_method", "threshold", "threshold_from",
+                   "candidate_fraction", "acquired_repeats", "label_halting_frame")
 POOL_KEYS = ("pool", "n_initial", "test")
 
 
@@ -78,6 +79,12 @@ class MDSection:
     # restarts from md.restart_from's frame: nothing of the look-ahead is kept but its candidates.
     look_ahead: NonNegativeInt = 0
     look_ahead_limit: Annotated[Float, Field(gt=1)] = 3.0
+    # threshold_from control: each round, an unhalted run of control_steps steps at
+    # control_temperature (that of the training data) from md.structure with the round's model;
+    # the threshold is control_margin × the largest σ over its dumped frames
+    control_temperature: Optional[Positive] = None  # K
+    control_steps: AtLeastOne = 4000
+    control_margin: Annotated[Float, Field(ge=1)] = 1.25
 
 
 @section
@@ -106,8 +113,12 @@ class ActiveConfig:
     posterior: Optional[Str] = None  # a trained posterior used as round 0 (else round 0 trains on initial)
     valid: Optional[Str] = None  # labelled file: every round's posterior is calibrated on it
     calibration_method: Literal[CALIBRATION_METHODS] = "isotonic"  # isotonic | scalar | split
-    # halting max force σ (eV/Å; unit-free with md.halt_on relative); null: round 0's own, kept fixed
+    # halting max force σ (eV/Å; unit-free with md.halt_on relative); null: from threshold_from
     threshold: Optional[Positive] = None
+    # calibration: round 0's stored threshold (1.5 × q_0.99 of the validation set's largest σ, a bound per
+    # structure), kept for every round; control: each round's own, md.control_margin × the largest σ of
+    # an unhalted control run at the training temperature (a bound per run of that length)
+    threshold_from: Literal[THRESHOLD_FROM] = "calibration"
     # dumped frames with max σ > this × threshold are candidates
     candidate_fraction: Annotated[Float, Field(gt=0, le=1)] = 0.5
     # each acquired frame appears this many times in later rounds' training files: a few new
@@ -154,7 +165,13 @@ class ActiveConfig:
             raise ConfigError(f"md.temperature must be > 0 K (>= 0 with nve), got {md.temperature}")
         if not 1 <= md.dump_every <= md.n_steps:
             raise ConfigError(f"md.dump_every must lie in [1, md.n_steps = {md.n_steps}], got {md.dump_every}")
-        if md.halt_on != "total" and self.threshold is None and self.valid is None:
+        if self.threshold_from == "control":
+            if self.threshold is not None:
+                raise ConfigError(f"give either 'threshold' ({self.threshold}) or threshold_from 'control', not both")
+            if md.control_temperature is None:
+                raise ConfigError("threshold_from 'control' needs md.control_temperature: the temperature (K) of "
+                                  "the training data, where the control run measures the model's own σ")
+        elif md.halt_on != "total" and self.threshold is None and self.valid is None:
             unit = "eV/Å" if md.halt_on == "epistemic" else "unit-free"
             raise ConfigError(f"md.halt_on '{md.halt_on}' needs 'threshold' ({unit}) or 'valid' (the threshold is "
                               f"then 1.5 × q_0.99 of the validation set's largest calibrated {md.halt_on} force σ)")

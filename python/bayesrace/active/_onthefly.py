@@ -11,7 +11,9 @@ Round r = 0 .. n_rounds (``<out>/round_<r>``):
    own ``thresholds.atomic_force_std`` (from its calibration record) or, with ``md.halt_on:
    epistemic`` / ``relative``, the same rule on round 0's calibrated epistemic σ / that σ over
    (|F_i| + 1 eV/Å), kept for every later round so that every round answers to one criterion
-   (what that costs, measured: bench/results/al_otf/sigma_levels);
+   (what that costs, measured: bench/results/al_otf/sigma_levels). With ``threshold_from:
+   control`` instead each round's τ is ``md.control_margin`` × the largest σ of an unhalted
+   control run of its own model at the training temperature (``round_<r>/control``, _control);
 4. an MD segment (``round_<r>/md``): LAMMPS with ``pair_style bayesrace`` from the previous
    segment's restart point or, in round 0, from ``md.structure`` with Maxwell–Boltzmann
    velocities; the step counter continues via ``reset_timestep``. Every ``md.dump_every`` steps
@@ -67,6 +69,7 @@ from ..lammps import (
     run_md_segment,
 )
 from ._config import ActiveConfig, round_training_config
+from ._control import CONTROL_DIR, control_threshold
 from ._oracles import Oracle, label_structures, make_oracle
 from ._rounds import Display, open_state, train_round
 from ._store import (
@@ -102,7 +105,9 @@ def _fingerprint(config: ActiveConfig) -> Dict[str, Any]:
                 strategy=config.strategy, batch_size=config.batch_size, batch_aware=config.batch_aware,
                 warm_start=config.warm_start, structure=md.structure, structure_sha256=digest(md.structure),
                 box=md.box, temperature=md.temperature, thermostat=md.thermostat, damping=md.damping,
-                timestep=md.timestep, dump_every=md.dump_every, md_seed=md.seed, restart_from=md.restart_from)
+                timestep=md.timestep, dump_every=md.dump_every, md_seed=md.seed, restart_from=md.restart_from,
+                threshold_from=config.threshold_from, control=[md.control_temperature, md.control_steps,
+                                                               md.control_margin])
 
 
 def _frames_from_atoms(atoms_list):
@@ -210,7 +215,9 @@ def run_on_the_fly(config: ActiveConfig, progress: bool = True, oracle: Optional
                 raise ConfigError(f"md.halt_on '{md.halt_on}' needs a posterior of 2 or more members; round "
                                   f"{round_index}'s has 1 (its epistemic σ is 0): use halt_on 'total'")
             fixed = config.threshold if round_index == 0 else state["rounds"][0]["threshold"]
-            if md.halt_on != "total":
+            if config.threshold_from == "control":
+                export_posterior(posterior, model_path)  # τ: the control run's, below
+            elif md.halt_on != "total":
                 # the deployable keeps its own total-σ threshold; the segment halts on this σ's τ
                 export_posterior(posterior, model_path)
                 record["threshold"] = float(fixed if fixed is not None
@@ -222,12 +229,21 @@ def run_on_the_fly(config: ActiveConfig, progress: bool = True, oracle: Optional
             times["export"] = time.perf_counter() - started
             record["exported"] = True
             save_state()
-        threshold = record["threshold"]
         type_names = list(read_metadata(model_path)["type_names"])
         cutoff = float(read_metadata(model_path)["cutoff"])
         if molecule and md.box - np.ptp(start_atoms.positions, axis=0).max() <= cutoff:
             raise ConfigError(f"md.box = {md.box} Å is too small: it must exceed the molecule's size + the "
                               f"cutoff ({cutoff} Å) so that periodic images do not interact")
+        if config.threshold_from == "control" and not record.get("control_done"):
+            say(f"round {round_index}/{config.n_rounds}: control run, {md.control_steps} steps at "
+                f"{md.control_temperature:g} K")
+            started = time.perf_counter()
+            record.update(control_threshold(model_path, type_names, md, round_dir / CONTROL_DIR, start_atoms,
+                                            molecule, md.seed + SEED_STRIDE * round_index + 3))
+            times["control"] = time.perf_counter() - started
+            record["control_done"] = True
+            save_state()
+        threshold = record["threshold"]
 
         # 4. the MD segment
         segment_dir = round_dir / MD_DIR
@@ -373,14 +389,15 @@ def write_otf_log(config: ActiveConfig, state: Dict[str, Any]) -> Dict[str, Any]
         rounds.append({key: record.get(key) for key in ("round", "start_step", "step_reached", "halted", "restart_step",
                                                         "max_sigma", "threshold", "calibration_threshold",
                                                         "calibration_epistemic_threshold",
-                                                        "calibration_relative_threshold", "n_frames", "n_candidates",
+                                                        "calibration_relative_threshold", "control_max_sigma",
+                                                        "control_quantiles", "n_frames", "n_candidates",
                                                         "n_pooled_candidates", "selected", "n_labels", "time_s",
                                                         "trace", "look_ahead_reached", "look_ahead_stopped",
                                                         "n_look_ahead_candidates", "look_ahead_trace")})
         rounds[-1]["labels_added"] = record.get("labels_added", 0)
     log = dict(n_steps=config.md.n_steps, n_rounds=config.n_rounds, strategy=config.strategy,
                halt_on=config.md.halt_on, batch_size=config.batch_size, candidate_fraction=config.candidate_fraction,
-               look_ahead=config.md.look_ahead,
+               look_ahead=config.md.look_ahead, threshold_from=config.threshold_from,
                status=state.get("status", "running"),
                final_step=rounds[-1]["step_reached"] if rounds else 0, rounds=rounds)
     out = Path(config.out)
