@@ -329,3 +329,31 @@ def test_on_the_fly_threshold_from_a_control_run(otf_run, psb3_small, tmp_path):
         assert record["halted"] == bool(over) and (not over or record["step_reached"] == over[0])
     # round 1's model (retrained on the label) has a control run and a threshold of its own
     assert log["rounds"][0]["threshold"] != log["rounds"][1]["threshold"]
+
+
+def test_calibrate_command_sets_thresholds_from_a_control_run(otf_run, psb3_small, tmp_path, capsys):
+    """bayesrace calibrate --control-md: after the calibration, the force σ thresholds become
+    margin × the largest σ of an unhalted control run of the calibrated model; the energy
+    threshold keeps the calibration's rule; missing companions are usage errors."""
+    from bayesrace import cli, keys
+    from bayesrace.bayes import read_posterior_record
+    from bayesrace.lammps import read_dump
+
+    out, _, structure = otf_run
+    posterior, calibrated = out / "round_1" / "posterior.pt", tmp_path / "calibrated.pt"
+    common = ["calibrate", str(posterior), str(psb3_small / "test_id.xyz"), "--out", str(calibrated), "--quiet"]
+    assert cli.main(common + ["--control-md", str(structure)]) == 2
+    assert "--control-md needs --control-temperature" in capsys.readouterr().err
+    assert not calibrated.exists()  # refused before the calibration
+    assert cli.main(common + ["--control-md", str(structure), "--control-temperature", "300",
+                              "--control-steps", "12", "--control-margin", "1.2"]) == 0
+    printed = capsys.readouterr().out
+    thresholds = read_posterior_record(calibrated)["thresholds"]
+    control = read_dump(tmp_path / "calibrated_control" / "control" / "frames.dump")
+    assert [f["step"] for f in control] == [0, 10]  # dumped every 10 steps (at most n_steps)
+    for key, column in ((keys.ATOMIC_FORCE_STD, "c_u[1]"), (keys.ATOMIC_FORCE_STD_EPISTEMIC, "c_u[2]"),
+                        (keys.ATOMIC_FORCE_STD_RELATIVE, "c_u[6]")):
+        assert thresholds[key] == pytest.approx(1.2 * max(float(f["columns"][column].max()) for f in control),
+                                                rel=1e-12)
+        assert f"control threshold {key} = {thresholds[key]:.4g}" in printed
+    assert thresholds[keys.ENERGY_STD_EPISTEMIC_PER_ATOM] > 0  # the calibration's, kept

@@ -28,6 +28,7 @@ from ._config import (
     load_active_config,
     round_training_config,
 )
+from ._control import THRESHOLD_KEYS, control_thresholds
 from ._onthefly import (
     OTF_LOG,
     OTF_PLOT,
@@ -56,11 +57,13 @@ __all__ = [
     "Oracle",
     "OracleSection",
     "STRATEGIES",
+    "THRESHOLD_KEYS",
     "TBLiteOracle",
     "acquisition_scores",
     "active_config_from_dict",
     "bald_energy_scores",
     "bald_force_scores",
+    "control_thresholds",
     "energy_std_scores",
     "gaussian_mi",
     "joint_gaussian_mi",

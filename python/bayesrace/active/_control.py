@@ -1,48 +1,99 @@
-"""The halting threshold of ``threshold_from: control``: a bound per run, not per structure.
+"""Halting thresholds from a control run: a bound per run, not per structure.
 
 The calibration threshold (1.5 × q_0.99 of a validation set's largest σ) bounds how often single
 structures are flagged; an MD run checks thousands of correlated frames, and its largest σ sits in
 a tail a validation set of tens of frames cannot see (measured: bench/results/al_otf/sigma_levels,
 where the round-0 threshold is crossed by the model's own run at its training temperature). The
-control run measures that tail directly: unhalted MD of ``md.control_steps`` steps at
-``md.control_temperature`` (the training data's) from ``md.structure`` with the round's own model;
-τ = ``md.control_margin`` × the largest σ over its dumped frames. A segment then halts only where
-the model is less certain than anywhere in a run of that length where it was trained.
+control run measures that tail directly: unhalted MD of a given length at the training data's
+temperature with the model itself; τ = margin × the largest σ over its dumped frames. A run then
+halts only where the model is less certain than anywhere in a run of that length where it was
+trained.
+
+Used by the on-the-fly loop (``threshold_from: control``, each round's own model) and by
+``bayesrace calibrate --control-md`` (thresholds stored in a posterior for ``fix halt``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 from pathlib import Path
 from typing import Any, Dict, Sequence
 
 import numpy as np
 
-from ..lammps import frame_max_sigma, halting_column, lammps_data_text, run_md_segment
+from .. import keys
+from ..lammps import HALT_COLUMNS, frame_max_sigma, halting_column, lammps_data_text, run_md_segment
 
 CONTROL_DIR = "control"  # a round's control run (same files as an MD segment)
 NEVER_HALT = 1e300  # fix halt's threshold of the control run: it always runs its whole length
+# the stored threshold of each dumped σ column (compute bayesrace/atom columns 1, 2, 6)
+THRESHOLD_KEYS = {"total": keys.ATOMIC_FORCE_STD, "epistemic": keys.ATOMIC_FORCE_STD_EPISTEMIC,
+                  "relative": keys.ATOMIC_FORCE_STD_RELATIVE}
 
 
-def control_threshold(model_path, type_names: Sequence[str], md, workdir: Path, start_atoms, molecule: bool,
-                      seed: int) -> Dict[str, Any]:
-    """Run the control MD in ``workdir``; returns {threshold, control_max_sigma, control_quantiles
-    (q50, q90, q99 of the frames' largest σ), control_frames}."""
+def run_control(model_path, type_names: Sequence[str], md, workdir: Path, start_atoms, molecule: bool,
+                seed: int) -> Dict[str, np.ndarray]:
+    """Unhalted MD of ``md.control_steps`` steps at ``md.control_temperature`` (Langevin) from
+    ``start_atoms`` in ``workdir``; returns each σ's (total, epistemic, relative) largest
+    per-atom value of every dumped frame."""
     control_md = dataclasses.replace(md, temperature=float(md.control_temperature), thermostat="langevin",
                                      n_steps=int(md.control_steps))
     result = run_md_segment(model_path, type_names, control_md, NEVER_HALT, workdir,
                             lammps_data_text(start_atoms, type_names, md.box), 0, first_segment=True,
                             molecule=molecule, segment_seed=seed)
-    column = halting_column(md)
-    sigmas = np.array([frame_max_sigma(f, column) for f in result["frames"]], dtype=np.float64)
-    if sigmas.size == 0 or not np.all(np.isfinite(sigmas)):
-        raise RuntimeError(f"control run in {workdir}: {sigmas.size} dumped frames, "
-                           f"{int(np.sum(~np.isfinite(sigmas)))} with a non-finite σ; expected finite σ's "
-                           f"(see {Path(workdir) / 'log.md'})")
+    maxima = {name: np.array([frame_max_sigma(f, column) for f in result["frames"]], dtype=np.float64)
+              for name, column in HALT_COLUMNS.items()}
+    for name, values in maxima.items():
+        if values.size == 0 or not np.all(np.isfinite(values)):
+            raise RuntimeError(f"control run in {workdir}: {values.size} dumped frames, "
+                               f"{int(np.sum(~np.isfinite(values)))} with a non-finite {name} σ; expected finite "
+                               f"σ's (see {Path(workdir) / 'log.md'})")
+    return maxima
+
+
+def control_threshold(model_path, type_names: Sequence[str], md, workdir: Path, start_atoms, molecule: bool,
+                      seed: int) -> Dict[str, Any]:
+    """The on-the-fly loop's τ for the σ ``md.halt_on`` names: {threshold (``md.control_margin`` ×
+    the control run's largest), control_max_sigma, control_quantiles (q50, q90, q99 over frames)}."""
+    sigmas = run_control(model_path, type_names, md, workdir, start_atoms, molecule, seed)[md.halt_on]
     largest = float(sigmas.max())
     return dict(threshold=float(md.control_margin) * largest, control_max_sigma=largest,
-                control_quantiles=[float(q) for q in np.quantile(sigmas, [0.5, 0.9, 0.99])],
-                control_frames=int(sigmas.size))
+                control_quantiles=[float(q) for q in np.quantile(sigmas, [0.5, 0.9, 0.99])])
 
 
-__all__ = ["control_threshold", "CONTROL_DIR"]
+def control_thresholds(posterior_path, structure, temperature: float, n_steps: int, margin: float,
+                       workdir=None, box: float = 40.0, dump_every: int = 10, timestep: float = 0.0005,
+                       seed: int = 1) -> Dict[str, Any]:
+    """Thresholds for a posterior from a control run of its deployable (exported into
+    ``workdir``, default a temporary folder) at ``temperature`` K for ``n_steps`` steps from the
+    first frame of ``structure`` (no pbc: a molecule centred in a ``box`` Å cell). Returns
+    {thresholds: {stored threshold key: margin × the largest σ} (epistemic and relative only with
+    2 or more members), maxima, quantiles (q50, q99 of each σ over frames), n_frames}."""
+    import ase.io
+
+    from ..bayes import load_posterior
+    from ..export import export_posterior, read_metadata
+    from ._config import MDSection
+
+    start = ase.io.read(structure, index=0)
+    md = MDSection(structure=str(structure), box=box, timestep=timestep, dump_every=min(dump_every, n_steps),
+                   control_temperature=temperature, control_steps=n_steps, control_margin=margin, seed=seed)
+    with tempfile.TemporaryDirectory() as scratch:
+        workdir = Path(workdir) if workdir is not None else Path(scratch)
+        workdir.mkdir(parents=True, exist_ok=True)
+        posterior = load_posterior(posterior_path)
+        posterior.eval()
+        model_path = workdir / "model.pt"
+        export_posterior(posterior, model_path)
+        type_names = list(read_metadata(model_path)["type_names"])
+        maxima = run_control(model_path, type_names, md, workdir / CONTROL_DIR, start, not any(start.pbc), seed)
+    members = len(posterior.members)
+    thresholds = {THRESHOLD_KEYS[name]: float(margin * values.max()) for name, values in maxima.items()
+                  if name == "total" or members > 1}
+    return dict(thresholds=thresholds, maxima={name: float(v.max()) for name, v in maxima.items()},
+                quantiles={name: [float(q) for q in np.quantile(v, [0.5, 0.99])] for name, v in maxima.items()},
+                n_frames=int(maxima["total"].size))
+
+
+__all__ = ["control_threshold", "control_thresholds", "run_control", "CONTROL_DIR", "THRESHOLD_KEYS"]

@@ -77,6 +77,8 @@ def cmd_calibrate(args) -> None:
     from ..bayes import CalibrationError
     from ..uq import calibrate_posterior_file, describe_calibration
 
+    if args.control_md:
+        _check_control_arguments(args)
     try:
         result = calibrate_posterior_file(
             args.posterior,
@@ -110,7 +112,41 @@ def cmd_calibrate(args) -> None:
     for label, metric in rows:
         if metric in before or metric in after:
             print(f"{label:<{width}}  {before.get(metric, float('nan')):>12.4g}  {after.get(metric, float('nan')):>12.4g}")
+    if args.control_md:
+        _control_thresholds(args, result["out_path"])
     print(f"calibrated posterior written to {result['out_path']}")
+
+
+def _check_control_arguments(args) -> None:
+    """--control-md's companions, checked before the calibration's costly prediction."""
+    if args.control_temperature is None or args.control_temperature <= 0:
+        raise UsageError("--control-md needs --control-temperature (K, > 0): the temperature of the training data")
+    if args.control_steps < 1 or args.control_margin < 1:
+        raise UsageError(f"--control-steps must be >= 1 and --control-margin >= 1, got {args.control_steps} and "
+                         f"{args.control_margin}")
+    if not Path(args.control_md).is_file():
+        raise UsageError(f"--control-md {args.control_md}: no such file")
+
+
+def _control_thresholds(args, posterior_path) -> None:
+    """--control-md: replace the force σ thresholds by margin × the largest σ of a control run."""
+    from ..active import THRESHOLD_KEYS, control_thresholds
+    from ..bayes import read_posterior_record, update_posterior_file
+    from ..lammps import HALT_MAXIMA
+
+    workdir = Path(posterior_path).with_suffix("").with_name(Path(posterior_path).stem + "_control")
+    result = control_thresholds(posterior_path, args.control_md, args.control_temperature, args.control_steps,
+                                args.control_margin, workdir=workdir)
+    stored = dict(read_posterior_record(posterior_path).get("thresholds") or {})
+    update_posterior_file(posterior_path, thresholds={**stored, **result["thresholds"]})
+    print(f"control run: {args.control_steps} steps of Langevin MD at {args.control_temperature:g} K from "
+          f"{args.control_md} ({result['n_frames']} checked frames; {workdir})")
+    for part, name in THRESHOLD_KEYS.items():
+        if name in result["thresholds"]:
+            q50, q99 = result["quantiles"][part]
+            print(f"control threshold {name} = {result['thresholds'][name]:.4g} ({HALT_MAXIMA[part]}) = "
+                  f"{args.control_margin:g} × the largest {result['maxima'][part]:.4g} (frames' median {q50:.4g}, "
+                  f"q0.99 {q99:.4g}); replaces the rule above")
 
 
 def _load_posterior_or_usage_error(path):
@@ -255,6 +291,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold-quantile", type=float, default=0.99,
                    help="quantile over structures of the largest calibrated force σ (default 0.99)")
     p.add_argument("--threshold-factor", type=float, default=1.5, help="margin on that quantile (default 1.5)")
+    p.add_argument("--control-md", metavar="STRUCTURE",
+                   help="instead of that rule, set the force σ thresholds from a control run: unhalted Langevin MD "
+                        "of the calibrated model from this structure; threshold = margin × the largest σ seen "
+                        "(a bound per run of that length, not per structure)")
+    p.add_argument("--control-temperature", type=float, help="K: the training data's temperature")
+    p.add_argument("--control-steps", type=int, default=4000, help="steps of 0.5 fs, dumped every 10 (default 4000)")
+    p.add_argument("--control-margin", type=float, default=1.25, help="default 1.25")
     p.add_argument("--energy-key", default="energy")
     p.add_argument("--forces-key", default="forces")
     p.add_argument("--quiet", action="store_true")

@@ -36,6 +36,7 @@ from ._runner import (
 from ._segment import (
     END_DATA,
     HALT_COLUMNS,
+    HALT_MAXIMA,
     RESTART_DATA,
     frame_max_sigma,
     halting_column,
@@ -48,6 +49,7 @@ __all__ = [
     "mpirun_executable",
     "END_DATA",
     "HALT_COLUMNS",
+    "HALT_MAXIMA",
     "MAX_SIGMA",
     "MD_STEP",
     "PSB3_INPUT",
