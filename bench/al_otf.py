@@ -217,6 +217,7 @@ def free_runs(otf_dir: Path, log: dict, args, data: dict, runs: Path) -> list:
     from bayesrace.lammps._segment import DUMP_FILE
 
     md, start = _fresh_md(args, data, args.free_steps)
+    round0 = _round_threshold(log, log["rounds"][0]["round"])
     results = []
     for r, model, type_names in _first_and_last_models(otf_dir, log):
         threshold = _round_threshold(log, r)
@@ -236,7 +237,11 @@ def free_runs(otf_dir: Path, log: dict, args, data: dict, runs: Path) -> list:
                             checks=len(sigmas),
                             fraction_over=float(np.mean(sigmas > threshold)) if len(sigmas) else None,
                             first_over=int(frames[over[0]]["step"]) if len(over) else None,
-                            median_sigma=float(np.median(sigmas)) if len(sigmas) else None, threshold=threshold))
+                            median_sigma=float(np.median(sigmas)) if len(sigmas) else None, threshold=threshold,
+                            # the same frames against round 0's τ: with --threshold-from control each round has
+                            # its own τ, and this tells learning from a looser τ
+                            round0_threshold=round0,
+                            fraction_over_round0=float(np.mean(sigmas > round0)) if len(sigmas) else None))
     return results
 
 
@@ -284,14 +289,18 @@ def write_report(out: Path, log: dict, evaluation: dict, info: dict) -> None:
               + (" The halting frame is always one of the labels (`label_halting_frame`)."
                  if info.get("label_halting_frame") else ""), ""]
     lines += [f"| round | start step | halt step / completed | restart step | max σ{unit} | threshold τ{unit} | "
+              f"control run median / max σ{unit} | "
               "candidates (look-ahead) | labels added | training frames | train s | calib s | export s | control s | MD s | "
               "select s | label s |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rounds:
         t = r["time_s"]
         end = f"halt @ {r['step_reached']}" if r["halted"] else f"completed @ {r['step_reached']}"
         restart = r.get("restart_step") if r["halted"] else "–"
+        control = (f"{r['control_quantiles'][0]:.4f} / {r['control_max_sigma']:.4f}" if r.get("control_quantiles")
+                   else "–")
         lines.append(f"| {r['round']} | {r['start_step']} | {end} | {restart} | {r['max_sigma']:.4f} | {r['threshold']:.4f} | "
+                     f"{control} | "
                      f"{r.get('n_candidates', 0)} ({r.get('n_look_ahead_candidates') or 0}) | {r.get('labels_added', 0)} | {r['n_labels']} | {t['train']:.0f} | "
                      f"{t['calibrate']:.0f} | {t['export']:.0f} | {t.get('control', 0):.0f} | {t['md']:.0f} | {t['select']:.0f} | {t['label']:.0f} |")
     lines += ["", "(round 0's train time is the copy of the base posterior; its training is counted above.)", ""]
@@ -319,13 +328,15 @@ def write_report(out: Path, log: dict, evaluation: dict, info: dict) -> None:
     if info.get("free"):
         lines += [f"Unhalted runs: {info['free_steps']} steps at {info['temperature']:.0f} K from the start structure "
                   "with no halt, each dumped frame's max σ against τ:", "",
-                  f"| model | seed | steps run | checks | over τ | first over τ at step | median max σ{unit} | τ{unit} |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  f"| model | seed | steps run | checks | over τ | first over τ at step | median max σ{unit} | τ{unit} | "
+                  "over round 0's τ |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for v in info["free"]:
             ran = f"{v['steps']}" + (f" ({v['failure']})" if v.get("failure") else "")
             lines.append(f"| round {v['round']} | {v['seed']} | {ran} | {v['checks']} | {100 * v['fraction_over']:.0f} % | "
                          f"{v['first_over'] if v['first_over'] is not None else '–'} | {v['median_sigma']:.4f} | "
-                         f"{v['threshold']:.4f} |")
+                         f"{v['threshold']:.4f} | " + (f"{100 * v['fraction_over_round0']:.0f} % of {v['round0_threshold']:.4f} |"
+                                                       if v.get("fraction_over_round0") is not None else "– |"))
         lines.append("")
     lines += ["## Findings", ""] + info["findings"] + [""]
     lines += ["Files: `al_otf.yaml` (the config), `otf_log.json`, `otf_sigma.png` (max σ of every dumped frame vs "
@@ -370,6 +381,16 @@ def findings(log: dict, evaluation: dict, info: dict) -> list:
         if not log["status"] == "completed" and last["max_sigma"] > 5 * last["threshold"]:
             text.append(f"- At the last halt the max σ ({last['max_sigma']:.2f}{_sigma_unit(info)}) is {last['max_sigma'] / last['threshold']:.0f}× τ: "
                         f"the trajectory is leaving the physical region, not being pulled back by the labels.")
+    if info.get("threshold_from") == "control":
+        taus = [r["threshold"] for r in rounds]
+        text.append(f"- τ follows each round's own control run: {min(taus):.4f} … {max(taus):.4f} (round 0: "
+                    f"{taus[0]:.4f}); the control runs' median σ at {info['control_temperature']:g} K went "
+                    f"{rounds[0]['control_quantiles'][0]:.4f} → {last['control_quantiles'][0]:.4f}, so a later τ "
+                    f"is looser where the model grew less certain at its training temperature.")
+        for v in info.get("free", []):
+            if v.get("fraction_over_round0") is not None:
+                text.append(f"- Round-{v['round']} model's unhalted run: {100 * v['fraction_over']:.0f} % of checks "
+                            f"over its own τ, {100 * v['fraction_over_round0']:.0f} % over round 0's τ.")
     text.append("- One on-the-fly run (one seed): the halts and the error change are one sample, not an average.")
     return text
 
