@@ -409,9 +409,13 @@ def write_otf_log(config: ActiveConfig, state: Dict[str, Any]) -> Dict[str, Any]
 def _plot_sigma_trace(log: Dict[str, Any], path: Path) -> None:
     figure, (axis,) = new_figure(1)
     figure.set_size_inches(7, 3.5)
-    for record in log["rounds"]:
+    from matplotlib import colormaps
+
+    # one colour per round along a colour map: the default cycle repeats after 10 rounds
+    colours = colormaps["viridis"](np.linspace(0.0, 0.9, max(len(log["rounds"]), 1)))
+    for record, colour in zip(log["rounds"], colours):
         trace = np.asarray(record["trace"] or [[record["start_step"], np.nan]], dtype=np.float64)
-        line, = axis.plot(trace[:, 0], trace[:, 1], lw=1, label=f"round {record['round']}")
+        line, = axis.plot(trace[:, 0], trace[:, 1], lw=1, color=colour, label=f"round {record['round']}")
         end = max(record["step_reached"], record["start_step"] + 1)
         axis.hlines(record["threshold"], record["start_step"], end, colors=line.get_color(), linestyles="--", lw=0.8)
         if record["halted"] and len(trace):
@@ -426,7 +430,7 @@ def _plot_sigma_trace(log: Dict[str, Any], path: Path) -> None:
     axis.set_title(f"on-the-fly AL: {log['status']}, step {log['final_step']} of {log['n_steps']} (× = halt, "
                    f"-- = threshold" + (", ⋯ = look-ahead" if log.get("look_ahead") else "") + ")", fontsize=9)
     if log["rounds"]:
-        axis.legend(fontsize=7)
+        axis.legend(fontsize=7, ncol=1 + len(log["rounds"]) // 7)
     save_figure(figure, path)
 
 
