@@ -171,6 +171,9 @@ class ActiveConfig:
             if md.control_temperature is None:
                 raise ConfigError("threshold_from 'control' needs md.control_temperature: the temperature (K) of "
                                   "the training data, where the control run measures the model's own σ")
+            if md.control_steps < md.dump_every:
+                raise ConfigError(f"md.control_steps ({md.control_steps}) must be >= md.dump_every ({md.dump_every}): "
+                                  f"the control run's σ is read from its dumped frames")
         elif md.halt_on != "total" and self.threshold is None and self.valid is None:
             unit = "eV/Å" if md.halt_on == "epistemic" else "unit-free"
             raise ConfigError(f"md.halt_on '{md.halt_on}' needs 'threshold' ({unit}) or 'valid' (the threshold is "

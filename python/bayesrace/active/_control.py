@@ -23,7 +23,7 @@ from typing import Any, Dict, Sequence
 import numpy as np
 
 from .. import keys
-from ..lammps import HALT_COLUMNS, frame_max_sigma, halting_column, lammps_data_text, run_md_segment
+from ..lammps import HALT_COLUMNS, frame_max_sigma, lammps_data_text, run_md_segment
 
 CONTROL_DIR = "control"  # a round's control run (same files as an MD segment)
 NEVER_HALT = 1e300  # fix halt's threshold of the control run: it always runs its whole length
