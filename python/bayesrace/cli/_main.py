@@ -134,7 +134,7 @@ def _control_thresholds(args, posterior_path) -> None:
     from ..bayes import read_posterior_record, update_posterior_file
     from ..lammps import HALT_MAXIMA
 
-    workdir = Path(posterior_path).with_suffix("").with_name(Path(posterior_path).stem + "_control")
+    workdir = Path(posterior_path).with_name(Path(posterior_path).stem + "_control")
     result = control_thresholds(posterior_path, args.control_md, args.control_temperature, args.control_steps,
                                 args.control_margin, workdir=workdir)
     stored = dict(read_posterior_record(posterior_path).get("thresholds") or {})
