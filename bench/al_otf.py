@@ -307,14 +307,16 @@ def write_report(out: Path, log: dict, evaluation: dict, info: dict) -> None:
     if evaluation:
         first, last = min(evaluation), max(evaluation)
         lines += ["Force and energy errors of the calibrated posteriors (each with its own calibration):", "",
-                  "| set | round | F MAE [meV/Å] | F RMSE [meV/Å] | E RMSE [meV/atom] | mean atomic F σ [meV/Å] | F NLL |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| set | round | F MAE [meV/Å] | F RMSE [meV/Å] | E RMSE [meV/atom] | E mean error [meV/atom] | "
+                  "mean atomic F σ [meV/Å] | F NLL |",
+                  "|---|---|---|---|---|---|---|---|"]
         for name in evaluation[first]:
             for r in sorted({first, last}):
                 m = evaluation[r][name]
                 sigma = m.get("forces_sigma_mean_eV_per_A", float("nan"))
                 lines.append(f"| {name} | {r} | {1000 * m['forces_mae_eV_per_A']:.1f} | "
                              f"{1000 * m['forces_rmse_eV_per_A']:.1f} | {m['energy_rmse_meV_per_atom']:.2f} | "
+                             f"{m.get('energy_mean_error_meV_per_atom', float('nan')):+.2f} | "
                              f"{1000 * sigma:.1f} | {m['forces_nll']:.2f} |")
         lines.append("")
     if info.get("validation"):
@@ -369,6 +371,10 @@ def findings(log: dict, evaluation: dict, info: dict) -> list:
             text.append(f"- {name} force MAE {verdict}: {a:.1f} → {b:.1f} meV/Å (round {first_r} → round {last_r}).")
             a, b = (evaluation[r][name]["energy_rmse_meV_per_atom"] for r in (first_r, last_r))
             text.append(f"- {name} energy RMSE {'fell' if b < a else 'rose'}: {a:.2f} → {b:.2f} meV/atom.")
+            shifts = [evaluation[r][name].get("energy_mean_error_meV_per_atom") for r in (first_r, last_r)]
+            if None not in shifts:
+                text.append(f"- {name} mean energy error (the energy zero's shift): {shifts[0]:+.2f} → "
+                            f"{shifts[1]:+.2f} meV/atom.")
     for r in sorted({v["round"] for v in info.get("validation", [])}):
         runs_r = [v for v in info["validation"] if v["round"] == r]
         done = sum(not v["halted"] for v in runs_r)

@@ -131,6 +131,7 @@ def direct_metrics(posterior, path):
         "n_atoms": int(n_atoms.sum()),
         "energy_mae_eV": np.abs(energy_error).mean(),
         "energy_rmse_meV_per_atom": 1000 * np.sqrt(np.mean((energy_error / n_atoms) ** 2)),
+        "energy_mean_error_meV_per_atom": 1000 * np.mean(energy_error / n_atoms),
         "forces_mae_eV_per_A": np.abs(force_error).mean(),
         "forces_rmse_eV_per_A": np.sqrt(np.mean(force_error**2)),
         "energy_sigma_mean_meV_per_atom": 1000 * np.mean(energy_sigma / n_atoms),

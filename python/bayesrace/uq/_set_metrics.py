@@ -36,6 +36,9 @@ METRIC_UNITS: Dict[str, str] = {
     "energy_rmse_eV": "eV",
     "energy_mae_meV_per_atom": "meV/atom",
     "energy_rmse_meV_per_atom": "meV/atom",
+    # the signed mean of (E_pred − E_ref)/N: a shift of the energy zero (which MD does not feel
+    # but absolute energies do) shows here and not in the force errors
+    "energy_mean_error_meV_per_atom": "meV/atom",
     "forces_mae_eV_per_A": "eV/Å",
     "forces_rmse_eV_per_A": "eV/Å",
     **{
@@ -93,6 +96,7 @@ def set_metrics(prediction: Mapping[str, np.ndarray]) -> Dict[str, float]:
         metrics["energy_rmse_eV"] = rmse(error)
         metrics["energy_mae_meV_per_atom"] = 1000.0 * mae(error / num_atoms)
         metrics["energy_rmse_meV_per_atom"] = 1000.0 * rmse(error / num_atoms)
+        metrics["energy_mean_error_meV_per_atom"] = 1000.0 * float(np.mean(error / num_atoms))
         metrics["spearman_energy"] = spearman(np.abs(error), sigma_energy["total"])
         _add_likelihood_metrics(metrics, "energy", error, sigma_energy["total"])
 
