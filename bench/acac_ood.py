@@ -120,6 +120,8 @@ def main(argv=None) -> int:
     frames = {name: read_frames(args.data / f"{name}.xyz", require_forces=False) for name in ("test_MD_300K",) + OOD_SETS}
     aurocs = {score: {column: [] for column in COLUMNS} for score in OOD_SCORES}
     flagged = {score: {column: [] for column in ("test_MD_300K",) + tuple(COLUMNS)} for score in OOD_SCORES}
+    # each OOD set's median over the in-distribution median (issue: σ_E/N of every OOD set above it)
+    median_ratio = {score: {name: [] for name in OOD_SETS} for score in OOD_SCORES}
     for index, path in enumerate(args.posteriors):
         posterior = load_posterior(path, dtype=torch.float64).eval()
         scores = {name: ood_scores(predict_frames(posterior, group, dtype=torch.float64, progress=False))
@@ -129,6 +131,8 @@ def main(argv=None) -> int:
             valid = ood_scores(predict_frames(posterior, read_frames(args.valid[index]), dtype=torch.float64))
             thresholds = {score: extrapolation_rule(valid[score]) for score in OOD_SCORES}
         for score in OOD_SCORES:
+            for name in OOD_SETS:
+                median_ratio[score][name].append(np.median(scores[name][score]) / np.median(scores["test_MD_300K"][score]))
             for column, (name, beyond) in COLUMNS.items():
                 values = scores[name][score][masks[name]] if beyond else scores[name][score]
                 aurocs[score][column].append(auroc(scores["test_MD_300K"][score], values))
@@ -141,6 +145,11 @@ def main(argv=None) -> int:
              beyond_text, "", "| score | " + " | ".join(COLUMNS) + " |", "|---|" + "---:|" * len(COLUMNS)]
     for score, (label, _) in OOD_SCORES.items():
         lines.append(f"| {label} | " + " | ".join(_cell(aurocs[score][column]) for column in COLUMNS) + " |")
+    lines += ["", "Median of each OOD set's score over test_MD_300K's median (> 1: the set's typical structure "
+              "scores above the typical in-distribution one):", "",
+              "| score | " + " | ".join(OOD_SETS) + " |", "|---|" + "---:|" * len(OOD_SETS)]
+    for score, (label, _) in OOD_SCORES.items():
+        lines.append(f"| {label} | " + " | ".join(_cell(median_ratio[score][name]) for name in OOD_SETS) + " |")
     if args.valid:
         lines += ["", "Fraction flagged at the stored-threshold rule (1.5 × q0.99 of the score over each posterior's "
                   "validation frames, as `bayesrace calibrate` stores it):", "",
