@@ -154,8 +154,28 @@ def summarise(runs: Path, dataset: str, sets: List[str], seeds: List[int]) -> Di
             time_s=_time_split(per_seed), picked=_picked_by_tag(per_seed, PICK_TAG),
             per_seed={str(seed): [{k: v for k, v in p.items() if k != "picked"} for p in e["points"]]
                       for seed, e in per_seed.items()})  # picks: aggregated in "picked"
-    # "half the data": labels each strategy needs to reach random's final force MAE, on every test
-    # set with forces (the in-distribution one and those holding what MD would meet out of it)
+    add_targets(summary)
+    return summary
+
+
+def keep_earlier(summary: Dict, earlier: Optional[Dict]) -> List[str]:
+    """Strategies of an earlier report of the same benchmark (same settings) whose runs are not in
+    ``--runs`` any more: their summaries are kept, so a benchmark can be extended strategy by strategy
+    across machines. Returns their names; the targets are recomputed over the merged strategies."""
+    if not earlier:
+        return []
+    kept = [name for name in earlier.get("strategies", {}) if name not in summary["strategies"]]
+    for name in kept:
+        summary["strategies"][name] = dict(earlier["strategies"][name], from_earlier_report=True)
+    summary["strategies"] = {name: summary["strategies"][name] for name in STRATEGIES if name in summary["strategies"]}
+    add_targets(summary)
+    return kept
+
+
+def add_targets(summary: Dict) -> None:
+    """"Half the data": labels each strategy needs to reach random's final force MAE, on every test
+    set with forces (the in-distribution one and those holding what MD would meet out of it)."""
+    sets = summary["sets"]
     summary["targets"] = {}
     random = summary["strategies"].get("random")
     for set_name in sets:
@@ -168,7 +188,6 @@ def summarise(runs: Path, dataset: str, sets: List[str], seeds: List[int]) -> Di
             c = entry["curves"][set_name]["forces_mae_eV_per_A"]
             entry.setdefault("labels_to_random_final", {})[set_name] = labels_to_reach(
                 c["n_labels"], np.array(c["mean"]), target)
-    return summary
 
 
 def _picked_by_tag(per_seed: Dict, tag: str) -> Dict:
@@ -229,6 +248,10 @@ def write_markdown(results: Dict, path: Path) -> None:
         held = sorted({len(points) - 1 for e in summary["strategies"].values() for points in e["per_seed"].values()})
         if held:  # a data set's runs may hold fewer rounds than asked (a benchmark extended on one data set)
             lines += [f"Runs held: {'/'.join(map(str, held))} acquisition rounds.", ""]
+        earlier = [name for name, e in summary["strategies"].items() if e.get("from_earlier_report")]
+        if earlier:
+            lines += [f"Strategies kept from an earlier report with the same settings (their runs were on another "
+                      f"machine): {', '.join(earlier)}.", ""]
         targets = summary.get("targets", {})
         lines += [f"### {dataset}: labels needed to reach random's final force MAE", "",
                   "Target per test set: random's mean force MAE at its last labels count (" +

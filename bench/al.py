@@ -46,7 +46,9 @@ from _common import (  # noqa: E402  (bench helpers: bench/ is not a package)
     ACAC_DIR, BENCH_DIR, PSB3_DIR, cli_command, command_line, git_commit, machine_info, psb3_data, run_jobs,
     write_config, write_frames, write_json,
 )
-from _al_report import DATASETS, STRATEGIES, evaluate_energy_only, plot_curves, summarise, write_markdown  # noqa: E402
+from _al_report import (  # noqa: E402
+    DATASETS, STRATEGIES, evaluate_energy_only, keep_earlier, plot_curves, summarise, write_markdown,
+)
 
 
 # ----------------------------------------------------------------------------------------
@@ -239,9 +241,12 @@ def main(argv=None) -> int:
     settings = {k: getattr(args, k) for k in ("preset", "members", "n_initial", "batch_size", "rounds", "epochs",
                                               "warmup", "lr", "seeds", "acac_seeds", "slots", "n_valid", "n_test")}
     previous = json.loads((args.out / "results.json").read_text()) if (args.out / "results.json").exists() else {}
+    # the same benchmark if every setting but the number of runs at once agrees
+    same = {k: v for k, v in (previous.get("settings") or {}).items() if k != "slots"} == \
+        {k: v for k, v in settings.items() if k != "slots"}
     results = dict(commit=git_commit(), machine=machine_info(), settings=settings, datasets={})
-    results["commands"] = (previous.get("commands", []) if previous.get("settings") == settings else []) + [command]
-    earlier_wall = previous.get("wall_s") if previous.get("settings") == settings else None
+    results["commands"] = (previous.get("commands", []) if same else []) + [command]
+    earlier_wall = previous.get("wall_s") if same else None
     # a report-only call ran nothing: its seconds are not the benchmark's (each run's CPU is in the tables)
     results["wall_s"] = earlier_wall if args.report_only else round(time.time() - started, 1) + (earlier_wall or 0.0)
     for dataset in args.datasets:
@@ -254,6 +259,9 @@ def main(argv=None) -> int:
                         evaluate_energy_only(run_dir, energy_only)
         sets = list(data[dataset]["test"]) + list(energy_only)
         summary = summarise(args.runs, dataset, sets, seeds[dataset])
+        kept = keep_earlier(summary, previous.get("datasets", {}).get(dataset) if same else None)
+        if kept:
+            print(f"{dataset}: {', '.join(kept)} kept from the earlier {args.out / 'results.json'}", flush=True)
         results["datasets"][dataset] = summary
         plot_curves(summary, dataset, args.out / f"{dataset}_learning_curves.png")
     if args.findings is not None:
