@@ -139,7 +139,8 @@ def al_config(args, data: dict, posterior: Path, runs: Path) -> dict:
                "dump_every": args.dump_every, "seed": 1, "ranks": 1, "restart_from": "last_trusted",
                "halt_on": args.halt_on, "look_ahead": args.look_ahead, "look_ahead_limit": args.look_ahead_limit,
                "control_temperature": args.control_temperature, "control_steps": args.control_steps,
-               "control_margin": args.control_margin},
+               "control_margin": args.control_margin, "control_rule": args.control_rule,
+               "control_false_halts": args.control_false_halts},
     }
     return config
 
@@ -255,7 +256,9 @@ def _sigma_unit(info: dict) -> str:
 def _threshold_text(info: dict) -> str:
     halt_on, calibration = info.get("halt_on", "total"), info.get("calibration", "isotonic")
     if info.get("threshold_from") == "control":
-        return (f"Threshold τ: each round's own, {info['control_margin']:g} × the largest {halt_on} force σ of an "
+        level = ("the largest" if info.get("control_rule", "largest") == "largest" else
+                 f"(extrapolated: `control_rule: run_length`, α = {info['control_false_halts']:g}) the run-length level of")
+        return (f"Threshold τ: each round's own, {info['control_margin']:g} × {level} the {halt_on} force σ of an "
                 f"unhalted {info['control_steps']}-step control run of that round's model at "
                 f"{info['control_temperature']:g} K from the start structure (`threshold_from: control`; each "
                 f"round's posterior is recalibrated, {calibration}, on the 300 K validation set first).")
@@ -439,6 +442,8 @@ def main(argv=None) -> int:
     parser.add_argument("--control-temperature", type=float, default=300.0, help="md.control_temperature (K)")
     parser.add_argument("--control-steps", type=int, default=4000, help="md.control_steps")
     parser.add_argument("--control-margin", type=float, default=1.25, help="md.control_margin")
+    parser.add_argument("--control-rule", choices=("largest", "run_length"), default="largest", help="md.control_rule")
+    parser.add_argument("--control-false-halts", type=float, default=0.1, help="md.control_false_halts")
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args(argv)
     # absolute: the AL config written into --runs resolves its paths against its own folder

@@ -305,26 +305,34 @@ def test_on_the_fly_look_ahead_adds_candidates_past_the_halt(otf_run, psb3_small
     assert stopped["look_ahead_stopped"] and stopped["look_ahead_reached"] == 8
 
 
-def test_on_the_fly_threshold_from_a_control_run(otf_run, psb3_small, tmp_path):
+# run_length's τ is looser (measured here: 1.05× the largest σ of a 50 K control, which 2000 K did not
+# reach in 40 steps): a colder control keeps round 0's halt
+@pytest.mark.parametrize("rule, control_steps, control_temperature", [("largest", 12, 50.0), ("run_length", 80, 5.0)])
+def test_on_the_fly_threshold_from_a_control_run(otf_run, psb3_small, tmp_path, rule, control_steps,
+                                                 control_temperature):
     """threshold_from control: each round runs its own model unhalted at the control temperature
-    (round_<r>/control) and halts its segment at control_margin × that run's largest σ."""
+    (round_<r>/control) and halts its segment at control_margin × that run's largest σ or, with
+    control_rule run_length, × the level a run of n_steps exceeds control_false_halts times."""
     from bayesrace.active import active_config_from_dict, run_on_the_fly
+    from bayesrace.active._control import run_length_level
     from bayesrace.lammps import read_dump
 
     out, _, structure = otf_run
     md = {"structure": str(structure), "n_steps": 40, "dump_every": 4, "thermostat": "langevin",
-          "temperature": 2000.0, "halt_on": "relative", "control_temperature": 50.0, "control_steps": 12,
-          "control_margin": 1.1}
+          "temperature": 2000.0, "halt_on": "relative", "control_temperature": control_temperature,
+          "control_steps": control_steps,
+          "control_margin": 1.1, "control_rule": rule, "control_false_halts": 0.2}
     values = _otf_values(psb3_small, tmp_path / "run", structure, posterior=str(out / "round_1" / "posterior.pt"),
                          threshold=None, threshold_from="control", n_rounds=1, md=md)
     log = run_on_the_fly(active_config_from_dict(values), progress=False)
     assert log["threshold_from"] == "control" and len(log["rounds"]) == 2  # round 0 halted at 2000 K
     for record in log["rounds"]:
         control = read_dump(tmp_path / "run" / f"round_{record['round']}" / "control" / "frames.dump")
-        largest = max(float(f["columns"]["c_u[6]"].max()) for f in control)
-        assert [f["step"] for f in control] == [0, 4, 8, 12]  # the whole control run: it never halts
-        assert record["control_max_sigma"] == pytest.approx(largest, rel=1e-12)
-        assert record["threshold"] == pytest.approx(1.1 * largest, rel=1e-12)
+        maxima = [float(f["columns"]["c_u[6]"].max()) for f in control]
+        assert [f["step"] for f in control] == list(range(0, control_steps + 1, 4))  # never halts
+        assert record["control_max_sigma"] == pytest.approx(max(maxima), rel=1e-12)
+        level = max(maxima) if rule == "largest" else run_length_level(maxima, 10, 0.2)["level"]
+        assert record["control_rule"] == rule and record["threshold"] == pytest.approx(1.1 * level, rel=1e-12)
         segment = read_dump(tmp_path / "run" / f"round_{record['round']}" / "md" / "frames.dump")
         over = [f["step"] for f in segment if f["step"] > record["start_step"]  # fix halt checks after steps
                 and float(f["columns"]["c_u[6]"].max()) > record["threshold"]]
@@ -359,3 +367,35 @@ def test_calibrate_command_sets_thresholds_from_a_control_run(otf_run, psb3_smal
                                                 rel=1e-12)
         assert f"control threshold {key} = {thresholds[key]:.4g}" in printed
     assert thresholds[keys.ENERGY_STD_EPISTEMIC_PER_ATOM] > 0  # the calibration's, kept
+
+
+def test_calibrate_command_extrapolates_control_thresholds_to_a_run_length(otf_run, psb3_small, tmp_path, capsys):
+    """--control-run-steps: each force σ threshold is margin × the run_length level of the control
+    run's largest σ per dumped frame, for runs of that many steps checked every 10."""
+    from bayesrace import cli, keys
+    from bayesrace.active._control import run_length_level
+    from bayesrace.bayes import read_posterior_record
+    from bayesrace.lammps import read_dump
+
+    out, _, structure = otf_run
+    posterior, calibrated = out / "round_1" / "posterior.pt", tmp_path / "calibrated.pt"
+    common = ["calibrate", str(posterior), str(psb3_small / "test_id.xyz"), "--out", str(calibrated), "--quiet",
+              "--control-md", str(structure), "--control-temperature", "300", "--control-margin", "1.1"]
+    assert cli.main(common + ["--control-steps", "100", "--control-run-steps", "20000"]) == 2
+    assert "needs --control-steps >= 200" in capsys.readouterr().err
+    assert cli.main(common + ["--control-steps", "200", "--control-run-steps", "20000",
+                              "--control-false-halts", "0.05"]) == 0
+    printed = capsys.readouterr().out
+    thresholds = read_posterior_record(calibrated)["thresholds"]
+    control = read_dump(tmp_path / "calibrated_control" / "control" / "frames.dump")
+    assert len(control) == 21
+    for key, column in ((keys.ATOMIC_FORCE_STD, "c_u[1]"), (keys.ATOMIC_FORCE_STD_EPISTEMIC, "c_u[2]"),
+                        (keys.ATOMIC_FORCE_STD_RELATIVE, "c_u[6]")):
+        maxima = [float(f["columns"][column].max()) for f in control]
+        expected = 1.1 * run_length_level(maxima, 2000, 0.05)["level"]
+        assert thresholds[key] == pytest.approx(expected, rel=1e-6)
+        # a run 100× the control's: above the largest-σ rule (here the top 2 of 21 frames make the tail:
+        # level = u + β ln(2000 · 2/21 / 0.05) ≥ u + 8β ≥ the largest, as β ≥ (largest − u) / 2)
+        assert thresholds[key] >= 1.1 * max(maxima)
+        assert f"control threshold {key} = {thresholds[key]:.4g}" in printed
+    assert "in-distribution run of 20000 steps" in printed

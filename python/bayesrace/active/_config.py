@@ -30,6 +30,7 @@ CALIBRATION_METHODS = ("isotonic", "scalar", "split")
 RESTART_FROM = ("last_trusted", "halt")
 HALT_ON = ("total", "epistemic", "relative")  # bayesrace.lammps.HALT_COLUMNS, spelt out (no torch import here)
 THRESHOLD_FROM = ("calibration", "control")
+CONTROL_RULES = ("largest", "run_length")
 # top-level keys that only mode on_the_fly reads, and the ones only mode pool reads
 ON_THE_FLY_KEYS = ("md", "posterior", "valid", "calibration_method", "threshold", "threshold_from",
                    "candidate_fraction", "acquired_repeats", "label_halting_frame")
@@ -85,6 +86,11 @@ class MDSection:
     control_temperature: Optional[Positive] = None  # K
     control_steps: AtLeastOne = 4000
     control_margin: Annotated[Float, Field(ge=1)] = 1.25
+    # how the control run's σ's become τ (× control_margin): largest = their largest (a bound for a run
+    # as long as the control run); run_length = the σ that an in-distribution run of n_steps exceeds
+    # control_false_halts times in expectation, from an exponential fit of the control's upper tail
+    control_rule: Literal[CONTROL_RULES] = "largest"
+    control_false_halts: Annotated[Float, Field(gt=0, lt=1)] = 0.1
 
 
 @section
@@ -174,6 +180,10 @@ class ActiveConfig:
             if md.control_steps < md.dump_every:
                 raise ConfigError(f"md.control_steps ({md.control_steps}) must be >= md.dump_every ({md.dump_every}): "
                                   f"the control run's σ is read from its dumped frames")
+            if md.control_rule == "run_length" and md.control_steps < 20 * md.dump_every:
+                raise ConfigError(f"md.control_rule 'run_length' fits the control run's upper tail: it needs "
+                                  f"md.control_steps >= 20 × md.dump_every ({20 * md.dump_every}), got "
+                                  f"{md.control_steps}")
         elif md.halt_on != "total" and self.threshold is None and self.valid is None:
             unit = "eV/Å" if md.halt_on == "epistemic" else "unit-free"
             raise ConfigError(f"md.halt_on '{md.halt_on}' needs 'threshold' ({unit}) or 'valid' (the threshold is "

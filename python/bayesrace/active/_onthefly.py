@@ -13,7 +13,9 @@ Round r = 0 .. n_rounds (``<out>/round_<r>``):
    (|F_i| + 1 eV/Å), kept for every later round so that every round answers to one criterion
    (what that costs, measured: bench/results/al_otf/sigma_levels). With ``threshold_from:
    control`` instead each round's τ is ``md.control_margin`` × the largest σ of an unhalted
-   control run of its own model at the training temperature (``round_<r>/control``, _control);
+   control run of its own model at the training temperature (``round_<r>/control``, _control), or
+   with ``md.control_rule: run_length`` the σ such a run of ``md.n_steps`` would exceed
+   ``md.control_false_halts`` times in expectation, extrapolated from the control run's tail;
 4. an MD segment (``round_<r>/md``): LAMMPS with ``pair_style bayesrace`` from the previous
    segment's restart point or, in round 0, from ``md.structure`` with Maxwell–Boltzmann
    velocities; the step counter continues via ``reset_timestep``. Every ``md.dump_every`` steps
@@ -107,7 +109,8 @@ def _fingerprint(config: ActiveConfig) -> Dict[str, Any]:
                 box=md.box, temperature=md.temperature, thermostat=md.thermostat, damping=md.damping,
                 timestep=md.timestep, dump_every=md.dump_every, md_seed=md.seed, restart_from=md.restart_from,
                 threshold_from=config.threshold_from, control=[md.control_temperature, md.control_steps,
-                                                               md.control_margin])
+                                                               md.control_margin, md.control_rule,
+                                                               md.control_false_halts])
 
 
 def _frames_from_atoms(atoms_list):
@@ -390,7 +393,8 @@ def write_otf_log(config: ActiveConfig, state: Dict[str, Any]) -> Dict[str, Any]
                                                         "max_sigma", "threshold", "calibration_threshold",
                                                         "calibration_epistemic_threshold",
                                                         "calibration_relative_threshold", "control_max_sigma",
-                                                        "control_quantiles", "n_frames", "n_candidates",
+                                                        "control_quantiles", "control_rule", "control_level",
+                                                        "control_tail", "n_frames", "n_candidates",
                                                         "n_pooled_candidates", "selected", "n_labels", "time_s",
                                                         "trace", "look_ahead_reached", "look_ahead_stopped",
                                                         "n_look_ahead_candidates", "look_ahead_trace")})
@@ -398,6 +402,7 @@ def write_otf_log(config: ActiveConfig, state: Dict[str, Any]) -> Dict[str, Any]
     log = dict(n_steps=config.md.n_steps, n_rounds=config.n_rounds, strategy=config.strategy,
                halt_on=config.md.halt_on, batch_size=config.batch_size, candidate_fraction=config.candidate_fraction,
                look_ahead=config.md.look_ahead, threshold_from=config.threshold_from,
+               control_rule=config.md.control_rule, control_false_halts=config.md.control_false_halts,
                status=state.get("status", "running"),
                final_step=rounds[-1]["step_reached"] if rounds else 0, rounds=rounds)
     out = Path(config.out)

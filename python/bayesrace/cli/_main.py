@@ -126,6 +126,11 @@ def _check_control_arguments(args) -> None:
                          f"{args.control_margin}")
     if not Path(args.control_md).is_file():
         raise UsageError(f"--control-md {args.control_md}: no such file")
+    if args.control_run_steps is not None and (args.control_run_steps < 10 or args.control_steps < 200):
+        raise UsageError(f"--control-run-steps must be >= 10 (one check) and needs --control-steps >= 200 (20 "
+                         f"checked frames for the tail fit), got {args.control_run_steps} and {args.control_steps}")
+    if not 0 < args.control_false_halts < 1:
+        raise UsageError(f"--control-false-halts must lie in (0, 1), got {args.control_false_halts}")
 
 
 def _control_thresholds(args, posterior_path) -> None:
@@ -136,7 +141,8 @@ def _control_thresholds(args, posterior_path) -> None:
 
     workdir = Path(posterior_path).with_name(Path(posterior_path).stem + "_control")
     result = control_thresholds(posterior_path, args.control_md, args.control_temperature, args.control_steps,
-                                args.control_margin, workdir=workdir)
+                                args.control_margin, workdir=workdir, run_steps=args.control_run_steps,
+                                false_halts=args.control_false_halts)
     stored = dict(read_posterior_record(posterior_path).get("thresholds") or {})
     update_posterior_file(posterior_path, thresholds={**stored, **result["thresholds"]})
     print(f"control run: {args.control_steps} steps of Langevin MD at {args.control_temperature:g} K from "
@@ -144,9 +150,12 @@ def _control_thresholds(args, posterior_path) -> None:
     for part, name in THRESHOLD_KEYS.items():
         if name in result["thresholds"]:
             q50, q99 = result["quantiles"][part]
+            level = (f"the largest {result['maxima'][part]:.4g}" if args.control_run_steps is None else
+                     f"{result['levels'][part]:.4g}, exceeded {args.control_false_halts:g} times in expectation by an "
+                     f"in-distribution run of {args.control_run_steps} steps (largest seen {result['maxima'][part]:.4g})")
             print(f"control threshold {name} = {result['thresholds'][name]:.4g} ({HALT_MAXIMA[part]}) = "
-                  f"{args.control_margin:g} × the largest {result['maxima'][part]:.4g} (frames' median {q50:.4g}, "
-                  f"q0.99 {q99:.4g}); replaces the rule above")
+                  f"{args.control_margin:g} × {level} (frames' median {q50:.4g}, q0.99 {q99:.4g}); replaces the rule "
+                  f"above")
 
 
 def _load_posterior_or_usage_error(path):
@@ -298,6 +307,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--control-temperature", type=float, help="K: the training data's temperature")
     p.add_argument("--control-steps", type=int, default=4000, help="steps of 0.5 fs, dumped every 10 (default 4000)")
     p.add_argument("--control-margin", type=float, default=1.25, help="default 1.25")
+    p.add_argument("--control-run-steps", type=int,
+                   help="threshold for production runs of this many steps (checked every 10): margin × the σ such a "
+                        "run at the control's conditions exceeds --control-false-halts times in expectation, "
+                        "extrapolated from the control run's upper tail (default: margin × its largest σ)")
+    p.add_argument("--control-false-halts", type=float, default=0.1, help="with --control-run-steps (default 0.1)")
     p.add_argument("--energy-key", default="energy")
     p.add_argument("--forces-key", default="forces")
     p.add_argument("--quiet", action="store_true")
