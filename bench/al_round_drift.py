@@ -11,7 +11,7 @@ acquired frames) repeated ``R`` times, for ``E`` epochs at the rounds' learning 
 variant ``R:E``. Each posterior is scored on test_id, the 300 K training frames, the 80 acquired
 frames and the other hot frames: force MAE, energy RMSE and the signed mean energy error per atom.
 
-    python bench/al_round_drift.py [--variants 10:10 10:30 3:10] [--runs DIR] [--out DIR]
+    python bench/al_round_drift.py [--variants 10:10 10:30 3:10] [--acquired 80] [--runs DIR] [--out DIR]
 """
 
 from __future__ import annotations
@@ -63,6 +63,8 @@ def main(argv=None) -> int:
     parser.add_argument("--variants", nargs="+", default=["10:10", "10:30", "3:10"],
                         help="R:E — acquired frames repeated R times, E epochs")
     parser.add_argument("--members", type=int, default=2)
+    parser.add_argument("--acquired", type=int, default=N_ACQUIRED,
+                        help=f"hot frames acquired (the first of one shuffle; the rest from the {N_ACQUIRED}th on are hot_rest)")
     parser.add_argument("--base-epochs", type=int, default=60)
     parser.add_argument("--lr", type=float, default=0.005)
     parser.add_argument("--round-lr", type=float, default=0.002)
@@ -79,13 +81,14 @@ def main(argv=None) -> int:
 
     hot = ase.io.read(PSB3_DIR / "test_ood_hot.xyz", ":")
     order = np.random.default_rng(0).permutation(len(hot))
-    acquired = [hot[i] for i in order[:N_ACQUIRED]]
+    acquired = [hot[i] for i in order[:min(args.acquired, N_ACQUIRED)]]
     ase.io.write(args.runs / "acquired.xyz", acquired)
     ase.io.write(args.runs / "hot_rest.xyz", [hot[i] for i in order[N_ACQUIRED:]])
     names = ["base"]
     for variant in args.variants:
         repeats, epochs = (int(part) for part in variant.split(":"))
-        name = f"round_x{repeats}_ep{epochs}"
+        name = f"round_x{repeats}_ep{epochs}" if len(acquired) == N_ACQUIRED else \
+            f"round_n{len(acquired)}_x{repeats}_ep{epochs}"
         ase.io.write(args.runs / f"{name}.xyz", ase.io.read(data["train"], ":")
                      + [atoms for atoms in acquired for _ in range(repeats)])
         config = training_section(settings, data, epochs, args.round_lr)
@@ -107,12 +110,15 @@ def main(argv=None) -> int:
              f"Command: `{command_line('al_round_drift.py', argv)}`; commit `{git_commit()}`; load `{uptime()}`.",
              f"Base: {args.members}-member NLL_JEF ensemble (preset small, means frozen) on {data['n_train']} PSB3 300 K "
              f"frames, {args.base_epochs} epochs; rounds warm-started from it at lr {args.round_lr} on those frames "
-             f"+ {N_ACQUIRED} hot frames ×R. Training wall s (0: reused): {seconds}.", "",
-             "| posterior | set | F MAE [meV/Å] | E RMSE [meV/atom] | mean E error [meV/atom] |", "|---|---|---:|---:|---:|"]
+             f"+ {len(acquired)} hot frames ×R. Training wall s (0: reused): {seconds}.", "",
+             "σ_F,epi: the mean epistemic force σ (the members' disagreement), what the on-the-fly loop halts on.", "",
+             "| posterior | set | F MAE [meV/Å] | E RMSE [meV/atom] | mean E error [meV/atom] | σ_F,epi [meV/Å] |",
+             "|---|---|---:|---:|---:|---:|"]
     for name in names:
         for s, m in results[name].items():
             lines.append(f"| {name} | {s} | {1000 * m['forces_mae_eV_per_A']:.1f} | {m['energy_rmse_meV_per_atom']:.2f} | "
-                         f"{m['energy_mean_error_meV_per_atom']:+.2f} |")
+                         f"{m['energy_mean_error_meV_per_atom']:+.2f} | "
+                         f"{1000 * (m.get('forces_sigma_epistemic_mean_eV_per_A') or float('nan')):.1f} |")
     text = "\n".join(lines) + "\n"
     (args.out / "results.md").write_text(text)
     print(text)
