@@ -71,6 +71,8 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", type=Path, default=BENCH_DIR / "runs" / "al_round_drift")
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results" / "al_round_drift")
     args = parser.parse_args(argv)
+    if not 1 <= args.acquired <= N_ACQUIRED:
+        parser.error(f"--acquired must lie in [1, {N_ACQUIRED}] (the rest of the hot set is hot_rest), got {args.acquired}")
     torch.set_num_threads(1)
     settings = _Settings(args.members)
     data = write_300k_data(args.runs / "data")
@@ -81,7 +83,7 @@ def main(argv=None) -> int:
 
     hot = ase.io.read(PSB3_DIR / "test_ood_hot.xyz", ":")
     order = np.random.default_rng(0).permutation(len(hot))
-    acquired = [hot[i] for i in order[:min(args.acquired, N_ACQUIRED)]]
+    acquired = [hot[i] for i in order[:args.acquired]]
     ase.io.write(args.runs / "acquired.xyz", acquired)
     ase.io.write(args.runs / "hot_rest.xyz", [hot[i] for i in order[N_ACQUIRED:]])
     names = ["base"]

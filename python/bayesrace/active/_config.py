@@ -31,6 +31,7 @@ RESTART_FROM = ("last_trusted", "halt")
 HALT_ON = ("total", "epistemic", "relative")  # bayesrace.lammps.HALT_COLUMNS, spelt out (no torch import here)
 THRESHOLD_FROM = ("calibration", "control")
 CONTROL_RULES = ("largest", "run_length")
+MIN_CONTROL_FRAMES = 20  # run_length fits the top 10 % of a control run's frames: at least 2 of them
 # top-level keys that only mode on_the_fly reads, and the ones only mode pool reads
 ON_THE_FLY_KEYS = ("md", "posterior", "valid", "calibration_method", "threshold", "threshold_from",
                    "candidate_fraction", "acquired_repeats", "label_halting_frame")
@@ -180,10 +181,10 @@ class ActiveConfig:
             if md.control_steps < md.dump_every:
                 raise ConfigError(f"md.control_steps ({md.control_steps}) must be >= md.dump_every ({md.dump_every}): "
                                   f"the control run's σ is read from its dumped frames")
-            if md.control_rule == "run_length" and md.control_steps < 20 * md.dump_every:
+            if md.control_rule == "run_length" and md.control_steps < MIN_CONTROL_FRAMES * md.dump_every:
                 raise ConfigError(f"md.control_rule 'run_length' fits the control run's upper tail: it needs "
-                                  f"md.control_steps >= 20 × md.dump_every ({20 * md.dump_every}), got "
-                                  f"{md.control_steps}")
+                                  f"md.control_steps >= {MIN_CONTROL_FRAMES} × md.dump_every "
+                                  f"({MIN_CONTROL_FRAMES * md.dump_every}), got {md.control_steps}")
         elif md.halt_on != "total" and self.threshold is None and self.valid is None:
             unit = "eV/Å" if md.halt_on == "epistemic" else "unit-free"
             raise ConfigError(f"md.halt_on '{md.halt_on}' needs 'threshold' ({unit}) or 'valid' (the threshold is "

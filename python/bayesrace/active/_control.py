@@ -34,6 +34,7 @@ import numpy as np
 
 from .. import keys
 from ..lammps import HALT_COLUMNS, frame_max_sigma, lammps_data_text, run_md_segment
+from ._config import MIN_CONTROL_FRAMES
 
 CONTROL_DIR = "control"  # a round's control run (same files as an MD segment)
 NEVER_HALT = 1e300  # fix halt's threshold of the control run: it always runs its whole length
@@ -43,7 +44,6 @@ THRESHOLD_KEYS = {"total": keys.ATOMIC_FORCE_STD, "epistemic": keys.ATOMIC_FORCE
 
 
 TAIL_FRACTION = 0.1  # the run_length rule fits the frames above this upper fraction of the control's
-MIN_CONTROL_FRAMES = 20  # ... which needs at least 2 frames in that tail
 
 
 def run_length_level(frame_maxima, n_checks: int, false_halts: float) -> Dict[str, float]:

@@ -126,9 +126,13 @@ def _check_control_arguments(args) -> None:
                          f"{args.control_margin}")
     if not Path(args.control_md).is_file():
         raise UsageError(f"--control-md {args.control_md}: no such file")
-    if args.control_run_steps is not None and (args.control_run_steps < 10 or args.control_steps < 200):
-        raise UsageError(f"--control-run-steps must be >= 10 (one check) and needs --control-steps >= 200 (20 "
-                         f"checked frames for the tail fit), got {args.control_run_steps} and {args.control_steps}")
+    from ..active._config import MIN_CONTROL_FRAMES
+
+    fewest = 10 * MIN_CONTROL_FRAMES  # steps: the control run is checked every 10
+    if args.control_run_steps is not None and (args.control_run_steps < 10 or args.control_steps < fewest):
+        raise UsageError(f"--control-run-steps must be >= 10 (one check) and needs --control-steps >= {fewest} "
+                         f"({MIN_CONTROL_FRAMES} checked frames for the tail fit), got {args.control_run_steps} "
+                         f"and {args.control_steps}")
     if not 0 < args.control_false_halts < 1:
         raise UsageError(f"--control-false-halts must lie in (0, 1), got {args.control_false_halts}")
 
