@@ -68,9 +68,8 @@ def write_300k_data(data_dir: Path) -> dict:
 
 
 def training_section(args, data: dict, epochs: int, lr: float) -> dict:
-    loss = {"kind": "nll_jef", "mse_warmup_epochs": args.warmup}
-    if args.means:
-        loss["means"] = args.means
+    loss = {"kind": "nll_jef", "mse_warmup_epochs": args.warmup, **({"means": args.means} if args.means else {}),
+            **({"refit_energy_zero": True} if getattr(args, "refit_energy_zero", False) else {})}
     return {
         "seed": 0,
         "data": {"valid": str(data["valid"]), "reference_energies": "isolated",
@@ -277,7 +276,8 @@ def write_report(out: Path, log: dict, evaluation: dict, info: dict) -> None:
               f"2 shared CPU cores, torch 1 thread.", ""]
     lines += [f"Initial data: {info['n_train']} train / {info['n_valid']} valid frames at 300 K only "
               f"(`temperature_K` tag of bench/runs/uq/data_psb3/{{train,valid}}.xyz). Model: preset "
-              f"`{info['preset']}`, {info['members']} NLL_JEF members (loss.means: {info.get('means') or 'default'}); "
+              f"`{info['preset']}`, {info['members']} NLL_JEF members (loss.means: {info.get('means') or 'default'}"
+              f"{', refit_energy_zero' if info.get('refit_energy_zero') else ''}); "
               f"base training {info['base_epochs']} epochs, every later round {info['round_epochs']} epochs "
               f"warm-started (lr {info.get('round_lr') or info['lr']}, each acquired frame ×{info.get('acquired_repeats', 1)}). "
               f"Oracle: tblite GFN2-xTB, charge +1. "
@@ -421,6 +421,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--means", choices=("mse", "nll", "frozen"), default=None,
                         help="loss.means of every training (default: the config default)")
+    parser.add_argument("--refit-energy-zero", action="store_true", help="loss.refit_energy_zero in every training")
     parser.add_argument("--calibration", choices=("isotonic", "scalar", "split"), default="isotonic")
     parser.add_argument("--halt-on", choices=("total", "epistemic", "relative"), default="total",
                         help="the force σ that halts the MD (md.halt_on)")

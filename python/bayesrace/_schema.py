@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Optional, TypeVar, Union
@@ -148,13 +149,34 @@ def resolve_path(base: Path, path: Optional[str]) -> Optional[str]:
     return str(resolved if resolved.is_absolute() else Path(base) / resolved)
 
 
+class _Yaml12Floats(yaml.SafeLoader):
+    """PyYAML follows YAML 1.1, where ``1e-5`` (no dot) is a string; a config's ``lr: 1e-5``
+    means a number, as in YAML 1.2 and JSON."""
+
+
+_Yaml12Floats.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                  |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                  |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                  |[-+]?\.(?:inf|Inf|INF)
+                  |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def read_yaml(text: str):
+    """The YAML document ``text``, with YAML 1.2 floats (``1e-5`` is a number)."""
+    return yaml.load(text, Loader=_Yaml12Floats)  # noqa: S506 (a SafeLoader subclass)
+
+
 def load_yaml_config(path, from_dict):
     """``from_dict(values, base_dir=...)`` on the YAML file at ``path``; every error names the file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
     try:
-        values = yaml.safe_load(path.read_text())
+        values = read_yaml(path.read_text())
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML ({error})") from error
     try:

@@ -46,6 +46,7 @@ def test_unknown_top_level_key_suggests(tmp_path):
         ("model:\n  preset: tiny\n", "data.train is required"),
         ("data:\n  train: t.xyz\ndtype: float16\n", "dtype"),
         ("data: [1, 2]\n", "expected a mapping"),
+        ("data:\n  train: t.xyz\nloss:\n  refit_energy_zero: true\n", "loss.refit_energy_zero acts at the start of the heads"),
     ],
 )
 def test_bad_values(tmp_path, text, fragment):
@@ -162,3 +163,9 @@ def test_active_config_errors_name_the_key(tmp_path, change, message):
               "md": {"structure": "s.xyz"}, **change}
     with pytest.raises(ConfigError, match=re.escape(message)):
         active_config_from_dict(values, base_dir=tmp_path)
+
+
+def test_exponent_without_a_dot_is_a_number(tmp_path):
+    # YAML 1.1 (PyYAML's default) reads 1e-5 as a string; a config means the number
+    config = load_config(write(tmp_path, DATA + "training:\n  lr: 1e-3\n  min_lr: 1E-6\nloss:\n  energy_weight: 2e0\n"))
+    assert (config.training.lr, config.training.min_lr, config.loss.energy_weight) == (1e-3, 1e-6, 2.0)

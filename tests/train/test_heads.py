@@ -146,3 +146,61 @@ def test_frozen_means_need_an_nll_loss_and_a_member_posterior(psb3_small, tmp_pa
     with pytest.raises(ConfigError, match="loss.means 'frozen'.*'mse'"):
         load_config(write_training_config(tmp_path / "b.yaml", psb3_small, tmp_path / "b",
                                           loss={**FROZEN, "kind": "mse"}))
+
+
+def test_the_energy_zero_moves_to_the_median_of_the_distinct_structures(psb3_small, tmp_path):
+    import dataclasses
+
+    from bayesrace.train._heads import refit_energy_zero
+
+    config = load_config(write_training_config(tmp_path / "c.yaml", psb3_small, tmp_path / "run"))
+    data = prepare_data(config)
+    model = new_member_model(config, data, 0)
+    model.eval()
+    graphs = data.train[:3]
+    batch = next(iter(iterate_batches(graphs, 3, shuffle=False, dtype=torch.float64)))
+    before = model(batch)
+    with torch.no_grad():
+        model.energy_shift += 1.0
+    unit = model(batch)
+    per_unit_shift = (unit[keys.ENERGY] - before[keys.ENERGY]).detach()  # Σ_i gate_i ≈ N
+    with torch.no_grad():
+        model.energy_shift -= 1.0
+    # labels 0.01, 0.02 and 0.5 eV per unit of shift above the model; the last one ten times over:
+    # the median of the distinct structures is 0.02 (of all copies it would be 0.5)
+    residual = [0.01, 0.02, 0.5]
+    labelled = [dataclasses.replace(g, energy=float(before[keys.ENERGY][i].detach() + residual[i] * per_unit_shift[i]))
+                for i, g in enumerate(graphs)]
+    move = refit_energy_zero(model, labelled + [labelled[2]] * 10, config)
+    assert move == pytest.approx(0.02, abs=1e-12)
+    after = model(batch)
+    assert float(after[keys.ENERGY][1]) == pytest.approx(labelled[1].energy, abs=1e-9)
+    # the shift rides on the isolation gate g = 1 − exp(−2 Σ b₁): forces see it through g's slope
+    # alone, linearly, and (g ≈ 1 inside a molecule) by less than the move per Å
+    force_move = (after[keys.FORCES] - before[keys.FORCES]).detach()
+    assert torch.allclose(force_move, move * (unit[keys.FORCES] - before[keys.FORCES]).detach(), rtol=1e-6, atol=1e-12)
+    assert 0 < float(force_move.abs().max()) < move
+
+
+def test_refit_energy_zero_in_training_moves_energies_not_forces(psb3_small, tmp_path):
+    frozen = write_training_config(tmp_path / "f.yaml", psb3_small, tmp_path / "frozen", loss=FROZEN,
+                                   training={"max_epochs": 4})
+    train(load_config(frozen), progress=False)
+    refit = write_training_config(tmp_path / "r.yaml", psb3_small, tmp_path / "refit",
+                                  loss={**FROZEN, "refit_energy_zero": True}, training={"max_epochs": 4})
+    train(load_config(refit), progress=False)
+    data = prepare_data(load_config(refit))
+    frames = list(iterate_batches(data.train, 4, shuffle=False, dtype=torch.float64))
+    residuals = {name: [] for name in ("frozen", "refit")}
+    forces = {"refit": []}
+    for name in residuals:
+        for batch, pred in zip(frames, predictions(tmp_path / name, frames)):
+            residuals[name].append(((batch[keys.ENERGY] - pred[keys.ENERGY]) / batch[keys.NUM_ATOMS]).detach())
+            if name == "refit":
+                reference = predictions(tmp_path / "frozen", [batch])[0]
+                forces[name].append((pred[keys.FORCES] - reference[keys.FORCES]).detach())
+    frozen_median, refit_median = (float(torch.cat(r).median()) for r in residuals.values())
+    # forces move only through the gate's slope: by less than the energy zero's move per Å
+    assert float(torch.cat(forces["refit"]).abs().max()) < 1.5 * abs(frozen_median)
+    assert abs(frozen_median) > 1e-4  # a 2-epoch MSE phase leaves the energy zero off
+    assert abs(refit_median) < 0.05 * abs(frozen_median)

@@ -11,12 +11,11 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Dict, Literal, Optional, Union
 
-import yaml
 from pydantic import Field, model_validator
 
 from .._schema import (
     AtLeastOne, Bool, ConfigError, Float, Int, NonNegativeInt, Positive, Section, Str, load_yaml_config,
-    parse_section, resolve_path, section,
+    parse_section, read_yaml, resolve_path, section,
 )
 from ._acquisition import STRATEGIES
 
@@ -228,7 +227,7 @@ def round_training_config(config: ActiveConfig, round_index: int, train_file: st
         path = Path(config.training)
         if not path.is_file():
             raise ConfigError(f"training: {path}: no such training config file")
-        values, base = yaml.safe_load(path.read_text()) or {}, path.parent
+        values, base = read_yaml(path.read_text()) or {}, path.parent
     else:
         values, base = config.training, Path(getattr(config, "_base_dir", "."))
     values = json.loads(json.dumps(values))  # a deep copy

@@ -97,6 +97,10 @@ class LossSection:
     # heads_fraction of the budget, the network is frozen and only the heads' last linear maps
     # and their log-variance offsets learn the NLL: the means are exactly an MSE model's)
     means: Literal["nll", "mse", "frozen"] = "nll"
+    # with means "frozen", at the start of the heads phase: move the energy shift by the median
+    # energy residual per atom of the distinct training structures (``refit_energy_zero``), so
+    # frames the model cannot fit yet (warm-started on-the-fly rounds) do not shift every energy
+    refit_energy_zero: Bool = False
     heads_fraction: Annotated[Float, Field(gt=0, lt=1)] = 0.2
 
 
@@ -260,6 +264,12 @@ class Config:
             raise ConfigError(
                 "loss.means 'frozen' trains variance heads after an MSE phase: it needs an NLL loss.kind "
                 f"(it is {self.loss.kind!r}) and posterior.kind ensemble or mve (it is {self.posterior.kind!r})"
+            )
+        loss = self.loss
+        if loss.refit_energy_zero and loss.means != "frozen":
+            raise ConfigError(
+                "loss.refit_energy_zero acts at the start of the heads phase of loss.means 'frozen', "
+                f"but loss.means is {loss.means!r}; set means: frozen or remove loss.refit_energy_zero"
             )
         if self.loss.kind == "nll_jef_equivariant" and model.covariance != "equivariant":
             raise ConfigError(

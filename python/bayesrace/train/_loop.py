@@ -238,9 +238,11 @@ def train_member(
                 if heads_should_start(state, config):
                     optimizer, scheduler, ema = start_heads_phase(model, state, config, data.train)
                     offsets = state["head_offsets"]
+                    moved = state.get("energy_zero_move")
                     bar.say(f"member {member}: the network is frozen at epoch {epoch}; its variance heads learn "
                             f"{config.loss.kind} on its residuals (log-variance offsets E {offsets['energy']:.3g}, "
-                            f"F {offsets['forces']:.3g})")
+                            f"F {offsets['forces']:.3g})"
+                            + ("" if moved is None else f"; energy zero moved {1000 * moved:+.2f} meV/atom"))
                 warmup = mse_warmup_epochs(config, member)
                 mse_phase = epoch < warmup or heads_phase_pending(state, config)
                 loss_kind = "mse" if mse_phase else config.loss.kind
