@@ -69,7 +69,8 @@ def write_300k_data(data_dir: Path) -> dict:
 
 def training_section(args, data: dict, epochs: int, lr: float) -> dict:
     loss = {"kind": "nll_jef", "mse_warmup_epochs": args.warmup, **({"means": args.means} if args.means else {}),
-            **({"refit_energy_zero": True} if getattr(args, "refit_energy_zero", False) else {})}
+            **({"refit_energy_zero": True} if getattr(args, "refit_energy_zero", False) else {}),
+            **({"force_huber": args.force_huber} if getattr(args, "force_huber", 0.0) else {})}
     return {
         "seed": 0,
         "data": {"valid": str(data["valid"]), "reference_energies": "isolated",
@@ -114,12 +115,8 @@ def train_base(args, data: dict, runs: Path) -> tuple:
 
 def al_config(args, data: dict, posterior: Path, runs: Path) -> dict:
     config = {
-        "mode": "on_the_fly",
-        "out": str(runs / "otf"),
-        "initial": str(data["train"]),
-        "posterior": str(posterior),
-        "valid": str(data["valid"]),
-        "calibration_method": args.calibration,
+        "mode": "on_the_fly", "out": str(runs / "otf"), "initial": str(data["train"]), "posterior": str(posterior),
+        "valid": str(data["valid"]), "calibration_method": args.calibration,
         # calibration: round 0's own (1.5 × q0.99 of the 300 K validation max calibrated σ), kept fixed;
         # control: each round's own, margin × the largest σ of an unhalted control run at 300 K
         "threshold": None,
@@ -277,7 +274,8 @@ def write_report(out: Path, log: dict, evaluation: dict, info: dict) -> None:
     lines += [f"Initial data: {info['n_train']} train / {info['n_valid']} valid frames at 300 K only "
               f"(`temperature_K` tag of bench/runs/uq/data_psb3/{{train,valid}}.xyz). Model: preset "
               f"`{info['preset']}`, {info['members']} NLL_JEF members (loss.means: {info.get('means') or 'default'}"
-              f"{', refit_energy_zero' if info.get('refit_energy_zero') else ''}); "
+              f"{', refit_energy_zero' if info.get('refit_energy_zero') else ''}"
+              f"{', force_huber ' + format(info['force_huber'], 'g') + ' eV/Å' if info.get('force_huber') else ''}); "
               f"base training {info['base_epochs']} epochs, every later round {info['round_epochs']} epochs "
               f"warm-started (lr {info.get('round_lr') or info['lr']}, each acquired frame ×{info.get('acquired_repeats', 1)}). "
               f"Oracle: tblite GFN2-xTB, charge +1. "
@@ -422,6 +420,7 @@ def main(argv=None) -> int:
     parser.add_argument("--means", choices=("mse", "nll", "frozen"), default=None,
                         help="loss.means of every training (default: the config default)")
     parser.add_argument("--refit-energy-zero", action="store_true", help="loss.refit_energy_zero in every training")
+    parser.add_argument("--force-huber", type=float, default=0.0, help="loss.force_huber (eV/Å) in every training")
     parser.add_argument("--calibration", choices=("isotonic", "scalar", "split"), default="isotonic")
     parser.add_argument("--halt-on", choices=("total", "epistemic", "relative"), default="total",
                         help="the force σ that halts the MD (md.halt_on)")
@@ -452,8 +451,8 @@ def main(argv=None) -> int:
 
     started = time.perf_counter()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    args.runs.mkdir(parents=True, exist_ok=True)
-    args.out.mkdir(parents=True, exist_ok=True)
+    for folder in (args.runs, args.out):
+        folder.mkdir(parents=True, exist_ok=True)
     data = write_300k_data(args.runs / "data")
     posterior, base_seconds = train_base(args, data, args.runs)
     config = al_config(args, data, posterior, args.runs)

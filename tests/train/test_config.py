@@ -46,6 +46,8 @@ def test_unknown_top_level_key_suggests(tmp_path):
         ("model:\n  preset: tiny\n", "data.train is required"),
         ("data:\n  train: t.xyz\ndtype: float16\n", "dtype"),
         ("data: [1, 2]\n", "expected a mapping"),
+        ("data:\n  train: t.xyz\nloss:\n  force_huber: 1.0\n", "bends the MSE force term, but loss.kind 'nll_jef'"),
+        ("data:\n  train: t.xyz\nloss:\n  force_huber: -1\n", "loss.force_huber must be >= 0"),
         ("data:\n  train: t.xyz\nloss:\n  refit_energy_zero: true\n", "loss.refit_energy_zero acts at the start of the heads"),
     ],
 )

@@ -62,6 +62,27 @@ def test_conventional_nll_and_mse():
     assert torch.allclose(loss_function("mse")(pred, batch, 2.0, 1.0), 2 * (per_atom**2).mean() + force_mse)
 
 
+def test_force_huber_is_squared_below_delta_and_linear_beyond():
+    from bayesrace.train._losses import squared_or_huber
+
+    error = torch.tensor([0.0, 0.5, -1.0, 3.0, -20.0], dtype=torch.float64)
+    # known answers for δ = 1: r² inside, 2|r| − 1 outside; δ = 0 is r² everywhere
+    assert torch.equal(squared_or_huber(error, 1.0), torch.tensor([0.0, 0.25, 1.0, 5.0, 39.0], dtype=torch.float64))
+    assert torch.equal(squared_or_huber(error, 0.0), error.pow(2))
+    pred, batch = random_prediction(seed=4)
+    per_atom = (pred[keys.ENERGY] - batch[keys.ENERGY]) / batch[keys.NUM_ATOMS]
+    force_error = pred[keys.FORCES] - batch[keys.FORCES]
+    delta = float(force_error.abs().median())  # half the components in each regime
+    expected = (per_atom**2).mean() + squared_or_huber(force_error, delta).mean()
+    assert torch.allclose(loss_function("mse", force_huber=delta)(pred, batch, 1.0, 1.0), expected, rtol=1e-12)
+    assert loss_function("mse", force_huber=delta)(pred, batch, 1.0, 1.0) < loss_function("mse")(pred, batch, 1.0, 1.0)
+    # the MSE part of means "mse" is bent; the heads phase's NLL (means "frozen") is not
+    bent = loss_function("nll_jef", "mse", delta)(pred, batch, 1.0, 1.0) - loss_function("nll_jef", "mse")(pred, batch, 1.0, 1.0)
+    assert torch.allclose(bent, (squared_or_huber(force_error, delta) - force_error.pow(2)).mean(), rtol=1e-10)
+    assert torch.equal(loss_function("nll_jef", "frozen", delta)(pred, batch, 1.0, 1.0),
+                       loss_function("nll_jef", "frozen")(pred, batch, 1.0, 1.0))
+
+
 def test_unknown_loss_lists_choices():
     import pytest
 

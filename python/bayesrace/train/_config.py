@@ -90,6 +90,9 @@ class LossSection:
     kind: LossKind = "nll_jef"  # mse | nll | nll_jef | nll_jef_equivariant
     energy_weight: NonNegative = 1.0  # λ_E
     force_weight: NonNegative = 1.0  # λ_F
+    # eV/Å; > 0: each force component's MSE term is Huber beyond this error (squared below it), so
+    # atoms far off (fresh on-the-fly frames with near-collisions) do not dominate the gradient
+    force_huber: NonNegative = 0.0
     mse_warmup_epochs: NonNegativeInt = 0  # train with MSE first: the variance heads start from sane means (none with init_from)
     # what trains the predicted energies and forces under an NLL kind: "nll" (the joint NLL, as
     # in the paper), "mse" (the MSE term; the NLL trains the variance heads on the detached
@@ -266,6 +269,12 @@ class Config:
                 f"(it is {self.loss.kind!r}) and posterior.kind ensemble or mve (it is {self.posterior.kind!r})"
             )
         loss = self.loss
+        if loss.force_huber > 0 and loss.kind != "mse" and loss.means == "nll" and loss.mse_warmup_epochs == 0:
+            raise ConfigError(
+                f"loss.force_huber ({loss.force_huber:g} eV/Å) bends the MSE force term, but loss.kind "
+                f"{loss.kind!r} with loss.means 'nll' and no loss.mse_warmup_epochs has none; "
+                "use loss.means mse or frozen, or remove loss.force_huber"
+            )
         if loss.refit_energy_zero and loss.means != "frozen":
             raise ConfigError(
                 "loss.refit_energy_zero acts at the start of the heads phase of loss.means 'frozen', "

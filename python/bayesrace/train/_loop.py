@@ -76,7 +76,7 @@ def evaluate_loss(model: torch.nn.Module, graphs: List[Graph], config: Config, l
     """Mean loss and energy/force RMSE of a model on graphs (in eval mode)."""
     was_training = model.training
     model.eval()
-    loss_fn = loss_function(loss_kind, config.loss.means)
+    loss_fn = loss_function(loss_kind, config.loss.means, config.loss.force_huber)
     total_loss, n_structures = 0.0, 0
     energy_sq, n_energy, force_sq, n_force = 0.0, 0, 0.0, 0
     for batch in iterate_batches(graphs, config.training.batch_size, shuffle=False, dtype=config.torch_dtype):
@@ -246,7 +246,7 @@ def train_member(
                 warmup = mse_warmup_epochs(config, member)
                 mse_phase = epoch < warmup or heads_phase_pending(state, config)
                 loss_kind = "mse" if mse_phase else config.loss.kind
-                loss_fn = loss_function(loss_kind, config.loss.means)
+                loss_fn = loss_function(loss_kind, config.loss.means, config.loss.force_huber)
                 if epoch == warmup and warmup > 0 and not mse_phase:
                     # the loss changes meaning: restart the plateau and early-stopping clocks, and
                     # start the heads at the level of the residuals (ema keeps the same offsets)

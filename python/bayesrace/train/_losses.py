@@ -13,6 +13,7 @@ the model's choice (``model.covariance``); ``nll_jef_equivariant`` requires the 
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Dict, List
 
 import torch
@@ -30,10 +31,23 @@ def _force_error(pred: Batch, batch: Batch) -> torch.Tensor:
     return pred[keys.FORCES] - batch[keys.FORCES]
 
 
-def mse_loss(pred: Batch, batch: Batch, energy_weight: float, force_weight: float) -> torch.Tensor:
-    """λ_E·mean_b[((E−Ê)/N_b)²] + λ_F·mean_i[|ΔF_i|²/3] (energy per atom, so sizes mix)."""
+def squared_or_huber(error: torch.Tensor, delta: float) -> torch.Tensor:
+    """error² up to |error| = δ, then 2δ|error| − δ² (the same value and slope at δ); δ = 0:
+    error² everywhere."""
+    if delta <= 0:
+        return error.pow(2)
+    magnitude = error.abs()
+    return torch.where(magnitude <= delta, error.pow(2), 2.0 * delta * magnitude - delta * delta)
+
+
+def mse_loss(pred: Batch, batch: Batch, energy_weight: float, force_weight: float,
+             force_huber: float = 0.0) -> torch.Tensor:
+    """λ_E·mean_b[((E−Ê)/N_b)²] + λ_F·mean_i[|ΔF_i|²/3] (energy per atom, so sizes mix). With
+    ``force_huber`` δ > 0 a force component's term grows only linearly beyond δ: an atom the
+    model is 20 eV/Å off (a fresh on-the-fly frame with a 0.5 Å contact) then pulls like a few
+    ordinary atoms, not like ten thousand of them."""
     per_atom = _energy_error(pred, batch) / batch[keys.NUM_ATOMS].to(pred[keys.ENERGY].dtype)
-    force_term = _force_error(pred, batch).pow(2).mean()
+    force_term = squared_or_huber(_force_error(pred, batch), force_huber).mean()
     return energy_weight * per_atom.pow(2).mean() + force_weight * force_term
 
 
@@ -93,7 +107,7 @@ def _with_fixed_means(nll: Callable[[Batch, Batch, float, float], torch.Tensor])
     return loss
 
 
-def _with_mse_means(nll: Callable[[Batch, Batch, float, float], torch.Tensor]):
+def _with_mse_means(nll: Callable[[Batch, Batch, float, float], torch.Tensor], force_huber: float):
     """MSE for the predicted energies and forces, plus ``nll`` evaluated on them detached: the
     means learn exactly as an MSE model's do, and the variance heads (and, through them, the
     shared layers) learn the distribution of the means' residuals. The joint NLL weights every
@@ -102,22 +116,26 @@ def _with_mse_means(nll: Callable[[Batch, Batch, float, float], torch.Tensor]):
     nll_of_fixed_means = _with_fixed_means(nll)
 
     def loss(pred: Batch, batch: Batch, energy_weight: float, force_weight: float) -> torch.Tensor:
-        mse = mse_loss(pred, batch, energy_weight, force_weight)
+        mse = mse_loss(pred, batch, energy_weight, force_weight, force_huber)
         return mse + nll_of_fixed_means(pred, batch, energy_weight, force_weight)
 
     return loss
 
 
-def loss_function(name: str, means: str = "nll") -> Callable[[Batch, Batch, float, float], torch.Tensor]:
+def loss_function(name: str, means: str = "nll",
+                  force_huber: float = 0.0) -> Callable[[Batch, Batch, float, float], torch.Tensor]:
     """The loss ``name``; with ``means="mse"`` (``loss.means``) an NLL loss trains the means by
     MSE and only the variance heads by the NLL (``_with_mse_means``); with ``"frozen"`` it is
-    the NLL of detached means (the heads phase; the phase before it uses "mse")."""
+    the NLL of detached means (the heads phase; the phase before it uses "mse").
+    ``force_huber`` (``loss.force_huber``, eV/Å) bends the force term of ``mse_loss``."""
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; expected one of {sorted(LOSSES)}")
     if means not in MEAN_LOSSES:
         raise ValueError(f"unknown loss.means {means!r}; expected one of {list(MEAN_LOSSES)}")
-    if means == "mse" and name != "mse":
-        return _with_mse_means(LOSSES[name])
+    if name == "mse":
+        return functools.partial(mse_loss, force_huber=force_huber)
+    if means == "mse":
+        return _with_mse_means(LOSSES[name], force_huber)
     if means == "frozen" and name != "mse":
         return _with_fixed_means(LOSSES[name])
     return LOSSES[name]
