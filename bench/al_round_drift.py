@@ -12,6 +12,10 @@ variant ``R:E``. Each posterior is scored on test_id, the 300 K training frames,
 frames and the other hot frames: force MAE, energy RMSE and the signed mean energy error per atom.
 
     python bench/al_round_drift.py [--variants 10:10 10:30 3:10] [--acquired 80] [--runs DIR] [--out DIR]
+
+A variant ``R:E:h<δ>:z`` also sets loss.force_huber = δ eV/Å (``h``) and loss.refit_energy_zero
+(``z``). ``--acquired-file`` takes the acquired frames from a file instead (e.g. the halting
+and look-ahead frames an on-the-fly run labelled); hot_rest is then the whole hot set.
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ def main(argv=None) -> int:
     parser.add_argument("--members", type=int, default=2)
     parser.add_argument("--acquired", type=int, default=N_ACQUIRED,
                         help=f"hot frames acquired (the first of one shuffle; the rest from the {N_ACQUIRED}th on are hot_rest)")
+    parser.add_argument("--acquired-file", type=Path, default=None, help="labelled frames to acquire instead")
     parser.add_argument("--base-epochs", type=int, default=60)
     parser.add_argument("--lr", type=float, default=0.005)
     parser.add_argument("--round-lr", type=float, default=0.002)
@@ -83,17 +88,28 @@ def main(argv=None) -> int:
 
     hot = ase.io.read(PSB3_DIR / "test_ood_hot.xyz", ":")
     order = np.random.default_rng(0).permutation(len(hot))
-    acquired = [hot[i] for i in order[:args.acquired]]
+    if args.acquired_file:
+        acquired, rest, prefix = ase.io.read(args.acquired_file, ":"), hot, f"round_{args.acquired_file.stem}_"
+    else:
+        acquired, rest = [hot[i] for i in order[:args.acquired]], [hot[i] for i in order[N_ACQUIRED:]]
+        prefix = "round_" if len(acquired) == N_ACQUIRED else f"round_n{len(acquired)}_"
     ase.io.write(args.runs / "acquired.xyz", acquired)
-    ase.io.write(args.runs / "hot_rest.xyz", [hot[i] for i in order[N_ACQUIRED:]])
+    ase.io.write(args.runs / "hot_rest.xyz", rest)
     names = ["base"]
     for variant in args.variants:
-        repeats, epochs = (int(part) for part in variant.split(":"))
-        name = f"round_x{repeats}_ep{epochs}" if len(acquired) == N_ACQUIRED else \
-            f"round_n{len(acquired)}_x{repeats}_ep{epochs}"
+        repeats, epochs, *flags = variant.split(":")
+        repeats, epochs = int(repeats), int(epochs)
+        name = prefix + "_".join([f"x{repeats}", f"ep{epochs}", *flags])
         ase.io.write(args.runs / f"{name}.xyz", ase.io.read(data["train"], ":")
                      + [atoms for atoms in acquired for _ in range(repeats)])
         config = training_section(settings, data, epochs, args.round_lr)
+        for flag in flags:
+            if flag == "z":
+                config["loss"]["refit_energy_zero"] = True
+            elif flag.startswith("h"):
+                config["loss"]["force_huber"] = float(flag[1:])
+            else:
+                parser.error(f"variant {variant!r}: unknown flag {flag!r} (h<δ> or z)")
         config.update(out=str(args.runs / name))
         config["data"]["train"] = str(args.runs / f"{name}.xyz")
         config["training"]["init_from"] = str(args.runs / "base" / "posterior.pt")
@@ -112,7 +128,8 @@ def main(argv=None) -> int:
              f"Command: `{command_line('al_round_drift.py', argv)}`; commit `{git_commit()}`; load `{uptime()}`.",
              f"Base: {args.members}-member NLL_JEF ensemble (preset small, means frozen) on {data['n_train']} PSB3 300 K "
              f"frames, {args.base_epochs} epochs; rounds warm-started from it at lr {args.round_lr} on those frames "
-             f"+ {len(acquired)} hot frames ×R. Training wall s (0: reused): {seconds}.", "",
+             f"+ {len(acquired)} {'frames of ' + str(args.acquired_file) if args.acquired_file else 'hot frames'} ×R. "
+             f"Training wall s (0: reused): {seconds}.", "",
              "σ_F,epi: the mean epistemic force σ (the members' disagreement), what the on-the-fly loop halts on.", "",
              "| posterior | set | F MAE [meV/Å] | E RMSE [meV/atom] | mean E error [meV/atom] | σ_F,epi [meV/Å] |",
              "|---|---|---:|---:|---:|---:|"]
