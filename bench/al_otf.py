@@ -69,10 +69,10 @@ def write_300k_data(data_dir: Path) -> dict:
 
 def training_section(args, data: dict, epochs: int, lr: float) -> dict:
     loss = {"kind": "nll_jef", "mse_warmup_epochs": args.warmup, **({"means": args.means} if args.means else {}),
-            **({"refit_energy_zero": True} if getattr(args, "refit_energy_zero", False) else {}),
-            **({"force_huber": args.force_huber} if getattr(args, "force_huber", 0.0) else {})}
+            **({"refit_energy_zero": True} if args.refit_energy_zero else {}),
+            **({"force_huber": args.force_huber} if args.force_huber else {})}
     return {
-        "seed": 0,
+        "seed": args.seed,
         "data": {"valid": str(data["valid"]), "reference_energies": "isolated",
                  "isolated_atoms": str(PSB3_DIR / "isolated_atoms.xyz")},
         "model": {"preset": args.preset},
@@ -132,7 +132,7 @@ def al_config(args, data: dict, posterior: Path, runs: Path) -> dict:
         "oracle": {"kind": "tblite", "method": "GFN2-xTB", "charge": 1.0},
         "md": {"structure": str(data["start"]), "box": 40.0, "temperature": args.temperature,
                "thermostat": "langevin", "damping": 0.1, "timestep": 0.0005, "n_steps": args.steps,
-               "dump_every": args.dump_every, "seed": 1, "ranks": 1, "restart_from": "last_trusted",
+               "dump_every": args.dump_every, "seed": 1 + args.seed, "ranks": 1, "restart_from": "last_trusted",
                "halt_on": args.halt_on, "look_ahead": args.look_ahead, "look_ahead_limit": args.look_ahead_limit,
                "control_temperature": args.control_temperature, "control_steps": args.control_steps,
                "control_margin": args.control_margin, "control_rule": args.control_rule,
@@ -408,6 +408,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results" / "al_otf")
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--members", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0, help="training seed; the loop's MD uses seed + 1")
     parser.add_argument("--base-epochs", type=int, default=120)
     parser.add_argument("--round-epochs", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=2)

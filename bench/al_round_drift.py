@@ -41,6 +41,9 @@ class _Settings:
     means = "frozen"
     warmup = 2
     preset = "small"
+    seed = 0
+    refit_energy_zero = False  # the base's; a variant's flags set them for its round
+    force_huber = 0.0
 
     def __init__(self, members: int):
         self.members = members

@@ -127,10 +127,10 @@ def refit_energy_zero(model: RACE, graphs: List[Graph], config: Config) -> float
     by the median over the distinct training structures of their energy residual per unit of
     shift, and return the move in eV. Forces see it only through the gate's slope (the gate is
     1 − exp(−κΣb₁), nearly 1 inside a molecule: on PSB3 they move by < 0.4 × the move per Å,
-    far below their errors). The readouts have no bias, so the
-    energies' common constant is a collective mode of many weights that force gradients drag
-    along; a few frames the model cannot fit yet (fresh on-the-fly labels, repeated) then shift
-    every energy. The median puts the constant where most distinct structures are."""
+    far below their errors). The readouts have no bias, so the energies' common constant is a
+    collective mode of many weights that force gradients drag along; a few frames the model
+    cannot fit yet (fresh on-the-fly labels, repeated) then shift every energy. The median puts
+    the constant where most distinct structures are."""
     was_training = model.training
     model.eval()
     residuals = []

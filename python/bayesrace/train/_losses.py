@@ -36,8 +36,8 @@ def squared_or_huber(error: torch.Tensor, delta: float) -> torch.Tensor:
     error² everywhere."""
     if delta <= 0:
         return error.pow(2)
-    magnitude = error.abs()
-    return torch.where(magnitude <= delta, error.pow(2), 2.0 * delta * magnitude - delta * delta)
+    # torch's Huber is half of that: ½e² inside, δ(|e| − ½δ) outside
+    return 2.0 * torch.nn.functional.huber_loss(error, torch.zeros_like(error), reduction="none", delta=delta)
 
 
 def mse_loss(pred: Batch, batch: Batch, energy_weight: float, force_weight: float,
@@ -136,6 +136,6 @@ def loss_function(name: str, means: str = "nll",
         return functools.partial(mse_loss, force_huber=force_huber)
     if means == "mse":
         return _with_mse_means(LOSSES[name], force_huber)
-    if means == "frozen" and name != "mse":
+    if means == "frozen":
         return _with_fixed_means(LOSSES[name])
     return LOSSES[name]
