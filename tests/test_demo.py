@@ -31,6 +31,7 @@ def test_demo_active_learning_round_halts_labels_retrains_and_reports(psb3_small
     assert config["md"]["temperature"] > 600 and config["training_ranks"] == 1
     round_1 = json.loads((tmp_path / "al" / "round_1" / "config.json").read_text())
     assert round_1["training"]["init_from"] == str(tmp_path / "al" / "round_0" / "posterior.pt")
+    assert round_1["loss"]["means"] == "frozen" and round_1["loss"]["refit_energy_zero"] is True
     assert set(summary["errors"]) == {"test_id", "ood_hot"} and set(summary["errors"]["ood_hot"]) == {0, 1}
     report = (report_dir / "report.md").read_text()
     assert report.startswith("# report\n") and "## On-the-fly active learning" in report
