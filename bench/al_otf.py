@@ -393,7 +393,7 @@ def findings(log: dict, evaluation: dict, info: dict) -> list:
         text.append(f"- τ follows each round's own control run: {min(taus):.4f} … {max(taus):.4f} (round 0: "
                     f"{taus[0]:.4f}); the control runs' median σ at {info['control_temperature']:g} K went "
                     f"{rounds[0]['control_quantiles'][0]:.4f} → {last['control_quantiles'][0]:.4f}: the model grew "
-                    f"{('less', 'more')[last['control_quantiles'][0] < rounds[0]['control_quantiles'][0]]} certain there.")
+                    f"{'more' if last['control_quantiles'][0] < rounds[0]['control_quantiles'][0] else 'less'} certain there.")
         for v in info.get("free", []):
             if v.get("fraction_over_round0") is not None:
                 text.append(f"- Round-{v['round']} model's unhalted run: {100 * v['fraction_over']:.0f} % of checks "
