@@ -146,6 +146,40 @@ def test_rounds_are_warm_started_from_the_previous_posterior(two_round_run):
     assert any(not torch.equal(first[n], second[n]) for n in first if first[n].is_floating_point())
 
 
+def test_init_shrink_mixes_the_warm_start_with_a_fresh_initialisation(two_round_run):
+    """training.init_shrink λ: parameters λ × round 0's + (1 − λ) × the seeded fresh ones, buffers
+    round 0's; round 0 of a loop drops it, and a loop without warm starts rejects it."""
+    from bayesrace.active import load_active_config, round_training_config
+    from bayesrace.bayes import load_posterior
+    from bayesrace.train import ConfigError, initial_member_model, prepare_data
+
+    out, config_path = two_round_run
+    config = load_active_config(config_path)
+    config.training = dict(config.training, training=dict(config.training.get("training", {}), init_shrink=0.3))
+    shrunk = round_training_config(config, 1, str(out / "round_1" / "train.xyz"))
+    assert shrunk.training.init_shrink == 0.3
+    assert round_training_config(config, 0, str(out / "round_0" / "train.xyz")).training.init_shrink is None
+    warm = round_training_config(config, 1, str(out / "round_1" / "train.xyz"))
+    warm.training.init_shrink = None
+    cold = round_training_config(config, 1, str(out / "round_1" / "train.xyz"))
+    cold.training.init_from = cold.training.init_shrink = None
+    data = prepare_data(shrunk)
+    mixed = initial_member_model(shrunk, data, 1)
+    previous = dict(initial_member_model(warm, data, 1).named_parameters())
+    fresh = dict(initial_member_model(cold, data, 1).named_parameters())
+    moved = 0
+    for name, parameter in mixed.named_parameters():
+        torch.testing.assert_close(parameter, 0.3 * previous[name] + 0.7 * fresh[name], rtol=1e-12, atol=1e-12)
+        moved += not torch.equal(parameter, previous[name])
+    assert moved > 0
+    buffers = dict(load_posterior(out / "round_0" / "posterior.pt").members[1].named_buffers())
+    for name, buffer in mixed.named_buffers():
+        torch.testing.assert_close(buffer, buffers[name], rtol=0, atol=0)
+    config.warm_start = False
+    with pytest.raises(ConfigError, match="init_shrink .*warm_start is false"):
+        round_training_config(config, 1, str(out / "round_1" / "train.xyz"))
+
+
 def test_killed_loop_resumes_without_relabelling(psb3_small, tmp_path):
     from bayesrace.active import FromPoolOracle, active_config_from_dict, read_labelled, run_pool_al
     from bayesrace.data import read_frames

@@ -174,6 +174,19 @@ def test_warm_start_skips_the_mse_warm_up():
     assert mse_warmup_epochs(config_from_dict(values)) == 0
 
 
+def test_init_shrink_needs_a_warm_start():
+    from bayesrace.train import ConfigError, config_from_dict
+
+    values = {"data": {"train": "t.xyz"}, "training": {"init_shrink": 0.5}}
+    with pytest.raises(ConfigError, match="init_shrink .*init_from names no posterior"):
+        config_from_dict(values)
+    values["training"]["init_from"] = "posterior.pt"
+    assert config_from_dict(values).training.init_shrink == 0.5
+    values["training"]["init_shrink"] = 1.0
+    with pytest.raises(ConfigError, match="init_shrink"):
+        config_from_dict(values)
+
+
 def test_n_valid_writes_the_held_out_frames_and_the_split(psb3_small, tmp_path):
     import ase.io
     import numpy as np

@@ -220,7 +220,8 @@ def load_active_config(path) -> ActiveConfig:
 def round_training_config(config: ActiveConfig, round_index: int, train_file: str):
     """The training Config of one round: the training YAML with out = <out>/round_<r>,
     data.train = that round's training file and, with warm_start and r > 0,
-    training.init_from = round r−1's posterior."""
+    training.init_from = round r−1's posterior (round 0, with nothing to start from, drops
+    training.init_shrink)."""
     from ..train import config_from_dict
 
     if isinstance(config.training, str):
@@ -241,6 +242,11 @@ def round_training_config(config: ActiveConfig, round_index: int, train_file: st
     training = values.setdefault("training", {})
     if config.warm_start and round_index > 0:
         training["init_from"] = str(Path(config.out) / f"round_{round_index - 1}" / "posterior.pt")
+    elif training.get("init_shrink") is not None and not training.get("init_from"):
+        if not config.warm_start:
+            raise ConfigError("training.init_shrink shrinks each round's warm start, but warm_start is false "
+                              "(every round starts fresh); set warm_start: true or remove init_shrink")
+        training.pop("init_shrink")  # round 0 has no earlier round to start from
     try:
         return config_from_dict(values, base_dir=base)
     except ConfigError as error:

@@ -26,8 +26,9 @@ def comparable_config(config: Config) -> Dict:
     values = config_to_dict(config)
     for name in _RESUMABLE_CHANGES:
         values["training"].pop(name, None)
-    if values["training"].get("init_from") is None:  # checkpoints from before warm starts existed
-        values["training"].pop("init_from", None)
+    for name in ("init_from", "init_shrink"):  # checkpoints from before these existed lack them
+        if values["training"].get(name) is None:
+            values["training"].pop(name, None)
     values.pop("out", None)
     values["ensemble"].pop("members", None)
     posterior = values["posterior"]

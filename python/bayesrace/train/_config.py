@@ -133,6 +133,10 @@ class TrainingSection:
     # (and normalisation) instead of a random initialisation; only read when the member has
     # no checkpoint yet. Its elements and architecture must match this run's.
     init_from: Optional[Str] = None
+    # with init_from: each parameter starts at init_shrink × the warm start's + (1 − init_shrink) ×
+    # the member's fresh seeded initialisation ("shrink and perturb"): a chain of warm-started
+    # rounds keeps the first round's basin, which fits later data worse than a fresh start
+    init_shrink: Optional[Annotated[Float, Field(gt=0, lt=1)]] = None
 
 
 @section
@@ -279,6 +283,11 @@ class Config:
             raise ConfigError(
                 "loss.refit_energy_zero acts at the start of the heads phase of loss.means 'frozen', "
                 f"but loss.means is {loss.means!r}; set means: frozen or remove loss.refit_energy_zero"
+            )
+        if self.training.init_shrink is not None and not self.training.init_from:
+            raise ConfigError(
+                f"training.init_shrink ({self.training.init_shrink:g}) shrinks a warm start toward a fresh "
+                "initialisation, but training.init_from names no posterior; set init_from or remove init_shrink"
             )
         if self.loss.kind == "nll_jef_equivariant" and model.covariance != "equivariant":
             raise ConfigError(
