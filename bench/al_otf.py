@@ -125,7 +125,7 @@ def al_config(args, data: dict, posterior: Path, runs: Path) -> dict:
         "strategy": "bald_f",
         "batch_size": args.batch_size,
         "n_rounds": args.rounds,
-        "warm_start": True,
+        "warm_start": not args.fresh_rounds,
         "acquired_repeats": args.acquired_repeats,
         "label_halting_frame": args.label_halting_frame,
         "training": training_section(args, data, args.round_epochs, args.round_lr or args.lr),
@@ -277,7 +277,7 @@ def write_report(out: Path, log: dict, evaluation: dict, info: dict) -> None:
               f"{', refit_energy_zero' if info.get('refit_energy_zero') else ''}"
               f"{', force_huber ' + format(info['force_huber'], 'g') + ' eV/Å' if info.get('force_huber') else ''}); "
               f"base training {info['base_epochs']} epochs, every later round {info['round_epochs']} epochs "
-              f"warm-started (lr {info.get('round_lr') or info['lr']}, each acquired frame ×{info.get('acquired_repeats', 1)}). "
+              f"{'from a fresh initialisation' if info.get('fresh_rounds') else 'warm-started'} (lr {info.get('round_lr') or info['lr']}, each acquired frame ×{info.get('acquired_repeats', 1)}). "
               f"Oracle: tblite GFN2-xTB, charge +1. "
               f"MD: LAMMPS `pair_style bayesrace`, Langevin {info['temperature']:.0f} K (damping 0.1 ps), 0.5 fs, "
               f"{info['steps']} steps in total, dump/halt check every {info['dump_every']} steps. "
@@ -427,8 +427,8 @@ def main(argv=None) -> int:
                         help="the force σ that halts the MD (md.halt_on)")
     parser.add_argument("--round-lr", type=float, default=None, help="learning rate of the rounds (default --lr)")
     parser.add_argument("--acquired-repeats", type=int, default=1)
-    parser.add_argument("--look-ahead", type=int, default=0,
-                        help="md.look_ahead: steps of MD past each halt whose frames join the candidates")
+    parser.add_argument("--look-ahead", type=int, default=0, help="md.look_ahead: steps of MD past each halt whose frames join the candidates")
+    parser.add_argument("--fresh-rounds", action="store_true", help="warm_start: false (each round trains from a fresh initialisation)")
     parser.add_argument("--look-ahead-limit", type=float, default=3.0, help="md.look_ahead_limit (× τ)")
     parser.add_argument("--base-from", type=Path, default=None,
                         help="another --runs folder whose base_300K posterior (same data and settings) is reused")
