@@ -26,9 +26,9 @@ TORSION_ATOMS = (1, 2, 3, 4)  # PSB3's central C=C, as in the data set's torsion
 
 
 def per_frame(posterior, frames, atoms) -> dict:
-    """Per frame: mean and max |ΔF_i| (eV/Å), max relative epistemic σ, |C=C torsion| (deg)."""
+    """Per frame: mean and max |ΔF_i| (eV/Å), max relative epistemic σ, C=C torsion folded onto 0–180°."""
     from bayesrace import keys
-    from bayesrace.uq._predict import predict_frames, reference_key
+    from bayesrace.uq import predict_frames, reference_key
 
     prediction = predict_frames(posterior, frames)
     error = np.linalg.norm(prediction[keys.FORCES] - prediction[reference_key(keys.FORCES)], axis=1)
@@ -41,20 +41,16 @@ def per_frame(posterior, frames, atoms) -> dict:
         rows["mean_error"].append(float(error[mask].mean()))
         rows["max_error"].append(float(error[mask].max()))
         rows["max_relative_sigma"].append(float(relative[mask].max()))
-        rows["torsion_deg"].append(abs(float(structure.get_dihedral(*TORSION_ATOMS))))
+        torsion = structure.get_dihedral(*TORSION_ATOMS)  # in [0, 360)
+        rows["torsion_deg"].append(float(min(torsion, 360.0 - torsion)))
     return {name: np.array(values) for name, values in rows.items()}
-
-
-def fold(angle: np.ndarray) -> np.ndarray:
-    """A torsion folded onto 0-180° (trans 180)."""
-    angle = np.mod(angle, 360.0)
-    return np.where(angle > 180.0, 360.0 - angle, angle)
 
 
 def analyse(runs: Path, hot_path: Path) -> list:
     import ase.io
 
     from bayesrace import load_posterior, read_frames
+    from bayesrace.uq import spearman
 
     log = json.loads((runs / "otf" / "otf_log.json").read_text())
     labelled_path = runs / "otf" / "labelled.xyz"
@@ -74,20 +70,14 @@ def analyse(runs: Path, hot_path: Path) -> list:
         rows.append(dict(
             round=r, halt_step=record["step_reached"], halt=at_halt,
             halt_mean_error_percentile=float((on_hot["mean_error"] < at_halt["mean_error"]).mean() * 100),
-            halt_torsion_deg=float(fold(np.array([at_halt["torsion_deg"]]))[0]),
             picks_median_mean_error=float(np.median(on_picks["mean_error"])),
             hot_median_mean_error=float(np.median(on_hot["mean_error"])),
             hot_p90_mean_error=float(np.percentile(on_hot["mean_error"], 90)),
             hot_median_max_relative_sigma=float(np.median(on_hot["max_relative_sigma"])),
-            hot_spearman_sigma_error=spearman(on_hot["max_relative_sigma"], on_hot["mean_error"]),
+            hot_spearman_sigma_error=spearman(on_hot["mean_error"], on_hot["max_relative_sigma"]),
         ))
         print(table_row(rows[-1]), flush=True)
     return rows
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    rank = lambda x: np.argsort(np.argsort(x))
-    return float(np.corrcoef(rank(a), rank(b))[0, 1])
 
 
 HEADER = ("| round | halt step | halting frame: mean / max \\|ΔF_i\\| [meV/Å] | its max relative σ | "
@@ -99,7 +89,7 @@ HEADER = ("| round | halt step | halting frame: mean / max \\|ΔF_i\\| [meV/Å] 
 def table_row(row: dict) -> str:
     halt = row["halt"]
     return (f"| {row['round']} | {row['halt_step']} | {halt['mean_error'] * 1e3:.0f} / {halt['max_error'] * 1e3:.0f} | "
-            f"{halt['max_relative_sigma']:.3f} | {row['halt_mean_error_percentile']:.0f} | {row['halt_torsion_deg']:.0f} | "
+            f"{halt['max_relative_sigma']:.3f} | {row['halt_mean_error_percentile']:.0f} | {halt['torsion_deg']:.0f} | "
             f"{row['picks_median_mean_error'] * 1e3:.0f} | {row['hot_median_mean_error'] * 1e3:.0f} / "
             f"{row['hot_p90_mean_error'] * 1e3:.0f} | {row['hot_median_max_relative_sigma']:.3f} | "
             f"{row['hot_spearman_sigma_error']:.2f} |")

@@ -58,7 +58,7 @@ def variant_config(round_config: dict, variant: str, members: int, previous: Pat
 
 def force_maes(posterior, frames) -> dict:
     from bayesrace import keys
-    from bayesrace.uq._predict import predict_frames, reference_key
+    from bayesrace.uq import predict_frames, reference_key
 
     prediction = predict_frames(posterior, frames)
     reference = prediction[reference_key(keys.FORCES)]
@@ -86,8 +86,8 @@ def main(argv=None) -> int:
     if r == 0:
         raise SystemExit(f"{otf}: only round 0 was trained; nothing to warm-start from")
     command, started_load = command_line("al_otf_refit.py", argv), uptime()
-    posteriors, seconds = {f"round {r} (the loop's, {len(load_posterior(round_dir / 'posterior.pt').members)} members)":
-                           round_dir / "posterior.pt"}, {}
+    posteriors = {f"round {r} (the loop's, {round_config['ensemble']['members']} members)": round_dir / "posterior.pt"}
+    seconds = {}
     for variant in args.variants:
         out = args.runs / variant.replace(":", "_")
         config = variant_config(round_config, variant, args.members, otf / f"round_{r - 1}", out)

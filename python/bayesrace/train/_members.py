@@ -90,21 +90,20 @@ def new_member_model(config: Config, data: TrainingData, member: int) -> RACE:
 def initial_member_model(config: Config, data: TrainingData, member: int) -> RACE:
     """The model member ``member`` starts training from: a seeded random initialisation, or
     with ``training.init_from`` member ``member mod M`` of that posterior (all its weights and
-    buffers, so the same function; with ``training.init_shrink`` λ its parameters become λ × those
-    + (1 − λ) × the seeded initialisation's, buffers kept); a shallow ensemble's head: member 0's trunk with its own
-    seeded readouts."""
+    buffers, so the same function; with ``training.init_shrink`` λ its parameters become λ ×
+    those + (1 − λ) × the seeded initialisation's, buffers kept); a shallow ensemble's head:
+    member 0's trunk with its own seeded readouts."""
     model = new_member_model(config, data, member)
     if is_shallow_head(config, member):
         return start_head(model, config)
     if config.training.init_from:
-        fresh = [parameter.detach().clone() for parameter in model.parameters()]
+        shrink = config.training.init_shrink
+        fresh = [p.detach().clone() for p in model.parameters()] if shrink is not None else []
         states = _warm_start_record(config, data)["members"]
         model.load_state_dict(states[member % len(states)])
-        shrink = config.training.init_shrink
-        if shrink is not None:
-            with torch.no_grad():
-                for parameter, initial in zip(model.parameters(), fresh):
-                    parameter.mul_(shrink).add_(initial, alpha=1.0 - shrink)
+        with torch.no_grad():
+            for parameter, initial in zip(model.parameters(), fresh):
+                parameter.mul_(shrink).add_(initial, alpha=1.0 - shrink)
     return model
 
 
