@@ -16,8 +16,6 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
-
 from _common import command_line, git_commit, machine_info, write_json
 
 
@@ -45,8 +43,7 @@ def progress(run: dict) -> dict:
         seconds.append(total_s)
         steps.append(entry["step_reached"])
         total_labels += entry.get("labels_added", 0)
-    return {"labels": np.array(labels), "wall_s": np.array(seconds), "step": np.array(steps),
-            "labels_total": total_labels}
+    return {"labels": labels, "wall_s": seconds, "step": steps, "labels_total": total_labels}
 
 
 def hot_mae(run: dict) -> tuple:
@@ -58,11 +55,11 @@ def hot_mae(run: dict) -> tuple:
     return mae(evaluated[0]), mae(evaluated[-1]), int(evaluated[-1])
 
 
-def table(runs: dict) -> list:
+def table(runs: dict, tracks: dict) -> list:
     lines = ["| run | status | MD segments | labels | step reached / requested | loop wall [h] | hot F MAE [meV/Å] "
              "round 0 → last | validation runs (seed: step) |", "|---|---|---:|---:|---|---:|---|---|"]
     for name, run in runs.items():
-        track = progress(run)
+        track = tracks[name]
         first, last, last_round = hot_mae(run)
         mae = f"{first:.0f} → {last:.0f} (round {last_round})" if first is not None else "not evaluated"
         validation = ", ".join(f"r{v['round']} s{v['seed']}: {v['step_reached']}" for v in run["validation"]) or "—"
@@ -72,16 +69,15 @@ def table(runs: dict) -> list:
     return lines
 
 
-def plot(runs: dict, path: Path) -> None:
+def plot(runs: dict, tracks: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, (by_labels, by_time) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for name, run in runs.items():
-        track = progress(run)
+    for name, track in tracks.items():
         by_labels.step(track["labels"], track["step"], where="post", marker="o", label=name)
-        by_time.plot(track["wall_s"] / 3600, track["step"], marker="o", label=name)
+        by_time.plot([s / 3600 for s in track["wall_s"]], track["step"], marker="o", label=name)
     n_steps = max(run["n_steps"] or 0 for run in runs.values())
     for axis, xlabel in ((by_labels, "labels acquired before the segment"), (by_time, "loop wall time [h]")):
         axis.axhline(n_steps, color="grey", linestyle=":", label="requested length")
@@ -107,10 +103,11 @@ def main(argv=None) -> int:
             raise SystemExit(f"run {item!r}: expected name=PATH")
         runs[name] = load_run(Path(path))
     args.out.mkdir(parents=True, exist_ok=True)
-    plot(runs, args.out / "progress.png")
-    lines = table(runs)
+    tracks = {name: progress(run) for name, run in runs.items()}
+    plot(runs, tracks, args.out / "progress.png")
+    lines = table(runs, tracks)
     print("\n".join(lines))
-    header = [f"# On-the-fly runs compared (bench/al_otf_compare.py)", "",
+    header = ["# On-the-fly runs compared (bench/al_otf_compare.py)", "",
               f"Command: `{command_line('bench/al_otf_compare.py', argv)}`  ",
               f"Commit: {git_commit()}  ", "",
               *(f"- {name}: `{run['source']}`" for name, run in runs.items()), "",
@@ -119,8 +116,8 @@ def main(argv=None) -> int:
     (args.out / "results.md").write_text("\n".join(header + lines) + "\n")
     write_json(args.out / "results.json", {"command": command_line("bench/al_otf_compare.py", argv),
                                            "commit": git_commit(), "machine": machine_info(),
-                                           "runs": {name: {"source": run["source"], **{k: v.tolist() if hasattr(v, "tolist") else v for k, v in progress(run).items()}}
-                                                    for name, run in runs.items()}})
+                                           "runs": {name: {"source": runs[name]["source"], **track}
+                                                    for name, track in tracks.items()}})
     return 0
 
 
