@@ -26,19 +26,43 @@ def load_run(path: Path) -> dict:
             data = json.loads(candidate.read_text())
             if "rounds" not in data:
                 raise SystemExit(f"{candidate}: no 'rounds' list; expected an al_otf results.json or otf_log.json")
+            runs_dir = data.get("settings", {}).get("runs") or (path if candidate.parent.name == "otf" else None)
             return {"source": str(candidate), "rounds": data["rounds"], "n_steps": data.get("n_steps")
                     or data.get("settings", {}).get("steps"), "evaluation": data.get("evaluation", {}),
-                    "status": data.get("status"), "validation": data.get("settings", {}).get("validation", [])}
+                    "status": data.get("status"), "validation": data.get("settings", {}).get("validation", []),
+                    "runs_dir": Path(runs_dir) if runs_dir else None}
     raise SystemExit(f"{path}: neither results.json nor otf/otf_log.json found")
 
 
+def members_training_s(runs_dir, round_index: int):
+    """The members' own training seconds of one round (each member's last ``elapsed_s``, which
+    carries over a resume from checkpoint); None when the run folder is not on this machine."""
+    if runs_dir is None or round_index == 0:  # round 0's model is the base, not counted
+        return None
+    files = sorted((Path(runs_dir) / "otf" / f"round_{round_index}").glob("member_*/metrics.jsonl"))
+    if not files:
+        return None
+    total = 0.0
+    for path in files:
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        total += json.loads(lines[-1])["elapsed_s"] if lines else 0.0
+    return total
+
+
 def progress(run: dict) -> dict:
-    """Per round: labels acquired before its MD segment, cumulative wall s after it, step reached."""
+    """Per round: labels acquired before its MD segment, cumulative wall s after it, step reached.
+
+    A round resumed after a kill records only the resumed part of its training; where the run
+    folder is at hand, the members' own cumulative training seconds replace it when larger."""
     labels, seconds, steps, total_labels, total_s = [], [], [], 0, 0.0
     for entry in run["rounds"]:
         if "step_reached" not in entry:
             break  # a round still running
-        total_s += sum(entry.get("time_s", {}).values())
+        times = dict(entry.get("time_s", {}))
+        members_s = members_training_s(run.get("runs_dir"), entry["round"])
+        if members_s is not None:
+            times["train"] = max(times.get("train", 0.0), members_s)
+        total_s += sum(times.values())
         labels.append(total_labels)
         seconds.append(total_s)
         steps.append(entry["step_reached"])
@@ -112,7 +136,9 @@ def main(argv=None) -> int:
               f"Commit: {git_commit()}  ", "",
               *(f"- {name}: `{run['source']}`" for name, run in runs.items()), "",
               "Loop wall time sums each round's training, calibration, export, MD, control run, selection "
-              "and labelling; base training is not in it. Plot: `progress.png`.", ""]
+              "and labelling; base training is not in it. A round's training counts the members' own "
+              "cumulative training seconds where the run folder is at hand (so a round resumed after a "
+              "kill is not undercounted). Plot: `progress.png`.", ""]
     (args.out / "results.md").write_text("\n".join(header + lines) + "\n")
     write_json(args.out / "results.json", {"command": command_line("bench/al_otf_compare.py", argv),
                                            "commit": git_commit(), "machine": machine_info(),
