@@ -15,7 +15,8 @@ Methods (one training config each, everything else equal: preset, data, epochs, 
 
 Data:
   psb3  the built-in PSB3 set (GFN2-xTB): train 400 / valid 100; in distribution test_id
-        (300–600 K); out of distribution ood_hot (1000–1500 K) and ood_torsion (C=C twist scan)
+        (300–600 K); out of distribution ood_hot (1000–1500 K), ood_torsion (C=C twist scan,
+        partially relaxed) and ood_torsion_thermal (300 K MD with the twist held at 0–120°)
   acac  ../shared/data/acac: train_300K split 450 / 50 (seed 0); in distribution test_MD_300K;
         out of distribution test_MD_600K, test_H_transfer (proton transfer), test_dihedral
 
@@ -28,6 +29,13 @@ evaluation report (plots, metrics.json) goes with its training run to ``--runs``
 
     python bench/uq.py                                   # both data sets, all methods
     python bench/uq.py --datasets psb3 --methods mve swag --epochs 3 --out /tmp/uq --runs /tmp/uq_runs
+
+``--evaluate-only`` re-evaluates posteriors already trained in ``--runs`` (e.g. after a test set
+was added) and keeps the training cost recorded in ``--out``'s results.json.
+
+Every OOD table also has a "low |F|" column: the AUROC of −mean_i ‖F_i‖ (predicted), which
+uses no uncertainty at all. A set it separates (AUROC near 1, as for relaxed scans against
+thermal MD) can be "detected" by any score that divides by ‖F‖; read such AUROCs with care.
 """
 
 from __future__ import annotations
@@ -83,8 +91,19 @@ def prepare_psb3(runs: Path) -> Dict:
             "test_id": data / "test_id.xyz",
             "ood_hot": data / "test_ood_hot.xyz",
             "ood_torsion": data / "test_ood_torsion.xyz",
+            "ood_torsion_thermal": thermal_torsion(data),
         },
     }
+
+
+def thermal_torsion(data: Path) -> Path:
+    """The thermal torsion set beside the PSB3 data (written once, ~25 s of xTB MD)."""
+    from bayesrace.data import TORSION_THERMAL_FILE, write_thermal_torsion
+
+    path = data / TORSION_THERMAL_FILE
+    if not path.exists():
+        write_thermal_torsion(data, progress=False)
+    return path
 
 
 def prepare_acac(runs: Path) -> Dict:
@@ -185,6 +204,20 @@ def evaluate_method(posterior_path: Path, data: Dict, report_dir: Path, method: 
     return evaluation
 
 
+def low_force_auroc(run_dir: Path, sets: list) -> Dict:
+    """{OOD set: AUROC of −mean_i ‖F_i‖}, the first set as the in-distribution reference:
+    how well "small predicted forces" alone tells each set apart (a confound check)."""
+    from bayesrace.uq import auroc
+
+    def mean_force(name):
+        prediction = np.load(run_dir / f"predictions_{name}.npz")
+        norms = np.linalg.norm(prediction["forces"], axis=1)
+        return np.bincount(prediction["batch"], weights=norms) / np.bincount(prediction["batch"])
+
+    reference = mean_force(sets[0])
+    return {name: auroc(-reference, -mean_force(name)) for name in sets[1:] if name != "valid"}
+
+
 def _cell(metrics: Dict, name: str) -> str:
     if name is None:
         epi = metrics.get("forces_sigma_epistemic_mean_eV_per_A")
@@ -248,10 +281,12 @@ def write_markdown(results: Dict, path: Path) -> None:
             for pair, scores in (entry.get("ood") or {}).items():
                 ood_rows.append((method, pair, scores))
         score_names = [name for name in OOD_SCORES if any(name in scores for _, _, scores in ood_rows)]
-        lines.append("| method | OOD set | " + " | ".join(OOD_SCORES[n][0] for n in score_names) + " |")
-        lines.append("|" + "---|" * (2 + len(score_names)))
+        lines.append("| method | OOD set | " + " | ".join(OOD_SCORES[n][0] for n in score_names) + " | low ‖F‖ |")
+        lines.append("|" + "---|" * (3 + len(score_names)))
         for method, pair, scores in ood_rows:
-            lines.append(f"| {method} | {pair} | " + " | ".join(_cell(scores, s) for s in score_names) + " |")
+            confound = (per_method[method].get("ood_low_force") or {}).get(pair)
+            lines.append(f"| {method} | {pair} | " + " | ".join(_cell(scores, s) for s in score_names)
+                         + f" | {'–' if confound is None else f'{confound:.3g}'} |")
         lines += ["", f"### {dataset}: cost", "", "| method | members | wall s | CPU s |", "|---|---:|---:|---:|"]
         for method, entry in per_method.items():
             lines.append(f"| {method} | {entry.get('members', '–')} | {entry.get('wall_s', '–')} | "
@@ -287,6 +322,8 @@ def parse_args(argv=None):
     parser.add_argument("--slots", type=int, default=2, help="processes (ranks) running at once")
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results" / "uq")
     parser.add_argument("--runs", type=Path, default=BENCH_DIR / "runs" / "uq")
+    parser.add_argument("--evaluate-only", action="store_true",
+                        help="re-evaluate posteriors already trained in --runs; keep the recorded training cost")
     return parser.parse_args(argv)
 
 
@@ -311,12 +348,20 @@ def main(argv=None) -> int:
                              ranks=ranks, run_dir=run_dir))
     # ensembles first (they take every slot), then single models side by side
     jobs.sort(key=lambda job: -job["ranks"])
-    print(f"training {len(jobs)} posteriors", flush=True)
-    run_jobs(jobs, args.slots)
-
     command = command_line("uq.py", argv)
     settings = {k: getattr(args, k) for k in ("preset", "epochs", "warmup", "lr", "members", "samples", "seed")}
     results = _previous_results(args.out / "results.json", settings)
+    if args.evaluate_only:
+        for job in jobs:
+            recorded = results["datasets"].get(job["dataset"], {}).get(job["method"], {})
+            if not (job["run_dir"] / "posterior.pt").exists() or "cpu_s" not in recorded:
+                raise SystemExit(f"--evaluate-only: {job['name']} has no trained posterior in {job['run_dir']} "
+                                 f"or no recorded cost in {args.out / 'results.json'}")
+            job.update(wall_s=recorded["wall_s"], cpu_s=recorded["cpu_s"], returncode=0)
+    else:
+        print(f"training {len(jobs)} posteriors", flush=True)
+        run_jobs(jobs, args.slots)
+
     results.update(command=command, commit=git_commit(), machine=machine_info(), settings=settings)
     results["commands"] = results.get("commands", []) + [command]
     for d in args.datasets:
@@ -334,7 +379,8 @@ def main(argv=None) -> int:
                 ood = metrics["ood"]
                 entry.update(before=metrics["sets"], after=metrics.get("recalibrated") or {},
                              ood=ood["auroc"], ood_recalibrated=ood.get("auroc_recalibrated"),
-                             calibration=metrics.get("calibration"))
+                             calibration=metrics.get("calibration"),
+                             ood_low_force=low_force_auroc(job["run_dir"], list(data[job["dataset"]]["test"])))
                 from bayesrace.bayes import load_posterior
 
                 entry["members"] = len(load_posterior(job["run_dir"] / "posterior.pt").members)

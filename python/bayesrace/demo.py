@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 DEMO_SEED = 0
+DEMO_THERMAL_TORSION_FRAMES = 6  # per held twist: 30 frames, ~15 s of xTB MD
 
 
 def _step(title: str) -> None:
@@ -186,7 +187,7 @@ def run_demo(out: Path, members: int = 4, minutes: float = 2.0, ranks: int = 1, 
     from . import keys
     from ._files import jsonable
     from .bayes import load_posterior
-    from .data import generate_psb3, write_torsion_beyond_training
+    from .data import TORSION_THERMAL_FILE, generate_psb3, write_thermal_torsion, write_torsion_beyond_training
     from .export import export_posterior
     from .lammps import run_psb3_example
     from .train import train_under_mpirun
@@ -228,11 +229,18 @@ def run_demo(out: Path, members: int = 4, minutes: float = 2.0, ranks: int = 1, 
     low = beyond["train_range_deg"][0]
     print(f"torsion frames beyond the training set's twists ({low:.0f}-180 deg): {beyond['n_frames']} of "
           f"{beyond['n_torsion']}")
+    # the scan is partially relaxed (forces ~0.2 eV/Å against ~1.4 in MD), so "small forces" alone
+    # separates it; 300 K MD with the twist held leaves only the twist new
+    thermal = data_dir / TORSION_THERMAL_FILE
+    if not thermal.exists():
+        write_thermal_torsion(data_dir, frames_per_angle=DEMO_THERMAL_TORSION_FRAMES, seed=DEMO_SEED,
+                              progress=not quiet)
     sets = {
         "test_id (300-600 K)": str(data_dir / "test_id.xyz"),
         "ood_hot (1000-1500 K)": str(data_dir / "test_ood_hot.xyz"),
         "ood_torsion (C=C twist)": str(data_dir / "test_ood_torsion.xyz"),
         f"ood_torsion beyond training (twist < {low:.0f} deg)": beyond["path"],
+        "ood_torsion thermal (300 K MD, twist held at 0-120 deg)": str(thermal),
         valid_name: str(data_dir / "valid.xyz"),
     }
     report_dir = out / "report"

@@ -141,3 +141,36 @@ def test_torsion_frames_beyond_the_training_twists(tmp_path):
     ase.io.write(tmp_path / "test_ood_torsion.xyz", [twisted(a) for a in (155.0, 179.0)])
     with pytest.raises(ValueError, match="inside the training range"):
         write_torsion_beyond_training(tmp_path)
+
+
+def test_thermal_torsion_holds_the_twist_with_thermal_forces(tmp_path):
+    """write_thermal_torsion samples 300 K MD with the C=C twist held at each angle: every frame
+    sits at its angle, its xTB forces are thermal (not the near-zero forces of a relaxed scan),
+    the 90° twist costs more energy than the planar frames, and the same seed gives the same bytes."""
+    from bayesrace.data import write_thermal_torsion
+    from bayesrace.data._psb3 import _twist_deg
+
+    angles = (0.0, 90.0)
+    result = write_thermal_torsion(tmp_path, angles_deg=angles, frames_per_angle=2, progress=False)
+    frames = read_frames(result["path"])
+    assert result["n_frames"] == len(frames) == 4
+    import ase.io
+
+    atoms = ase.io.read(result["path"], index=":")
+    twists = np.array([_twist_deg(a) for a in atoms])
+    assert np.allclose(twists, np.repeat(angles, 2), atol=1e-3)
+    mean_force = np.array([np.linalg.norm(frame.forces, axis=1).mean() for frame in frames])
+    assert mean_force.min() > 0.5  # eV/Å: thermal; the relaxed scan's frames sit near 0.2
+    energies = np.array([frame.energy for frame in frames])
+    assert energies[2:].min() > energies[:2].max()  # the twisted cation lies above cis
+    again = write_thermal_torsion(tmp_path, angles_deg=angles, frames_per_angle=2, progress=False,
+                                  out_name="again.xyz")
+    assert (tmp_path / "again.xyz").read_bytes() == (tmp_path / "test_ood_torsion_thermal.xyz").read_bytes()
+    assert again["n_frames"] == 4
+
+
+def test_thermal_torsion_rejects_empty_requests(tmp_path):
+    from bayesrace.data import write_thermal_torsion
+
+    with pytest.raises(ValueError, match="frames_per_angle"):
+        write_thermal_torsion(tmp_path, angles_deg=(90.0,), frames_per_angle=0, progress=False)

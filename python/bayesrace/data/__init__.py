@@ -35,12 +35,14 @@ from ._graphs import (
 from ._psb3 import (
     PSB3_FILES,
     TORSION_BEYOND_FILE,
+    TORSION_THERMAL_FILE,
     TORSION_DIHEDRAL,
     build_psb3,
     generate_psb3,
     import_tblite,
     one_openmp_thread,
     write_torsion_beyond_training,
+    write_thermal_torsion,
 )
 from ._qm9 import (
     QM9_TARGETS,
@@ -63,6 +65,7 @@ __all__ = [
     "Qm9Table",
     "Qm9Target",
     "TORSION_BEYOND_FILE",
+    "TORSION_THERMAL_FILE",
     "TORSION_DIHEDRAL",
     "TypeMap",
     "build_psb3",
@@ -87,4 +90,5 @@ __all__ = [
     "split",
     "write_qm9",
     "write_torsion_beyond_training",
+    "write_thermal_torsion",
 ]

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["generate_psb3", "build_psb3", "import_tblite", "one_openmp_thread", "write_torsion_beyond_training",
-           "PSB3_FILES", "TORSION_BEYOND_FILE", "TORSION_DIHEDRAL"]
+           "write_thermal_torsion", "PSB3_FILES", "TORSION_BEYOND_FILE", "TORSION_THERMAL_FILE", "TORSION_DIHEDRAL"]
 
 METHOD = "GFN2-xTB"
 CHARGE = 1.0
@@ -40,6 +40,9 @@ TORSION_FMAX = 0.05  # eV/Å, partial relaxation of the other coordinates
 RELAX_FMAX = 0.01
 TORSION_DIHEDRAL = (1, 2, 3, 4)  # C2-C3=C4-C5
 TORSION_BEYOND_FILE = "test_ood_torsion_beyond.xyz"  # the scan's frames outside the training's twists
+TORSION_THERMAL_FILE = "test_ood_torsion_thermal.xyz"  # 300 K MD with the twist held outside training
+# twists the 300-600 K training MD never visits (it stays within ~35° of trans, 180°)
+THERMAL_TORSION_ANGLES_DEG = (0.0, 30.0, 60.0, 90.0, 120.0)
 _TORSION_ROTATING_ATOMS = (3, 4, 5, 8, 9, 12, 13)  # C4 and everything beyond it
 
 PSB3_FILES = (
@@ -170,16 +173,22 @@ def _relax(atoms, fmax: float, steps: int) -> bool:
     return bool(BFGS(atoms, logfile=None).run(fmax=fmax, steps=steps))
 
 
-def _md_samples(minimum, calculator_class, temperature_K, n_samples, rng, config_type, bar):
-    """Langevin MD from the minimum: equilibrate, then one sample every SAMPLE_EVERY steps."""
+def _md_samples(minimum, calculator_class, temperature_K, n_samples, rng, config_type, bar, hold_twist_deg=None):
+    """Langevin MD from ``minimum``: equilibrate, then one sample every SAMPLE_EVERY steps.
+    With ``hold_twist_deg`` the C=C dihedral stays fixed at that angle (FixInternals)."""
     from ase import units
-    from ase.constraints import FixCom
+    from ase.constraints import FixCom, FixInternals
     from ase.md import velocitydistribution
     from ase.md.langevin import Langevin
 
     atoms = minimum.copy()
     atoms.calc = _xtb(calculator_class)
-    atoms.set_constraint(FixCom())  # fixcm=True in Langevin is deprecated and biased for small systems
+    constraints = [FixCom()]  # fixcm=True in Langevin is deprecated and biased for small systems
+    extra_info = {}
+    if hold_twist_deg is not None:
+        constraints.append(FixInternals(dihedrals_deg=[[float(hold_twist_deg), list(TORSION_DIHEDRAL)]]))
+        extra_info["dihedral_deg"] = float(hold_twist_deg)
+    atoms.set_constraint(constraints)
     thermalize = getattr(velocitydistribution, "thermalize_momenta", None)
     # Starting at the minimum, about half the kinetic energy flows into potential energy
     # within a few vibrations: drawing velocities at 2T lands near T at once.
@@ -208,7 +217,8 @@ def _md_samples(minimum, calculator_class, temperature_K, n_samples, rng, config
             bar.update(SAMPLE_EVERY)
             samples.append(
                 _labelled_copy(
-                    atoms, {"config_type": config_type, "temperature_K": float(temperature_K), "md_step": step}
+                    atoms,
+                    {"config_type": config_type, "temperature_K": float(temperature_K), "md_step": step, **extra_info},
                 )
             )
     except Exception as error:
@@ -216,24 +226,30 @@ def _md_samples(minimum, calculator_class, temperature_K, n_samples, rng, config
     return samples
 
 
-def _torsion_scan(minimum, calculator_class, n_points: int):
-    """Dihedral C2-C3=C4-C5 from 0 to 180 deg: rigid rotation of the C4 side from the
-    minimum, then a partial relaxation (BFGS, at most TORSION_RELAX_STEPS steps) of every
-    other coordinate with the dihedral held by FixInternals."""
+def _twisted(minimum, calculator_class, angle: float):
+    """The minimum with C2-C3=C4-C5 at ``angle``: rigid rotation of the C4 side, then a partial
+    relaxation (BFGS, at most TORSION_RELAX_STEPS steps) of every other coordinate with the
+    dihedral held by FixInternals. Returns (atoms with the xTB calculator, converged)."""
     from ase.constraints import FixInternals
 
     mask = np.zeros(len(minimum), dtype=bool)
     mask[list(_TORSION_ROTATING_ATOMS)] = True
+    atoms = minimum.copy()
+    atoms.set_dihedral(*TORSION_DIHEDRAL, float(angle), mask=mask)
+    atoms.set_constraint(FixInternals(dihedrals_deg=[[float(angle), list(TORSION_DIHEDRAL)]]))
+    atoms.calc = _xtb(calculator_class)
+    try:
+        converged = _relax(atoms, TORSION_FMAX, TORSION_RELAX_STEPS)
+    except Exception as error:
+        raise RuntimeError(f"PSB3: twisting C=C to {angle:g} deg failed: {error}") from error
+    return atoms, converged
+
+
+def _torsion_scan(minimum, calculator_class, n_points: int):
+    """Dihedral C2-C3=C4-C5 from 0 to 180 deg, each point partially relaxed (``_twisted``)."""
     frames = []
     for angle in np.linspace(0.0, 180.0, n_points):
-        atoms = minimum.copy()
-        atoms.set_dihedral(*TORSION_DIHEDRAL, float(angle), mask=mask)
-        atoms.set_constraint(FixInternals(dihedrals_deg=[[float(angle), list(TORSION_DIHEDRAL)]]))
-        atoms.calc = _xtb(calculator_class)
-        try:
-            converged = _relax(atoms, TORSION_FMAX, TORSION_RELAX_STEPS)
-        except Exception as error:
-            raise RuntimeError(f"PSB3 torsion scan failed at {angle:g} deg: {error}") from error
+        atoms, converged = _twisted(minimum, calculator_class, float(angle))
         frames.append(
             _labelled_copy(
                 atoms,
@@ -408,3 +424,43 @@ def write_torsion_beyond_training(data_dir, out_name: str = TORSION_BEYOND_FILE)
     path = data_dir / out_name
     ase.io.write(path, beyond, format="extxyz")
     return dict(path=str(path), n_frames=len(beyond), n_torsion=len(scan), train_range_deg=[float(low), float(high)])
+
+
+def write_thermal_torsion(data_dir, angles_deg=THERMAL_TORSION_ANGLES_DEG, frames_per_angle: int = 12,
+                          temperature_K: float = 300.0, seed: int = 0, progress: bool = True,
+                          out_name: str = TORSION_THERMAL_FILE) -> dict:
+    """Write ``out_name`` into ``data_dir``: Langevin MD at ``temperature_K`` with the C=C twist
+    held (FixInternals) at each of ``angles_deg``, ``frames_per_angle`` samples each, labelled
+    with GFN2-xTB like the rest of the set; returns {path, n_frames, angles_deg, mean_force_eV_per_A}.
+
+    The scan in ``test_ood_torsion.xyz`` is partially relaxed, so its forces are a fifth of
+    thermal ones and "small forces" alone tells it from the 300-600 K test set; these frames
+    carry thermal forces, so only the twist is new."""
+    import ase.io
+    from tqdm.auto import tqdm
+
+    if frames_per_angle < 1 or not len(angles_deg):
+        raise ValueError(f"write_thermal_torsion: need angles and frames_per_angle >= 1, got {list(angles_deg)}, "
+                         f"{frames_per_angle}")
+    calculator_class = _xtb_calculator_class()
+    streams = np.random.SeedSequence([int(seed), 7]).spawn(len(angles_deg))
+    frames = []
+    with one_openmp_thread():
+        minimum = build_psb3()
+        minimum.calc = _xtb(calculator_class)
+        if not _relax(minimum, RELAX_FMAX, 1000):
+            raise RuntimeError("PSB3: the xTB relaxation of the starting geometry did not converge")
+        total = len(angles_deg) * (EQUILIBRATION_STEPS + frames_per_angle * SAMPLE_EVERY)
+        with tqdm(total=total, desc="PSB3 twisted xTB MD", unit="step", disable=not progress) as bar:
+            for angle, stream in zip(angles_deg, streams):
+                start, _ = _twisted(minimum, calculator_class, float(angle))
+                start.set_constraint()
+                start.calc = None
+                frames += _md_samples(start, calculator_class, temperature_K, frames_per_angle,
+                                      np.random.default_rng(stream), f"md_twist_{angle:g}deg", bar,
+                                      hold_twist_deg=float(angle))
+    path = Path(data_dir) / out_name
+    ase.io.write(path, frames, format="extxyz")
+    mean_force = float(np.mean([np.linalg.norm(f.get_forces(), axis=1).mean() for f in frames]))
+    return dict(path=str(path), n_frames=len(frames), angles_deg=[float(a) for a in angles_deg],
+                temperature_K=float(temperature_K), mean_force_eV_per_A=mean_force)
