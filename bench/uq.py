@@ -233,6 +233,28 @@ def _cell(metrics: Dict, name: str) -> str:
     return f"{value:.3g}"
 
 
+def _flagged_table(dataset: str, per_method: Dict, sets: list) -> list:
+    """Fractions of each set's structures above the thresholds ``bayesrace calibrate`` would store
+    (1.5 × the 99th percentile over the validation set, of the recalibrated scores)."""
+    from bayesrace.uq import THRESHOLD_SCORES
+
+    rows = [(m, e["flagged"]) for m, e in per_method.items() if e.get("flagged")]
+    if not rows:
+        return []
+    shown = [n for n in sets if n != "valid"]
+    lines = ["", f"### {dataset}: flagged by the stored default thresholds", "",
+             "Fraction of each set's structures above τ = 1.5 × the 99th percentile over the validation set "
+             "(recalibrated scores; what `bayesrace calibrate` stores and `fix halt` can use); columns: "
+             + ", ".join(shown) + ".", "",
+             "| method | score (LAMMPS) | τ | " + " | ".join(shown) + " |", "|" + "---|" * (3 + len(shown))]
+    for method, flagged in rows:
+        for score, tau in flagged["thresholds"].items():
+            fractions = [flagged["fraction"].get(n, {}).get(score) for n in shown]
+            lines.append(f"| {method} | {OOD_SCORES[score][0]} ({THRESHOLD_SCORES[score]}) | {tau:.3g} | "
+                         + " | ".join("–" if f is None else f"{f:.2f}" for f in fractions) + " |")
+    return lines
+
+
 def write_markdown(results: Dict, path: Path) -> None:
     lines = ["# Uncertainty benchmark (bench/uq.py)", ""]
     lines += [
@@ -287,6 +309,7 @@ def write_markdown(results: Dict, path: Path) -> None:
             confound = (per_method[method].get("ood_low_force") or {}).get(pair)
             lines.append(f"| {method} | {pair} | " + " | ".join(_cell(scores, s) for s in score_names)
                          + f" | {'–' if confound is None else f'{confound:.3g}'} |")
+        lines += _flagged_table(dataset, per_method, sets)
         lines += ["", f"### {dataset}: cost", "", "| method | members | wall s | CPU s |", "|---|---:|---:|---:|"]
         for method, entry in per_method.items():
             lines.append(f"| {method} | {entry.get('members', '–')} | {entry.get('wall_s', '–')} | "
@@ -379,7 +402,7 @@ def main(argv=None) -> int:
                 ood = metrics["ood"]
                 entry.update(before=metrics["sets"], after=metrics.get("recalibrated") or {},
                              ood=ood["auroc"], ood_recalibrated=ood.get("auroc_recalibrated"),
-                             calibration=metrics.get("calibration"),
+                             calibration=metrics.get("calibration"), flagged=ood.get("flagged"),
                              ood_low_force=low_force_auroc(job["run_dir"], list(data[job["dataset"]]["test"])))
                 from bayesrace.bayes import load_posterior
 

@@ -56,7 +56,8 @@ def collect(folders: List[Path]) -> Dict:
                 if "error" in entry:
                     print(f"{folder}: {dataset}/{method} failed ({entry['error']}); left out", flush=True)
                     continue
-                slot = table.setdefault(dataset, {}).setdefault(method, dict(seeds=[], sets={}, ood={}, cpu_s=[]))
+                slot = table.setdefault(dataset, {}).setdefault(
+                    method, dict(seeds=[], sets={}, ood={}, cpu_s=[], low_force={}, flagged={}))
                 slot["seeds"].append(seed)
                 slot["cpu_s"].append(entry["cpu_s"])
                 for phase in ("before", "after"):
@@ -69,6 +70,12 @@ def collect(folders: List[Path]) -> Dict:
                 for pair, scores in (entry.get("ood") or {}).items():
                     for score, value in scores.items():
                         slot["ood"].setdefault(pair, {}).setdefault(score, []).append(value)
+                for pair, value in (entry.get("ood_low_force") or {}).items():
+                    slot["low_force"].setdefault(pair, []).append(value)
+                flagged = entry.get("flagged") or {}
+                for set_name, per_score in (flagged.get("fraction") or {}).items():
+                    for score, fraction in per_score.items():
+                        slot["flagged"].setdefault(score, {}).setdefault(set_name, []).append(fraction)
     # cheapest method first: the tables then read as "what more training buys"
     return {dataset: dict(sorted(methods.items(), key=lambda item: float(np.mean(item[1]["cpu_s"]))))
             for dataset, methods in table.items()}
@@ -105,16 +112,36 @@ def write_markdown(table: Dict, header: List[str], path: Path) -> None:
             lines.append("")
         lines += [f"### {dataset}: OOD AUROC against the in-distribution test set (as trained)", ""]
         scores = [s for s in OOD_SCORES if any(s in per for slot in methods.values() for per in slot["ood"].values())]
-        lines.append("| method | OOD set | " + " | ".join(OOD_SCORES[s][0] for s in scores) + " |")
-        lines.append("|" + "---|" * (len(scores) + 2))
+        lines.append("| method | OOD set | " + " | ".join(OOD_SCORES[s][0] for s in scores) + " | low ‖F‖ (no σ) |")
+        lines.append("|" + "---|" * (len(scores) + 3))
         for method, slot in methods.items():
             for pair, per in slot["ood"].items():
-                lines.append(f"| {method} | {pair} | " + " | ".join(_mean_std(per.get(s, [])) for s in scores) + " |")
+                lines.append(f"| {method} | {pair} | " + " | ".join(_mean_std(per.get(s, [])) for s in scores)
+                             + f" | {_mean_std(slot.get('low_force', {}).get(pair, []))} |")
+        lines += ["", "low ‖F‖: AUROC of −mean_i ‖F_i‖ (predicted), no uncertainty in it; a set it separates can be "
+                  "'detected' by any score that divides by ‖F‖ (bench/uq.py's docstring)."]
+        lines += _flagged_lines(dataset, methods)
         lines += ["", f"### {dataset}: training cost", "", "| method | CPU s |", "|---|---:|"]
         for method, slot in methods.items():
             lines.append(f"| {method} | {_mean_std(slot['cpu_s'])} |")
         lines.append("")
     path.write_text("\n".join(lines) + "\n")
+
+
+def _flagged_lines(dataset: str, methods: Dict) -> List[str]:
+    """Mean ± std over seeds of the fraction of each set above the stored default thresholds."""
+    from bayesrace.uq import THRESHOLD_SCORES
+
+    if not any(slot.get("flagged") for slot in methods.values()):
+        return []
+    set_names = [n for n in next(iter(methods.values()))["sets"] if n != "valid"]
+    lines = ["", f"### {dataset}: flagged by the stored default thresholds (1.5 × 99th percentile of valid)", "",
+             "| method | score (LAMMPS) | " + " | ".join(set_names) + " |", "|" + "---|" * (2 + len(set_names))]
+    for method, slot in methods.items():
+        for score, per_set in slot.get("flagged", {}).items():
+            lines.append(f"| {method} | {OOD_SCORES[score][0]} ({THRESHOLD_SCORES[score]}) | "
+                         + " | ".join(_mean_std(per_set.get(n, []), 2) for n in set_names) + " |")
+    return lines
 
 
 def plot_aurocs(table: Dict, out: Path) -> List[Path]:
