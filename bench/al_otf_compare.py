@@ -132,7 +132,7 @@ def main(argv=None) -> int:
     lines = table(runs, tracks)
     print("\n".join(lines))
     header = ["# On-the-fly runs compared (bench/al_otf_compare.py)", "",
-              f"Command: `{command_line('bench/al_otf_compare.py', argv)}`  ",
+              f"Command: `{command_line('al_otf_compare.py', argv)}`  ",
               f"Commit: {git_commit()}  ", "",
               *(f"- {name}: `{run['source']}`" for name, run in runs.items()), "",
               "Loop wall time sums each round's training, calibration, export, MD, control run, selection "
@@ -140,7 +140,7 @@ def main(argv=None) -> int:
               "cumulative training seconds where the run folder is at hand (so a round resumed after a "
               "kill is not undercounted). Plot: `progress.png`.", ""]
     (args.out / "results.md").write_text("\n".join(header + lines) + "\n")
-    write_json(args.out / "results.json", {"command": command_line("bench/al_otf_compare.py", argv),
+    write_json(args.out / "results.json", {"command": command_line("al_otf_compare.py", argv),
                                            "commit": git_commit(), "machine": machine_info(),
                                            "runs": {name: {"source": runs[name]["source"], **track}
                                                     for name, track in tracks.items()}})

@@ -122,7 +122,7 @@ def main(argv=None) -> int:
             rows.append(row)
             print(json.dumps(row), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    command = command_line("bench/feature_distance.py", argv)
+    command = command_line("feature_distance.py", argv)
     lines = ["# Feature-space distance as an OOD score (bench/feature_distance.py)", "",
              f"Command: `{command}`  ", f"Commit: {git_commit()}  ", "",
              "AUROC against test_id. max/mean distance: Mahalanobis distance of an atom's readout scalars to "

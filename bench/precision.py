@@ -104,7 +104,7 @@ def main(argv=None) -> int:
             scale = np.abs(ref).mean()
             rows.append({"mode": mode, "quantity": label, "max_abs": float(diff.max()),
                          "mean_abs": float(diff.mean()), "mean_abs_over_mean": float(diff.mean() / max(scale, 1e-300))})
-    result = {"command": command_line("bench/precision.py", argv), "commit": git_commit(), "machine": machine_info(),
+    result = {"command": command_line("precision.py", argv), "commit": git_commit(), "machine": machine_info(),
               "load": uptime(), "posterior": str(args.posterior), "data": str(args.data), "structures": len(frames),
               "atoms": int(sum(len(i[0]) for i in inputs)), "members": len(posterior.members),
               "seconds_per_structure": times, "differences": rows}
