@@ -55,6 +55,94 @@ def psb3_data(directory: Path = PSB3_DIR) -> Path:
     return directory
 
 
+# acac (atom order of ../shared/data/acac): the C1-C2 bond test_dihedral.xyz scans (the training
+# set's |C0-C1-C2-O3| stays below 30°) and the enol proton H11 between O3 and O5 (training frames
+# keep |d(O3-H) - d(O5-H)| above 0.22 Å: the proton sits on one oxygen)
+ACAC_DIHEDRAL = (0, 1, 2, 3)
+ACAC_DIHEDRAL_ANGLES_DEG = (45.0, 75.0, 105.0, 135.0, 165.0)
+ACAC_PROTON, ACAC_OXYGENS = 11, (3, 5)
+ACAC_PROTON_OFFSETS_A = (-0.12, -0.06, 0.0, 0.06, 0.12)  # d(O3-H) - d(O5-H) held, Å
+
+
+def _acac_side(atoms, pivot: int, away_from: int) -> list:
+    """Atoms reached from ``pivot`` without crossing the ``pivot``-``away_from`` bond (covalent radii)."""
+    from ase.neighborlist import natural_cutoffs, neighbor_list
+
+    first, second = neighbor_list("ij", atoms, natural_cutoffs(atoms, mult=1.2))  # bonds stretch in MD
+    neighbours = {k: set(second[first == k]) for k in range(len(atoms))}
+    side, todo = {pivot}, [pivot]
+    while todo:
+        for n in neighbours[todo.pop()] - side - {away_from}:
+            side.add(n)
+            todo.append(n)
+    if away_from in side:
+        raise ValueError(f"acac: atoms {pivot} and {away_from} lie on a ring; no side to rotate")
+    return sorted(side)
+
+
+def acac_thermal_sets(data: Path, frames_per_point: int = 12, seed: int = 0) -> Dict[str, Path]:
+    """Unlabelled acac test sets from 300 K GFN2-xTB MD (the generator of the training geometries)
+    with one coordinate held by FixInternals: ``test_dihedral_thermal.xyz`` (C0-C1-C2-O3 at
+    ACAC_DIHEDRAL_ANGLES_DEG) and ``test_H_transfer_thermal.xyz`` (the proton at
+    ACAC_PROTON_OFFSETS_A). Written once into ``data``. The shared scans are partially relaxed,
+    so their small forces alone tell them from MD; these frames have thermal forces, and carry no
+    DFT labels (only AUROCs, not errors, come from them)."""
+    import ase
+    import ase.io
+    from ase.constraints import FixInternals
+
+    from bayesrace.data import one_openmp_thread, xtb_calculator, xtb_md_samples, xtb_relax
+
+    paths = {"test_dihedral_thermal": data / "test_dihedral_thermal.xyz",
+             "test_H_transfer_thermal": data / "test_H_transfer_thermal.xyz"}
+    if all(path.exists() for path in paths.values()):
+        return paths
+    start = ase.io.read(ACAC_DIR / "train_300K.xyz", index=0)
+    start.calc = None
+    if start.get_distance(ACAC_PROTON, ACAC_OXYGENS[0]) > 1.2:
+        raise ValueError(f"{ACAC_DIR / 'train_300K.xyz'}: frame 0's H{ACAC_PROTON} is not on O{ACAC_OXYGENS[0]}; "
+                         "the atom order differs from the one this benchmark assumes")
+    streams = iter(np.random.SeedSequence([seed, 11]).spawn(len(ACAC_DIHEDRAL_ANGLES_DEG) + len(ACAC_PROTON_OFFSETS_A)))
+    rotating = _acac_side(start, ACAC_DIHEDRAL[2], ACAC_DIHEDRAL[1])
+    mask = [k in rotating for k in range(len(start))]
+    o_a, o_b = ACAC_OXYGENS
+    dihedral, transfer = [], []
+    with one_openmp_thread():
+        for angle in ACAC_DIHEDRAL_ANGLES_DEG:
+            atoms = start.copy()
+            atoms.set_dihedral(*ACAC_DIHEDRAL, angle, mask=mask)
+            hold = FixInternals(dihedrals_deg=[[angle, list(ACAC_DIHEDRAL)]])
+            atoms.set_constraint(hold)
+            atoms.calc = xtb_calculator(0.0)
+            xtb_relax(atoms, 0.05, 40)
+            atoms.set_constraint()
+            atoms.calc = None
+            dihedral += xtb_md_samples(atoms, 0.0, 300.0, frames_per_point, np.random.default_rng(next(streams)),
+                                       f"acac_md_dihedral_{angle:g}deg",
+                                       constraints=[FixInternals(dihedrals_deg=[[angle, list(ACAC_DIHEDRAL)]])],
+                                       info={"dihedral_deg": angle})
+        for offset in ACAC_PROTON_OFFSETS_A:
+            atoms = start.copy()
+            axis = atoms.positions[o_b] - atoms.positions[o_a]
+            length = np.linalg.norm(axis)
+            # on the O-O line where d(O_a-H) - d(O_b-H) = offset, then relaxed with it held
+            atoms.positions[ACAC_PROTON] = atoms.positions[o_a] + axis / length * (length + offset) / 2.0
+            combo = [[offset, [[ACAC_PROTON, o_a, 1.0], [ACAC_PROTON, o_b, -1.0]]]]
+            atoms.set_constraint(FixInternals(bondcombos=combo))
+            atoms.calc = xtb_calculator(0.0)
+            xtb_relax(atoms, 0.05, 40)
+            atoms.set_constraint()
+            atoms.calc = None
+            transfer += xtb_md_samples(atoms, 0.0, 300.0, frames_per_point, np.random.default_rng(next(streams)),
+                                       f"acac_md_proton_{offset:+g}A", constraints=[FixInternals(bondcombos=combo)],
+                                       info={"proton_offset_A": offset})
+    for name, frames in (("test_dihedral_thermal", dihedral), ("test_H_transfer_thermal", transfer)):
+        # positions only: xTB is not the level of theory of the acac labels
+        write_frames(paths[name], [ase.Atoms(numbers=f.numbers, positions=f.positions, info=dict(f.info))
+                                   for f in frames])
+    return paths
+
+
 def write_frames(path: Path, frames) -> Path:
     """ASE frames as extxyz (parent folders created)."""
     import ase.io

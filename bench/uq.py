@@ -18,7 +18,9 @@ Data:
         (300–600 K); out of distribution ood_hot (1000–1500 K), ood_torsion (C=C twist scan,
         partially relaxed) and ood_torsion_thermal (300 K MD with the twist held at 0–120°)
   acac  ../shared/data/acac: train_300K split 450 / 50 (seed 0); in distribution test_MD_300K;
-        out of distribution test_MD_600K, test_H_transfer (proton transfer), test_dihedral
+        out of distribution test_MD_600K, test_H_transfer (proton transfer), test_dihedral, and
+        test_dihedral_thermal / test_H_transfer_thermal (300 K xTB MD with the twist or the proton
+        held beyond training; unlabelled: AUROCs only; _common.acac_thermal_sets)
 
 Each posterior is evaluated with ``bayesrace evaluate``'s machinery, recalibrated on the
 validation set (isotonic map by default), and the numbers go to ``--out`` (default
@@ -51,8 +53,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402  (bench helpers: bench/ is not a package)
-    ACAC_DIR, BENCH_DIR, cli_command, command_line, git_commit, machine_info, psb3_data, run_jobs, write_config,
-    write_frames, write_json,
+    ACAC_DIR, BENCH_DIR, acac_thermal_sets, cli_command, command_line, git_commit, machine_info, psb3_data,
+    run_jobs, write_config, write_frames, write_json,
 )
 
 from bayesrace.uq import OOD_SCORES  # noqa: E402
@@ -125,6 +127,7 @@ def prepare_acac(runs: Path) -> Dict:
             "test_MD_600K": ACAC_DIR / "test_MD_600K.xyz",
             "test_H_transfer": ACAC_DIR / "test_H_transfer.xyz",
             "test_dihedral": ACAC_DIR / "test_dihedral.xyz",
+            **acac_thermal_sets(data),
         },
     }
 

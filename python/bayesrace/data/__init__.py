@@ -39,11 +39,10 @@ from ._psb3 import (
     TORSION_DIHEDRAL,
     build_psb3,
     generate_psb3,
-    import_tblite,
-    one_openmp_thread,
-    write_torsion_beyond_training,
     write_thermal_torsion,
+    write_torsion_beyond_training,
 )
+from ._xtb import import_tblite, one_openmp_thread, xtb_calculator, xtb_md_samples, xtb_relax
 from ._qm9 import (
     QM9_TARGETS,
     QM9_UNITS,
@@ -84,6 +83,9 @@ __all__ = [
     "label_casscf",
     "neighbour_list",
     "one_openmp_thread",
+    "xtb_calculator",
+    "xtb_md_samples",
+    "xtb_relax",
     "read_frames",
     "read_qm9_table",
     "shortest_contacts",

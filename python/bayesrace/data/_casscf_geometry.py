@@ -14,15 +14,8 @@ import hashlib
 
 import numpy as np
 
-from ._psb3 import (
-    _TORSION_ROTATING_ATOMS,
-    RELAX_FMAX,
-    TORSION_DIHEDRAL,
-    _relax,
-    _xtb_calculator_class,
-    build_psb3,
-    one_openmp_thread,
-)
+from ._psb3 import _TORSION_ROTATING_ATOMS, CHARGE, RELAX_FMAX, TORSION_DIHEDRAL, build_psb3
+from ._xtb import one_openmp_thread, xtb_calculator, xtb_relax
 
 FRAME_PATTERN = ("equilibrium", "equilibrium", "torsion", "bla")
 NOISE_SIGMA = 0.03  # Å, every Cartesian coordinate of every frame
@@ -58,8 +51,8 @@ def _minimum_positions() -> tuple:
     """GFN2-xTB minimum of PSB3 (same relaxation as ``generate_psb3``), cached."""
     atoms = build_psb3()
     with one_openmp_thread():
-        atoms.calc = _xtb_calculator_class()(charge=1.0)
-        if not _relax(atoms, RELAX_FMAX, 1000):
+        atoms.calc = xtb_calculator(CHARGE)
+        if not xtb_relax(atoms, RELAX_FMAX, 1000):
             raise RuntimeError("PSB3: the xTB relaxation of the starting geometry did not converge")
     return tuple(map(tuple, np.round(atoms.positions, 8)))
 

@@ -13,7 +13,6 @@ OpenMP thread (fastest for 14 atoms, and thread count no longer changes the bits
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import time
@@ -21,15 +20,24 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["generate_psb3", "build_psb3", "import_tblite", "one_openmp_thread", "write_torsion_beyond_training",
+from ._xtb import (
+    EQUILIBRATION_STEPS,
+    FRICTION_PER_FS,
+    METHOD,
+    SAMPLE_EVERY,
+    TIMESTEP_FS,
+    import_tblite,
+    labelled_copy,
+    one_openmp_thread,
+    xtb_calculator,
+    xtb_md_samples,
+    xtb_relax,
+)
+
+__all__ = ["generate_psb3", "build_psb3", "write_torsion_beyond_training",
            "write_thermal_torsion", "PSB3_FILES", "TORSION_BEYOND_FILE", "TORSION_THERMAL_FILE", "TORSION_DIHEDRAL"]
 
-METHOD = "GFN2-xTB"
 CHARGE = 1.0
-TIMESTEP_FS = 0.5
-FRICTION_PER_FS = 0.01
-EQUILIBRATION_STEPS = 300  # 150 fs = 1.5 / friction, after a start at twice the temperature (below)
-SAMPLE_EVERY = 15  # 7.5 fs between samples: fits the one-minute budget
 ID_TEMPERATURES_K = (300.0, 450.0, 600.0)
 HOT_TEMPERATURES_K = (1000.0, 1500.0)
 FRAMES_PER_ID_TEMPERATURE = 200  # 600 in distribution: train 400, valid 100, test 100
@@ -53,71 +61,6 @@ PSB3_FILES = (
     "test_ood_torsion.xyz",
     "isolated_atoms.xyz",
 )
-
-
-def import_tblite():
-    """tblite's ``Calculator`` class (``tblite.interface``); an ImportError says how to install it."""
-    try:
-        from tblite.interface import Calculator
-    except ImportError as error:
-        raise ImportError(
-            "generating the PSB3 data set needs GFN2-xTB from the 'tblite' package "
-            f"(pip install tblite); importing tblite.interface failed: {error}"
-        ) from error
-    return Calculator
-
-
-def _xtb_calculator_class():
-    """An ASE calculator that asks tblite for the energy and gradient only.
-
-    tblite's own ``tblite.ase.TBLite`` gives the same numbers but also fetches charges,
-    bond orders and the dipole at every call, which makes MD about 1.6x slower here.
-    Like TBLite, it restarts each SCF from the previous wavefunction.
-    """
-    from ase.calculators.calculator import CalculationFailed, Calculator, all_changes
-    from ase.units import Bohr, Hartree
-
-    TBLiteInterface = import_tblite()
-
-    class GFN2xTB(Calculator):
-        implemented_properties = ["energy", "free_energy", "forces"]
-
-        def __init__(self, charge: float):
-            super().__init__()
-            self.charge = float(charge)
-            self._xtb = None
-            self._result = None
-
-        def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
-            super().calculate(atoms, properties, system_changes)
-            positions = self.atoms.positions / Bohr
-            if self._xtb is None or set(system_changes) - {"positions"}:
-                self._xtb = TBLiteInterface(METHOD, self.atoms.numbers, positions, charge=self.charge)
-                self._xtb.set("verbosity", 0)
-                self._result = None
-            else:
-                self._xtb.update(positions)
-            try:
-                self._result = self._xtb.singlepoint(self._result)
-            except RuntimeError as error:
-                raise CalculationFailed(f"tblite {METHOD}: {error}") from error
-            energy = float(self._result.get("energy")) * Hartree
-            self.results = {
-                "energy": energy,
-                "free_energy": energy,
-                "forces": -np.asarray(self._result.get("gradient")) * (Hartree / Bohr),
-            }
-
-    return GFN2xTB
-
-
-def one_openmp_thread():
-    """Context that runs xTB on one OpenMP thread when threadpoolctl is available."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        return contextlib.nullcontext()
-    return threadpool_limits(limits=1, user_api="openmp")
 
 
 def _rotate_in_plane(vector: np.ndarray, degrees: float) -> np.ndarray:
@@ -150,83 +93,7 @@ def build_psb3():
     return Atoms("C5N" + "H8", positions=np.vstack([heavy, hydrogens]))
 
 
-def _xtb(calculator_class, charge=CHARGE):
-    return calculator_class(charge=charge)
-
-
-def _labelled_copy(atoms, info: dict):
-    """Positions, energy and raw (unconstrained) xTB forces, with nothing else attached."""
-    from ase import Atoms
-    from ase.calculators.singlepoint import SinglePointCalculator
-
-    energy = float(atoms.get_potential_energy())
-    forces = np.array(atoms.get_forces(apply_constraint=False), dtype=np.float64)
-    frame = Atoms(numbers=atoms.numbers, positions=atoms.positions, pbc=False)
-    frame.info.update(info)
-    frame.calc = SinglePointCalculator(frame, energy=energy, forces=forces)
-    return frame
-
-
-def _relax(atoms, fmax: float, steps: int) -> bool:
-    from ase.optimize import BFGS
-
-    return bool(BFGS(atoms, logfile=None).run(fmax=fmax, steps=steps))
-
-
-def _md_samples(minimum, calculator_class, temperature_K, n_samples, rng, config_type, bar, hold_twist_deg=None):
-    """Langevin MD from ``minimum``: equilibrate, then one sample every SAMPLE_EVERY steps.
-    With ``hold_twist_deg`` the C=C dihedral stays fixed at that angle (FixInternals)."""
-    from ase import units
-    from ase.constraints import FixCom, FixInternals
-    from ase.md import velocitydistribution
-    from ase.md.langevin import Langevin
-
-    atoms = minimum.copy()
-    atoms.calc = _xtb(calculator_class)
-    constraints = [FixCom()]  # fixcm=True in Langevin is deprecated and biased for small systems
-    extra_info = {}
-    if hold_twist_deg is not None:
-        constraints.append(FixInternals(dihedrals_deg=[[float(hold_twist_deg), list(TORSION_DIHEDRAL)]]))
-        extra_info["dihedral_deg"] = float(hold_twist_deg)
-    atoms.set_constraint(constraints)
-    thermalize = getattr(velocitydistribution, "thermalize_momenta", None)
-    # Starting at the minimum, about half the kinetic energy flows into potential energy
-    # within a few vibrations: drawing velocities at 2T lands near T at once.
-    if thermalize is not None:
-        thermalize(atoms, 2.0 * temperature_K, rng=rng)
-    else:  # ASE < 3.29
-        velocitydistribution.MaxwellBoltzmannDistribution(atoms, temperature_K=2.0 * temperature_K, rng=rng)
-    velocitydistribution.Stationary(atoms)
-    dynamics = Langevin(
-        atoms,
-        timestep=TIMESTEP_FS * units.fs,
-        temperature_K=temperature_K,
-        friction=FRICTION_PER_FS / units.fs,
-        fixcm=False,
-        rng=rng,
-    )
-    samples = []
-    step = 0
-    try:
-        dynamics.run(EQUILIBRATION_STEPS)
-        step += EQUILIBRATION_STEPS
-        bar.update(EQUILIBRATION_STEPS)
-        for _ in range(n_samples):
-            dynamics.run(SAMPLE_EVERY)
-            step += SAMPLE_EVERY
-            bar.update(SAMPLE_EVERY)
-            samples.append(
-                _labelled_copy(
-                    atoms,
-                    {"config_type": config_type, "temperature_K": float(temperature_K), "md_step": step, **extra_info},
-                )
-            )
-    except Exception as error:
-        raise RuntimeError(f"PSB3 MD at {temperature_K:g} K failed at step {step}: {error}") from error
-    return samples
-
-
-def _twisted(minimum, calculator_class, angle: float):
+def _twisted(minimum, angle: float):
     """The minimum with C2-C3=C4-C5 at ``angle``: rigid rotation of the C4 side, then a partial
     relaxation (BFGS, at most TORSION_RELAX_STEPS steps) of every other coordinate with the
     dihedral held by FixInternals. Returns (atoms with the xTB calculator, converged)."""
@@ -237,21 +104,21 @@ def _twisted(minimum, calculator_class, angle: float):
     atoms = minimum.copy()
     atoms.set_dihedral(*TORSION_DIHEDRAL, float(angle), mask=mask)
     atoms.set_constraint(FixInternals(dihedrals_deg=[[float(angle), list(TORSION_DIHEDRAL)]]))
-    atoms.calc = _xtb(calculator_class)
+    atoms.calc = xtb_calculator(CHARGE)
     try:
-        converged = _relax(atoms, TORSION_FMAX, TORSION_RELAX_STEPS)
+        converged = xtb_relax(atoms, TORSION_FMAX, TORSION_RELAX_STEPS)
     except Exception as error:
         raise RuntimeError(f"PSB3: twisting C=C to {angle:g} deg failed: {error}") from error
     return atoms, converged
 
 
-def _torsion_scan(minimum, calculator_class, n_points: int):
+def _torsion_scan(minimum, n_points: int):
     """Dihedral C2-C3=C4-C5 from 0 to 180 deg, each point partially relaxed (``_twisted``)."""
     frames = []
     for angle in np.linspace(0.0, 180.0, n_points):
-        atoms, converged = _twisted(minimum, calculator_class, float(angle))
+        atoms, converged = _twisted(minimum, float(angle))
         frames.append(
-            _labelled_copy(
+            labelled_copy(
                 atoms,
                 {
                     "config_type": "torsion_scan",
@@ -264,7 +131,7 @@ def _torsion_scan(minimum, calculator_class, n_points: int):
     return frames
 
 
-def _isolated_atoms(calculator_class):
+def _isolated_atoms():
     """Neutral H, C, N with the molecule's Hamiltonian (spin-restricted GFN2-xTB, Fermi
     smearing at tblite's default 300 K, lowest multiplicity): the lowest energy of the
     atom under the same Hamiltonian that labels the molecule. Spin-polarised atoms
@@ -275,9 +142,9 @@ def _isolated_atoms(calculator_class):
     frames = []
     for symbol in ("H", "C", "N"):
         atoms = Atoms(symbol, positions=[[0.0, 0.0, 0.0]], pbc=False)
-        atoms.calc = _xtb(calculator_class, charge=0.0)
+        atoms.calc = xtb_calculator(0.0)
         frames.append(
-            _labelled_copy(atoms, {"config_type": "isolated_atom", "temperature_K": 0.0, "spin_polarization": False})
+            labelled_copy(atoms, {"config_type": "isolated_atom", "temperature_K": 0.0, "spin_polarization": False})
         )
     return frames
 
@@ -304,7 +171,7 @@ def generate_psb3(out_dir, seed: int = 0, scale: float = 1.0, progress: bool = T
     import ase.io
     from tqdm.auto import tqdm
 
-    calculator_class = _xtb_calculator_class()
+    import_tblite()  # fails with how to install it before any work
     if scale <= 0:
         raise ValueError(f"generate_psb3: scale must be positive, got {scale}")
     started = time.perf_counter()
@@ -321,8 +188,8 @@ def generate_psb3(out_dir, seed: int = 0, scale: float = 1.0, progress: bool = T
 
     with one_openmp_thread():
         minimum = build_psb3()
-        minimum.calc = _xtb(calculator_class)
-        if not _relax(minimum, RELAX_FMAX, 1000):
+        minimum.calc = xtb_calculator(CHARGE)
+        if not xtb_relax(minimum, RELAX_FMAX, 1000):
             raise RuntimeError("PSB3: the xTB relaxation of the starting geometry did not converge")
         minimum.calc = None
 
@@ -332,9 +199,9 @@ def generate_psb3(out_dir, seed: int = 0, scale: float = 1.0, progress: bool = T
             for temperature, count, stream in zip(temperatures, counts, streams):
                 config_type = ("md_" if temperature in ID_TEMPERATURES_K else "md_hot_") + f"{temperature:g}K"
                 rng = np.random.default_rng(stream)
-                trajectories.append(_md_samples(minimum, calculator_class, temperature, count, rng, config_type, bar))
-        torsion = _torsion_scan(minimum, calculator_class, n_torsion)
-        isolated = _isolated_atoms(calculator_class)
+                trajectories.append(xtb_md_samples(minimum, CHARGE, temperature, count, rng, config_type, bar))
+        torsion = _torsion_scan(minimum, n_torsion)
+        isolated = _isolated_atoms()
 
     in_distribution = [frame for trajectory in trajectories[: len(ID_TEMPERATURES_K)] for frame in trajectory]
     hot = [frame for trajectory in trajectories[len(ID_TEMPERATURES_K) :] for frame in trajectory]
@@ -437,28 +304,30 @@ def write_thermal_torsion(data_dir, angles_deg=THERMAL_TORSION_ANGLES_DEG, frame
     thermal ones and "small forces" alone tells it from the 300-600 K test set; these frames
     carry thermal forces, so only the twist is new."""
     import ase.io
+    from ase.constraints import FixInternals
     from tqdm.auto import tqdm
 
     if frames_per_angle < 1 or not len(angles_deg):
         raise ValueError(f"write_thermal_torsion: need angles and frames_per_angle >= 1, got {list(angles_deg)}, "
                          f"{frames_per_angle}")
-    calculator_class = _xtb_calculator_class()
+    import_tblite()
     streams = np.random.SeedSequence([int(seed), 7]).spawn(len(angles_deg))
     frames = []
     with one_openmp_thread():
         minimum = build_psb3()
-        minimum.calc = _xtb(calculator_class)
-        if not _relax(minimum, RELAX_FMAX, 1000):
+        minimum.calc = xtb_calculator(CHARGE)
+        if not xtb_relax(minimum, RELAX_FMAX, 1000):
             raise RuntimeError("PSB3: the xTB relaxation of the starting geometry did not converge")
         total = len(angles_deg) * (EQUILIBRATION_STEPS + frames_per_angle * SAMPLE_EVERY)
         with tqdm(total=total, desc="PSB3 twisted xTB MD", unit="step", disable=not progress) as bar:
             for angle, stream in zip(angles_deg, streams):
-                start, _ = _twisted(minimum, calculator_class, float(angle))
+                start, _ = _twisted(minimum, float(angle))
                 start.set_constraint()
                 start.calc = None
-                frames += _md_samples(start, calculator_class, temperature_K, frames_per_angle,
-                                      np.random.default_rng(stream), f"md_twist_{angle:g}deg", bar,
-                                      hold_twist_deg=float(angle))
+                hold = FixInternals(dihedrals_deg=[[float(angle), list(TORSION_DIHEDRAL)]])
+                frames += xtb_md_samples(start, CHARGE, temperature_K, frames_per_angle, np.random.default_rng(stream),
+                                     f"md_twist_{angle:g}deg", bar, constraints=[hold],
+                                     info={"dihedral_deg": float(angle)})
     path = Path(data_dir) / out_name
     ase.io.write(path, frames, format="extxyz")
     mean_force = float(np.mean([np.linalg.norm(f.get_forces(), axis=1).mean() for f in frames]))
