@@ -46,7 +46,8 @@ def atom_features(posterior, path: Path):
         captured.append(torch.cat(scalars, dim=1).detach())
 
     hooks = [readout.linear_in.register_forward_hook(keep_scalars) for readout in member.readouts]
-    graphs = frames_to_graphs(read_frames(path), TypeMap(posterior.type_names), posterior.cutoff)
+    frames = read_frames(path, require_energy=False, require_forces=False)  # labels are not used
+    graphs = frames_to_graphs(frames, TypeMap(posterior.type_names), posterior.cutoff)
     features, numbers, structure, sigma, before = [], [], [], [], 0
     try:
         for batch in iterate_batches(graphs, 16, shuffle=False, dtype=torch.float64):
@@ -94,6 +95,8 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", nargs="+", type=Path, required=True, help="folders with a posterior.pt")
     parser.add_argument("--data", nargs="+", type=Path, required=True,
                         help="PSB3 data folder per run (or one for all): train.xyz, test_id.xyz and the OOD sets")
+    parser.add_argument("--reference", default="test_id", help="in-distribution set: <data>/<NAME>.xyz")
+    parser.add_argument("--sets", nargs="+", default=list(SETS), help="OOD sets: <data>/<NAME>.xyz (missing ones skipped)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     import torch
@@ -110,9 +113,9 @@ def main(argv=None) -> int:
         posterior = load_posterior(run / "posterior.pt")
         train = atom_features(posterior, folder / "train.xyz")
         gaussians = fit_gaussians(train[0], train[1])
-        reference = atom_features(posterior, folder / "test_id.xyz")
+        reference = atom_features(posterior, folder / f"{args.reference}.xyz")
         reference_scores = structure_scores(gaussians, *reference[:3])
-        for name in SETS:
+        for name in args.sets:
             if not (folder / f"{name}.xyz").exists():
                 continue
             other = atom_features(posterior, folder / f"{name}.xyz")
@@ -125,7 +128,7 @@ def main(argv=None) -> int:
     command = command_line("feature_distance.py", argv)
     lines = ["# Feature-space distance as an OOD score (bench/feature_distance.py)", "",
              f"Command: `{command}`  ", f"Commit: {git_commit()}  ", "",
-             "AUROC against test_id. max/mean distance: Mahalanobis distance of an atom's readout scalars to "
+             f"AUROC against {args.reference}. max/mean distance: Mahalanobis distance of an atom's readout scalars to "
              "its species' training Gaussian, largest / mean over the structure; max force σ: the posterior's own.",
              "", "| run | OOD set | max force σ | max distance | mean distance |", "|---|---|---:|---:|---:|"]
     lines += [f"| {row['run']} | {row['set']} | {row['max_force_sigma']:.3f} | {row['max_distance']:.3f} | "
