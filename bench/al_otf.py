@@ -382,9 +382,9 @@ def findings(log: dict, evaluation: dict, info: dict) -> list:
         text.append(f"- Fresh validation runs with the round-{r} model: {done} of {len(runs_r)} ran all {info['steps']} "
                     f"steps without a halt (halt steps: {[v['step_reached'] for v in runs_r if v['halted']] or 'none'}).")
     if len(rounds) > 1:
-        text.append(f"- Confound: every round also trains {info['round_epochs']} more warm-started epochs, so part of any "
-                    f"error drop is extra training ({info['round_epochs'] * (len(rounds) - 1)} epochs in all), not only "
-                    f"the labels.")
+        fresh = f"- Each round trains afresh for {info['round_epochs']} epochs: the error change is the labels', not extra training."
+        text.append(fresh if info.get("fresh_rounds") else f"- Confound: every round also trains {info['round_epochs']} more warm-started "
+                    f"epochs, so part of any error drop is extra training ({info['round_epochs'] * (len(rounds) - 1)} epochs in all), not only the labels.")
         if not log["status"] == "completed" and last["max_sigma"] > 5 * last["threshold"]:
             text.append(f"- At the last halt the max σ ({last['max_sigma']:.2f}{_sigma_unit(info)}) is {last['max_sigma'] / last['threshold']:.0f}× τ: "
                         f"the trajectory is leaving the physical region, not being pulled back by the labels.")
