@@ -251,12 +251,12 @@ def _sigma_unit(info: dict) -> str:
 
 def _threshold_text(info: dict) -> str:
     halt_on, calibration = info.get("halt_on", "total"), info.get("calibration", "isotonic")
-    if info.get("threshold_from") == "control":
-        level = ("the largest" if info.get("control_rule", "largest") == "largest" else
-                 f"(extrapolated: `control_rule: run_length`, α = {info['control_false_halts']:g}) the run-length level of")
-        return (f"Threshold τ: each round's own, {info['control_margin']:g} × {level} the {halt_on} force σ of an "
+    if info.get("threshold_from") in ("control", "control_first"):
+        level, whose = ("the largest" if info.get("control_rule", "largest") == "largest" else f"(extrapolated: `control_rule: run_length`, α = {info['control_false_halts']:g}) the run-length level of",
+                        "round 0's, kept for every round" if info["threshold_from"] == "control_first" else "each round's own")
+        return (f"Threshold τ: {whose}, {info['control_margin']:g} × {level} the {halt_on} force σ of an "
                 f"unhalted {info['control_steps']}-step control run of that round's model at "
-                f"{info['control_temperature']:g} K from the start structure (`threshold_from: control`; each "
+                f"{info['control_temperature']:g} K from the start structure (`threshold_from: {info['threshold_from']}`; each "
                 f"round's posterior is recalibrated, {calibration}, on the 300 K validation set first).")
     return (f"Threshold τ: round 0's own (1.5 × q0.99 of the max calibrated {halt_on} force σ on the 300 K "
             f"validation set; the MD halts on that σ), kept for every round (each round's posterior is still "
@@ -438,8 +438,8 @@ def main(argv=None) -> int:
                         help="label_halting_frame: each halt's frame is always one of the labels")
     parser.add_argument("--validation-seeds", type=int, nargs="+", default=[11, 12, 13],
                         help="Langevin/velocity seeds of the fresh validation runs after the loop")
-    parser.add_argument("--threshold-from", choices=("calibration", "control"), default="calibration",
-                        help="threshold_from: round 0's calibration τ, or each round's control run's")
+    parser.add_argument("--threshold-from", choices=("calibration", "control", "control_first"), default="calibration",
+                        help="threshold_from: round 0's calibration τ, each round's control run's, or round 0's control τ kept")
     parser.add_argument("--control-temperature", type=float, default=300.0, help="md.control_temperature (K)")
     parser.add_argument("--control-steps", type=int, default=4000, help="md.control_steps")
     parser.add_argument("--control-margin", type=float, default=1.25, help="md.control_margin")

@@ -248,6 +248,8 @@ def test_on_the_fly_halts_on_the_epistemic_sigma_when_asked(otf_run, psb3_small,
         ({"threshold_from": "control", "threshold": 0.1, "md": {"structure": "s.xyz", "control_temperature": 300.0}},
          "either 'threshold' \\(0.1\\) or threshold_from 'control'"),
         ({"threshold_from": "control", "md": {"structure": "s.xyz"}}, "needs md.control_temperature"),
+        ({"threshold_from": "control_first", "md": {"structure": "s.xyz"}},
+         "threshold_from 'control_first' needs md.control_temperature"),
         ({"threshold_from": "control", "md": {"structure": "s.xyz", "control_temperature": 300.0, "control_steps": 5}},
          "md.control_steps \\(5\\) must be >= md.dump_every \\(10\\)"),
         ({"md": {"structure": "s.xyz", "control_margin": 0.5}}, "md.control_margin must be >= 1"),
@@ -399,3 +401,22 @@ def test_calibrate_command_extrapolates_control_thresholds_to_a_run_length(otf_r
         assert thresholds[key] >= 1.1 * max(maxima)
         assert f"control threshold {key} = {thresholds[key]:.4g}" in printed
     assert "in-distribution run of 20000 steps" in printed
+
+
+def test_on_the_fly_control_first_keeps_round_0s_control_threshold(otf_run, psb3_small, tmp_path):
+    """threshold_from control_first: round 0's control run sets τ and every later round halts at that
+    same τ without a control run of its own (a more certain retrained model must not tighten it)."""
+    from bayesrace.active import active_config_from_dict, run_on_the_fly
+
+    out, _, structure = otf_run
+    md = {"structure": str(structure), "n_steps": 40, "dump_every": 4, "thermostat": "langevin",
+          "temperature": 2000.0, "halt_on": "relative", "control_temperature": 50.0, "control_steps": 12,
+          "control_margin": 1.1, "control_rule": "largest"}
+    values = _otf_values(psb3_small, tmp_path / "run", structure, posterior=str(out / "round_1" / "posterior.pt"),
+                         threshold=None, threshold_from="control_first", n_rounds=1, md=md)
+    log = run_on_the_fly(active_config_from_dict(values), progress=False)
+    first, second = log["rounds"]  # round 0 halted at 2000 K
+    assert first["threshold"] == pytest.approx(1.1 * first["control_max_sigma"], rel=1e-12)
+    assert second["threshold"] == first["threshold"] and second["control_max_sigma"] is None  # no control run
+    assert (tmp_path / "run" / "round_0" / "control").is_dir()
+    assert not (tmp_path / "run" / "round_1" / "control").exists()

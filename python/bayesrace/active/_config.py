@@ -28,7 +28,7 @@ THERMOSTATS = ("langevin", "nve")
 CALIBRATION_METHODS = ("isotonic", "scalar", "split")
 RESTART_FROM = ("last_trusted", "halt")
 HALT_ON = ("total", "epistemic", "relative")  # bayesrace.lammps.HALT_COLUMNS, spelt out (no torch import here)
-THRESHOLD_FROM = ("calibration", "control")
+THRESHOLD_FROM = ("calibration", "control", "control_first")
 CONTROL_RULES = ("largest", "run_length")
 MIN_CONTROL_FRAMES = 20  # run_length fits the top 10 % of a control run's frames: at least 2 of them
 # top-level keys that only mode on_the_fly reads, and the ones only mode pool reads
@@ -123,7 +123,9 @@ class ActiveConfig:
     threshold: Optional[Positive] = None
     # calibration: round 0's stored threshold (1.5 × q_0.99 of the validation set's largest σ, a bound per
     # structure), kept for every round; control: each round's own, md.control_margin × the largest σ of
-    # an unhalted control run at the training temperature (a bound per run of that length)
+    # an unhalted control run at the training temperature (a bound per run of that length);
+    # control_first: round 0's control τ, kept for every round (later models, more certain at the
+    # training temperature, would otherwise tighten τ round by round)
     threshold_from: Literal[THRESHOLD_FROM] = "calibration"
     # dumped frames with max σ > this × threshold are candidates
     candidate_fraction: Annotated[Float, Field(gt=0, le=1)] = 0.5
@@ -171,11 +173,12 @@ class ActiveConfig:
             raise ConfigError(f"md.temperature must be > 0 K (>= 0 with nve), got {md.temperature}")
         if not 1 <= md.dump_every <= md.n_steps:
             raise ConfigError(f"md.dump_every must lie in [1, md.n_steps = {md.n_steps}], got {md.dump_every}")
-        if self.threshold_from == "control":
+        if self.threshold_from in ("control", "control_first"):
             if self.threshold is not None:
-                raise ConfigError(f"give either 'threshold' ({self.threshold}) or threshold_from 'control', not both")
+                raise ConfigError(f"give either 'threshold' ({self.threshold}) or threshold_from "
+                                  f"'{self.threshold_from}', not both")
             if md.control_temperature is None:
-                raise ConfigError("threshold_from 'control' needs md.control_temperature: the temperature (K) of "
+                raise ConfigError(f"threshold_from '{self.threshold_from}' needs md.control_temperature: the temperature (K) of "
                                   "the training data, where the control run measures the model's own σ")
             if md.control_steps < md.dump_every:
                 raise ConfigError(f"md.control_steps ({md.control_steps}) must be >= md.dump_every ({md.dump_every}): "

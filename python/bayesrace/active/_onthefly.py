@@ -16,6 +16,7 @@ Round r = 0 .. n_rounds (``<out>/round_<r>``):
    control run of its own model at the training temperature (``round_<r>/control``, _control), or
    with ``md.control_rule: run_length`` the σ such a run of ``md.n_steps`` would exceed
    ``md.control_false_halts`` times in expectation, extrapolated from the control run's tail;
+   ``threshold_from: control_first`` takes round 0's control τ and keeps it for every round;
 4. an MD segment (``round_<r>/md``): LAMMPS with ``pair_style bayesrace`` from the previous
    segment's restart point or, in round 0, from ``md.structure`` with Maxwell–Boltzmann
    velocities; the step counter continues via ``reset_timestep``. Every ``md.dump_every`` steps
@@ -218,7 +219,7 @@ def run_on_the_fly(config: ActiveConfig, progress: bool = True, oracle: Optional
                 raise ConfigError(f"md.halt_on '{md.halt_on}' needs a posterior of 2 or more members; round "
                                   f"{round_index}'s has 1 (its epistemic σ is 0): use halt_on 'total'")
             fixed = config.threshold if round_index == 0 else state["rounds"][0]["threshold"]
-            if config.threshold_from == "control":
+            if config.threshold_from in ("control", "control_first"):
                 export_posterior(posterior, model_path)  # τ: the control run's, below
             elif md.halt_on != "total":
                 # the deployable keeps its own total-σ threshold; the segment halts on this σ's τ
@@ -237,7 +238,9 @@ def run_on_the_fly(config: ActiveConfig, progress: bool = True, oracle: Optional
         if molecule and md.box - np.ptp(start_atoms.positions, axis=0).max() <= cutoff:
             raise ConfigError(f"md.box = {md.box} Å is too small: it must exceed the molecule's size + the "
                               f"cutoff ({cutoff} Å) so that periodic images do not interact")
-        if config.threshold_from == "control" and not record.get("control_done"):
+        if config.threshold_from == "control_first" and round_index > 0:
+            record["threshold"] = float(state["rounds"][0]["threshold"])  # round 0's control τ, kept
+        elif config.threshold_from in ("control", "control_first") and not record.get("control_done"):
             say(f"round {round_index}/{config.n_rounds}: control run, {md.control_steps} steps at "
                 f"{md.control_temperature:g} K")
             started = time.perf_counter()
