@@ -106,21 +106,23 @@ def acac_thermal_sets(data: Path, frames_per_point: int = 12, seed: int = 0) -> 
     rotating = _acac_side(start, ACAC_DIHEDRAL[2], ACAC_DIHEDRAL[1])
     mask = [k in rotating for k in range(len(start))]
     o_a, o_b = ACAC_OXYGENS
+    def held(atoms, hold, config_type, info):
+        """Relax ``atoms`` (≤ 40 BFGS steps) with the coordinate ``hold()`` fixes, then sample 300 K MD with it."""
+        atoms.set_constraint(hold())
+        atoms.calc = xtb_calculator(0.0)
+        xtb_relax(atoms, 0.05, 40)
+        atoms.set_constraint()
+        atoms.calc = None
+        return xtb_md_samples(atoms, 0.0, 300.0, frames_per_point, np.random.default_rng(next(streams)), config_type,
+                              constraints=[hold()], info=info)
+
     dihedral, transfer = [], []
     with one_openmp_thread():
         for angle in ACAC_DIHEDRAL_ANGLES_DEG:
             atoms = start.copy()
             atoms.set_dihedral(*ACAC_DIHEDRAL, angle, mask=mask)
-            hold = FixInternals(dihedrals_deg=[[angle, list(ACAC_DIHEDRAL)]])
-            atoms.set_constraint(hold)
-            atoms.calc = xtb_calculator(0.0)
-            xtb_relax(atoms, 0.05, 40)
-            atoms.set_constraint()
-            atoms.calc = None
-            dihedral += xtb_md_samples(atoms, 0.0, 300.0, frames_per_point, np.random.default_rng(next(streams)),
-                                       f"acac_md_dihedral_{angle:g}deg",
-                                       constraints=[FixInternals(dihedrals_deg=[[angle, list(ACAC_DIHEDRAL)]])],
-                                       info={"dihedral_deg": angle})
+            dihedral += held(atoms, lambda: FixInternals(dihedrals_deg=[[angle, list(ACAC_DIHEDRAL)]]),
+                             f"acac_md_dihedral_{angle:g}deg", {"dihedral_deg": angle})
         for offset in ACAC_PROTON_OFFSETS_A:
             atoms = start.copy()
             axis = atoms.positions[o_b] - atoms.positions[o_a]
@@ -128,14 +130,8 @@ def acac_thermal_sets(data: Path, frames_per_point: int = 12, seed: int = 0) -> 
             # on the O-O line where d(O_a-H) - d(O_b-H) = offset, then relaxed with it held
             atoms.positions[ACAC_PROTON] = atoms.positions[o_a] + axis / length * (length + offset) / 2.0
             combo = [[offset, [[ACAC_PROTON, o_a, 1.0], [ACAC_PROTON, o_b, -1.0]]]]
-            atoms.set_constraint(FixInternals(bondcombos=combo))
-            atoms.calc = xtb_calculator(0.0)
-            xtb_relax(atoms, 0.05, 40)
-            atoms.set_constraint()
-            atoms.calc = None
-            transfer += xtb_md_samples(atoms, 0.0, 300.0, frames_per_point, np.random.default_rng(next(streams)),
-                                       f"acac_md_proton_{offset:+g}A", constraints=[FixInternals(bondcombos=combo)],
-                                       info={"proton_offset_A": offset})
+            transfer += held(atoms, lambda: FixInternals(bondcombos=combo), f"acac_md_proton_{offset:+g}A",
+                             {"proton_offset_A": offset})
     for name, frames in (("test_dihedral_thermal", dihedral), ("test_H_transfer_thermal", transfer)):
         # positions only: xTB is not the level of theory of the acac labels
         write_frames(paths[name], [ase.Atoms(numbers=f.numbers, positions=f.positions, info=dict(f.info))
