@@ -196,6 +196,12 @@ def evaluate_method(posterior_path: Path, data: Dict, report_dir: Path, method: 
     from bayesrace.bayes import load_posterior
 
     posterior = load_posterior(posterior_path)
+    if posterior.feature_density is None:  # trained before training fitted one: fit it as training now does
+        from bayesrace.bayes import fit_feature_density
+        from bayesrace.data import TypeMap, frames_to_graphs, read_frames
+
+        graphs = frames_to_graphs(read_frames(data["train"]), TypeMap(posterior.type_names), posterior.cutoff)
+        posterior.feature_density = fit_feature_density(list(posterior.members), graphs)
     sets = {name: str(path) for name, path in data["test"].items()}
     sets["valid"] = str(data["valid"])
     evaluation = evaluate_sets(

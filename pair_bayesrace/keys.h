@@ -36,6 +36,8 @@ inline constexpr const char *ENERGY_STD_EPISTEMIC_PER_ATOM = "energy_std_epistem
 inline constexpr const char *ATOMIC_FORCE_STD_RELATIVE = "atomic_force_std_relative";  // [N] 1, sigma_F,epi,i / (|F_i| + RELATIVE_FORCE_LEVEL) (a threshold)
 inline constexpr double RELATIVE_FORCE_LEVEL = 1.0;  // eV/Å, keeps the relative σ finite where the mean force vanishes
 inline constexpr const char *ATOMIC_ENERGY_STD = "atomic_energy_std";  // [N] eV, std of member atomic energies
+inline constexpr const char *ATOMIC_FEATURE_DISTANCE = "atomic_feature_distance";  // [N] 1, Mahalanobis distance, mean over members
+inline constexpr const char *MEMBER_FEATURE_DISTANCE = "member_feature_distance";  // [M, N] 1, each member's own (empty: no density)
 inline constexpr const char *MEMBER_ENERGY = "member_energy";  // [M, B] eV ([M] from the deployable: one structure, local atoms)
 inline constexpr const char *MEMBER_FORCES = "member_forces";  // [M, N, 3] eV/Å
 inline constexpr const char *MEMBER_ATOMIC_ENERGY = "member_atomic_energy";  // [M, N] eV, atomic energies of each member
@@ -72,6 +74,7 @@ inline constexpr const char *META_MAP_SIGMA = "sigma";  // knots x_k of a map: s
 inline constexpr const char *META_MAP_CALIBRATED = "calibrated";  // values y_k: non-decreasing, > 0; outside [x_1, x_K] g is proportional
 inline constexpr const char *META_THRESHOLDS = "thresholds";  // object: atomic_force_std
 inline constexpr const char *META_SHORTEST_CONTACTS = "shortest_contacts";  // optional [T][T] Å (null: pair unseen): training's closest approach
+inline constexpr const char *META_FEATURE_DENSITY = "feature_density";  // optional object, informative: training_atoms [T], regularisation
 inline constexpr const char *META_SIGMA_CAPS = "sigma_caps";  // object, informative: the members' caps of the aleatoric sigmas (0 = none)
 inline constexpr const char *META_FORCE_SIGMA_CAP = "force_sigma_cap";  // eV/Å: per-atom force sigma bent smoothly toward e x this above it
 inline constexpr const char *META_ENERGY_SIGMA_CAP = "energy_sigma_cap";  // eV: the same for the structure energy sigma

@@ -117,6 +117,7 @@ py::dict results(const Engine &engine, const MemberOutputs &mo, int64_t n_local,
       ai.log_var_sum = log_var_sum.data();
       ai.n_atoms_total = static_cast<double>(n_local);
       ai.calibration = &engine.metadata().calibration;
+      ai.member_feature_distance = mo.feature_distance.empty() ? nullptr : mo.feature_distance.data();
       aggregate(ai, agg);
     }
   }
@@ -128,6 +129,7 @@ py::dict results(const Engine &engine, const MemberOutputs &mo, int64_t n_local,
   d[K::MEMBER_VIRIAL] = array(mo.virial, {M, 3, 3});
   d[K::ATOMIC_ENERGY_LOG_VAR] = array(mo.log_var, {M, N});
   d[K::FORCE_COVARIANCE] = array(mo.force_cov, {M, N, 3, 3});
+  if (!mo.feature_distance.empty()) d[K::MEMBER_FEATURE_DISTANCE] = array(mo.feature_distance, {M, N});
   d[K::ENERGY] = scalar(drive.energy);
   d[K::ATOMIC_ENERGY] = array(drive.atomic_energy, {N});
   d[K::FORCES] = array(drive.forces, {N, 3});
@@ -148,6 +150,7 @@ py::dict results(const Engine &engine, const MemberOutputs &mo, int64_t n_local,
   d[K::ENERGY_VAR_EPISTEMIC] = scalar(agg.energy_var_epistemic);
   d[K::ENERGY_VAR_ALEATORIC] = scalar(agg.energy_var_aleatoric);
   d[K::ENERGY_STD] = scalar(agg.energy_std);
+  if (!agg.feature_distance.empty()) d[K::ATOMIC_FEATURE_DISTANCE] = array(agg.feature_distance, {n_local});
   return d;
 }
 

@@ -139,6 +139,13 @@ void aggregate(const AggregateInput &in, AggregateOutput &out) {
     }
     out.atomic_energy_std[i] = es * std::sqrt(avar * invM);
   }
+  if (!in.member_feature_distance) {
+    out.feature_distance.clear();
+    return;
+  }
+  out.feature_distance.assign(static_cast<size_t>(n), 0.0);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t i = 0; i < n; ++i) out.feature_distance[i] += invM * in.member_feature_distance[m * S + i];
 }
 
 void select_driving(const MemberOutputs &mo, int member, DrivingOutputs &out) {

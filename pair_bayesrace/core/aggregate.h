@@ -56,6 +56,7 @@ struct AggregateInput {
   const double *log_var_sum = nullptr;          // [M] Σ_i s_{m,i}
   double n_atoms_total = 0.0;                   // number of atoms in those sums
   const Calibration *calibration = nullptr;     // nullptr: uncalibrated (identity)
+  const double *member_feature_distance = nullptr;  // [M, stride], or nullptr (no feature density)
 };
 
 // Everything calibrated. Forces: with σ_i the uncalibrated total force σ of atom i and
@@ -76,6 +77,7 @@ struct AggregateOutput {
   double energy_var_epistemic = 0.0;         // Var_m(E_m) (population)
   double energy_var_aleatoric = 0.0;         // mean_m exp(Σ_i s_{m,i} / n_atoms_total)
   double energy_std = 0.0;                   // sqrt(var_epi + var_ale)
+  std::vector<double> feature_distance;      // [n] mean over members (not calibrated); empty without
 };
 
 void aggregate(const AggregateInput &in, AggregateOutput &out);

@@ -146,6 +146,7 @@ class AotiBackend : public Backend {
       out.virial.assign(static_cast<size_t>(9 * M), 0.0);
       out.log_var.clear();
       out.force_cov.clear();
+      out.feature_distance.clear();
       out.atomic_virial.clear();
       return;
     }
@@ -192,6 +193,13 @@ class AotiBackend : public Backend {
     fetch(keys::MEMBER_VIRIAL, {M, 3, 3}, out.virial);
     fetch(keys::ATOMIC_ENERGY_LOG_VAR, {M, N}, out.log_var);
     fetch(keys::FORCE_COVARIANCE, {M, N, 3, 3}, out.force_cov);
+    // a package exported with a feature density names its distance [M, N] among its outputs
+    if (std::count(output_keys_.begin(), output_keys_.end(), keys::MEMBER_FEATURE_DISTANCE) == 1 &&
+        result[std::find(output_keys_.begin(), output_keys_.end(), keys::MEMBER_FEATURE_DISTANCE) - output_keys_.begin()]
+                .numel() > 0)
+      fetch(keys::MEMBER_FEATURE_DISTANCE, {M, N}, out.feature_distance);
+    else
+      out.feature_distance.clear();
     if (in.compute_atomic_virial)
       fetch(keys::MEMBER_ATOMIC_VIRIAL, {M, N, 3, 3}, out.atomic_virial);
     else

@@ -46,6 +46,9 @@ struct MemberOutputs {
   std::vector<double> atomic_virial;  // [M, N, 3, 3] or empty
   std::vector<double> log_var;        // [M, N]
   std::vector<double> force_cov;      // [M, N, 3, 3]
+  // [M, N]: each member's feature distance (Mahalanobis, to its training atoms' features);
+  // empty when the deployable carries no feature density (or exported before it existed)
+  std::vector<double> feature_distance;
 };
 
 // Moves per-atom rows between the atoms of a domain and their copies (ghosts). Layer mode

@@ -72,6 +72,8 @@ std::string Engine::describe() const {
     os << ", epistemic energy sigma " << meta_.threshold_energy_std_epistemic_per_atom << " eV/atom (c_ug[7])";
   if (meta_.threshold_atomic_force_std_relative > 0.0)
     os << ", max relative epistemic force sigma " << meta_.threshold_atomic_force_std_relative << " (c_ug[8])";
+  if (meta_.threshold_atomic_feature_distance > 0.0)
+    os << ", max feature distance " << meta_.threshold_atomic_feature_distance << " (c_ug[9])";
   return os.str();
 }
 
@@ -100,9 +102,18 @@ void Engine::check_inputs(const ModelInputs &in) const {
                                   ", outside [0, " + std::to_string(in.n_atoms) + ")");
 }
 
+void Engine::check_outputs(const ModelInputs &in, const MemberOutputs &out) const {
+  // the metadata promises a feature distance of every member and atom (the pair style's column 7)
+  if (meta_.has_feature_density && in.n_local > 0 &&
+      out.feature_distance.size() != static_cast<size_t>(out.n_members * out.n_atoms))
+    throw std::runtime_error(path_ + ": the metadata declares a '" + keys::META_FEATURE_DENSITY +
+                             "' but the model returned no feature distance (re-export it)");
+}
+
 void Engine::evaluate(const ModelInputs &in, MemberOutputs &out) const {
   check_inputs(in);
   backend_->evaluate(in, out);
+  check_outputs(in, out);
 }
 
 void Engine::evaluate_layered(const ModelInputs &in, HaloExchange &halo, MemberOutputs &out) const {
@@ -114,6 +125,7 @@ void Engine::evaluate_layered(const ModelInputs &in, HaloExchange &halo, MemberO
                                   std::to_string(in.edge_index[e]) + ", not a local atom (n_local = " +
                                   std::to_string(in.n_local) + ")");
   backend_->evaluate_layered(in, halo, out);
+  check_outputs(in, out);
 }
 
 }  // namespace bayesrace

@@ -54,6 +54,7 @@ class Engine {
   std::vector<int64_t> layer_widths_;
 
   void check_inputs(const ModelInputs &in) const;
+  void check_outputs(const ModelInputs &in, const MemberOutputs &out) const;
 };
 
 // One intra-op and one inter-op torch thread (call once per process; safe to repeat).

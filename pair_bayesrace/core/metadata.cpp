@@ -235,6 +235,10 @@ Metadata parse_metadata(const std::string &text, const std::string &source, cons
       c.std_map(cal, q.aleatoric, p + q.aleatoric, q.ale);
     }
   }
+  if (const Json *fd = c.find(root, K::META_FEATURE_DENSITY)) {
+    if (!fd->is_object()) c.fail(K::META_FEATURE_DENSITY, "must be an object");
+    m.has_feature_density = true;
+  }
   if (const Json *sc = c.find(root, K::META_SHORTEST_CONTACTS)) {
     // [T][T] of distances > 0 or null (pair not seen in training: the shortest of all)
     const std::string f = K::META_SHORTEST_CONTACTS;
@@ -271,6 +275,8 @@ Metadata parse_metadata(const std::string &text, const std::string &source, cons
       m.threshold_energy_std_epistemic_per_atom = c.positive(*v, p + K::ENERGY_STD_EPISTEMIC_PER_ATOM);
     if (const Json *v = Checker::find(th, K::ATOMIC_FORCE_STD_RELATIVE))
       m.threshold_atomic_force_std_relative = c.positive(*v, p + K::ATOMIC_FORCE_STD_RELATIVE);
+    if (const Json *v = Checker::find(th, K::ATOMIC_FEATURE_DISTANCE))
+      m.threshold_atomic_feature_distance = c.positive(*v, p + K::ATOMIC_FEATURE_DISTANCE);
   }
   m.bayesrace_version =
       c.string(c.require(root, K::META_BAYESRACE_VERSION, K::META_BAYESRACE_VERSION), K::META_BAYESRACE_VERSION);

@@ -24,6 +24,9 @@ struct Metadata {
   double threshold_atomic_force_std_epistemic = 0.0;   // eV/Å
   double threshold_energy_std_epistemic_per_atom = 0.0;  // eV/atom
   double threshold_atomic_force_std_relative = 0.0;    // 1 (compute bayesrace column 8)
+  double threshold_atomic_feature_distance = 0.0;      // 1 (compute bayesrace column 9)
+  // the deployable's heads report each member's feature distance (metadata 'feature_density')
+  bool has_feature_density = false;
   std::string bayesrace_version;
   std::string torch_version;
   std::string training_data_sha256;

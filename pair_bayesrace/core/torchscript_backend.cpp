@@ -79,6 +79,7 @@ void TorchScriptBackend::prepare_layered(const ModelInputs &in, int64_t M, const
   out.atomic_energy.assign(MN, 0.0);
   out.log_var.assign(MN, 0.0);
   out.force_cov.assign(9 * MN, 0.0);
+  out.feature_distance.clear();  // sized by copy_feature_distance when the heads report one
   out.forces.assign(3 * MN, 0.0);
   out.virial.assign(9 * static_cast<size_t>(M), 0.0);
   if (in.compute_atomic_virial)
@@ -89,6 +90,19 @@ void TorchScriptBackend::prepare_layered(const ModelInputs &in, int64_t M, const
     features_[k].resize(static_cast<size_t>(N * widths[k]));
     grads_[k].resize(static_cast<size_t>(N * widths[k]));
   }
+}
+
+// The heads' feature distance (their 4th element: [Mg, nl] together, [nl] for one member, or
+// empty without a feature density) into rows g.. of out.feature_distance [M, N].
+void TorchScriptBackend::copy_feature_distance(const c10::ivalue::Tuple &heads, bool together, int64_t g, int64_t Mg,
+                                               int64_t nl, MemberOutputs &out) {
+  if (heads.elements().size() < 4) return;  // exported before the feature density existed
+  const torch::Tensor d = heads.elements().at(3).toTensor();
+  if (d.numel() == 0) return;
+  if (out.feature_distance.empty()) out.feature_distance.assign(static_cast<size_t>(out.n_members * out.n_atoms), 0.0);
+  for (int64_t mm = 0; mm < Mg; ++mm)
+    copy_out(together ? d[mm] : d, {nl}, &out.feature_distance[static_cast<size_t>((g + mm) * out.n_atoms)],
+             "head() feature distance");
 }
 
 // Edge vectors x_j - x_i (+ shift), [E, 3] float64 on the host: the virial is formed from them.
@@ -219,6 +233,7 @@ void TorchScriptBackend::evaluate_layered(const ModelInputs &in, HaloExchange &h
       copy_out(together ? lv[mm] : lv, {nl}, &out.log_var[row], "head() log-variance");
       copy_out(together ? cov[mm] : cov, {nl, 3, 3}, &out.force_cov[9 * row], "head() force covariance");
     }
+    copy_feature_distance(*heads, together, g, Mg, nl, out);
     torch::Tensor member_energy = e.sum(1);
     torch::Tensor energy = member_energy.sum();  // members are independent: one backward for all
     torch::Tensor energies = member_energy.detach().to(torch::kCPU, torch::kFloat64).contiguous();

@@ -125,6 +125,11 @@ class TorchScriptBackend : public Backend {
     fetch(keys::MEMBER_VIRIAL, {M, 3, 3}, out.virial, false);
     fetch(keys::ATOMIC_ENERGY_LOG_VAR, {M, N}, out.log_var, false);
     fetch(keys::FORCE_COVARIANCE, {M, N, 3, 3}, out.force_cov, false);
+    // older deployables have no feature distance; without a density it is empty [M, 0]
+    if (dict.find(c10::IValue(std::string(keys::MEMBER_FEATURE_DISTANCE))) != dict.end())
+      fetch(keys::MEMBER_FEATURE_DISTANCE, {M, N}, out.feature_distance, true);
+    else
+      out.feature_distance.clear();
     if (in.compute_atomic_virial) {
       fetch(keys::MEMBER_ATOMIC_VIRIAL, {M, N, 3, 3}, out.atomic_virial, N == 0);
       if (N && out.atomic_virial.empty())
@@ -146,6 +151,8 @@ class TorchScriptBackend : public Backend {
   void add_edge_terms(const ModelInputs &in, const std::vector<double> &vec, const double *edge_grad, int64_t member,
                       MemberOutputs &out);
   void copy_out(const torch::Tensor &t, std::vector<int64_t> shape, double *dst, const char *what);
+  void copy_feature_distance(const c10::ivalue::Tuple &heads, bool together, int64_t g, int64_t Mg, int64_t nl,
+                             MemberOutputs &out);
   torch::Tensor from_buffer(std::vector<double> &buf, int64_t rows, int64_t width);
 
   torch::jit::Module module_;

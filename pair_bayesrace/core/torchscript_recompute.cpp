@@ -141,6 +141,7 @@ void TorchScriptBackend::evaluate_recomputing(const ModelInputs &in, HaloExchang
     copy_out(heads->elements().at(1).toTensor()[m], {nl}, &out.log_var[row], "head_all() log-variance");
     copy_out(heads->elements().at(2).toTensor()[m], {nl, 3, 3}, &out.force_cov[9 * row], "head_all() force covariance");
   }
+  copy_feature_distance(*heads, true, 0, M, nl, out);
   torch::Tensor member_energy = e.sum(1);
   torch::Tensor energies = member_energy.detach().to(torch::kCPU, torch::kFloat64).contiguous();
   for (int64_t m = 0; m < M; ++m) out.energy[m] = energies.data_ptr<double>()[m];

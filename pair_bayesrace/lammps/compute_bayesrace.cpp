@@ -136,7 +136,8 @@ void ComputeBayesRace::compute_vector()
   const int *mask = atom->mask;
   double **uq = pair->atom_uncertainty();
   const auto &mapped = pair->atom_mapped();
-  double mx[3] = {0.0, 0.0, 0.0}, sums[2] = {0.0, 0.0}, over = 0.0;    // max σ, σ_epi, relative; sum σ, count
+  // max σ, σ_epi, relative, feature distance; sum σ, count, sum of feature distances
+  double mx[4] = {0.0, 0.0, 0.0, -1.0}, sums[3] = {0.0, 0.0, 0.0}, over = 0.0;
   double closest = std::numeric_limits<double>::max();    // smallest contact ratio
   for (int i = 0; i < nlocal; i++) {
     if (!(mask[i] & groupbit) || !mapped[i]) continue;
@@ -145,13 +146,15 @@ void ComputeBayesRace::compute_vector()
     mx[0] = std::max(mx[0], s);
     mx[1] = std::max(mx[1], uq[i][1]);
     mx[2] = std::max(mx[2], uq[i][5]);
+    mx[3] = std::max(mx[3], uq[i][6]);
     sums[0] += s;
     sums[1] += 1.0;
+    sums[2] += uq[i][6];
     if (s > thr) over += 1.0;
   }
-  double gmx[3] = {0.0, 0.0, 0.0}, gsums[2] = {0.0, 0.0}, gover = 0.0;
-  MPI_Allreduce(mx, gmx, 3, MPI_DOUBLE, MPI_MAX, world);
-  MPI_Allreduce(sums, gsums, 2, MPI_DOUBLE, MPI_SUM, world);
+  double gmx[4] = {0.0, 0.0, 0.0, -1.0}, gsums[3] = {0.0, 0.0, 0.0}, gover = 0.0;
+  MPI_Allreduce(mx, gmx, 4, MPI_DOUBLE, MPI_MAX, world);
+  MPI_Allreduce(sums, gsums, 3, MPI_DOUBLE, MPI_SUM, world);
   MPI_Allreduce(&over, &gover, 1, MPI_DOUBLE, MPI_SUM, world);
   double gclosest = 0.0;
   MPI_Allreduce(&closest, &gclosest, 1, MPI_DOUBLE, MPI_MIN, world);
@@ -169,6 +172,11 @@ void ComputeBayesRace::compute_vector()
   // the largest epistemic force σ relative to the force (per-atom column 6): what flags novelty
   // in hot MD, whose larger forces carry proportionally larger errors
   values[7] = gmx[2];
+  // how far the atoms' features lie from the training atoms' (per-atom column 7): the largest
+  // and the mean over the group; -1 when the deployable carries no feature density
+  const bool distances = pair->has_feature_distance();
+  values[8] = distances ? gmx[3] : -1.0;
+  values[9] = distances ? (gsums[1] > 0.0 ? gsums[2] / gsums[1] : 0.0) : -1.0;
 }
 
 /* ----------------------------------------------------------------------
@@ -185,6 +193,11 @@ double PairBayesRace::no_contact_ratio() const
 {
   if (!engine || !engine->metadata().has_contacts()) return -1.0;
   return engine->metadata().no_contact_ratio;
+}
+
+bool PairBayesRace::has_feature_distance() const
+{
+  return engine && engine->metadata().has_feature_density;
 }
 
 bool PairBayesRace::uncertainty_wanted(int eflag_atom_now) const

@@ -49,7 +49,7 @@ class ComputeBayesRace : public Compute {
  private:
   PairBayesRace *pair;
   double threshold;  // < 0: the model's
-  static constexpr int NVALUES = 8;
+  static constexpr int NVALUES = 10;
   double values[NVALUES];
 };
 

@@ -426,14 +426,13 @@ void PairBayesRace::compute(int eflag, int vflag)
 
   std::vector<double> &red = reduced;
   red.assign(2 * M + 1, 0.0);
-  if (evaluated) {
+  if (evaluated)
     for (int m = 0; m < M; m++) {
       red[m] = mo.energy[m];
       double s = 0.0;
       for (int k = 0; k < nl; k++) s += mo.log_var[static_cast<size_t>(m) * N + k];
       red[M + m] = s;
     }
-  }
   red[2 * M] = nl;
   MPI_Allreduce(MPI_IN_PLACE, red.data(), 2 * M + 1, MPI_DOUBLE, MPI_SUM, world);
 
@@ -454,6 +453,8 @@ void PairBayesRace::compute(int eflag, int vflag)
   ai.log_var_sum = red.data() + M;
   ai.n_atoms_total = red[2 * M];
   ai.calibration = &engine->metadata().calibration;
+  // the Engine checked that a model with a feature density returned every member's distances
+  ai.member_feature_distance = has_feature_distance() && nl > 0 ? mo.feature_distance.data() : nullptr;
   bayesrace::AggregateOutput &out = aggregate_out;
   try {
     bayesrace::aggregate(ai, out);
@@ -478,6 +479,7 @@ void PairBayesRace::compute(int eflag, int vflag)
     uq[i][3] = econv * out.atomic_energy_std[k];
     uq[i][4] = contacts_now ? contact[k] : -1.0;
     uq[i][5] = out.force_std_relative[k];  // unit-free
+    uq[i][6] = out.feature_distance.empty() ? -1.0 : out.feature_distance[k];  // -1: no feature density
   }
   energy_sigma = econv * out.energy_std;
   energy_var_epi = econv * econv * out.energy_var_epistemic;

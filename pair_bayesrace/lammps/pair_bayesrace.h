@@ -54,8 +54,9 @@ class PairBayesRace : public Pair {
 
   // --- read by compute bayesrace/atom and compute bayesrace
   // force σ total, epistemic, aleatoric; atomic energy σ; contact ratio (min_j r_ij / the training
-  // set's shortest distance of that pair; -1 when the deployable does not carry those distances)
-  static constexpr int NCOLS = 6;
+  // set's shortest distance of that pair; -1 when the deployable does not carry those distances);
+  // relative epistemic force σ; feature distance (-1 when the deployable has no feature density)
+  static constexpr int NCOLS = 7;
   bigint uncertainty_step() const { return uq_step; }
   int uncertainty_every() const { return uq_every; }
   // [nlocal][NCOLS] in run units, valid when uncertainty_step() == update->ntimestep
@@ -69,6 +70,8 @@ class PairBayesRace : public Pair {
   double force_threshold() const;  // model's atomic_force_std threshold, run units
   // the contact ratio of an atom without neighbours (-1 without training contacts)
   double no_contact_ratio() const;
+  // whether per-atom column 7 and compute bayesrace values 9-10 hold feature distances (else -1)
+  bool has_feature_distance() const;
 
  protected:
   std::unique_ptr<bayesrace::Engine> engine;

@@ -72,9 +72,11 @@ class BayesRaceCalculator(Calculator):
 
     # contact_ratio: per atom, min_j r_ij / the training set's shortest distance of that pair of
     # elements (data.contact_ratios; < 1: closer than anything seen); only for posteriors that
-    # recorded their training contacts (trained by this version or later)
+    # recorded their training contacts (trained by this version or later); feature_distance: per
+    # atom, the distance of its features to the training atoms' (bayes._feature_density), only
+    # for posteriors with a feature density
     implemented_properties = ["energy", "free_energy", "forces", "stress", "energies", *UNCERTAINTY_RESULTS,
-                              "forces_std_relative", "contact_ratio"]
+                              "forces_std_relative", "contact_ratio", "feature_distance"]
 
     def __init__(
         self,
@@ -158,4 +160,6 @@ class BayesRaceCalculator(Calculator):
         if self.posterior.shortest_contacts is not None:
             results["contact_ratio"] = contact_ratios(graph.species, graph.edge_index, edge_distances(graph),
                                                       self.posterior.shortest_contacts, self.cutoff)
+        if keys.ATOMIC_FEATURE_DISTANCE in prediction:
+            results["feature_distance"] = _to_numpy(prediction[keys.ATOMIC_FEATURE_DISTANCE])
         self.results = results

@@ -45,6 +45,9 @@ ENERGY_STD_EPISTEMIC_PER_ATOM = "energy_std_epistemic_per_atom"  # eV/atom, sqrt
 ATOMIC_FORCE_STD_RELATIVE = "atomic_force_std_relative"  # [N] 1, sigma_F,epi,i / (|F_i| + RELATIVE_FORCE_LEVEL) (a threshold)
 RELATIVE_FORCE_LEVEL = 1.0  # eV/Å, keeps the relative σ finite where the mean force vanishes
 ATOMIC_ENERGY_STD = "atomic_energy_std"  # [N] eV, std of member atomic energies
+# distance of an atom's features to the training atoms' (bayes._feature_density): novelty at one network's cost
+ATOMIC_FEATURE_DISTANCE = "atomic_feature_distance"  # [N] 1, Mahalanobis distance, mean over members
+MEMBER_FEATURE_DISTANCE = "member_feature_distance"  # [M, N] 1, each member's own (empty: no density)
 MEMBER_ENERGY = "member_energy"  # [M, B] eV ([M] from the deployable: one structure, local atoms)
 MEMBER_FORCES = "member_forces"  # [M, N, 3] eV/Å
 MEMBER_ATOMIC_ENERGY = "member_atomic_energy"  # [M, N] eV, atomic energies of each member
@@ -88,6 +91,7 @@ META_MAP_SIGMA = "sigma"  # knots x_k of a map: strictly increasing, > 0
 META_MAP_CALIBRATED = "calibrated"  # values y_k: non-decreasing, > 0; outside [x_1, x_K] g is proportional
 META_THRESHOLDS = "thresholds"  # object: atomic_force_std
 META_SHORTEST_CONTACTS = "shortest_contacts"  # optional [T][T] Å (null: pair unseen): training's closest approach
+META_FEATURE_DENSITY = "feature_density"  # optional object, informative: training_atoms [T], regularisation
 META_SIGMA_CAPS = "sigma_caps"  # object, informative: the members' caps of the aleatoric sigmas (0 = none)
 META_FORCE_SIGMA_CAP = "force_sigma_cap"  # eV/Å: per-atom force sigma bent smoothly toward e x this above it
 META_ENERGY_SIGMA_CAP = "energy_sigma_cap"  # eV: the same for the structure energy sigma

@@ -108,8 +108,9 @@ def test_layer_methods_survive_save_and_load(deployable):
     vectors = torch.tensor([[1.0, 0.2, 0.0], [-1.0, -0.2, 0.0], [0.3, 1.1, 0.4], [0.0, 0.0, 1.4]], dtype=torch.float64)
     h1, r0 = module.layer(1, 0, h, species, edge_index, vectors, 2)
     assert h1.shape == (2, 32) and r0.shape == (2, 8)
-    energy, log_var, covariance = module.head(1, torch.stack([r0, r0, r0]), species[:2])
+    energy, log_var, covariance, distance = module.head(1, torch.stack([r0, r0, r0]), species[:2])
     assert energy.shape == (2,) and log_var.shape == (2,) and covariance.shape == (2, 3, 3)
+    assert distance.shape == (0,)  # no feature density
     # the head is RACE's own combination of the readouts
     want = posterior.members[1].combine_readouts(torch.stack([r0, r0, r0]), species[:2])
     for got, expected in zip((energy, log_var, covariance), want):

@@ -247,7 +247,13 @@ def direct_ood_scores(prediction):
                     for i in range(start, start + count)]
         largest_relative.append(max(relative))
         start += count
+    distances = {}
+    if keys.ATOMIC_FEATURE_DISTANCE in prediction:
+        per_structure = np.split(prediction[keys.ATOMIC_FEATURE_DISTANCE], np.cumsum(prediction[keys.NUM_ATOMS])[:-1])
+        distances = {"max_feature_distance": np.array([d.max() for d in per_structure]),
+                     "mean_feature_distance": np.array([d.mean() for d in per_structure])}
     return {
+        **distances,
         "energy_sigma_meV_per_atom": np.array(energy),
         "max_atomic_force_sigma_eV_per_A": np.array(largest),
         "mean_atomic_force_sigma_eV_per_A": np.array(mean),
@@ -257,14 +263,25 @@ def direct_ood_scores(prediction):
     }
 
 
-def test_ood_auroc_equals_sklearn_on_the_predictions(posterior, data_sets):
+@pytest.mark.parametrize("with_density", [False, True])
+def test_ood_auroc_equals_sklearn_on_the_predictions(posterior, data_sets, with_density):
+    import copy
+
     from sklearn.metrics import roc_auc_score
 
+    from bayesrace.bayes import fit_feature_density
+    from bayesrace.data import TypeMap, frames_to_graphs
+
+    if with_density:  # the feature distances join the scores
+        posterior = copy.deepcopy(posterior)
+        graphs = frames_to_graphs(read_frames(data_sets["test"]), TypeMap(posterior.type_names), posterior.cutoff)
+        posterior.feature_density = fit_feature_density(list(posterior.members), graphs)
     evaluation = evaluate_sets(posterior, data_sets, progress=False)
     assert set(evaluation["ood"]["auroc"]) == {"compressed"}
-    assert set(evaluation["ood"]["scores"]) == set(OOD_SCORES)
+    distance_scores = {"max_feature_distance", "mean_feature_distance"}
+    assert set(evaluation["ood"]["scores"]) == set(OOD_SCORES) - (set() if with_density else distance_scores)
     scores = {name: direct_ood_scores(predict_frames(posterior, read_frames(path))) for name, path in data_sets.items()}
-    for score in OOD_SCORES:
+    for score in evaluation["ood"]["scores"]:
         inside, outside = scores["test"][score], scores["compressed"][score]
         expected = roc_auc_score(np.r_[np.zeros(inside.size), np.ones(outside.size)], np.r_[inside, outside])
         assert evaluation["ood"]["auroc"]["compressed"][score] == pytest.approx(expected, abs=1e-12), score
@@ -401,7 +418,7 @@ def test_recalibrated_auroc_and_bad_calibration_set(posterior, mis_scaled_sets, 
     for name, source in sets.items():
         frames = read_frames(source) if not isinstance(source, list) else source
         scores[name] = direct_ood_scores(calibrate_prediction(predict_frames(posterior, frames), parameters))
-    for score in OOD_SCORES:
+    for score in evaluation["ood"]["scores"]:
         inside, outside = scores["valid"][score], scores["compressed"][score]
         expected = roc_auc_score(np.r_[np.zeros(inside.size), np.ones(outside.size)], np.r_[inside, outside])
         assert evaluation["ood"]["auroc_recalibrated"]["compressed"][score] == pytest.approx(expected, abs=1e-12)
@@ -411,7 +428,8 @@ def test_recalibrated_auroc_and_bad_calibration_set(posterior, mis_scaled_sets, 
         assert tau == pytest.approx(1.5 * np.quantile(scores["valid"][score], 0.99), rel=1e-12)
         for name in sets:
             assert flagged["fraction"][name][score] == pytest.approx(np.mean(scores[name][score] > tau))
-    assert set(flagged["thresholds"]) == set(THRESHOLD_SCORES)  # two members: every score has one
+    # two members: every score has one (the feature distance needs a density, which this posterior lacks)
+    assert set(flagged["thresholds"]) == set(THRESHOLD_SCORES) - {"max_feature_distance"}
 
     with pytest.raises(ValueError, match="calibrate_on='nope'"):
         evaluate_sets(posterior, sets, progress=False, calibrate_on="nope")

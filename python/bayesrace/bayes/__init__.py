@@ -19,6 +19,14 @@ from ._calibration_maps import (
     validate_std_map,
     validate_thresholds,
 )
+from ._feature_density import (
+    atom_features,
+    feature_columns,
+    feature_distance,
+    fit_feature_density,
+    training_feature_density,
+    validate_feature_density,
+)
 from ._laplace import (
     LastLayerLaplace,
     fit_last_layer_laplace,
@@ -61,8 +69,12 @@ __all__ = [
     "Posterior",
     "SwagCollector",
     "aggregate_members",
+    "atom_features",
     "calibrate_prediction",
     "calibrated_std",
+    "feature_columns",
+    "feature_distance",
+    "fit_feature_density",
     "fit_laplace_members",
     "fit_last_layer_laplace",
     "get_last_layer_weights",
@@ -80,8 +92,10 @@ __all__ = [
     "save_posterior",
     "set_last_layer_weights",
     "std_ratio",
+    "training_feature_density",
     "update_posterior_file",
     "validate_calibration",
+    "validate_feature_density",
     "validate_std_map",
     "validate_thresholds",
 ]

@@ -64,7 +64,7 @@ _ALL_MAP_FIELDS = tuple(name for fields in _PART_MAP_FIELDS.values() for name in
 # of the max epistemic force σ, of the epistemic energy σ per atom and of the max relative
 # epistemic force σ (compute bayesrace 1, 6, 7, 8)
 _THRESHOLD_FIELDS = (keys.ATOMIC_FORCE_STD, keys.ATOMIC_FORCE_STD_EPISTEMIC, keys.ENERGY_STD_EPISTEMIC_PER_ATOM,
-                     keys.ATOMIC_FORCE_STD_RELATIVE)
+                     keys.ATOMIC_FORCE_STD_RELATIVE, keys.ATOMIC_FEATURE_DISTANCE)
 
 Array = Union[np.ndarray, torch.Tensor]
 

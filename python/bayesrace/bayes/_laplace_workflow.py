@@ -23,6 +23,7 @@ from ._laplace import (
     predictive_covariance,
     sample_members,
 )
+from ._feature_density import training_feature_density
 from ._posterior import load_posterior, save_posterior
 
 _SIGMA_BATCH_SIZE = 8  # structures per batch when summarising the fitted σ's
@@ -115,6 +116,7 @@ def laplace_posterior_file(
         data_sha256=info.get("data_sha256"),
         config=info.get("config"),
         shortest_contacts=info.get("shortest_contacts"),
+        feature_density=training_feature_density(members, graphs),
         laplace_source={"posterior": str(Path(posterior_path).resolve()), "member": member,
                         "train_file": str(Path(train_file).resolve()), "structures": len(graphs)},
     )

@@ -31,6 +31,7 @@ import torch
 from .. import keys
 from .._files import atomic_path
 from ..model import RACE, model_config_from_record
+from ._feature_density import feature_distance, validate_feature_density
 from ._calibration_maps import (
     calibrate_prediction,
     validate_calibration,
@@ -96,6 +97,9 @@ class Posterior(torch.nn.Module):
         # the training set's shortest distance per pair of types (data.shortest_contacts), or
         # None (posteriors built in memory, or saved before it was recorded)
         self.shortest_contacts = None
+        # the members' feature density (``_feature_density``) or None: then forward() also
+        # reports every atom's feature distance
+        self.feature_density = None
 
     @property
     def calibration(self) -> Dict[str, object]:
@@ -143,6 +147,8 @@ class Posterior(torch.nn.Module):
             result[keys.VIRIAL] = virial
             volume = torch.abs(torch.linalg.det(data[keys.CELL]))
             result[keys.STRESS] = -virial / volume.clamp(min=1e-12)[:, None, None]
+        if self.feature_density is not None:
+            result[keys.ATOMIC_FEATURE_DISTANCE] = feature_distance(self.members, self.feature_density, data).mean(dim=0)
         if self._calibration:
             result = calibrate_prediction(result, self._calibration, data[keys.NUM_ATOMS], data[keys.BATCH])
         return result
@@ -153,6 +159,7 @@ POSTERIOR_FORMAT_VERSION = 1
 RECORD_CALIBRATION = "calibration"  # optional: the calibration dict (_calibration)
 RECORD_THRESHOLDS = "thresholds"  # optional: {atomic_force_std: X}
 RECORD_SHORTEST_CONTACTS = "shortest_contacts"  # optional: [T][T] Å or None (data.shortest_contacts)
+RECORD_FEATURE_DENSITY = "feature_density"  # optional: the members' feature density (_feature_density)
 
 
 def posterior_record(members: List[RACE], kind: str, extra: Dict[str, object]) -> Dict[str, object]:
@@ -248,7 +255,9 @@ def load_posterior(path, dtype: torch.dtype = torch.float64) -> Posterior:
         posterior.calibration = record.get(RECORD_CALIBRATION)
         posterior.thresholds = record.get(RECORD_THRESHOLDS)
         posterior.shortest_contacts = record.get(RECORD_SHORTEST_CONTACTS)
+        posterior.feature_density = validate_feature_density(record.get(RECORD_FEATURE_DENSITY), len(members),
+                                                             len(record["type_names"]))
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from error
-    posterior.record_info = {k: v for k, v in record.items() if k != "members"}
+    posterior.record_info = {k: v for k, v in record.items() if k not in ("members", RECORD_FEATURE_DENSITY)}
     return posterior.eval()

@@ -100,7 +100,8 @@ def cmd_calibrate(args) -> None:
           f"({args.threshold_factor:g} × the {args.threshold_quantile:g} quantile of each structure's largest σ_F)")
     units = {keys.ATOMIC_FORCE_STD_EPISTEMIC: "eV/Å (compute bayesrace column 6)",
              keys.ENERGY_STD_EPISTEMIC_PER_ATOM: "eV/atom (compute bayesrace column 7)",
-             keys.ATOMIC_FORCE_STD_RELATIVE: "(unit-free, compute bayesrace column 8)"}
+             keys.ATOMIC_FORCE_STD_RELATIVE: "(unit-free, compute bayesrace column 8)",
+             keys.ATOMIC_FEATURE_DISTANCE: "(unit-free, compute bayesrace column 9)"}
     for name, unit in units.items():
         if name in result["thresholds"]:
             print(f"extrapolation threshold {name} = {result['thresholds'][name]:.4g} {unit}, by the same rule")

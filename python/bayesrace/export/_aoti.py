@@ -51,6 +51,7 @@ OUTPUT_KEYS = [
     keys.MEMBER_ATOMIC_VIRIAL,
     keys.ATOMIC_ENERGY_LOG_VAR,
     keys.FORCE_COVARIANCE,
+    keys.MEMBER_FEATURE_DISTANCE,  # [M, 0] without a feature density
 ]
 MODELS = {keys.AOTI_MODEL_PLAIN: False, keys.AOTI_MODEL_ATOMIC_VIRIAL: True}  # name -> compute_atomic_virial
 MAX_ATOMS = 1 << 24  # upper bounds of the dynamic sizes (the compiled code checks them)

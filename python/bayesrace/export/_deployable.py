@@ -155,6 +155,10 @@ def build_metadata(
         except ValueError as error:
             raise ExportError(f"metadata field '{keys.META_SHORTEST_CONTACTS}': {error}") from None
         contacts = {keys.META_SHORTEST_CONTACTS: [list(row) for row in posterior.shortest_contacts]}
+    density = getattr(posterior, "feature_density", None)
+    if density is not None:  # informative: the tensors are in the module
+        contacts[keys.META_FEATURE_DENSITY] = {"training_atoms": list(density["training_atoms"]),
+                                               "regularisation": float(density["regularisation"])}
     return {
         keys.META_FORMAT_VERSION: FORMAT_VERSION,
         keys.META_TYPE_NAMES: list(posterior.type_names),
@@ -241,7 +245,7 @@ def deployed_posterior(posterior: Posterior, dtype: torch.dtype) -> DeployedPost
         for parameter in copied.parameters():
             parameter.requires_grad_(False)
         members.append(copied)
-    return DeployedPosterior(members).eval()
+    return DeployedPosterior(members, getattr(posterior, "feature_density", None)).eval()
 
 
 def script_posterior(posterior: Posterior, dtype: torch.dtype) -> torch.jit.ScriptModule:

@@ -115,7 +115,7 @@ def layered_evaluate(
 
     fields: Dict[str, List[torch.Tensor]] = {name: [] for name in (
         keys.MEMBER_ENERGY, keys.MEMBER_ATOMIC_ENERGY, keys.MEMBER_FORCES, keys.MEMBER_VIRIAL,
-        keys.MEMBER_ATOMIC_VIRIAL, keys.ATOMIC_ENERGY_LOG_VAR, keys.FORCE_COVARIANCE)}
+        keys.MEMBER_ATOMIC_VIRIAL, keys.ATOMIC_ENERGY_LOG_VAR, keys.FORCE_COVARIANCE, keys.MEMBER_FEATURE_DISTANCE)}
     for member in range(int(deployable.n_members)):
         vectors = base.clone().requires_grad_(True)  # one leaf for every layer
         h = deployable.embed(member, species)
@@ -129,7 +129,8 @@ def layered_evaluate(
             readouts.append(readout)
             if k < n_layers - 1:
                 h = forward_exchange(h_next.detach())
-        atomic_energy, log_var, covariance = deployable.head(member, torch.stack(readouts), species[:n_local])
+        atomic_energy, log_var, covariance, distance = deployable.head(member, torch.stack(readouts),
+                                                                       species[:n_local])
         energy = atomic_energy.sum()
         readout_grads = torch.autograd.grad([energy], readouts, allow_unused=True)
         edge_grad = torch.zeros_like(base)
@@ -156,6 +157,8 @@ def layered_evaluate(
         fields[keys.MEMBER_ATOMIC_ENERGY].append(_ghost_rows_zero(atomic_energy.detach(), n_atoms))
         fields[keys.ATOMIC_ENERGY_LOG_VAR].append(_ghost_rows_zero(log_var.detach(), n_atoms))
         fields[keys.FORCE_COVARIANCE].append(_ghost_rows_zero(covariance.detach(), n_atoms))
+        fields[keys.MEMBER_FEATURE_DISTANCE].append(
+            _ghost_rows_zero(distance.detach(), n_atoms) if distance.numel() else distance.detach())
         # r_ij = x_j - x_i: dE/dx_i = -g and dE/dx_j = +g, F = -dE/dx (as forward)
         fields[keys.MEMBER_FORCES].append(
             torch.zeros_like(positions).index_add(0, centre, edge_grad).index_add(0, neighbour, -edge_grad))

@@ -13,6 +13,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from .. import keys
+from ..bayes._feature_density import member_distances
 from ._errors import ExportError
 
 
@@ -24,8 +25,9 @@ class DeployedPosterior(torch.nn.Module):
     ``layer_all``, ``head_all`` (``bayesrace.model.StackedRace``), which forward() and the
     C++ core use: one pass evaluates every member."""
 
-    def __init__(self, members: List[torch.nn.Module]):
+    def __init__(self, members: List[torch.nn.Module], feature_density: Optional[Dict[str, object]] = None):
         super().__init__()
+        from ..bayes import feature_columns
         from ..model import StackedRace
 
         self.members = torch.nn.ModuleList(members)
@@ -38,6 +40,25 @@ class DeployedPosterior(torch.nn.Module):
             raise ExportError(f"the members cannot be evaluated together: {error}") from None
         self.feature_widths: List[int] = list(self.stacked.widths)
         self.readout_width: int = int(members[0].readout_width())
+        # the feature density (bayes._feature_density): each layer's readout is followed by the
+        # F scalar channels of h_{k+1}, and the heads report each member's feature distance
+        dtype = members[0].energy_scale.dtype
+        self.has_feature_density = feature_density is not None
+        self.register_buffer("density_index", torch.zeros(len(self.feature_widths) - 1, 0, dtype=torch.int64))
+        self.register_buffer("density_mean", torch.zeros(0, dtype=dtype))
+        self.register_buffer("density_whiten", torch.zeros(0, dtype=dtype))
+        if feature_density is not None:
+            index = feature_columns(members[0])
+            mean = torch.as_tensor(feature_density["mean"]).to(dtype)
+            if mean.shape[0] != self.n_members or mean.shape[2] != index.numel():
+                raise ExportError(f"feature_density.mean has shape {list(mean.shape)}, the members need "
+                                  f"[{self.n_members}, S, {index.numel()}]")
+            self.density_index = index
+            self.density_mean = mean
+            self.density_whiten = torch.as_tensor(feature_density["whiten"]).to(dtype)
+            for stacked in [self.stacked] + list(self.singles):
+                stacked.set_feature_columns(index)
+        self.n_density_columns: int = int(self.density_index.shape[1])
 
     # -- all members in one pass: features [N, M * d_k], member-major within a row --------
     @torch.jit.export
@@ -79,18 +100,29 @@ class DeployedPosterior(torch.nn.Module):
     @torch.jit.export
     def head_all(
         self, readouts: torch.Tensor, species: torch.Tensor
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``head`` for all members: readouts [K, M, n_local, n_out] → (atomic energy [M, n_local],
-        log-variance [M, n_local], force covariance [M, n_local, 3, 3])."""
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``head`` for all members: readouts [K, M, n_local, n_readout()] → (atomic energy [M, n_local],
+        log-variance [M, n_local], force covariance [M, n_local, 3, 3], feature distance
+        [M, n_local], or [M, 0] without a feature density)."""
         energies: List[torch.Tensor] = []
         log_vars: List[torch.Tensor] = []
         covariances: List[torch.Tensor] = []
+        distances: List[torch.Tensor] = []
         for m, module in enumerate(self.members):
-            energy, log_var, covariance = module.combine_readouts(readouts[:, m], species)
+            energy, log_var, covariance = module.combine_readouts(readouts[:, m, :, :self.readout_width], species)
             energies.append(energy)
             log_vars.append(log_var)
             covariances.append(covariance)
-        return torch.stack(energies), torch.stack(log_vars), torch.stack(covariances)
+            distances.append(self._feature_distance(m, readouts[:, m], species))
+        return torch.stack(energies), torch.stack(log_vars), torch.stack(covariances), torch.stack(distances)
+
+    def _feature_distance(self, member: int, readouts: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
+        """Member ``member``'s feature distance [n] from its readouts [K, n, n_readout()] ([0] without a density)."""
+        if not self.has_feature_density:
+            return torch.zeros(0, dtype=readouts.dtype, device=readouts.device)
+        n = readouts.shape[1]
+        features = readouts[:, :, self.readout_width:].transpose(0, 1).reshape(n, -1)  # layer after layer
+        return member_distances(features, species, self.density_mean[member], self.density_whiten[member])
 
     # -- layer mode (HALO_SPEC.md): one layer at a time, the caller exchanges ghost rows --
     @torch.jit.export
@@ -100,8 +132,8 @@ class DeployedPosterior(torch.nn.Module):
 
     @torch.jit.export
     def n_readout(self) -> int:
-        """n_out: the width of one layer's readout r_k."""
-        return self.readout_width
+        """The width of one layer's readout r_k: n_out, plus the F feature channels with a feature density."""
+        return self.readout_width + self.n_density_columns
 
     @torch.jit.export
     def embed(self, member: int, species: torch.Tensor) -> torch.Tensor:
@@ -140,7 +172,10 @@ class DeployedPosterior(torch.nn.Module):
         result: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
         for m, module in enumerate(self.members):
             if m == member:
-                result = module.layer_step(index, h, species, edge_index, edge_vectors, n_local)
+                h_next, readout = module.layer_step(index, h, species, edge_index, edge_vectors, n_local)
+                if self.has_feature_density:
+                    readout = torch.cat([readout, h_next.detach()[:, self.density_index[index]]], dim=1)
+                result = (h_next, readout)
         if result is None:
             raise IndexError(f"member {member} out of range (the deployable has {self.n_members})")
         return result
@@ -148,13 +183,15 @@ class DeployedPosterior(torch.nn.Module):
     @torch.jit.export
     def head(
         self, member: int, readouts: torch.Tensor, species: torch.Tensor
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(atomic energy, atomic_energy_log_var, force_covariance) of the local atoms from
-        the stacked readouts [K, n_local, n_out], exactly as ``RACE.atomic_outputs``."""
-        result: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(atomic energy, atomic_energy_log_var, force_covariance, feature distance) of the
+        local atoms from the stacked readouts [K, n_local, n_readout()], exactly as
+        ``RACE.atomic_outputs`` (the distance [0] without a feature density)."""
+        result: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = None
         for m, module in enumerate(self.members):
             if m == member:
-                result = module.combine_readouts(readouts, species)
+                energy, log_var, covariance = module.combine_readouts(readouts[:, :, :self.readout_width], species)
+                result = (energy, log_var, covariance, self._feature_distance(m, readouts, species))
         if result is None:
             raise IndexError(f"member {member} out of range (the deployable has {self.n_members})")
         return result
@@ -185,10 +222,10 @@ class DeployedPosterior(torch.nn.Module):
         return result
 
     def head_one(self, member: int, readouts: torch.Tensor,
-                 species: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``head_all`` for member ``member`` alone: readouts [K, 1, n_local, n_out]."""
-        energy, log_var, covariance = self.head(member, readouts[:, 0], species)
-        return energy.unsqueeze(0), log_var.unsqueeze(0), covariance.unsqueeze(0)
+                 species: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``head_all`` for member ``member`` alone: readouts [K, 1, n_local, n_readout()]."""
+        energy, log_var, covariance, distance = self.head(member, readouts[:, 0], species)
+        return energy.unsqueeze(0), log_var.unsqueeze(0), covariance.unsqueeze(0), distance.unsqueeze(0)
 
     def forward(
         self,
@@ -223,13 +260,13 @@ class DeployedPosterior(torch.nn.Module):
         edge_index: torch.Tensor,
         base: torch.Tensor,
         vectors: torch.Tensor,
-        heads: Tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        heads: Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
         n_local: int,
         compute_atomic_virial: bool,
     ) -> Dict[str, torch.Tensor]:
         """The contract's dict from the members' heads [m, N, ...]: energies, and forces and
         virials by autograd through ``vectors`` [m, E, 3]."""
-        atomic_energy, log_var, covariance = heads
+        atomic_energy, log_var, covariance, distance = heads
         n_atoms = positions.shape[0]
         centre = edge_index[0]
         neighbour = edge_index[1]
@@ -265,4 +302,5 @@ class DeployedPosterior(torch.nn.Module):
             keys.MEMBER_ATOMIC_VIRIAL: member_atomic_virial,
             keys.ATOMIC_ENERGY_LOG_VAR: log_var.detach(),
             keys.FORCE_COVARIANCE: covariance.detach(),
+            keys.MEMBER_FEATURE_DISTANCE: distance.detach(),
         }

@@ -193,6 +193,18 @@ class StackedRace(torch.nn.Module):
         # each member's energy shift in units of its scale: the first readout carries it (see RACE.gate_energy)
         self.register_buffer("shift_over_scale", torch.stack(
             [(m.energy_shift / m.energy_scale).to(dtype) for m in members]).reshape(len(members), 1))
+        # with set_feature_columns: these channels of h_{k+1} follow readout k's columns (the
+        # feature density's input, bayes._feature_density), detached: nothing differentiates them
+        self.register_buffer("feature_index", torch.zeros(self.n_layers, 0, dtype=torch.int64))
+        self.with_features = False
+
+    @torch.jit.unused
+    def set_feature_columns(self, index: torch.Tensor) -> None:
+        """Append h_{k+1}[:, index[k]] to readout k from now on (``index`` [K, F] int64)."""
+        if index.dim() != 2 or index.shape[0] != self.n_layers:
+            raise ValueError(f"feature columns must be [{self.n_layers}, F], got {list(index.shape)}")
+        self.feature_index = index.to(torch.int64).clone()
+        self.with_features = True
 
     def embed(self, species: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """(h_0, a⁽¹⁾), each [M, N, d_0]: species only."""
@@ -224,6 +236,9 @@ class StackedRace(torch.nn.Module):
                 energy = energy + self.shift_over_scale.to(readout.dtype)
             gated = energy * isolation_gate(radial, edge_index[0], n_centres)
             result = (h_next, torch.cat([gated.unsqueeze(2), readout[:, :, 1:]], dim=2))
+        if self.with_features:
+            h_next, readout = result
+            result = (h_next, torch.cat([readout, h_next.detach()[:, :, self.feature_index[index]]], dim=2))
         return result
 
     def forward(self, species: torch.Tensor, edge_index: torch.Tensor, edge_vectors: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .._mpi import mpi_world, mpirun_executable
-from ..bayes import save_posterior
+from ..bayes import save_posterior, training_feature_density
 from ..data import shortest_contacts
 from ._config import Config, config_to_dict
 from ._data import prepare_data, write_held_out
@@ -98,6 +98,7 @@ def train(config: Config, progress: bool = True) -> Path:
             config=config_to_dict(config),
             data_sha256=data.data_sha256,
             shortest_contacts=shortest_contacts(data.train, len(data.type_names)),
+            feature_density=training_feature_density(members, data.train),
             **extra,
         )
     if comm is not None:

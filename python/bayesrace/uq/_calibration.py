@@ -237,7 +237,8 @@ def calibrate_posterior_file(
     record with ``calibration`` and ``thresholds`` set (atomically; ``out_path`` None or
     equal to ``posterior_path`` overwrites): the total force σ's (``extrapolation_threshold``)
     and, with more than one member, the epistemic force σ's and the epistemic energy σ per
-    atom (``energy_extrapolation_threshold``), each by the same quantile and factor. Returns
+    atom (``energy_extrapolation_threshold``), and with a feature density the largest feature
+    distance of a structure, each by the same quantile and factor. Returns
     ``{calibration, thresholds, threshold, n_structures, n_atoms, metrics_before, metrics_after,
     out_path}``; the metrics are
     ``uncertainty_metrics`` and ``set_metrics`` of the uncalibrated and the
@@ -264,6 +265,9 @@ def calibrate_posterior_file(
         keys.ATOMIC_FORCE_STD_RELATIVE: relative_extrapolation_threshold(calibrated, threshold_quantile,
                                                                          threshold_factor),
     }
+    if keys.ATOMIC_FEATURE_DISTANCE in calibrated:  # a posterior with a feature density (any kind)
+        epistemic[keys.ATOMIC_FEATURE_DISTANCE] = extrapolation_threshold(
+            calibrated, threshold_quantile, threshold_factor, keys.ATOMIC_FEATURE_DISTANCE)
     # one member has no epistemic part: no threshold for it
     thresholds = {keys.ATOMIC_FORCE_STD: threshold, **{k: v for k, v in epistemic.items() if v > 0.0}}
     update_posterior_file(posterior_path, out_path, calibration=calibration, thresholds=thresholds)

@@ -20,7 +20,7 @@ from ..bayes import METHODS as CALIBRATION_METHODS
 from ..bayes import Posterior, calibrate_prediction
 from ..data import Frame, read_frames
 from ._calibration import fit_calibration
-from ._ood import OOD_SCORES, flagged_fractions, ood_aurocs, ood_scores
+from ._ood import OOD_SCORES, flagged_fractions, ood_aurocs, ood_scores, present_scores
 from ._predict import predict_frames, reference_key
 from ._report import write_report
 from ._set_metrics import METRIC_UNITS, set_metrics
@@ -129,7 +129,7 @@ def evaluate_sets(
         "posterior_calibration": own_calibration,
         "ood": {
             "in_distribution": in_distribution,
-            "scores": {score: unit for score, (_, unit) in OOD_SCORES.items()},
+            "scores": {score: OOD_SCORES[score][1] for score in present_scores(scores[in_distribution])},
             "auroc": ood_aurocs(scores, in_distribution, ood_names),
             "auroc_recalibrated": None if recalibrated_scores is None
             else ood_aurocs(recalibrated_scores, in_distribution, ood_names),

@@ -23,6 +23,10 @@ OOD_SCORES: Dict[str, tuple] = {
     # relative to the force (keys.RELATIVE_FORCE_LEVEL): hot but known geometries have larger
     # forces and proportionally larger σ's; this tells them from novel ones
     "max_relative_force_sigma_epistemic": ("max_i σ_F,i,epi/(‖F_i‖+L)", "1"),
+    # distance of the atoms' features to the training atoms' (bayes._feature_density): only
+    # where the posterior has a feature density; one network suffices
+    "max_feature_distance": ("max_i d_i (features)", "1"),
+    "mean_feature_distance": ("mean_i d_i (features)", "1"),
 }
 
 
@@ -32,7 +36,13 @@ THRESHOLD_SCORES: Dict[str, str] = {
     "max_atomic_force_sigma_epistemic_eV_per_A": "c_ug[6]",
     "energy_sigma_epistemic_meV_per_atom": "c_ug[7]",  # LAMMPS: eV/atom
     "max_relative_force_sigma_epistemic": "c_ug[8]",
+    "max_feature_distance": "c_ug[9]",
 }
+
+
+def present_scores(scores: Mapping[str, np.ndarray]) -> list:
+    """The names of ``OOD_SCORES`` in a set's ``ood_scores`` (the feature distances need a density)."""
+    return [name for name in OOD_SCORES if name in scores]
 
 
 def extrapolation_rule(per_structure: np.ndarray, quantile: float = 0.99, factor: float = 1.5) -> float:
@@ -56,16 +66,23 @@ def ood_scores(prediction: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
         np.maximum.at(largest, batch, values.astype(np.float64))
         return largest
 
+    def mean_per_structure(values: np.ndarray) -> np.ndarray:
+        return np.bincount(batch, weights=values.astype(np.float64), minlength=num_atoms.shape[0]) / num_atoms
+
     sigma_forces = prediction[keys.ATOMIC_FORCE_STD].astype(np.float64)
-    mean = np.bincount(batch, weights=sigma_forces, minlength=num_atoms.shape[0]) / num_atoms
+    distances = {}
+    if keys.ATOMIC_FEATURE_DISTANCE in prediction:
+        distances = {"max_feature_distance": largest_per_structure(prediction[keys.ATOMIC_FEATURE_DISTANCE]),
+                     "mean_feature_distance": mean_per_structure(prediction[keys.ATOMIC_FEATURE_DISTANCE])}
     return {
         "energy_sigma_meV_per_atom": 1000.0 * energy_std(prediction) / num_atoms,
         "max_atomic_force_sigma_eV_per_A": largest_per_structure(sigma_forces),
-        "mean_atomic_force_sigma_eV_per_A": mean,
+        "mean_atomic_force_sigma_eV_per_A": mean_per_structure(sigma_forces),
         "energy_sigma_epistemic_meV_per_atom": 1000.0 * energy_std(prediction, "epistemic") / num_atoms,
         "max_atomic_force_sigma_epistemic_eV_per_A": largest_per_structure(
             prediction[keys.ATOMIC_FORCE_STD_EPISTEMIC]),
         "max_relative_force_sigma_epistemic": largest_per_structure(relative_force_std(prediction)),
+        **distances,
     }
 
 
@@ -75,7 +92,8 @@ def ood_aurocs(
     """``{ood set: {score: AUROC}}``: the probability that a structure of the OOD set scores
     higher than one of ``in_distribution`` (ties count half); 0.5 = no separation, 1 = perfect."""
     return {
-        name: {score: auroc(scores[in_distribution][score], scores[name][score]) for score in OOD_SCORES}
+        name: {score: auroc(scores[in_distribution][score], scores[name][score])
+               for score in present_scores(scores[in_distribution])}
         for name in out_of_distribution
     }
 
@@ -86,7 +104,8 @@ def flagged_fractions(scores: Mapping[str, Mapping[str, np.ndarray]], threshold_
     ``THRESHOLD_SCORES`` score over ``threshold_set`` — and the fraction of each set's structures
     above them: ``{"thresholds": {score: τ}, "fraction": {set: {score: fraction}}}``. A score that
     is 0 on the whole threshold set (one member: no epistemic part) gets no threshold."""
-    thresholds = {name: extrapolation_rule(scores[threshold_set][name], quantile, factor) for name in THRESHOLD_SCORES}
+    thresholds = {name: extrapolation_rule(scores[threshold_set][name], quantile, factor)
+                  for name in THRESHOLD_SCORES if name in scores[threshold_set]}
     thresholds = {name: value for name, value in thresholds.items() if value > 0.0}
     return {
         "thresholds": thresholds,

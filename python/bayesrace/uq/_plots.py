@@ -18,7 +18,7 @@ import numpy as np
 from .. import keys
 from .._figures import colour, new_figure, save_figure
 from ._metrics import auroc, calibration_curve, roc_curve
-from ._ood import OOD_SCORES, ood_scores
+from ._ood import OOD_SCORES, ood_scores, present_scores
 from ._predict import energy_std, reference_key
 
 PLOT_FILES = (
@@ -241,8 +241,10 @@ def _histogram_bins(values: List[np.ndarray], count: int = 30) -> tuple:
 
 def _plot_ood_histograms(scores: Mapping[str, Mapping[str, np.ndarray]], path: Path, version: str) -> None:
     """One panel per OOD score: step histograms of every set's per-structure score."""
-    figure, axes = new_figure(len(OOD_SCORES))
-    for axis, (score, (label, unit)) in zip(axes, OOD_SCORES.items()):
+    shown = present_scores(next(iter(scores.values())))
+    figure, axes = new_figure(len(shown))
+    for axis, score in zip(axes, shown):
+        label, unit = OOD_SCORES[score]
         bins, logarithmic = _histogram_bins([scores[name][score] for name in scores])
         for index, name in enumerate(scores):
             axis.hist(scores[name][score], bins=bins, histtype="step", color=colour(index), linewidth=1.4,
@@ -258,9 +260,11 @@ def _plot_ood_histograms(scores: Mapping[str, Mapping[str, np.ndarray]], path: P
 
 def _plot_roc(scores, in_distribution: str, ood_names: Sequence[str], path: Path, version: str) -> None:
     """One panel per OOD score: ROC curve of each OOD set against ``in_distribution``."""
-    figure, axes = new_figure(len(OOD_SCORES))
+    shown = present_scores(scores[in_distribution])
+    figure, axes = new_figure(len(shown))
     names = list(scores)
-    for axis, (score, (label, _)) in zip(axes, OOD_SCORES.items()):
+    for axis, score in zip(axes, shown):
+        label = OOD_SCORES[score][0]
         if not ood_names:
             _no_data_note(axis, "ROC needs a second (OOD) set")
             continue

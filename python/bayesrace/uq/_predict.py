@@ -97,6 +97,8 @@ def predict_frames(
             out = posterior(batch)
             for field in _PER_STRUCTURE_FIELDS + _PER_ATOM_FIELDS + _PER_MEMBER_FIELDS:
                 chunks[field].append(_to_numpy(out[field]))
+            if keys.ATOMIC_FEATURE_DISTANCE in out:  # a posterior with a feature density
+                chunks[keys.ATOMIC_FEATURE_DISTANCE].append(_to_numpy(out[keys.ATOMIC_FEATURE_DISTANCE]))
             chunks[keys.NUM_ATOMS].append(_to_numpy(batch[keys.NUM_ATOMS]))
             chunks[keys.ATOMIC_NUMBERS].append(_to_numpy(batch[keys.ATOMIC_NUMBERS]))
             chunks[keys.BATCH].append(_to_numpy(batch[keys.BATCH]) + structures_before)

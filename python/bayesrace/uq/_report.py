@@ -242,10 +242,11 @@ def format_markdown(evaluation: Mapping[str, object]) -> str:
         versions = [("", ood["auroc"])]
         if ood.get("auroc_recalibrated") is not None:
             versions = [(" (uncal.)", ood["auroc"]), (" (recal.)", ood["auroc_recalibrated"])]
-        headers = [f"{label}{suffix}" for label, _ in OOD_SCORES.values() for suffix, _ in versions]
+        shown = [s for s in OOD_SCORES if all(s in table[name] for _, table in versions for name in ood["auroc"])]
+        headers = [f"{OOD_SCORES[s][0]}{suffix}" for s in shown for suffix, _ in versions]
         lines += ["| OOD set | " + " | ".join(headers) + " |", "|---|" + "---:|" * len(headers)]
         for name in ood["auroc"]:
-            cells = [_format_value(table[name][score]) for score in OOD_SCORES for _, table in versions]
+            cells = [_format_value(table[name][score]) for score in shown for _, table in versions]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += _flagged_lines(ood.get("flagged"))
