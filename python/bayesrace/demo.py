@@ -260,9 +260,10 @@ def run_demo(out: Path, members: int = 4, minutes: float = 2.0, ranks: int = 1, 
           f"force σ threshold {threshold:.3g} eV/Å)")
     md = run_psb3_example(deployable, out / "lammps", nprocs=ranks)
     steps, sigma, temperature = md["thermo"]["Step"], md["thermo"]["c_ug[1]"], md["thermo"]["Temp"]
-    print(f"{'step':>6} {'T [K]':>8} {'max force σ [eV/Å]':>19}")
+    distance = md["thermo"]["c_ug[9]"]  # the largest feature distance (-1: no feature density)
+    print(f"{'step':>6} {'T [K]':>8} {'max force σ [eV/Å]':>19} {'max feature distance':>21}")
     for k in range(0, len(steps), max(1, len(steps) // 12)):
-        print(f"{int(steps[k]):>6} {temperature[k]:>8.0f} {sigma[k]:>19.4f}")
+        print(f"{int(steps[k]):>6} {temperature[k]:>8.0f} {sigma[k]:>19.4f} {distance[k]:>21.2f}")
     if md["halted"]:
         print(f"fix halt stopped the run at step {md['halt_step']}: max force σ {sigma[-1]:.3g} eV/Å "
               f"> {threshold:.3g} at {temperature[-1]:.0f} K")
@@ -273,7 +274,8 @@ def run_demo(out: Path, members: int = 4, minutes: float = 2.0, ranks: int = 1, 
         "evaluation": evaluation,
         "calibration": {"posterior": str(calibrated_path), "threshold": calibrated["threshold"],
                         "calibration": calibrated["calibration"]},
-        "lammps": {k: md[k] for k in ("steps_run", "halted", "halt_step", "max_force_std", "max_temperature")},
+        "lammps": {k: md[k] for k in ("steps_run", "halted", "halt_step", "max_force_std", "max_feature_distance",
+                                      "max_temperature")},
     }
     if al_rounds > 0:
         _step(f"5/{n_stages} on-the-fly active learning: {al_rounds} round(s) of hot MD (mpirun -np {ranks}), "

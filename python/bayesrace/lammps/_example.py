@@ -49,9 +49,10 @@ read_data       psb3.data
 pair_style      bayesrace
 pair_coeff      * * ${model} H C N
 
-# per atom: 1 force σ (total), 2 epistemic, 3 aleatoric, 4 atomic energy σ
+# per atom: 1 force σ (total), 2 epistemic, 3 aleatoric, 4 atomic energy σ, 7 feature distance
 compute         u  all bayesrace/atom
-# global: 1 max force σ, 2 mean force σ, 3 energy σ, 4 atoms over the threshold
+# global: 1 max force σ, 2 mean force σ, 3 energy σ, 4 atoms over the threshold,
+# 9 max feature distance (how far from the training atoms' features; -1 without a density)
 if "${threshold} > 0" then "compute ug all bayesrace threshold ${threshold}" else "compute ug all bayesrace"
 
 velocity        all create ${t_start} 4928459 mom yes rot yes dist gaussian
@@ -60,9 +61,9 @@ fix             heat all langevin ${t_start} ${t_stop} 0.05 48279 zero yes
 timestep        0.0005
 
 thermo          ${every}
-thermo_style    custom step temp pe etotal c_ug[1] c_ug[2] c_ug[3] c_ug[4]
+thermo_style    custom step temp pe etotal c_ug[1] c_ug[2] c_ug[3] c_ug[4] c_ug[9]
 thermo_modify   format float %.8g
-dump            sigma all custom ${every} psb3_sigma.dump id type x y z c_u[1] c_u[2] c_u[3] c_u[4]
+dump            sigma all custom ${every} psb3_sigma.dump id type x y z c_u[1] c_u[2] c_u[3] c_u[4] c_u[7]
 
 # stop (softly, the run ends normally) as soon as one atom's force σ exceeds the threshold
 variable        nover equal c_ug[4]
@@ -123,6 +124,7 @@ def run_psb3_example(
 
     ``threshold`` (eV/Å) overrides the deployable's default force σ threshold. Returns
     ``steps_run``, ``halted``, ``halt_step``, ``max_force_std`` (largest max σ printed),
+    ``max_feature_distance`` (largest c_ug[9] printed; -1 without a feature density),
     ``max_temperature``, ``thermo`` (the thermo table), ``dump``, ``log`` and ``input``.
     Raises RuntimeError with the end of LAMMPS' output if the run fails.
     """
@@ -145,6 +147,7 @@ def run_psb3_example(
         "halted": halt is not None,
         "halt_step": int(halt.group(1)) if halt else None,
         "max_force_std": max(sigma) if sigma else None,
+        "max_feature_distance": max(thermo["c_ug[9]"]) if thermo.get("c_ug[9]") else None,
         "max_temperature": max(temperature) if temperature else None,
         "thermo": thermo,
         "dump": workdir / DUMP_FILE,
