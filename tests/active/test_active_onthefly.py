@@ -182,8 +182,8 @@ def test_on_the_fly_halts_on_the_epistemic_sigma_when_asked(otf_run, psb3_small,
     out, _, structure = otf_run
     md = {"structure": str(structure), "n_steps": 12, "dump_every": 4, "thermostat": "nve", "temperature": 100.0}
 
-    def run(name, threshold, halt_on, **extra):
-        values = _otf_values(psb3_small, tmp_path / name, structure, posterior=str(out / "round_1" / "posterior.pt"),
+    def run(name, threshold, halt_on, posterior=str(out / "round_1" / "posterior.pt"), **extra):
+        values = _otf_values(psb3_small, tmp_path / name, structure, posterior=posterior,
                              threshold=threshold, n_rounds=0, md={**md, "halt_on": halt_on}, **extra)
         if "valid" not in extra:
             del values["valid"]
@@ -224,6 +224,22 @@ def test_on_the_fly_halts_on_the_epistemic_sigma_when_asked(otf_run, psb3_small,
                          md={**md, "halt_on": "epistemic"})
     with pytest.raises(ConfigError, match="needs a posterior of 2 or more members"):
         run_on_the_fly(active_config_from_dict(values), progress=False)
+    # ... nor a feature distance without a density; with one, one member is enough
+    values["md"]["halt_on"] = "feature"
+    with pytest.raises(ConfigError, match="halt_on 'feature' needs a posterior with a feature density"):
+        run_on_the_fly(active_config_from_dict(values), progress=False)
+    trained = load_posterior(out / "round_1" / "posterior.pt")  # bayesrace train fitted its density
+    assert trained.feature_density is not None
+    density = {**trained.feature_density, "mean": trained.feature_density["mean"][:1],
+               "whiten": trained.feature_density["whiten"][:1]}
+    save_posterior(single, [trained.members[0]], data_sha256="single", feature_density=density)
+    feature = run("feature", None, "feature", posterior=str(single), valid=str(psb3_small / "test_id.xyz"))
+    frames = read_dump(tmp_path / "feature" / "round_0" / "md" / "frames.dump")
+    distances = [float(f["columns"]["c_u[7]"].max()) for f in frames]
+    assert feature["rounds"][0]["threshold"] == feature["rounds"][0]["calibration_feature_threshold"] > 0
+    assert feature["rounds"][0]["max_sigma"] == pytest.approx(max(distances)) and min(distances) > 0
+    below = run("feature_low", 0.5 * min(distances), "feature", posterior=str(single))["rounds"][0]
+    assert below["halted"] and below["step_reached"] == 4
 
 
 @pytest.mark.parametrize(
@@ -245,6 +261,7 @@ def test_on_the_fly_halts_on_the_epistemic_sigma_when_asked(otf_run, psb3_small,
         ({"md": {"structure": "s.xyz", "halt_on": "aleatoric"}}, "md.halt_on is 'aleatoric'"),
         ({"md": {"structure": "s.xyz", "halt_on": "epistemic"}}, "md.halt_on 'epistemic' needs 'threshold'"),
         ({"md": {"structure": "s.xyz", "halt_on": "relative"}}, "md.halt_on 'relative' needs 'threshold' \\(unit-free"),
+        ({"md": {"structure": "s.xyz", "halt_on": "feature"}}, "largest feature distance\\)"),
         ({"threshold_from": "control", "threshold": 0.1, "md": {"structure": "s.xyz", "control_temperature": 300.0}},
          "either 'threshold' \\(0.1\\) or threshold_from 'control'"),
         ({"threshold_from": "control", "md": {"structure": "s.xyz"}}, "needs md.control_temperature"),

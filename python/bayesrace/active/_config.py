@@ -27,7 +27,7 @@ THERMOSTATS = ("langevin", "nve")
 # bayes.METHODS, spelt out: this module must not import torch (a test keeps the two equal)
 CALIBRATION_METHODS = ("isotonic", "scalar", "split")
 RESTART_FROM = ("last_trusted", "halt")
-HALT_ON = ("total", "epistemic", "relative")  # bayesrace.lammps.HALT_COLUMNS, spelt out (no torch import here)
+HALT_ON = ("total", "epistemic", "relative", "feature")  # bayesrace.lammps.HALT_COLUMNS, spelt out (no torch import here)
 THRESHOLD_FROM = ("calibration", "control", "control_first")
 CONTROL_RULES = ("largest", "run_length")
 MIN_CONTROL_FRAMES = 20  # run_length fits the top 10 % of a control run's frames: at least 2 of them
@@ -189,8 +189,9 @@ class ActiveConfig:
                                   f"({MIN_CONTROL_FRAMES * md.dump_every}), got {md.control_steps}")
         elif md.halt_on != "total" and self.threshold is None and self.valid is None:
             unit = "eV/Å" if md.halt_on == "epistemic" else "unit-free"
+            what = "feature distance" if md.halt_on == "feature" else f"calibrated {md.halt_on} force σ"
             raise ConfigError(f"md.halt_on '{md.halt_on}' needs 'threshold' ({unit}) or 'valid' (the threshold is "
-                              f"then 1.5 × q_0.99 of the validation set's largest calibrated {md.halt_on} force σ)")
+                              f"then 1.5 × q_0.99 of the validation set's largest {what})")
 
 
 def active_config_from_dict(values: Dict[str, Any], base_dir: Optional[Path] = None) -> ActiveConfig:

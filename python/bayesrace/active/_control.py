@@ -40,7 +40,7 @@ CONTROL_DIR = "control"  # a round's control run (same files as an MD segment)
 NEVER_HALT = 1e300  # fix halt's threshold of the control run: it always runs its whole length
 # the stored threshold of each dumped σ column (compute bayesrace/atom columns 1, 2, 6)
 THRESHOLD_KEYS = {"total": keys.ATOMIC_FORCE_STD, "epistemic": keys.ATOMIC_FORCE_STD_EPISTEMIC,
-                  "relative": keys.ATOMIC_FORCE_STD_RELATIVE}
+                  "relative": keys.ATOMIC_FORCE_STD_RELATIVE, "feature": keys.ATOMIC_FEATURE_DISTANCE}
 
 
 TAIL_FRACTION = 0.1  # the run_length rule fits the frames above this upper fraction of the control's
@@ -67,8 +67,8 @@ def run_length_level(frame_maxima, n_checks: int, false_halts: float) -> Dict[st
 def run_control(model_path, type_names: Sequence[str], md, workdir: Path, start_atoms, molecule: bool,
                 seed: int) -> Dict[str, np.ndarray]:
     """Unhalted MD of ``md.control_steps`` steps at ``md.control_temperature`` (Langevin) from
-    ``start_atoms`` in ``workdir``; returns each σ's (total, epistemic, relative) largest
-    per-atom value of every dumped frame."""
+    ``start_atoms`` in ``workdir``; returns each σ's (total, epistemic, relative, feature
+    distance: -1 without a density) largest per-atom value of every dumped frame."""
     control_md = dataclasses.replace(md, temperature=float(md.control_temperature), thermostat="langevin",
                                      n_steps=int(md.control_steps))
     result = run_md_segment(model_path, type_names, control_md, NEVER_HALT, workdir,
@@ -109,7 +109,8 @@ def control_thresholds(posterior_path, structure, temperature: float, n_steps: i
     first frame of ``structure`` (no pbc: a molecule centred in a ``box`` Å cell). Returns
     {thresholds: {stored threshold key: margin × the largest σ or, with ``run_steps``, margin × the
     run_length level for runs of that many steps checked every ``dump_every``} (epistemic and
-    relative only with 2 or more members), maxima, levels (the σ's multiplied by margin),
+    relative only with 2 or more members, the feature distance only with a feature density),
+    maxima, levels (the σ's multiplied by margin),
     quantiles (q50, q99 of each σ over frames), n_frames}."""
     import ase.io
 
@@ -129,12 +130,14 @@ def control_thresholds(posterior_path, structure, temperature: float, n_steps: i
         export_posterior(posterior, model_path)
         type_names = list(read_metadata(model_path)["type_names"])
         maxima = run_control(model_path, type_names, md, workdir / CONTROL_DIR, start, not any(start.pbc), seed)
-    members = len(posterior.members)
+    # the epistemic scores need 2 or more members, the feature distance a feature density
+    applies = {"total": True, "epistemic": len(posterior.members) > 1, "relative": len(posterior.members) > 1,
+               "feature": posterior.feature_density is not None}
+    maxima = {name: values for name, values in maxima.items() if applies[name]}
     levels = {name: (float(values.max()) if run_steps is None else
                      run_length_level(values, int(run_steps) // int(dump_every), false_halts)["level"])
               for name, values in maxima.items()}
-    thresholds = {THRESHOLD_KEYS[name]: float(margin * level) for name, level in levels.items()
-                  if name == "total" or members > 1}
+    thresholds = {THRESHOLD_KEYS[name]: float(margin * level) for name, level in levels.items()}
     return dict(thresholds=thresholds, levels=levels, maxima={name: float(v.max()) for name, v in maxima.items()},
                 quantiles={name: [float(q) for q in np.quantile(v, [0.5, 0.99])] for name, v in maxima.items()},
                 n_frames=int(maxima["total"].size))

@@ -91,7 +91,9 @@ OTF_PLOT = "otf_sigma.png"
 LOOK_AHEAD_DIR = "look_ahead"  # a round's MD past its halt (md.look_ahead), same files as MD_DIR
 MD_DIR = "md"  # a round's MD segment: in.md, log.md, start.data, frames.dump, end.data (bayesrace.lammps)
 CANDIDATES_FILE = "candidates.xyz"
-SIGMA_UNITS = {"total": " eV/Å", "epistemic": " eV/Å", "relative": ""}  # of the σ each md.halt_on halts on
+SIGMA_UNITS = {"total": " eV/Å", "epistemic": " eV/Å", "relative": "", "feature": ""}  # of the σ each md.halt_on halts on
+SIGMA_NAMES = {"total": "force σ", "epistemic": "epistemic force σ", "relative": "relative force σ",
+               "feature": "feature distance"}
 SEED_STRIDE = 1000  # segment r uses md.seed + SEED_STRIDE·r (+1: LAMMPS seeds are positive)
 # a candidate's pool_index: round·FRAME_ID_STRIDE + MD step (after a restart from an earlier frame
 # the same step recurs in the next segment with another configuration)
@@ -206,6 +208,7 @@ def run_on_the_fly(config: ActiveConfig, progress: bool = True, oracle: Optional
                 # absent for one member (no epistemic part); halt_on epistemic refuses those below
                 record["calibration_epistemic_threshold"] = result["thresholds"].get(keys.ATOMIC_FORCE_STD_EPISTEMIC)
                 record["calibration_relative_threshold"] = result["thresholds"].get(keys.ATOMIC_FORCE_STD_RELATIVE)
+                record["calibration_feature_threshold"] = result["thresholds"].get(keys.ATOMIC_FEATURE_DISTANCE)
                 times["calibrate"] = time.perf_counter() - started
                 record["calibrated"] = True
                 save_state()
@@ -215,9 +218,13 @@ def run_on_the_fly(config: ActiveConfig, progress: bool = True, oracle: Optional
             started = time.perf_counter()
             posterior = load_posterior(deployed_posterior, dtype=dtype)
             posterior.eval()
-            if md.halt_on != "total" and len(posterior.members) < 2:
+            if md.halt_on in ("epistemic", "relative") and len(posterior.members) < 2:
                 raise ConfigError(f"md.halt_on '{md.halt_on}' needs a posterior of 2 or more members; round "
-                                  f"{round_index}'s has 1 (its epistemic σ is 0): use halt_on 'total'")
+                                  f"{round_index}'s has 1 (its epistemic σ is 0): use halt_on 'total' or 'feature'")
+            if md.halt_on == "feature" and posterior.feature_density is None:
+                raise ConfigError(f"md.halt_on 'feature' needs a posterior with a feature density; round "
+                                  f"{round_index}'s ({deployed_posterior}) has none (trained before bayesrace "
+                                  "fitted one): retrain it, or use another md.halt_on")
             fixed = config.threshold if round_index == 0 else state["rounds"][0]["threshold"]
             if config.threshold_from in ("control", "control_first"):
                 export_posterior(posterior, model_path)  # τ: the control run's, below
@@ -261,7 +268,7 @@ def run_on_the_fly(config: ActiveConfig, progress: bool = True, oracle: Optional
                 start_step = int(previous["restart_step"])
                 start_text = (out / f"round_{round_index - 1}" / MD_DIR / previous["restart_file"]).read_text()
             say(f"round {round_index}/{config.n_rounds}: MD from step {start_step} to {md.n_steps}, halting at "
-                f"max {md.halt_on} force σ > {threshold:.4g}{SIGMA_UNITS[md.halt_on]}")
+                f"max {SIGMA_NAMES[md.halt_on]} > {threshold:.4g}{SIGMA_UNITS[md.halt_on]}")
             started = time.perf_counter()
             segment = run_md_segment(model_path, type_names, md, threshold, segment_dir, start_text, start_step,
                                      first_segment=round_index == 0, molecule=molecule,
@@ -395,7 +402,8 @@ def write_otf_log(config: ActiveConfig, state: Dict[str, Any]) -> Dict[str, Any]
         rounds.append({key: record.get(key) for key in ("round", "start_step", "step_reached", "halted", "restart_step",
                                                         "max_sigma", "threshold", "calibration_threshold",
                                                         "calibration_epistemic_threshold",
-                                                        "calibration_relative_threshold", "control_max_sigma",
+                                                        "calibration_relative_threshold",
+                                                        "calibration_feature_threshold", "control_max_sigma",
                                                         "control_quantiles", "control_rule", "control_level",
                                                         "control_tail", "n_frames", "n_candidates",
                                                         "n_pooled_candidates", "selected", "n_labels", "time_s",
@@ -434,7 +442,7 @@ def _plot_sigma_trace(log: Dict[str, Any], path: Path) -> None:
     axis.set_xlabel("MD step (cumulative)")
     halt_on = log.get("halt_on", "total")
     unit = SIGMA_UNITS[halt_on].strip()
-    axis.set_ylabel(f"max {halt_on} atomic force σ" + (f" ({unit})" if unit else ""))
+    axis.set_ylabel(f"max atomic {SIGMA_NAMES[halt_on]}" + (f" ({unit})" if unit else ""))
     axis.set_title(f"on-the-fly AL: {log['status']}, step {log['final_step']} of {log['n_steps']} (× = halt, "
                    f"-- = threshold" + (", ⋯ = look-ahead" if log.get("look_ahead") else "") + ")", fontsize=9)
     if log["rounds"]:

@@ -8,9 +8,10 @@ thermostat, damping, timestep, dump_every, n_steps, ranks, halt_on).
 
 ``md.halt_on`` chooses the σ that halts: ``total`` (epistemic and aleatoric together: the max
 is ``c_ug[1]``, the per-atom σ column 1 of ``compute bayesrace/atom``), ``epistemic`` (the
-members' disagreement: ``c_ug[6]``, column 2) or ``relative`` (that σ relative to the force,
-σ_epi,i / (|F_i| + 1 eV/Å), unit-free: ``c_ug[8]``, column 6). All three per-atom columns are
-dumped either way.
+members' disagreement: ``c_ug[6]``, column 2), ``relative`` (that σ relative to the force,
+σ_epi,i / (|F_i| + 1 eV/Å), unit-free: ``c_ug[8]``, column 6) or ``feature`` (the feature
+distance, unit-free: ``c_ug[9]``, column 7; needs a deployable with a feature density, one
+member is enough). All four per-atom columns are dumped either way.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ RESTART_DATA = "restart.data"  # the next segment's start when it is not end.dat
 DUMP_FILE = "frames.dump"
 # each σ a segment can halt on: its per-atom dump column (compute bayesrace/atom) and its
 # maximum over the atoms (compute bayesrace)
-HALT_COLUMNS = {"total": "c_u[1]", "epistemic": "c_u[2]", "relative": "c_u[6]"}
-HALT_MAXIMA = {"total": "c_ug[1]", "epistemic": "c_ug[6]", "relative": "c_ug[8]"}
+HALT_COLUMNS = {"total": "c_u[1]", "epistemic": "c_u[2]", "relative": "c_u[6]", "feature": "c_u[7]"}
+HALT_MAXIMA = {"total": "c_ug[1]", "epistemic": "c_ug[6]", "relative": "c_ug[8]", "feature": "c_ug[9]"}
 
 
 def halting_column(md) -> str:
@@ -49,7 +50,7 @@ def frame_max_sigma(frame: Dict[str, Any], column: str = HALT_COLUMNS["total"]) 
 def md_input_text(model_path, type_names: Sequence[str], md, threshold: float, start_step: int,
                   first_segment: bool, molecule: bool, segment_seed: int, plugin_load: Optional[str] = None) -> str:
     """The LAMMPS input of one segment: read ``start.data``, continue at ``start_step``, dump
-    every ``md.dump_every`` steps (id type xu yu zu vx vy vz σ_i σ_epi,i σ_rel,i), halt when the max of
+    every ``md.dump_every`` steps (id type xu yu zu vx vy vz σ_i σ_epi,i σ_rel,i d_i), halt when the max of
     the σ ``md.halt_on`` names > threshold, ``run n_steps upto``, ``write_data end.data``."""
     number = lammps_number
     every = int(md.dump_every)
@@ -78,10 +79,10 @@ def md_input_text(model_path, type_names: Sequence[str], md, threshold: float, s
     lines += [
         f"timestep {number(md.timestep)}",
         f"thermo {every}",
-        # every maximum (total, epistemic, relative); fix halt reads the one md.halt_on names (v_maxsig)
-        "thermo_style custom step temp pe etotal c_ug[1] c_ug[6] c_ug[8]",
+        # every maximum (total, epistemic, relative, feature); fix halt reads the one md.halt_on names (v_maxsig)
+        "thermo_style custom step temp pe etotal c_ug[1] c_ug[6] c_ug[8] c_ug[9]",
         "thermo_modify format float %.10g",
-        f"dump frames all custom {every} {DUMP_FILE} id type xu yu zu vx vy vz c_u[1] c_u[2] c_u[6]",
+        f"dump frames all custom {every} {DUMP_FILE} id type xu yu zu vx vy vz c_u[1] c_u[2] c_u[6] c_u[7]",
         "dump_modify frames sort id format float %.17g",
         # soft: the run ends normally at the halting step (its frame is dumped first)
         f"fix halt all halt {every} v_maxsig > {number(threshold)} error soft",
