@@ -380,8 +380,9 @@ def test_calibrate_command_sets_thresholds_from_a_control_run(otf_run, psb3_smal
     thresholds = read_posterior_record(calibrated)["thresholds"]
     control = read_dump(tmp_path / "calibrated_control" / "control" / "frames.dump")
     assert [f["step"] for f in control] == [0, 10]  # dumped every 10 steps (at most n_steps)
+    # the trained posterior has a feature density: its distance gets a control threshold too
     for key, column in ((keys.ATOMIC_FORCE_STD, "c_u[1]"), (keys.ATOMIC_FORCE_STD_EPISTEMIC, "c_u[2]"),
-                        (keys.ATOMIC_FORCE_STD_RELATIVE, "c_u[6]")):
+                        (keys.ATOMIC_FORCE_STD_RELATIVE, "c_u[6]"), (keys.ATOMIC_FEATURE_DISTANCE, "c_u[7]")):
         assert thresholds[key] == pytest.approx(1.2 * max(float(f["columns"][column].max()) for f in control),
                                                 rel=1e-12)
         assert f"control threshold {key} = {thresholds[key]:.4g}" in printed
