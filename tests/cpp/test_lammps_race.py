@@ -458,4 +458,5 @@ def test_psb3_example_runs_under_mpi_and_halts(plugin_path, trained, tmp_path, m
     assert result["halted"] and result["halt_step"] == 10, result
     assert result["max_force_std"] > 3.0 * 1e-3**0.5
     dump = result["dump"].read_text()
-    assert dump.count("ITEM: ATOMS id type x y z c_u[1] c_u[2] c_u[3] c_u[4]") == 2  # steps 0 and 10
+    assert dump.count("ITEM: ATOMS id type x y z c_u[1] c_u[2] c_u[3] c_u[4] c_u[7]") == 2  # steps 0 and 10
+    assert result["max_feature_distance"] > 0  # bayesrace train fitted a feature density
