@@ -178,3 +178,33 @@ def test_calibrate_command_split_end_to_end(tmp_path, capsys):
     predicted = predict_frames(load_posterior(out), frames)
     for name in (keys.ATOMIC_FORCE_STD, keys.FORCE_COV_EPISTEMIC, keys.ENERGY_VAR_ALEATORIC, keys.ATOMIC_ENERGY_STD):
         np.testing.assert_allclose(predicted[name], expected[name], rtol=1e-10)
+
+
+def test_calibrate_command_fits_a_feature_density_for_an_older_posterior(tmp_path, capsys):
+    """--feature-density-from: a posterior saved without a density gains one (fitted on that file)
+    and a stored feature-distance threshold; a wrong file is a clear error, nothing written."""
+    from bayesrace import cli
+    from bayesrace.bayes import fit_feature_density, load_posterior, save_posterior
+    from bayesrace.data import TypeMap, frames_to_graphs, read_frames
+    from conftest import tiny_model
+    from test_calibration import write_labelled_set
+
+    posterior_path = tmp_path / "posterior.pt"
+    save_posterior(posterior_path, [tiny_model(seed=1), tiny_model(seed=2)], data_sha256="abc")
+    assert load_posterior(posterior_path).feature_density is None
+    train = write_labelled_set(tmp_path / "train.xyz", n_frames=10, seed=3)
+    valid = write_labelled_set(tmp_path / "valid.xyz", n_frames=12, seed=10)
+    out = tmp_path / "calibrated.pt"
+    missing = tmp_path / "nope.xyz"
+    assert cli.main(["calibrate", str(posterior_path), str(valid), "--out", str(out), "--quiet",
+                     "--feature-density-from", str(missing)]) != 0
+    assert str(missing) in capsys.readouterr().err and not out.exists()
+    assert cli.main(["calibrate", str(posterior_path), str(valid), "--out", str(out), "--quiet",
+                     "--feature-density-from", str(train)]) == 0
+    assert "atomic_feature_distance" in capsys.readouterr().out
+    calibrated = load_posterior(out)
+    posterior = load_posterior(posterior_path)
+    expected = fit_feature_density(list(posterior.members),
+                                   frames_to_graphs(read_frames(train), TypeMap(posterior.type_names), posterior.cutoff))
+    assert np.allclose(calibrated.feature_density["whiten"].numpy(), expected["whiten"].numpy())
+    assert calibrated.thresholds[keys.ATOMIC_FEATURE_DISTANCE] > 0

@@ -215,11 +215,15 @@ def read_posterior_record(path) -> Dict[str, object]:
 
 
 def update_posterior_file(path, out_path=None, calibration: Optional[Mapping] = None,
-                          thresholds: Optional[Mapping] = None) -> None:
+                          thresholds: Optional[Mapping] = None, feature_density: Optional[Mapping] = None) -> None:
     """Copy the record at ``path`` to ``out_path`` (default: ``path`` itself, rewritten
     atomically) with a new calibration and/or thresholds; ``None`` keeps the field as it
-    is, ``{}`` removes it. The members' weights are copied unchanged."""
+    is, ``{}`` removes it; likewise a new feature density (``None`` keeps it). The members'
+    weights are copied unchanged."""
     record = read_posterior_record(path)
+    if feature_density is not None:
+        record[RECORD_FEATURE_DENSITY] = validate_feature_density(feature_density, len(record["members"]),
+                                                                  len(record["type_names"]))
     for field, value, check in (
         (RECORD_CALIBRATION, calibration, validate_calibration),
         (RECORD_THRESHOLDS, thresholds, validate_thresholds),

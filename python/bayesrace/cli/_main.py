@@ -90,6 +90,7 @@ def cmd_calibrate(args) -> None:
             energy_key=args.energy_key,
             forces_key=args.forces_key,
             progress=not args.quiet,
+            feature_density_from=args.feature_density_from,
         )
     except CalibrationError as error:
         raise UsageError(str(error)) from error
@@ -317,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "run at the control's conditions exceeds --control-false-halts times in expectation, "
                         "extrapolated from the control run's upper tail (default: margin × its largest σ)")
     p.add_argument("--control-false-halts", type=float, default=0.1, help="with --control-run-steps (default 0.1)")
+    p.add_argument("--feature-density-from", metavar="TRAIN_FILE",
+                   help="fit the feature density (compute bayesrace/atom column 7) on these training structures "
+                        "first: for a posterior trained before bayesrace fitted one")
     p.add_argument("--energy-key", default="energy")
     p.add_argument("--forces-key", default="forces")
     p.add_argument("--quiet", action="store_true")

@@ -228,8 +228,12 @@ def calibrate_posterior_file(
     energy_key: str = "energy",
     forces_key: str = "forces",
     progress: bool = False,
+    feature_density_from: Optional[Union[str, os.PathLike]] = None,
 ) -> Dict[str, object]:
     """Fit a calibration on ``valid_file`` and write the posterior with it to ``out_path``.
+
+    ``feature_density_from``: a training file to fit the feature density on first (a posterior
+    trained before bayesrace fitted one gains the feature distance without retraining).
 
     Predicts ``valid_file`` uncalibrated (any calibration the file had is ignored and
     replaced), fits ``method``, sets the default extrapolation threshold
@@ -250,6 +254,13 @@ def calibrate_posterior_file(
     out_path = Path(posterior_path if out_path is None else out_path)
     posterior = load_posterior(posterior_path, dtype=torch.float64)
     posterior.calibration = {}  # fit on what the members predict, not on an earlier calibration
+    if feature_density_from is not None:
+        from ..bayes import fit_feature_density
+        from ..data import TypeMap, frames_to_graphs
+
+        training = read_frames(feature_density_from, require_energy=False, require_forces=False)
+        posterior.feature_density = fit_feature_density(
+            list(posterior.members), frames_to_graphs(training, TypeMap(posterior.type_names), posterior.cutoff))
     frames = read_frames(valid_file, energy_key=energy_key, forces_key=forces_key,
                          require_energy=False, require_forces=False)
     prediction = predict_frames(posterior, frames, dtype=torch.float64, progress=progress,
@@ -270,7 +281,8 @@ def calibrate_posterior_file(
             calibrated, threshold_quantile, threshold_factor, keys.ATOMIC_FEATURE_DISTANCE)
     # one member has no epistemic part: no threshold for it
     thresholds = {keys.ATOMIC_FORCE_STD: threshold, **{k: v for k, v in epistemic.items() if v > 0.0}}
-    update_posterior_file(posterior_path, out_path, calibration=calibration, thresholds=thresholds)
+    update_posterior_file(posterior_path, out_path, calibration=calibration, thresholds=thresholds,
+                          feature_density=posterior.feature_density if feature_density_from is not None else None)
     return {
         "calibration": calibration,
         "thresholds": thresholds,
