@@ -63,6 +63,8 @@ def test_distance_is_invariant_and_grows_away_from_training(posterior):
     rotated.positions = -rotated.positions + 1.7  # and an inversion and a translation
     pair = batch_of([atoms, rotated], post.type_names, post.cutoff)
     d = post(pair)[keys.ATOMIC_FEATURE_DISTANCE].detach()
+    # the posterior's distances come from its own forward pass: the same as a separate pass's
+    assert torch.allclose(d, feature_distance(post.members, post.feature_density, pair).mean(dim=0), rtol=1e-12)
     assert torch.allclose(d[:7], d[7:], rtol=1e-10, atol=1e-12)
     squeezed = atoms.copy()
     squeezed.positions *= 0.45  # far tighter than any training structure

@@ -68,6 +68,40 @@ def atom_features(member, data: Dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.cat(parts, dim=1)
 
 
+class FeatureCapture:
+    """``with FeatureCapture(member) as capture: member(batch)`` keeps what ``atom_features``
+    computes — the scalar channels each readout reads — from the member's own forward pass,
+    so a prediction gets the feature distance without a second pass through the network."""
+
+    def __init__(self, member):
+        self.member = member
+        self.columns = feature_columns(member)
+        self.parts: List[torch.Tensor] = []
+        self.handles = []
+
+    def __enter__(self) -> "FeatureCapture":
+        for k, readout in enumerate(self.member.readouts):
+            self.handles.append(readout.register_forward_hook(self._keeper(k)))
+        return self
+
+    def _keeper(self, k: int):
+        def keep(module, inputs, output):
+            self.parts.append(inputs[0].detach()[:, self.columns[k]])
+        return keep
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def features(self) -> torch.Tensor:
+        """[N, K·F], layer after layer, of the one forward pass captured."""
+        if len(self.parts) != len(self.member.readouts):
+            raise RuntimeError(f"captured {len(self.parts)} readout inputs, expected one per layer "
+                               f"({len(self.member.readouts)}): capture exactly one forward pass")
+        return torch.cat(self.parts, dim=1)
+
+
 def fit_feature_density(members: Sequence, graphs: Sequence, batch_size: int = 16,
                         regularisation: float = REGULARISATION) -> Dict[str, object]:
     """The density of ``members``' features over the atoms of ``graphs`` (training structures).

@@ -31,7 +31,7 @@ import torch
 from .. import keys
 from .._files import atomic_path
 from ..model import RACE, model_config_from_record
-from ._feature_density import feature_distance, validate_feature_density
+from ._feature_density import FeatureCapture, member_distances, validate_feature_density
 from ._calibration_maps import (
     calibrate_prediction,
     validate_calibration,
@@ -126,8 +126,16 @@ class Posterior(torch.nn.Module):
         covariances: List[torch.Tensor] = []
         atomic_energies: List[torch.Tensor] = []
         virials: List[torch.Tensor] = []
-        for member in self.members:
-            out = member(data, True, compute_virial)
+        distances: List[torch.Tensor] = []
+        density = self.feature_density
+        for m, member in enumerate(self.members):
+            if density is None:
+                out = member(data, True, compute_virial)
+            else:  # the features come from this same pass (FeatureCapture), not a second one
+                with FeatureCapture(member) as capture:
+                    out = member(data, True, compute_virial)
+                distances.append(member_distances(capture.features().to(torch.float64), data[keys.SPECIES],
+                                                  density["mean"][m], density["whiten"][m]))
             energies.append(out[keys.ENERGY])
             energy_variances.append(out[keys.ENERGY_VARIANCE])
             forces.append(out[keys.FORCES])
@@ -147,8 +155,8 @@ class Posterior(torch.nn.Module):
             result[keys.VIRIAL] = virial
             volume = torch.abs(torch.linalg.det(data[keys.CELL]))
             result[keys.STRESS] = -virial / volume.clamp(min=1e-12)[:, None, None]
-        if self.feature_density is not None:
-            result[keys.ATOMIC_FEATURE_DISTANCE] = feature_distance(self.members, self.feature_density, data).mean(dim=0)
+        if distances:
+            result[keys.ATOMIC_FEATURE_DISTANCE] = torch.stack(distances).mean(dim=0)
         if self._calibration:
             result = calibrate_prediction(result, self._calibration, data[keys.NUM_ATOMS], data[keys.BATCH])
         return result
