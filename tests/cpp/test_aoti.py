@@ -12,6 +12,7 @@ import json
 import zipfile
 
 import ase
+import ase.io
 import numpy as np
 import pytest
 import torch
@@ -251,3 +252,33 @@ def test_export_errors_are_clear(deployables, tmp_path, monkeypatch, capsys):
         check_aoti_toolchain()
     assert export_main([str(tmp_path / "posterior.pt"), str(tmp_path / "m.pt2"), "--format", "aoti"]) == 2
     assert "no C++ compiler found" in capsys.readouterr().err and not (tmp_path / "m.pt2").exists()
+
+
+def test_feature_distance_of_a_pt2_equals_torchscript_and_python(core, tmp_path):
+    """A posterior with a feature density compiled to .pt2 (the plain model only): the core
+    reports every member's feature distance and their mean as from the TorchScript file, and
+    both equal Python's (the per-element whitening traces without data-dependent shapes)."""
+    from bayesrace.bayes import Posterior, feature_distance, fit_feature_density
+    from bayesrace.data import TypeMap, frames_to_graphs, read_frames
+    from bayesrace.export import export_posterior, export_posterior_aoti
+    from conftest import batch_of, random_molecule, tiny_model
+
+    posterior = Posterior([tiny_model(seed=s) for s in (0, 1)]).eval()
+    shapes = [random_molecule(9, seed=k) for k in range(8)]
+    ase.io.write(tmp_path / "train.xyz", shapes)
+    graphs = frames_to_graphs(read_frames(tmp_path / "train.xyz", require_energy=False, require_forces=False),
+                              TypeMap(posterior.type_names), posterior.cutoff)
+    posterior.feature_density = fit_feature_density(list(posterior.members), graphs)
+    export_posterior(posterior, tmp_path / "model.pt", training_data_sha256=HASH)
+    export_posterior_aoti(posterior, tmp_path / "model.pt2", training_data_sha256=HASH, atomic_virial=False)
+    scripted, compiled = core.Engine(str(tmp_path / "model.pt")), core.Engine(str(tmp_path / "model.pt2"))
+    for name, atoms in structures().items():
+        inputs = deployable_inputs(atoms, posterior.cutoff)
+        args = [inputs[k] for k in (keys.POSITIONS, keys.SPECIES, keys.EDGE_INDEX, keys.EDGE_SHIFTS)]
+        want = scripted.evaluate(*args, len(atoms), "mean", False)
+        got = compiled.evaluate(*args, len(atoms), "mean", False)
+        python = feature_distance(posterior.members, posterior.feature_density,
+                                  batch_of([atoms], posterior.type_names, posterior.cutoff)).numpy()
+        assert relative(got[keys.MEMBER_FEATURE_DISTANCE], want[keys.MEMBER_FEATURE_DISTANCE]) < 1e-10, name
+        assert relative(want[keys.MEMBER_FEATURE_DISTANCE], python) < 1e-10, name
+        assert relative(got[keys.ATOMIC_FEATURE_DISTANCE], python.mean(axis=0)) < 1e-10, name
