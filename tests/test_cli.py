@@ -62,6 +62,8 @@ def test_train_evaluate_predict(psb3_small, tmp_path):
     assert len(predicted) == len(reference)
     assert predicted[0].arrays["forces_std"].shape == (len(reference[0]),)
     assert np.all(predicted[0].arrays["forces_std"] > 0)
+    # bayesrace train recorded the training contacts and fitted a feature density
+    assert np.all(predicted[0].arrays["feature_distance"] > 0) and np.all(predicted[0].arrays["contact_ratio"] > 0)
 
 
 def test_missing_posterior_is_a_clear_error(tmp_path):

@@ -199,6 +199,9 @@ def cmd_predict(args) -> None:
                 result.info[name] = float(value)
             elif value.shape[0] == len(atoms) and value.ndim == 1:
                 result.arrays[name] = value
+        for name in ("forces_std_relative", "contact_ratio", "feature_distance"):  # where the posterior has them
+            if name in calculator.results:
+                result.arrays[name] = calculator.results[name]
         out.append(result)
     ase.io.write(args.out, out, format="extxyz")
     print(f"{len(out)} structures with predictions and uncertainties written to {args.out}")
