@@ -243,22 +243,22 @@ def free_runs(otf_dir: Path, log: dict, args, data: dict, runs: Path) -> list:
 
 
 def _sigma_unit(info: dict) -> str:
-    """" eV/Å", or "" for the unit-free σ of md.halt_on relative."""
+    """" eV/Å", or "" for the unit-free σ of md.halt_on relative and feature."""
     from bayesrace.active._onthefly import SIGMA_UNITS
-
     return SIGMA_UNITS[info.get("halt_on", "total")]
 
 
 def _threshold_text(info: dict) -> str:
+    from bayesrace.active._onthefly import SIGMA_NAMES
     halt_on, calibration = info.get("halt_on", "total"), info.get("calibration", "isotonic")
     if info.get("threshold_from") in ("control", "control_first"):
         level, whose = ("the largest" if info.get("control_rule", "largest") == "largest" else f"(extrapolated: `control_rule: run_length`, α = {info['control_false_halts']:g}) the run-length level of",
                         "round 0's, kept for every round" if info["threshold_from"] == "control_first" else "each round's own")
-        return (f"Threshold τ: {whose}, {info['control_margin']:g} × {level} the {halt_on} force σ of an "
+        return (f"Threshold τ: {whose}, {info['control_margin']:g} × {level} the {SIGMA_NAMES[halt_on]} of an "
                 f"unhalted {info['control_steps']}-step control run of that round's model at "
                 f"{info['control_temperature']:g} K from the start structure (`threshold_from: {info['threshold_from']}`; each "
                 f"round's posterior is recalibrated, {calibration}, on the 300 K validation set first).")
-    return (f"Threshold τ: round 0's own (1.5 × q0.99 of the max calibrated {halt_on} force σ on the 300 K "
+    return (f"Threshold τ: round 0's own (1.5 × q0.99 of the max calibrated {SIGMA_NAMES[halt_on]} on the 300 K "
             f"validation set; the MD halts on that σ), kept for every round (each round's posterior is still "
             f"recalibrated, {calibration}, on that set).")
 
@@ -423,7 +423,7 @@ def main(argv=None) -> int:
     parser.add_argument("--refit-energy-zero", action="store_true", help="loss.refit_energy_zero in every training")
     parser.add_argument("--force-huber", type=float, default=0.0, help="loss.force_huber (eV/Å) in every training")
     parser.add_argument("--calibration", choices=("isotonic", "scalar", "split"), default="isotonic")
-    parser.add_argument("--halt-on", choices=("total", "epistemic", "relative"), default="total",
+    parser.add_argument("--halt-on", choices=("total", "epistemic", "relative", "feature"), default="total",
                         help="the force σ that halts the MD (md.halt_on)")
     parser.add_argument("--round-lr", type=float, default=None, help="learning rate of the rounds (default --lr)")
     parser.add_argument("--acquired-repeats", type=int, default=1)
