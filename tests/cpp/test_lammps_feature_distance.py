@@ -102,6 +102,29 @@ def test_lammps_feature_distance_equals_python(plugin_path, with_density, tmp_pa
     assert mean == pytest.approx(want.mean(), rel=1e-9)
 
 
+@pytest.mark.parametrize("settings", ["", "halo layer"])
+def test_empty_ranks_report_the_same_distances(plugin_path, with_density, tmp_path, settings):
+    """processors 4 1 1 with PSB3 at one end of a long box: ranks without atoms take part in the
+    reductions (max, mean) and the layer-mode exchanges without contributing a distance."""
+    import re as regex
+
+    from test_lammps_race import psb3_structure
+
+    posterior, model = with_density
+    s = psb3_structure(origin=(5.0, 15.0, 15.0), box=(48.0, 30.0, 30.0))
+    want = python_distances(posterior, s)
+    write_data(s, tmp_path / "data.lmp")
+    text = lammps_input(plugin_path, model, s, settings=settings, processors="processors 4 1 1", extra=EXTRA, run=RUN)
+    rc, out = run_lmp(text, tmp_path, nprocs=4)
+    assert rc == 0, out[-3000:]
+    nlocal = regex.search(r"Nlocal:\s+(\S+) ave\s+(\S+) max\s+(\S+) min", out)
+    assert nlocal and float(nlocal.group(3)) == 0.0, "expected an empty subdomain"
+    np.testing.assert_allclose(read_dump(tmp_path / "distances.txt")["c_u[7]"], want, rtol=1e-9)
+    (values,) = parse_tagged((tmp_path / "distance.txt").read_text(), "DISTANCE")
+    assert float(values[0]) == pytest.approx(want.max(), rel=1e-9)
+    assert float(values[1]) == pytest.approx(want.mean(), rel=1e-9)
+
+
 def test_without_a_density_the_columns_read_minus_one(plugin_path, race, tmp_path):
     _, model, meta = race
     assert keys.META_FEATURE_DENSITY not in meta
