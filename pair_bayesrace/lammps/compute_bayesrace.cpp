@@ -5,6 +5,7 @@
 #include "compute_bayesrace.h"
 
 #include "atom.h"
+#include "comm.h"
 #include "error.h"
 #include "force.h"
 #include "memory.h"
@@ -125,6 +126,13 @@ ComputeBayesRace::~ComputeBayesRace() = default;
 void ComputeBayesRace::init()
 {
   pair = find_pair(lmp, "bayesrace");
+  // -1 is what a "> threshold" halt never crosses: say so rather than let such a halt pass silently
+  if (!pair->has_feature_distance() && !warned_no_density && comm->me == 0)
+    error->warning(FLERR, "compute bayesrace: this deployable has no feature density, so values 9 and 10 (and "
+                          "compute bayesrace/atom column 7) read -1 and a 'fix halt' on them never fires; export "
+                          "a posterior trained by this bayesrace, or fit one with 'bayesrace calibrate "
+                          "--feature-density-from TRAIN'");
+  warned_no_density = true;
 }
 
 void ComputeBayesRace::compute_vector()

@@ -49,6 +49,7 @@ class ComputeBayesRace : public Compute {
  private:
   PairBayesRace *pair;
   double threshold;  // < 0: the model's
+  bool warned_no_density = false;  // the warning of init() once per compute, not once per run
   static constexpr int NVALUES = 10;
   double values[NVALUES];
 };

@@ -128,8 +128,15 @@ def test_empty_ranks_report_the_same_distances(plugin_path, with_density, tmp_pa
 def test_without_a_density_the_columns_read_minus_one(plugin_path, race, tmp_path):
     _, model, meta = race
     assert keys.META_FEATURE_DENSITY not in meta
-    _, got, largest, mean = lammps_distances(plugin_path, model, STRUCTURES["psb3"](), tmp_path)
-    assert np.all(got == -1.0) and largest == -1.0 and mean == -1.0
+    s = STRUCTURES["psb3"]()
+    write_data(s, tmp_path / "data.lmp")
+    # two runs: the warning once
+    rc, out = run_lmp(lammps_input(plugin_path, model, s, extra=EXTRA, run=RUN + "\nrun 0"), tmp_path)
+    assert rc == 0, out[-3000:]
+    assert out.count("this deployable has no feature density") == 1, out[-3000:]
+    got = read_dump(tmp_path / "distances.txt")["c_u[7]"]
+    (values,) = parse_tagged((tmp_path / "distance.txt").read_text(), "DISTANCE")
+    assert np.all(got == -1.0) and float(values[0]) == -1.0 and float(values[1]) == -1.0
 
 
 def test_fix_halt_stops_on_a_large_feature_distance(plugin_path, with_density, tmp_path):
@@ -141,5 +148,6 @@ def test_fix_halt_stops_on_a_large_feature_distance(plugin_path, with_density, t
             "velocity all create 300 1 loop geom\nfix nve all nve")
     rc, out = run_lmp(lammps_input(plugin_path, model, s, extra=halt, run="run 5", dump=False), tmp_path)
     assert rc == 0, out[-3000:]
+    assert "no feature density" not in out
     met = re.search(r"Fix halt condition for fix-id h met on step (\d+)", out)
     assert met and int(met.group(1)) <= 1, out[-3000:]
