@@ -235,25 +235,7 @@ def test_core_refuses_a_torchscript_file_that_says_aoti(core, deployables, tmp_p
 
 # ----------------------------------------------------------------------------- export errors
 
-
-def test_export_errors_are_clear(deployables, tmp_path, monkeypatch, capsys):
-    from bayesrace.bayes import save_posterior
-    from bayesrace.cli import export_main
-    from bayesrace.export import ExportError, check_aoti_toolchain, export_posterior_aoti
-
-    posterior = deployables[0]
-    with pytest.raises(ExportError, match=r"must end in \.pt2"):
-        export_posterior_aoti(posterior, tmp_path / "model.pt", training_data_sha256=HASH)
-    save_posterior(tmp_path / "posterior.pt", list(posterior.members), kind="ensemble", data_sha256=HASH)
-    assert export_main([str(tmp_path / "posterior.pt"), str(tmp_path / "m.pt"), "--format", "aoti"]) == 2
-    assert "must end in .pt2" in capsys.readouterr().err
-    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", ("bayesrace-no-such-compiler++",))
-    with pytest.raises(ExportError, match="no C.. compiler found for AOTInductor"):
-        check_aoti_toolchain()
-    assert export_main([str(tmp_path / "posterior.pt"), str(tmp_path / "m.pt2"), "--format", "aoti"]) == 2
-    assert "no C++ compiler found" in capsys.readouterr().err and not (tmp_path / "m.pt2").exists()
-
-
+# before test_export_errors_are_clear, whose fake compiler torch keeps for the rest of the process
 def test_feature_distance_of_a_pt2_equals_torchscript_and_python(core, tmp_path):
     """A posterior with a feature density compiled to .pt2 (the plain model only): the core
     reports every member's feature distance and their mean as from the TorchScript file, and
@@ -282,3 +264,23 @@ def test_feature_distance_of_a_pt2_equals_torchscript_and_python(core, tmp_path)
         assert relative(got[keys.MEMBER_FEATURE_DISTANCE], want[keys.MEMBER_FEATURE_DISTANCE]) < 1e-10, name
         assert relative(want[keys.MEMBER_FEATURE_DISTANCE], python) < 1e-10, name
         assert relative(got[keys.ATOMIC_FEATURE_DISTANCE], python.mean(axis=0)) < 1e-10, name
+
+
+
+def test_export_errors_are_clear(deployables, tmp_path, monkeypatch, capsys):
+    from bayesrace.bayes import save_posterior
+    from bayesrace.cli import export_main
+    from bayesrace.export import ExportError, check_aoti_toolchain, export_posterior_aoti
+
+    posterior = deployables[0]
+    with pytest.raises(ExportError, match=r"must end in \.pt2"):
+        export_posterior_aoti(posterior, tmp_path / "model.pt", training_data_sha256=HASH)
+    save_posterior(tmp_path / "posterior.pt", list(posterior.members), kind="ensemble", data_sha256=HASH)
+    assert export_main([str(tmp_path / "posterior.pt"), str(tmp_path / "m.pt"), "--format", "aoti"]) == 2
+    assert "must end in .pt2" in capsys.readouterr().err
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", ("bayesrace-no-such-compiler++",))
+    with pytest.raises(ExportError, match="no C.. compiler found for AOTInductor"):
+        check_aoti_toolchain()
+    assert export_main([str(tmp_path / "posterior.pt"), str(tmp_path / "m.pt2"), "--format", "aoti"]) == 2
+    assert "no C++ compiler found" in capsys.readouterr().err and not (tmp_path / "m.pt2").exists()
+
