@@ -197,11 +197,9 @@ def evaluate_method(posterior_path: Path, data: Dict, report_dir: Path, method: 
 
     posterior = load_posterior(posterior_path)
     if posterior.feature_density is None:  # trained before training fitted one: fit it as training now does
-        from bayesrace.bayes import fit_feature_density
-        from bayesrace.data import TypeMap, frames_to_graphs, read_frames
+        from bayesrace.bayes import fit_feature_density_on_file
 
-        graphs = frames_to_graphs(read_frames(data["train"]), TypeMap(posterior.type_names), posterior.cutoff)
-        posterior.feature_density = fit_feature_density(list(posterior.members), graphs)
+        posterior.feature_density = fit_feature_density_on_file(posterior, data["train"])
     sets = {name: str(path) for name, path in data["test"].items()}
     sets["valid"] = str(data["valid"])
     evaluation = evaluate_sets(

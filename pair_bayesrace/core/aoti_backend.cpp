@@ -194,9 +194,8 @@ class AotiBackend : public Backend {
     fetch(keys::ATOMIC_ENERGY_LOG_VAR, {M, N}, out.log_var);
     fetch(keys::FORCE_COVARIANCE, {M, N, 3, 3}, out.force_cov);
     // a package exported with a feature density names its distance [M, N] among its outputs
-    if (std::count(output_keys_.begin(), output_keys_.end(), keys::MEMBER_FEATURE_DISTANCE) == 1 &&
-        result[std::find(output_keys_.begin(), output_keys_.end(), keys::MEMBER_FEATURE_DISTANCE) - output_keys_.begin()]
-                .numel() > 0)
+    const auto distance = std::find(output_keys_.begin(), output_keys_.end(), keys::MEMBER_FEATURE_DISTANCE);
+    if (distance != output_keys_.end() && result[distance - output_keys_.begin()].numel() > 0)
       fetch(keys::MEMBER_FEATURE_DISTANCE, {M, N}, out.feature_distance);
     else
       out.feature_distance.clear();

@@ -24,6 +24,7 @@ from ._feature_density import (
     feature_columns,
     feature_distance,
     fit_feature_density,
+    fit_feature_density_on_file,
     training_feature_density,
     validate_feature_density,
 )
@@ -75,6 +76,7 @@ __all__ = [
     "feature_columns",
     "feature_distance",
     "fit_feature_density",
+    "fit_feature_density_on_file",
     "fit_laplace_members",
     "fit_last_layer_laplace",
     "get_last_layer_weights",

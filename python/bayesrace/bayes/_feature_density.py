@@ -49,29 +49,10 @@ def feature_columns(member) -> torch.Tensor:
     return torch.tensor(channels, dtype=torch.int64)
 
 
-@torch.no_grad()
-def atom_features(member, data: Dict[str, torch.Tensor]) -> torch.Tensor:
-    """[N, K·F]: the scalar channels of every atom's features after each layer, layer after layer."""
-    positions = data[keys.POSITIONS]
-    edge_index = data[keys.EDGE_INDEX]
-    batch = data[keys.BATCH]
-    shifts = torch.einsum("ek,ekl->el", data[keys.EDGE_CELL_SHIFT], data[keys.CELL][batch[edge_index[0]]])
-    vectors = positions[edge_index[1]] - positions[edge_index[0]] + shifts
-    radial, sh = member.edge_geometry(vectors)
-    one_hot, h, initial = member.embed_species(data[keys.SPECIES], vectors.dtype)
-    n_atoms = positions.shape[0]
-    columns = feature_columns(member)
-    parts = []
-    for index in range(member.n_layers):
-        h, _ = member.interaction(index, h, one_hot, initial, radial, sh, edge_index, n_atoms)
-        parts.append(h[:, columns[index]])
-    return torch.cat(parts, dim=1)
-
-
 class FeatureCapture:
-    """``with FeatureCapture(member) as capture: member(batch)`` keeps what ``atom_features``
-    computes — the scalar channels each readout reads — from the member's own forward pass,
-    so a prediction gets the feature distance without a second pass through the network."""
+    """``with FeatureCapture(member) as capture: member(batch)`` keeps the scalar channels each
+    readout reads from the member's own forward pass (forward hooks on its readouts), so a
+    prediction gets the feature distance without a second pass through the network."""
 
     def __init__(self, member):
         self.member = member
@@ -102,6 +83,15 @@ class FeatureCapture:
         return torch.cat(self.parts, dim=1)
 
 
+@torch.no_grad()
+def atom_features(member, data: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """[N, K·F]: the scalar channels of every atom's features after each layer, layer after layer
+    (the member's own forward pass, without forces)."""
+    with FeatureCapture(member) as capture:
+        member(data, compute_forces=False)
+    return capture.features()
+
+
 def fit_feature_density(members: Sequence, graphs: Sequence, batch_size: int = 16,
                         regularisation: float = REGULARISATION) -> Dict[str, object]:
     """The density of ``members``' features over the atoms of ``graphs`` (training structures).
@@ -117,15 +107,10 @@ def fit_feature_density(members: Sequence, graphs: Sequence, batch_size: int = 1
     n_species = len(members[0].type_names)
     dtype = members[0].energy_scale.dtype
     per_member: List[torch.Tensor] = []
-    species: List[torch.Tensor] = []
-    for m, member in enumerate(members):
-        rows = []
-        for batch in iterate_batches(list(graphs), batch_size, shuffle=False, dtype=dtype):
-            rows.append(atom_features(member, batch).to(torch.float64))
-            if m == 0:
-                species.append(batch[keys.SPECIES])
-        per_member.append(torch.cat(rows))
-    species_all = torch.cat(species)
+    batches = list(iterate_batches(list(graphs), batch_size, shuffle=False, dtype=dtype))  # collated once
+    for member in members:
+        per_member.append(torch.cat([atom_features(member, batch).to(torch.float64) for batch in batches]))
+    species_all = torch.cat([batch[keys.SPECIES] for batch in batches])
     counts = torch.bincount(species_all, minlength=n_species)
     if species_all.numel() < MIN_ATOMS:
         raise ValueError(f"a feature density needs at least {MIN_ATOMS} training atoms, got {species_all.numel()}")
@@ -148,6 +133,16 @@ def fit_feature_density(members: Sequence, graphs: Sequence, batch_size: int = 1
             whiten[m, s] = factor / scale[:, None]
     return {"mean": mean, "whiten": whiten, "training_atoms": [int(c) for c in counts],
             "regularisation": float(regularisation), "pooled_species": [members[0].type_names[s] for s in pooled]}
+
+
+def fit_feature_density_on_file(posterior, path) -> Dict[str, object]:
+    """``fit_feature_density`` of ``posterior``'s members on the structures of ``path`` (its
+    training file; labels are not read)."""
+    from ..data import TypeMap, frames_to_graphs, read_frames
+
+    frames = read_frames(path, require_energy=False, require_forces=False)
+    graphs = frames_to_graphs(frames, TypeMap(posterior.type_names), posterior.cutoff)
+    return fit_feature_density(list(posterior.members), graphs)
 
 
 def training_feature_density(members: Sequence, graphs: Sequence) -> Optional[Dict[str, object]]:

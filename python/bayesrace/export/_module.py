@@ -44,7 +44,6 @@ class DeployedPosterior(torch.nn.Module):
         # F scalar channels of h_{k+1}, and the heads report each member's feature distance
         dtype = members[0].energy_scale.dtype
         self.has_feature_density = feature_density is not None
-        self.register_buffer("density_index", torch.zeros(len(self.feature_widths) - 1, 0, dtype=torch.int64))
         self.register_buffer("density_mean", torch.zeros(0, dtype=dtype))
         self.register_buffer("density_whiten", torch.zeros(0, dtype=dtype))
         if feature_density is not None:
@@ -53,12 +52,11 @@ class DeployedPosterior(torch.nn.Module):
             if mean.shape[0] != self.n_members or mean.shape[2] != index.numel():
                 raise ExportError(f"feature_density.mean has shape {list(mean.shape)}, the members need "
                                   f"[{self.n_members}, S, {index.numel()}]")
-            self.density_index = index
             self.density_mean = mean
             self.density_whiten = torch.as_tensor(feature_density["whiten"]).to(dtype)
             for stacked in [self.stacked] + list(self.singles):
                 stacked.set_feature_columns(index)
-        self.n_density_columns: int = int(self.density_index.shape[1])
+        self.n_density_columns: int = int(self.stacked.feature_index.shape[1])
 
     # -- all members in one pass: features [N, M * d_k], member-major within a row --------
     @torch.jit.export
@@ -174,7 +172,7 @@ class DeployedPosterior(torch.nn.Module):
             if m == member:
                 h_next, readout = module.layer_step(index, h, species, edge_index, edge_vectors, n_local)
                 if self.has_feature_density:
-                    readout = torch.cat([readout, h_next.detach()[:, self.density_index[index]]], dim=1)
+                    readout = torch.cat([readout, h_next.detach()[:, self.stacked.feature_index[index]]], dim=1)
                 result = (h_next, readout)
         if result is None:
             raise IndexError(f"member {member} out of range (the deployable has {self.n_members})")

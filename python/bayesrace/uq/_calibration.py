@@ -255,12 +255,9 @@ def calibrate_posterior_file(
     posterior = load_posterior(posterior_path, dtype=torch.float64)
     posterior.calibration = {}  # fit on what the members predict, not on an earlier calibration
     if feature_density_from is not None:
-        from ..bayes import fit_feature_density
-        from ..data import TypeMap, frames_to_graphs
+        from ..bayes import fit_feature_density_on_file
 
-        training = read_frames(feature_density_from, require_energy=False, require_forces=False)
-        posterior.feature_density = fit_feature_density(
-            list(posterior.members), frames_to_graphs(training, TypeMap(posterior.type_names), posterior.cutoff))
+        posterior.feature_density = fit_feature_density_on_file(posterior, feature_density_from)
     frames = read_frames(valid_file, energy_key=energy_key, forces_key=forces_key,
                          require_energy=False, require_forces=False)
     prediction = predict_frames(posterior, frames, dtype=torch.float64, progress=progress,
