@@ -38,6 +38,12 @@ was added) and keeps the training cost recorded in ``--out``'s results.json.
 Every OOD table also has a "low |F|" column: the AUROC of −mean_i ‖F_i‖ (predicted), which
 uses no uncertainty at all. A set it separates (AUROC near 1, as for relaxed scans against
 thermal MD) can be "detected" by any score that divides by ‖F‖; read such AUROCs with care.
+And a "ref. E" column: the AUROC of the reference (labelled) energy per atom, no model at all.
+For a set drawn from the same molecule's canonical ensemble at a higher temperature T' than
+the reference's T (hot MD), the Boltzmann likelihood ratio p_T'(x)/p_T(x) ∝ exp(−E(x)(1/kT' −
+1/kT)) is monotone in E, so no function of the geometry separates the two better: that column
+is the ceiling an OOD score can reach there (up to sampling noise; approximately so where either
+set mixes temperatures, as PSB3's do). For other sets it is only a reference.
 """
 
 from __future__ import annotations
@@ -225,6 +231,29 @@ def low_force_auroc(run_dir: Path, sets: list) -> Dict:
     return {name: auroc(-reference, -mean_force(name)) for name in sets[1:] if name != "valid"}
 
 
+def reference_energy_auroc(test_sets: Dict[str, Path]) -> Dict:
+    """{OOD set: AUROC of the reference energy per atom}, the first set as the in-distribution
+    reference; sets without energies (unlabelled) are left out. No model: the ceiling for a set
+    that differs from the reference in temperature only (module docstring)."""
+    from bayesrace.data import read_frames
+    from bayesrace.uq import auroc
+
+    def energies(path):
+        frames = read_frames(path, require_energy=False, require_forces=False)
+        if any(frame.energy is None for frame in frames):
+            return None
+        return np.array([frame.energy / frame.num_atoms for frame in frames])
+
+    names = list(test_sets)
+    reference = energies(test_sets[names[0]])
+    result = {}
+    for name in names[1:]:
+        values = energies(test_sets[name])
+        if reference is not None and values is not None:
+            result[name] = auroc(reference, values)
+    return result
+
+
 def _cell(metrics: Dict, name: str) -> str:
     if name is None:
         epi = metrics.get("forces_sigma_epistemic_mean_eV_per_A")
@@ -310,12 +339,17 @@ def write_markdown(results: Dict, path: Path) -> None:
             for pair, scores in (entry.get("ood") or {}).items():
                 ood_rows.append((method, pair, scores))
         score_names = [name for name in OOD_SCORES if any(name in scores for _, _, scores in ood_rows)]
-        lines.append("| method | OOD set | " + " | ".join(OOD_SCORES[n][0] for n in score_names) + " | low ‖F‖ |")
-        lines.append("|" + "---|" * (3 + len(score_names)))
+        lines.append("| method | OOD set | " + " | ".join(OOD_SCORES[n][0] for n in score_names)
+                     + " | low ‖F‖ | ref. E |")
+        lines.append("|" + "---|" * (4 + len(score_names)))
+        ceiling = results.get("reference_energy_auroc", {}).get(dataset, {})
         for method, pair, scores in ood_rows:
             confound = (per_method[method].get("ood_low_force") or {}).get(pair)
             lines.append(f"| {method} | {pair} | " + " | ".join(_cell(scores, s) for s in score_names)
-                         + f" | {'–' if confound is None else f'{confound:.3g}'} |")
+                         + f" | {'–' if confound is None else f'{confound:.3g}'}"
+                         + f" | {'–' if pair not in ceiling else f'{ceiling[pair]:.3g}'} |")
+        lines += ["", "ref. E: AUROC of the labelled energy per atom, no model; for hot MD of the same molecule "
+                  "the best any function of the geometry can reach (module docstring)."]
         lines += _flagged_table(dataset, per_method, sets)
         lines += ["", f"### {dataset}: cost", "", "| method | members | wall s | CPU s |", "|---|---:|---:|---:|"]
         for method, entry in per_method.items():
@@ -397,6 +431,7 @@ def main(argv=None) -> int:
     for d in args.datasets:
         results["sets"][d] = list(data[d]["test"]) + ["valid"]
         results["datasets"].setdefault(d, {})
+        results.setdefault("reference_energy_auroc", {})[d] = reference_energy_auroc(data[d]["test"])
     for job in jobs:
         entry = {"wall_s": job["wall_s"], "cpu_s": job["cpu_s"], "config": str(job["config"])}
         if job["returncode"] != 0:

@@ -57,7 +57,7 @@ def collect(folders: List[Path]) -> Dict:
                     print(f"{folder}: {dataset}/{method} failed ({entry['error']}); left out", flush=True)
                     continue
                 slot = table.setdefault(dataset, {}).setdefault(
-                    method, dict(seeds=[], sets={}, ood={}, cpu_s=[], low_force={}, flagged={}))
+                    method, dict(seeds=[], sets={}, ood={}, cpu_s=[], low_force={}, ceiling={}, flagged={}))
                 slot["seeds"].append(seed)
                 slot["cpu_s"].append(entry["cpu_s"])
                 for phase in ("before", "after"):
@@ -72,6 +72,8 @@ def collect(folders: List[Path]) -> Dict:
                         slot["ood"].setdefault(pair, {}).setdefault(score, []).append(value)
                 for pair, value in (entry.get("ood_low_force") or {}).items():
                     slot["low_force"].setdefault(pair, []).append(value)
+                for pair, value in result.get("reference_energy_auroc", {}).get(dataset, {}).items():
+                    slot["ceiling"].setdefault(pair, []).append(value)
                 flagged = entry.get("flagged") or {}
                 for set_name, per_score in (flagged.get("fraction") or {}).items():
                     for score, fraction in per_score.items():
@@ -88,7 +90,10 @@ def _mean_std(values: List[float], digits: int = 3) -> str:
     mean = np.nanmean(values)
     if values.size == 1:
         return f"{mean:.{digits}g}"
-    return f"{mean:.{digits}g} ± {np.nanstd(values, ddof=1):.2g}"
+    spread = np.nanstd(values, ddof=1)
+    if spread <= 1e-12 * max(abs(mean), 1.0):  # the same value every seed (a model-free column), not round-off
+        spread = 0.0
+    return f"{mean:.{digits}g} ± {spread:.2g}"
 
 
 def write_markdown(table: Dict, header: List[str], path: Path) -> None:
@@ -112,14 +117,17 @@ def write_markdown(table: Dict, header: List[str], path: Path) -> None:
             lines.append("")
         lines += [f"### {dataset}: OOD AUROC against the in-distribution test set (as trained)", ""]
         scores = [s for s in OOD_SCORES if any(s in per for slot in methods.values() for per in slot["ood"].values())]
-        lines.append("| method | OOD set | " + " | ".join(OOD_SCORES[s][0] for s in scores) + " | low ‖F‖ (no σ) |")
-        lines.append("|" + "---|" * (len(scores) + 3))
+        lines.append("| method | OOD set | " + " | ".join(OOD_SCORES[s][0] for s in scores) + " | low ‖F‖ (no σ) | ref. E |")
+        lines.append("|" + "---|" * (len(scores) + 4))
         for method, slot in methods.items():
             for pair, per in slot["ood"].items():
                 lines.append(f"| {method} | {pair} | " + " | ".join(_mean_std(per.get(s, [])) for s in scores)
-                             + f" | {_mean_std(slot.get('low_force', {}).get(pair, []))} |")
+                             + f" | {_mean_std(slot.get('low_force', {}).get(pair, []))}"
+                             + f" | {_mean_std(slot.get('ceiling', {}).get(pair, []))} |")
         lines += ["", "low ‖F‖: AUROC of −mean_i ‖F_i‖ (predicted), no uncertainty in it; a set it separates can be "
-                  "'detected' by any score that divides by ‖F‖ (bench/uq.py's docstring)."]
+                  "'detected' by any score that divides by ‖F‖ (bench/uq.py's docstring). ref. E: AUROC of the "
+                  "labelled energy per atom, no model; for hot MD of the same molecule the best any function of "
+                  "the geometry can reach."]
         lines += _flagged_lines(dataset, methods)
         lines += ["", f"### {dataset}: training cost", "", "| method | CPU s |", "|---|---:|"]
         for method, slot in methods.items():
