@@ -126,7 +126,7 @@ def main(argv=None) -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = dict(command=command_line(__file__, argv), commit=git_commit(), machine=machine_info(),
+    results = dict(command=command_line(Path(__file__).name, argv), commit=git_commit(), machine=machine_info(),
                    load=load_before, posterior=args.posterior, sets=sets, spearman=spearman,
                    spearman_if_exact=ceiling, spearman_with_floor=with_floor,
                    floor_meV_per_atom={n: {k: 1e3 * v for k, v in f.items()} for n, f in floors.items()}, auroc=auroc,
