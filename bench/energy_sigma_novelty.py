@@ -51,14 +51,10 @@ def novelty(rows: dict, d0: float, power: int) -> np.ndarray:
     return np.bincount(rows["structure"], weights=excess, minlength=len(rows["n"]))
 
 
-def gaussian_nll(errors: np.ndarray, variance: np.ndarray) -> float:
-    return float(np.mean(0.5 * np.log(2 * np.pi * variance) + 0.5 * errors ** 2 / variance))
-
-
 def main(argv=None) -> None:
     from scipy.optimize import minimize_scalar
-    from scipy.stats import spearmanr
-    from sklearn.metrics import roc_auc_score
+
+    from bayesrace.uq import auroc, gaussian_nll, spearman
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", required=True, help="a bench/uq.py run folder with predictions_<set>.npz")
@@ -83,19 +79,18 @@ def main(argv=None) -> None:
     for quantile, power in VARIANTS:
         d0 = float(np.quantile(fit["distance"], quantile)) if quantile > 0 else 0.0
         extra = novelty(fit, d0, power)
-        best = minimize_scalar(lambda log_a: gaussian_nll(fit["error"], fit["variance"] + np.exp(2 * log_a) * extra),
+        best = minimize_scalar(lambda log_a: gaussian_nll(fit["error"], np.sqrt(fit["variance"]
+                                                                                 + np.exp(2 * log_a) * extra)),
                                bounds=(-20.0, 5.0), method="bounded")
         a2 = float(np.exp(2 * best.x))
         row = dict(d0_quantile=quantile, d0=d0, power=power, a=float(np.sqrt(a2)),
-                   nll_fit=gaussian_nll(fit["error"], fit["variance"] + a2 * extra),
-                   nll_fit_without=gaussian_nll(fit["error"], fit["variance"]), auroc={}, auroc_without={})
+                   nll_fit=gaussian_nll(fit["error"], np.sqrt(fit["variance"] + a2 * extra)),
+                   nll_fit_without=gaussian_nll(fit["error"], np.sqrt(fit["variance"])), auroc={}, auroc_without={})
         for tag, scale in (("", a2), ("_without", 0.0)):
             own = sigma_per_atom(reference, scale, d0, power)
-            row["spearman_id" + tag] = float(spearmanr(reference["error"] / reference["n"], own)[0])
+            row["spearman_id" + tag] = spearman(reference["error"] / reference["n"], own)
             for name in args.sets:
-                labels = np.r_[np.zeros(len(own)), np.ones(len(data[name]["n"]))]
-                row["auroc" + tag][name] = float(roc_auc_score(labels, np.r_[own, sigma_per_atom(data[name], scale,
-                                                                                                  d0, power)]))
+                row["auroc" + tag][name] = auroc(own, sigma_per_atom(data[name], scale, d0, power))
         variants.append(row)
 
     out = Path(args.out)
